@@ -1,0 +1,120 @@
+"""Backend registry and selection.
+
+Every op has up to four implementations behind one API:
+
+=========== ============================================================
+``cpu``     C++ kernels (csrc/cpu), CPU tensors, float32/float64
+``cuda``    CUDA kernels (csrc/cuda), CUDA tensors
+``triton``  Triton kernels (cnnops.triton_kernels), CUDA tensors
+``reference`` pure PyTorch (cnnops.reference), any device and dtype
+=========== ============================================================
+
+``auto`` (the default) picks per call: ``cuda`` for CUDA tensors when the CUDA
+kernels were built, else ``triton`` when it can run; ``cpu`` for float32/float64
+CPU tensors when the C++ extension loaded; otherwise ``reference``.
+
+A backend chosen explicitly (``set_backend``, ``use_backend`` or the environment
+variable ``CNNOPS_BACKEND``) either runs the call or raises an error that says
+why; it never silently runs another backend.
+"""
+import contextlib
+import os
+
+import torch
+
+from . import _ext
+
+NAMES = ("auto", "cpu", "cuda", "triton", "reference")
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_name(name):
+    if name not in NAMES:
+        raise ValueError("unknown cnnops backend %r; expected one of %s" % (name, ", ".join(NAMES)))
+    return name
+
+
+_current = _check_name(os.environ.get("CNNOPS_BACKEND", "auto") or "auto")
+
+
+def get_backend():
+    """The backend setting: ``auto`` or the name of a backend."""
+    return _current
+
+
+def set_backend(name):
+    """Sets the backend for every following call (``auto``, ``cpu``, ``cuda``, ``triton``, ``reference``)."""
+    global _current
+    _current = _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Context manager: run the calls inside the block on backend ``name``."""
+    global _current
+    previous = _current
+    _current = _check_name(name)
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def _unavailable(name, tensor):
+    """Why backend ``name`` cannot run a call on ``tensor`` (None when it can)."""
+    device, dtype = tensor.device.type, tensor.dtype
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if not _ext.LOADED:
+            return _ext.ERROR
+        if device != "cpu":
+            return "it runs on CPU tensors, got a tensor on %s" % tensor.device
+        if dtype not in _CPU_DTYPES:
+            return "it supports float32 and float64, got %s" % dtype
+        return None
+    if name == "cuda":
+        if not _ext.LOADED:
+            return _ext.ERROR
+        if not _ext.WITH_CUDA:
+            return "cnnops._C was built without CUDA kernels"
+        if device != "cuda":
+            return "it runs on CUDA tensors, got a tensor on %s" % tensor.device
+        return None
+    if name == "triton":
+        return "the Triton kernels are not part of this version of cnnops"
+    raise AssertionError(name)
+
+
+def available_backends():
+    """The backends that can run on this machine (``auto`` chooses among these)."""
+    probes = [torch.empty(0)]
+    if torch.cuda.is_available():
+        probes.append(torch.empty(0, device="cuda"))
+    return [n for n in NAMES[1:] if any(_unavailable(n, p) is None for p in probes)]
+
+
+def resolve(tensor):
+    """The name of the backend that runs a call whose main input is ``tensor``."""
+    if _current != "auto":
+        why = _unavailable(_current, tensor)
+        if why is not None:
+            raise RuntimeError("cnnops backend %r cannot run this call: %s" % (_current, why))
+        return _current
+    for name in ("cuda", "triton") if tensor.device.type == "cuda" else ("cpu",):
+        if _unavailable(name, tensor) is None:
+            return name
+    return "reference"
+
+
+def implementation(tensor):
+    """The module whose functions implement the ops for ``tensor``.
+
+    Each provides the same normalised-argument functions (see cnnops.reference).
+    """
+    name = resolve(tensor)
+    if name == "reference":
+        from . import reference
+        return reference
+    from . import ops
+    return ops

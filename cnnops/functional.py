@@ -1,0 +1,369 @@
+"""The public functional API: torch.nn.functional's signatures and semantics.
+
+Each function validates its arguments (raising ValueError / TypeError that name
+the argument, what was expected and what was given), normalises them (pairs,
+string padding), picks a backend (cnnops.backends) and calls it. Training-mode
+BatchNorm updates ``running_mean`` / ``running_var`` here, from the batch
+statistics the op returns, exactly as torch.nn.functional.batch_norm does.
+
+Shapes: input [N, C, H, W]; weight [OC, C/groups, KH, KW]; per-channel tensors
+(running_mean, running_var, BN weight and bias, conv bias) [C] or [OC].
+"""
+import numbers
+
+import torch
+
+from . import backends
+
+__all__ = ["conv2d", "batch_norm", "bn_relu", "conv_bn_relu", "max_pool2d", "avg_pool2d",
+           "adaptive_avg_pool2d", "add_relu"]
+
+
+# ---------------------------------------------------------------------------
+# argument checks
+
+def _check_tensor(t, name, optional=False):
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError("expected %s to be a torch.Tensor, got %s" % (name, type(t).__name__))
+
+
+def _check_input(input, name="input"):
+    _check_tensor(input, name)
+    if input.dim() != 4:
+        raise ValueError("expected %s to be 4-D [N, C, H, W], got %d-D with shape %s"
+                         % (name, input.dim(), tuple(input.shape)))
+    if not input.is_floating_point():
+        raise TypeError("expected %s to be a floating-point tensor, got %s" % (name, input.dtype))
+
+
+def _check_like(t, input, name, shape=None, same_dtype=True):
+    """``t`` (when not None) is a tensor on input's device, of ``shape``."""
+    if t is None:
+        return
+    _check_tensor(t, name)
+    if t.device != input.device:
+        raise ValueError("expected %s on %s (the device of input), got %s"
+                         % (name, input.device, t.device))
+    if same_dtype and t.dtype != input.dtype:
+        raise TypeError("expected %s to have dtype %s (the dtype of input), got %s"
+                        % (name, input.dtype, t.dtype))
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError("expected %s of shape %s, got %s" % (name, tuple(shape), tuple(t.shape)))
+
+
+def _pair(value, name, min_value):
+    """An int or a sequence of two ints, each >= min_value, as a tuple of two ints."""
+    items = (value, value) if isinstance(value, numbers.Integral) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError("expected %s to be an int or a pair of ints, got %r" % (name, value)) from None
+    if len(items) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                  for v in items):
+        raise TypeError("expected %s to be an int or a pair of ints, got %r" % (name, value))
+    if any(v < min_value for v in items):
+        raise ValueError("expected %s >= %d, got %r" % (name, min_value, value))
+    return tuple(int(v) for v in items)
+
+
+def _check_positive_int(value, name):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError("expected %s to be a positive int, got %r" % (name, value))
+    return int(value)
+
+
+# ---------------------------------------------------------------------------
+# convolution
+
+def _conv_args(input, weight, bias, stride, padding, dilation, groups):
+    """Validates a conv2d call; returns (input, stride, padding, dilation, groups).
+
+    padding='same' with an odd total padding pads the extra row/column on the
+    bottom/right first, as PyTorch does, so the returned input may be padded.
+    """
+    _check_input(input)
+    _check_tensor(weight, "weight")
+    if weight.dim() != 4:
+        raise ValueError("expected weight to be 4-D [out_channels, in_channels/groups, kH, kW], "
+                         "got shape %s" % (tuple(weight.shape),))
+    _check_like(weight, input, "weight")
+    groups = _check_positive_int(groups, "groups")
+    C, OC = input.shape[1], weight.shape[0]
+    if C % groups != 0:
+        raise ValueError("in_channels (%d) must be divisible by groups (%d)" % (C, groups))
+    if OC == 0 or OC % groups != 0:
+        raise ValueError("out_channels (%d) must be positive and divisible by groups (%d)"
+                         % (OC, groups))
+    if weight.shape[1] * groups != C:
+        raise ValueError("expected weight of shape [%d, %d, kH, kW] for input with %d channels "
+                         "and groups=%d, got weight of shape %s"
+                         % (OC, C // groups, C, groups, tuple(weight.shape)))
+    if weight.shape[2] == 0 or weight.shape[3] == 0:
+        raise ValueError("expected a non-empty kernel, got weight of shape %s" % (tuple(weight.shape),))
+    _check_like(bias, input, "bias", (OC,))
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
+    KH, KW = weight.shape[2], weight.shape[3]
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions "
+                                 "(got stride=%s)" % (stride,))
+            total = (dilation[0] * (KH - 1), dilation[1] * (KW - 1))
+            padding = (total[0] // 2, total[1] // 2)
+            extra_h, extra_w = total[0] % 2, total[1] % 2
+            if extra_h or extra_w:
+                input = torch.nn.functional.pad(input, (0, extra_w, 0, extra_h))
+        else:
+            raise ValueError("expected padding to be an int, a pair, 'same' or 'valid', got %r"
+                             % (padding,))
+    else:
+        padding = _pair(padding, "padding", 0)
+    H, W = input.shape[2], input.shape[3]
+    for size, k, p, d, dim in ((H, KH, padding[0], dilation[0], "height"),
+                               (W, KW, padding[1], dilation[1], "width")):
+        if size + 2 * p < d * (k - 1) + 1:
+            raise ValueError("input %s %d with padding %d is smaller than the dilated kernel "
+                             "(%d): the output would be empty" % (dim, size, p, d * (k - 1) + 1))
+    return input, stride, padding, dilation, groups
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D cross-correlation, as torch.nn.functional.conv2d.
+
+    input [N, C, H, W], weight [OC, C/groups, KH, KW], bias [OC] or None
+    -> [N, OC, OH, OW] with OH = floor((H + 2*padding - dilation*(KH-1) - 1) / stride) + 1.
+    padding: int, pair, 'valid' or 'same' (stride 1 only).
+    """
+    input, stride, padding, dilation, groups = _conv_args(input, weight, bias, stride, padding,
+                                                          dilation, groups)
+    impl = backends.implementation(input)
+    return impl.conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+
+# ---------------------------------------------------------------------------
+# batch normalisation
+
+def _bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps, channels):
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"),
+                    (weight, "weight"), (bias, "bias")):
+        _check_like(t, input, name, (channels,), same_dtype=False)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm with training=False needs running_mean and running_var")
+    if momentum is None or not isinstance(momentum, numbers.Real):
+        raise TypeError("expected momentum to be a float (for a cumulative average pass "
+                        "1/num_batches_tracked, as torch.nn.BatchNorm2d does), got %r" % (momentum,))
+    if not isinstance(eps, numbers.Real) or eps < 0:
+        raise ValueError("expected eps to be a float >= 0, got %r" % (eps,))
+
+
+def _values_per_channel(input, shape=None):
+    shape = input.shape if shape is None else shape
+    return shape[0] * shape[2] * shape[3]
+
+
+def _verify_batch_size(count, shape):
+    if count == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input size %s"
+                         % (torch.Size(shape),))
+
+
+def _update_running_stats(running_mean, running_var, mean, invstd, count, momentum, eps):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance.
+
+    The op returns 1/sqrt(var + eps); the variance is recovered in float64.
+    An empty batch leaves the statistics unchanged, as in PyTorch.
+    """
+    if count == 0:
+        return
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            var = (invstd.double().reciprocal().square() - eps).clamp_min(0)
+            unbiased = var * (count / (count - 1)) if count > 1 else var
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """Batch normalisation over (N, H, W), as torch.nn.functional.batch_norm.
+
+    input [N, C, H, W]; running_mean, running_var, weight, bias [C] or None.
+    Training normalises with the biased batch variance and, when running
+    statistics are given, updates them in place (unbiased variance);
+    inference uses the running statistics. -> [N, C, H, W]
+    """
+    return bn_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                   relu=False, residual=None)
+
+
+def bn_relu(input, running_mean, running_var, weight, bias, training=False, momentum=0.1,
+            eps=1e-5, relu=True, residual=None):
+    """relu(batch_norm(input) + residual), the pre-activation / BN-add-ReLU block end.
+
+    input [N, C, H, W]; residual [N, C, H, W] or None; relu=False skips the ReLU.
+    Same statistics semantics as batch_norm. -> [N, C, H, W]
+    """
+    _check_input(input)
+    C = input.shape[1]
+    _bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps, C)
+    _check_like(residual, input, "residual", tuple(input.shape))
+    count = _values_per_channel(input)
+    if training:
+        _verify_batch_size(count, input.shape)
+    impl = backends.implementation(input)
+    if residual is None and not relu:
+        out, mean, invstd = impl.batch_norm(input, weight, bias, running_mean, running_var,
+                                            training, eps)
+    else:
+        out, mean, invstd = impl.bn_relu(input, weight, bias, running_mean, running_var,
+                                         residual, training, eps, relu)
+    if training:
+        _update_running_stats(running_mean, running_var, mean, invstd, count, momentum, eps)
+    return out
+
+
+def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=1,
+                 padding=0, dilation=1, groups=1, training=False, momentum=0.1, eps=1e-5,
+                 relu=True, residual=None):
+    """relu(batch_norm(conv2d(input)) + residual) in one op.
+
+    input [N, C, H, W]; weight [OC, C/groups, KH, KW]; bias (the conv bias) [OC]
+    or None; bn_weight, bn_bias, running_mean, running_var [OC] or None;
+    residual [N, OC, OH, OW] or None. Convolution arguments as conv2d, BN
+    arguments as batch_norm (running statistics are updated in training).
+    In inference BN is folded into the convolution's epilogue.
+    -> [N, OC, OH, OW]
+    """
+    input, stride, padding, dilation, groups = _conv_args(input, weight, bias, stride, padding,
+                                                          dilation, groups)
+    OC = weight.shape[0]
+    _bn_args(input, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, OC)
+    N, _, H, W = input.shape
+    KH, KW = weight.shape[2], weight.shape[3]
+    OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
+    OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    out_shape = (N, OC, OH, OW)
+    _check_like(residual, input, "residual", out_shape)
+    count = _values_per_channel(None, out_shape)
+    if training:
+        _verify_batch_size(count, out_shape)
+    impl = backends.implementation(input)
+    out, mean, invstd = impl.conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean,
+                                          running_var, residual, stride, padding, dilation,
+                                          groups, training, eps, relu)
+    if training:
+        _update_running_stats(running_mean, running_var, mean, invstd, count, momentum, eps)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# pooling
+
+def _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode):
+    _check_input(input)
+    kernel_size = _pair(kernel_size, "kernel_size", 1)
+    stride = kernel_size if stride is None or (not isinstance(stride, numbers.Integral)
+                                               and len(stride) == 0) else _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    for k, p in zip(kernel_size, padding):
+        # PyTorch's rule (dilation does not count): padding at most half the kernel.
+        if p > k // 2:
+            raise ValueError("pad should be at most half of effective kernel size, got "
+                             "padding=%s for kernel_size=%s, dilation=%s"
+                             % (padding, kernel_size, dilation))
+    from .ops import pool_output_size
+    H, W = input.shape[2], input.shape[3]
+    out = [pool_output_size(s, k, p, st, d, bool(ceil_mode))
+           for s, k, p, st, d in zip((H, W), kernel_size, padding, stride, dilation)]
+    if min(out) < 1:
+        raise ValueError("input of spatial size (%d, %d) is too small for kernel_size=%s, "
+                         "padding=%s, dilation=%s: the output would be empty"
+                         % (H, W, kernel_size, padding, dilation))
+    return kernel_size, stride, padding, dilation
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """Max pooling, as torch.nn.functional.max_pool2d (padding counts as -inf).
+
+    input [N, C, H, W] -> [N, C, OH, OW] (and int64 indices into each H*W plane
+    when return_indices). stride defaults to kernel_size.
+    """
+    kernel_size, stride, padding, dilation = _pool_args(input, kernel_size, stride, padding,
+                                                        dilation, ceil_mode)
+    impl = backends.implementation(input)
+    out, indices = impl.max_pool2d(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
+    return (out, indices) if return_indices else out
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None):
+    """Average pooling, as torch.nn.functional.avg_pool2d.
+
+    input [N, C, H, W] -> [N, C, OH, OW]. count_include_pad counts zero padding
+    in the divisor; divisor_override (a non-zero int) replaces the divisor.
+    """
+    kernel_size, stride, padding, _ = _pool_args(input, kernel_size, stride, padding, 1,
+                                                 ceil_mode)
+    if divisor_override is not None:
+        if (not isinstance(divisor_override, numbers.Integral) or isinstance(divisor_override, bool)
+                or divisor_override == 0):
+            raise ValueError("expected divisor_override to be a non-zero int or None, got %r"
+                             % (divisor_override,))
+        divisor_override = int(divisor_override)
+    impl = backends.implementation(input)
+    return impl.avg_pool2d(input, kernel_size, stride, padding, bool(ceil_mode),
+                           bool(count_include_pad), divisor_override)
+
+
+def adaptive_avg_pool2d(input, output_size):
+    """Adaptive average pooling, as torch.nn.functional.adaptive_avg_pool2d.
+
+    input [N, C, H, W] -> [N, C, OH, OW]; output_size an int or a pair whose
+    entries may be None (keep that input size). Bin i covers
+    [floor(i*H/OH), ceil((i+1)*H/OH)).
+    """
+    _check_input(input)
+    if isinstance(output_size, numbers.Integral) or output_size is None:
+        output_size = (output_size, output_size)
+    output_size = tuple(output_size)
+    if len(output_size) != 2:
+        raise ValueError("expected output_size to be an int or a pair, got %r" % (output_size,))
+    output_size = tuple(input.shape[2 + i] if s is None else s for i, s in enumerate(output_size))
+    output_size = _pair(output_size, "output_size", 1)
+    impl = backends.implementation(input)
+    return impl.adaptive_avg_pool2d(input, output_size)
+
+
+# ---------------------------------------------------------------------------
+# elementwise
+
+def add_relu(input, other):
+    """relu(input + other). Broadcasting and type promotion as torch.add.
+
+    input, other: tensors of broadcastable shapes (typically [N, C, H, W]).
+    """
+    _check_tensor(input, "input")
+    _check_tensor(other, "other")
+    if input.device != other.device:
+        raise ValueError("expected input and other on the same device, got %s and %s"
+                         % (input.device, other.device))
+    dtype = torch.result_type(input, other)
+    if not dtype.is_floating_point:
+        raise TypeError("add_relu expects floating-point tensors, got %s and %s"
+                        % (input.dtype, other.dtype))
+    try:
+        shape = torch.broadcast_shapes(input.shape, other.shape)
+    except RuntimeError:
+        raise ValueError("input of shape %s and other of shape %s do not broadcast"
+                         % (tuple(input.shape), tuple(other.shape))) from None
+    input, other = input.to(dtype).expand(shape), other.to(dtype).expand(shape)
+    impl = backends.implementation(input)
+    return impl.add_relu(input, other)

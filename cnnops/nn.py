@@ -1,0 +1,133 @@
+"""Modules backed by cnnops ops.
+
+Each subclasses its torch.nn twin, so constructor arguments, attributes and
+state_dict keys are identical and checkpoints load both ways.
+FusedConvBNReLU holds a ``conv`` (Conv2d) and a ``bn`` (BatchNorm2d), like
+an unfused conv -> BN -> ReLU whose modules are named conv and bn.
+"""
+import torch
+from torch import nn
+
+from . import functional as F
+
+__all__ = ["Conv2d", "BatchNorm2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "AddReLU",
+           "FusedConvBNReLU"]
+
+
+def _conv_input_and_padding(conv, x):
+    """Applies a non-zero padding_mode by explicit padding, as torch.nn.Conv2d does."""
+    if conv.padding_mode != "zeros":
+        return (torch.nn.functional.pad(x, conv._reversed_padding_repeated_twice,
+                                        mode=conv.padding_mode), (0, 0))
+    return x, conv.padding
+
+
+def _bn_mode(bn):
+    """torch.nn.BatchNorm2d's forward logic, shared by BatchNorm2d and FusedConvBNReLU.
+
+    Returns (training, momentum, running_mean, running_var) for the functional
+    call and counts the batch in num_batches_tracked.
+    """
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    return (training, momentum, bn.running_mean if keep else None,
+            bn.running_var if keep else None)
+
+
+class Conv2d(nn.Conv2d):
+    """torch.nn.Conv2d on cnnops.functional.conv2d. [N, C, H, W] -> [N, OC, OH, OW]"""
+
+    def forward(self, input):
+        x, padding = _conv_input_and_padding(self, input)
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on cnnops.functional.batch_norm. [N, C, H, W] -> same"""
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        training, momentum, rm, rv = _bn_mode(self)
+        return F.batch_norm(input, rm, rv, self.weight, self.bias, training, momentum, self.eps)
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """torch.nn.MaxPool2d on cnnops.functional.max_pool2d. [N, C, H, W] -> [N, C, OH, OW]"""
+
+    def forward(self, input):
+        return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                            self.ceil_mode, self.return_indices)
+
+
+class AvgPool2d(nn.AvgPool2d):
+    """torch.nn.AvgPool2d on cnnops.functional.avg_pool2d. [N, C, H, W] -> [N, C, OH, OW]"""
+
+    def forward(self, input):
+        return F.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                            self.count_include_pad, self.divisor_override)
+
+
+class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """torch.nn.AdaptiveAvgPool2d on cnnops.functional.adaptive_avg_pool2d."""
+
+    def forward(self, input):
+        return F.adaptive_avg_pool2d(input, self.output_size)
+
+
+class AddReLU(nn.Module):
+    """relu(input + other): the end of a residual block. Shapes broadcast as torch.add."""
+
+    def forward(self, input, other):
+        return F.add_relu(input, other)
+
+
+class FusedConvBNReLU(nn.Module):
+    """conv -> BatchNorm -> (+ residual) -> ReLU as one op.
+
+    Same parameters, buffers and state_dict keys as an unfused block holding
+    ``conv`` (an nn.Conv2d) and ``bn`` (an nn.BatchNorm2d): ``conv.weight``,
+    ``conv.bias`` (when bias=True), ``bn.weight``, ``bn.bias``,
+    ``bn.running_mean``, ``bn.running_var``, ``bn.num_batches_tracked``.
+    Train mode normalises with batch statistics and updates the running ones;
+    eval mode folds BN into the convolution.
+
+    forward(x [N, C, H, W], residual [N, OC, OH, OW] or None) -> [N, OC, OH, OW]
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=False, eps=1e-5, momentum=0.1, relu=True):
+        super().__init__()
+        self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                           groups, bias)
+        self.bn = BatchNorm2d(out_channels, eps=eps, momentum=momentum)
+        self.relu = relu
+
+    @classmethod
+    def from_modules(cls, conv, bn, relu=True):
+        """A fused block that shares (does not copy) ``conv``'s and ``bn``'s parameters and buffers."""
+        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise TypeError("expected an nn.Conv2d and an nn.BatchNorm2d, got %s and %s"
+                            % (type(conv).__name__, type(bn).__name__))
+        if conv.out_channels != bn.num_features:
+            raise ValueError("conv has %d output channels but bn normalises %d features"
+                             % (conv.out_channels, bn.num_features))
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.conv, block.bn, block.relu = conv, bn, relu
+        return block
+
+    def extra_repr(self):
+        return "relu=%s" % self.relu
+
+    def forward(self, x, residual=None):
+        conv, bn = self.conv, self.bn
+        x, padding = _conv_input_and_padding(conv, x)
+        training, momentum, rm, rv = _bn_mode(bn)
+        return F.conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, conv.stride,
+                              padding, conv.dilation, conv.groups, training, momentum, bn.eps,
+                              self.relu, residual)

@@ -1,0 +1,326 @@
+"""The compiled ops (torch.ops.cnnops.*): Python entry points, fake kernels, autograd.
+
+The schemas live in csrc/cnnops.cpp; the CPU and CUDA kernels register there by
+device. This module registers, for every op:
+
+* a fake (meta) kernel, so torch.compile / torch.export can trace shapes;
+* an autograd formula for each forward op, which calls its backward op.
+
+It also exposes the ops with the same normalised signatures as cnnops.reference,
+which is how cnnops.functional calls a backend.
+
+Shapes in the docstrings: input [N, C, H, W], weight [OC, C/groups, KH, KW],
+per-channel vectors [C] (or [OC]), output [N, OC, OH, OW].
+"""
+import torch
+
+from . import _ext
+
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------
+# Shape rules shared by the fake kernels (they mirror csrc/include/cnnops).
+
+def _fmt(t):
+    """Output layout rule of every op: channels_last in, channels_last out."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _stat_dtype(t):
+    return torch.float32 if t.dtype in _REDUCED else t.dtype
+
+
+def _like(t, shape, fmt=torch.contiguous_format, dtype=None):
+    return torch.empty(shape, dtype=dtype or t.dtype, device=t.device, memory_format=fmt)
+
+
+def _none(t):
+    """The empty tensor a backward op returns for a gradient not asked for."""
+    return t.new_empty(0)
+
+
+def conv_output_hw(H, W, KH, KW, stride, padding, dilation):
+    OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
+    OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    return OH, OW
+
+
+def pool_output_size(size, k, pad, stride, dil, ceil_mode):
+    """PyTorch's pooling output size: a ceil-mode window starting in the right padding is dropped."""
+    out = (size + 2 * pad - dil * (k - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _conv_out(input, weight, stride, padding, dilation):
+    N, _, H, W = input.shape
+    OC, _, KH, KW = weight.shape
+    return (N, OC) + conv_output_hw(H, W, KH, KW, stride, padding, dilation)
+
+
+def _pool_out(input, kernel_size, stride, padding, dilation, ceil_mode):
+    N, C, H, W = input.shape
+    return (N, C,
+            pool_output_size(H, kernel_size[0], padding[0], stride[0], dilation[0], ceil_mode),
+            pool_output_size(W, kernel_size[1], padding[1], stride[1], dilation[1], ceil_mode))
+
+
+if _ext.LOADED:
+    lib = torch.ops.cnnops
+
+    # ---- fake kernels ------------------------------------------------------
+
+    @torch.library.register_fake("cnnops::conv2d")
+    def _(input, weight, bias, stride, padding, dilation, groups):
+        return _like(input, _conv_out(input, weight, stride, padding, dilation), _fmt(input))
+
+    @torch.library.register_fake("cnnops::conv2d_backward")
+    def _(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
+        return (_like(input, input.shape, _fmt(input)) if output_mask[0] else _none(input),
+                _like(weight, weight.shape) if output_mask[1] else _none(input),
+                _like(input, (weight.shape[0],)) if output_mask[2] else _none(input))
+
+    def _bn_stats(input):
+        C = input.shape[1]
+        return _like(input, (C,), dtype=_stat_dtype(input)), _like(input, (C,), dtype=_stat_dtype(input))
+
+    @torch.library.register_fake("cnnops::batch_norm")
+    def _(input, weight, bias, running_mean, running_var, training, eps):
+        return (_like(input, input.shape, _fmt(input)),) + _bn_stats(input)
+
+    @torch.library.register_fake("cnnops::bn_relu")
+    def _(input, weight, bias, running_mean, running_var, residual, training, eps, relu):
+        return (_like(input, input.shape, _fmt(input)),) + _bn_stats(input)
+
+    def _bn_param_grads(input, weight, output_mask):
+        C = input.shape[1]
+        gw = _like(input, (C,)) if output_mask[1] and weight is not None else _none(input)
+        gb = _like(input, (C,)) if output_mask[2] else _none(input)
+        return gw, gb
+
+    @torch.library.register_fake("cnnops::batch_norm_backward")
+    def _(grad_output, input, weight, save_mean, save_invstd, training, output_mask):
+        gi = _like(input, input.shape, _fmt(input)) if output_mask[0] else _none(input)
+        return (gi,) + _bn_param_grads(input, weight, output_mask)
+
+    @torch.library.register_fake("cnnops::bn_relu_backward")
+    def _(grad_output, output, input, weight, save_mean, save_invstd, training, relu, output_mask):
+        gi = _like(input, input.shape, _fmt(input)) if output_mask[0] else _none(input)
+        gr = _like(input, input.shape, _fmt(input)) if output_mask[3] else _none(input)
+        return (gi,) + _bn_param_grads(input, weight, output_mask) + (gr,)
+
+    @torch.library.register_fake("cnnops::conv_bn_relu")
+    def _(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
+          stride, padding, dilation, groups, training, eps, relu):
+        shape = _conv_out(input, weight, stride, padding, dilation)
+        OC = shape[1]
+        conv_output = _like(input, shape) if training else _none(input)
+        stats = _like(input, (OC,), dtype=_stat_dtype(input))
+        return _like(input, shape, _fmt(input)), conv_output, stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("cnnops::conv_bn_relu_backward")
+    def _(grad_output, output, input, weight, conv_bias, conv_output, bn_weight, save_mean,
+          save_invstd, stride, padding, dilation, groups, training, relu, output_mask):
+        OC = weight.shape[0]
+        vec = lambda wanted: _like(input, (OC,)) if wanted else _none(input)
+        return (_like(input, input.shape, _fmt(input)) if output_mask[0] else _none(input),
+                _like(weight, weight.shape) if output_mask[1] else _none(input),
+                vec(output_mask[2]),
+                vec(output_mask[3] and bn_weight is not None),
+                vec(output_mask[4]),
+                _like(input, grad_output.shape, _fmt(input)) if output_mask[5] else _none(input))
+
+    @torch.library.register_fake("cnnops::max_pool2d")
+    def _(input, kernel_size, stride, padding, dilation, ceil_mode):
+        shape = _pool_out(input, kernel_size, stride, padding, dilation, ceil_mode)
+        return _like(input, shape, _fmt(input)), _like(input, shape, _fmt(input), torch.int64)
+
+    @torch.library.register_fake("cnnops::max_pool2d_backward")
+    def _(grad_output, input, indices):
+        return _like(input, input.shape, _fmt(input))
+
+    @torch.library.register_fake("cnnops::avg_pool2d")
+    def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        return _like(input, _pool_out(input, kernel_size, stride, padding, (1, 1), ceil_mode),
+                     _fmt(input))
+
+    @torch.library.register_fake("cnnops::avg_pool2d_backward")
+    def _(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+          divisor_override):
+        return _like(input, input.shape, _fmt(input))
+
+    @torch.library.register_fake("cnnops::adaptive_avg_pool2d")
+    def _(input, output_size):
+        return _like(input, tuple(input.shape[:2]) + tuple(output_size), _fmt(input))
+
+    @torch.library.register_fake("cnnops::adaptive_avg_pool2d_backward")
+    def _(grad_output, input):
+        return _like(input, input.shape, _fmt(input))
+
+    @torch.library.register_fake("cnnops::add_relu")
+    def _(input, other):
+        return _like(input, input.shape, _fmt(input))
+
+    @torch.library.register_fake("cnnops::add_relu_backward")
+    def _(grad_output, output):
+        return _like(output, output.shape, _fmt(output))
+
+    # ---- autograd -------------------------------------------------------------
+    # Each forward op saves what its backward op reads; statistics and indices
+    # are outputs without gradients.
+
+    def _grads(ctx, values, n_inputs):
+        """Gradients for autograd: None where an input needs none (or is not a tensor)."""
+        out = [v if ctx.needs_input_grad[i] else None for i, v in enumerate(values)]
+        return tuple(out) + (None,) * (n_inputs - len(out))
+
+    def _conv2d_setup(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(input, weight)
+        ctx.conv = (stride, padding, dilation, groups)
+
+    def _conv2d_backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        return _grads(ctx, lib.conv2d_backward(grad, input, weight, *ctx.conv, mask), 7)
+
+    torch.library.register_autograd("cnnops::conv2d", _conv2d_backward, setup_context=_conv2d_setup)
+
+    def _bn_setup(ctx, inputs, output):
+        input, weight, bias, running_mean, running_var, training, eps = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(input, weight, output[1], output[2])
+        ctx.training = training
+
+    def _batch_norm_backward(ctx, grad, _gm, _gi):
+        input, weight, mean, invstd = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        return _grads(ctx, lib.batch_norm_backward(grad, input, weight, mean, invstd,
+                                                   ctx.training, mask), 7)
+
+    torch.library.register_autograd("cnnops::batch_norm", _batch_norm_backward,
+                                    setup_context=_bn_setup)
+
+    def _bn_relu_setup(ctx, inputs, output):
+        input, weight, bias, running_mean, running_var, residual, training, eps, relu = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(input, weight, output[1], output[2], output[0] if relu else None)
+        ctx.training, ctx.relu = training, relu
+
+    def _bn_relu_backward(ctx, grad, _gm, _gi):
+        input, weight, mean, invstd, out = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        gi, gw, gb, gr = lib.bn_relu_backward(grad, out, input, weight, mean, invstd, ctx.training,
+                                              ctx.relu, [n[0], n[1], n[2], n[5]])
+        return _grads(ctx, (gi, gw, gb, None, None, gr), 9)
+
+    torch.library.register_autograd("cnnops::bn_relu", _bn_relu_backward,
+                                    setup_context=_bn_relu_setup)
+
+    def _cbr_setup(ctx, inputs, output):
+        (input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
+         stride, padding, dilation, groups, training, eps, relu) = inputs
+        out, conv_out, mean, invstd = output
+        ctx.mark_non_differentiable(conv_out, mean, invstd)
+        ctx.save_for_backward(input, weight, conv_bias, bn_weight, out, conv_out, mean, invstd)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.training, ctx.relu = training, relu
+
+    def _cbr_backward(ctx, grad, _gc, _gm, _gi):
+        input, weight, conv_bias, bn_weight, out, conv_out, mean, invstd = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        gi, gw, gcb, gbw, gbb, gr = lib.conv_bn_relu_backward(
+            grad, out, input, weight, conv_bias, conv_out, bn_weight, mean, invstd, *ctx.conv,
+            ctx.training, ctx.relu, [n[0], n[1], n[2], n[3], n[4], n[7]])
+        return _grads(ctx, (gi, gw, gcb, gbw, gbb, None, None, gr), 15)
+
+    torch.library.register_autograd("cnnops::conv_bn_relu", _cbr_backward,
+                                    setup_context=_cbr_setup)
+
+    def _max_pool_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(inputs[0], output[1])
+
+    def _max_pool_backward(ctx, grad, _gidx):
+        input, indices = ctx.saved_tensors
+        return (lib.max_pool2d_backward(grad, input, indices),) + (None,) * 5
+
+    torch.library.register_autograd("cnnops::max_pool2d", _max_pool_backward,
+                                    setup_context=_max_pool_setup)
+
+    def _avg_pool_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.args = inputs[1:]
+
+    def _avg_pool_backward(ctx, grad):
+        (input,) = ctx.saved_tensors
+        return (lib.avg_pool2d_backward(grad, input, *ctx.args),) + (None,) * 6
+
+    torch.library.register_autograd("cnnops::avg_pool2d", _avg_pool_backward,
+                                    setup_context=_avg_pool_setup)
+
+    def _adaptive_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def _adaptive_backward(ctx, grad):
+        (input,) = ctx.saved_tensors
+        return lib.adaptive_avg_pool2d_backward(grad, input), None
+
+    torch.library.register_autograd("cnnops::adaptive_avg_pool2d", _adaptive_backward,
+                                    setup_context=_adaptive_setup)
+
+    def _add_relu_setup(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    def _add_relu_backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        g = lib.add_relu_backward(grad, out)
+        return _grads(ctx, (g, g), 2)
+
+    torch.library.register_autograd("cnnops::add_relu", _add_relu_backward,
+                                    setup_context=_add_relu_setup)
+
+
+# ---------------------------------------------------------------------------
+# The backend interface (same signatures as cnnops.reference).
+
+def conv2d(input, weight, bias, stride, padding, dilation, groups):
+    return torch.ops.cnnops.conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+
+def batch_norm(input, weight, bias, running_mean, running_var, training, eps):
+    return torch.ops.cnnops.batch_norm(input, weight, bias, running_mean, running_var, training, eps)
+
+
+def bn_relu(input, weight, bias, running_mean, running_var, residual, training, eps, relu):
+    return torch.ops.cnnops.bn_relu(input, weight, bias, running_mean, running_var, residual,
+                                    training, eps, relu)
+
+
+def conv_bn_relu(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                 residual, stride, padding, dilation, groups, training, eps, relu):
+    out, _conv_out, mean, invstd = torch.ops.cnnops.conv_bn_relu(
+        input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
+        stride, padding, dilation, groups, training, eps, relu)
+    return out, mean, invstd
+
+
+def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
+    return torch.ops.cnnops.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    return torch.ops.cnnops.avg_pool2d(input, kernel_size, stride, padding, ceil_mode,
+                                       count_include_pad, divisor_override)
+
+
+def adaptive_avg_pool2d(input, output_size):
+    return torch.ops.cnnops.adaptive_avg_pool2d(input, output_size)
+
+
+def add_relu(input, other):
+    return torch.ops.cnnops.add_relu(input, other)

@@ -1,0 +1,219 @@
+"""Pure-PyTorch implementations of every cnnops op.
+
+This module is the test oracle and the last-resort fallback backend, and a readable account of
+how each layer is computed. It is built from primitives (unfold, matmul, indexing, reductions)
+rather than from the torch.nn.functional ops it is compared with, so a match means something.
+Gradients come from autograd, so every function is written with differentiable operations.
+
+Conventions: tensors are NCHW in shape (any memory layout, any device, float16/bfloat16/
+float32/float64); arguments arrive normalised: pairs are tuples of two ints; nothing is
+validated here. No function mutates its arguments: batch_norm returns the batch statistics and
+the caller updates the running ones.
+"""
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "conv2d",
+    "batch_norm",
+    "bn_relu",
+    "conv_bn_relu",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "add_relu",
+]
+
+
+def _out_size(size, kernel, stride, padding, dilation, ceil_mode=False):
+    """Output length of a sliding window along one dimension, as PyTorch computes it."""
+    span = dilation * (kernel - 1) + 1
+    out = (size + 2 * padding - span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    # Ceil mode may add a window; PyTorch drops it when it would start in the right padding.
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def conv2d(input, weight, bias, stride, padding, dilation, groups):
+    """2-D cross-correlation computed as im2col + grouped matrix multiply.
+
+    input [N, C, H, W], weight [OC, C/groups, KH, KW], bias [OC] or None
+    -> output [N, OC, OH, OW], OH = floor((H + 2*ph - dh*(KH-1) - 1) / sh) + 1 (same for OW).
+    """
+    n, _, h, w = input.shape
+    oc, cg, kh, kw = weight.shape
+    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    # cols[n, c*KH*KW + i*KW + j, l]: tap (i, j) of channel c in window l. Channels are the
+    # slowest index, so each group's channels form one contiguous block of rows.
+    cols = F.unfold(input, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    cols = cols.reshape(n, groups, cg * kh * kw, oh * ow)
+    kernels = weight.reshape(groups, oc // groups, cg * kh * kw)
+    out = torch.matmul(kernels, cols).reshape(n, oc, oh, ow)  # [N, groups, OC/groups, L]
+    if bias is not None:
+        out = out + bias.reshape(1, oc, 1, 1)
+    return out
+
+
+def batch_norm(input, weight, bias, running_mean, running_var, training, eps):
+    """Batch normalisation over (N, H, W) per channel.
+
+    input [N, C, H, W]; weight, bias [C] or None (affine off); running_mean, running_var [C]
+    (used only when not training).
+    -> (output [N, C, H, W] in input's dtype, save_mean [C], save_invstd [C]); the statistics are
+    float32 for float16/bfloat16 input, else input's dtype.
+
+    Training normalises with the batch mean and the biased batch variance, and returns them as
+    save_mean and save_invstd = 1/sqrt(var + eps). Otherwise the running statistics are used
+    and returned. With an empty batch the batch statistics are NaN (the mean of nothing):
+    PyTorch leaves the running statistics alone in that case, and so must the caller.
+    """
+    # Half-precision sums over a whole batch lose too much, so statistics are kept in float32.
+    stat_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = input.to(stat_dtype)
+    if training:
+        dims = (0, 2, 3)
+        mean = x.mean(dims)
+        var = (x - mean[:, None, None]).square().mean(dims)
+        invstd = torch.rsqrt(var + eps)
+    else:
+        # Copies, not views: ops must not return aliases of their inputs.
+        mean = running_mean.to(stat_dtype, copy=True)
+        invstd = torch.rsqrt(running_var.to(stat_dtype) + eps)
+    out = (x - mean[:, None, None]) * invstd[:, None, None]
+    if weight is not None:
+        out = out * weight.to(stat_dtype)[:, None, None]
+    if bias is not None:
+        out = out + bias.to(stat_dtype)[:, None, None]
+    return out.to(input.dtype), mean, invstd
+
+
+def bn_relu(input, weight, bias, running_mean, running_var, residual, training, eps, relu):
+    """relu?(batch_norm(input) + residual?): the end of a residual block, or a pre-activation.
+
+    input [N, C, H, W]; residual [N, C, H, W] or None; relu a bool; the rest as batch_norm.
+    -> (output [N, C, H, W], save_mean [C], save_invstd [C])
+    """
+    out, mean, invstd = batch_norm(input, weight, bias, running_mean, running_var, training, eps)
+    if residual is not None:
+        out = out + residual
+    if relu:
+        out = torch.relu(out)
+    return out, mean, invstd
+
+
+def conv_bn_relu(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                 residual, stride, padding, dilation, groups, training, eps, relu):
+    """relu?(batch_norm(conv2d(input)) + residual?).
+
+    input [N, C, H, W], weight [OC, C/groups, KH, KW], conv_bias [OC] or None;
+    bn_weight, bn_bias [OC] or None; running_mean, running_var [OC]; residual [N, OC, OH, OW]
+    or None. -> (output [N, OC, OH, OW], save_mean [OC], save_invstd [OC])
+    """
+    out = conv2d(input, weight, conv_bias, stride, padding, dilation, groups)
+    return bn_relu(out, bn_weight, bn_bias, running_mean, running_var, residual,
+                   training, eps, relu)
+
+
+def _pool_windows(input, kernel_size, stride, padding, dilation, ceil_mode, fill):
+    """Every pooling window of input, with the padding filled with `fill`.
+
+    input [N, C, H, W] -> (windows [N, C, OH, OW, KH*KW] with the taps in row-major kernel order,
+    rows [OH, KH], cols [OW, KW]): the input coordinates of the taps, which lie outside
+    [0, H) x [0, W) where a tap falls in the padding.
+    """
+    coords, pads = [], []
+    for size, k, s, p, d in zip(input.shape[2:], kernel_size, stride, padding, dilation):
+        out = _out_size(size, k, s, p, d, ceil_mode)
+        starts = torch.arange(out, device=input.device) * s - p
+        coords.append(starts[:, None] + torch.arange(k, device=input.device) * d)
+        # The last ceil-mode window may reach past the padding: pad far enough to cover it.
+        pads.append((p, max(p, (out - 1) * s + d * (k - 1) + 1 - size - p)))
+    rows, cols = coords
+    (top, bottom), (left, right) = pads
+    padded = F.pad(input, (left, right, top, bottom), value=fill)
+    windows = padded[:, :, (rows + top)[:, :, None, None], (cols + left)[None, None]]
+    # [N, C, OH, KH, OW, KW] -> [N, C, OH, OW, KH*KW]
+    return windows.permute(0, 1, 2, 4, 3, 5).flatten(-2), rows, cols
+
+
+def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
+    """Max pooling with PyTorch's choice of element.
+
+    input [N, C, H, W] -> (output [N, C, OH, OW], indices [N, C, OH, OW] int64: the flat
+    position h*W + w of the chosen element in its input plane).
+
+    PyTorch scans each window in row-major order and takes an element if it is NaN or greater
+    than the best so far. So: the last NaN if the window has one, else the first element equal
+    to the maximum; a window of -inf picks its first real element, never the padding.
+    """
+    h, w = input.shape[2:]
+    windows, rows, cols = _pool_windows(input, kernel_size, stride, padding, dilation,
+                                        ceil_mode, float("-inf"))
+    flat_index = (rows[:, None, :, None] * w + cols[None, :, None, :]).flatten(-2)
+    real = (((rows >= 0) & (rows < h))[:, None, :, None]
+            & ((cols >= 0) & (cols < w))[None, :, None, :]).flatten(-2)  # [OH, OW, K]
+
+    # Rank the taps so that a single argmax makes PyTorch's choice: NaNs score K + tap (the last
+    # wins), real maxima K - tap (the first wins, and any NaN beats them), everything else 0.
+    taps = torch.arange(windows.shape[-1], device=input.device)
+    is_max = (windows == windows.amax(-1, keepdim=True)) & real
+    score = torch.where(windows.isnan(), len(taps) + taps,
+                        torch.where(is_max, len(taps) - taps, 0))
+    choice = score.argmax(-1, keepdim=True)
+
+    # Gathering the value makes autograd send the gradient to exactly the chosen element.
+    output = windows.gather(-1, choice).squeeze(-1)
+    indices = flat_index.expand(windows.shape).gather(-1, choice).squeeze(-1)
+    return output, indices
+
+
+def avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+               divisor_override):
+    """Average pooling with PyTorch's divisors.
+
+    input [N, C, H, W] -> output [N, C, OH, OW] (output size as max_pool2d with dilation 1).
+
+    Each window's sum is divided by divisor_override if given; else, with count_include_pad,
+    by the number of taps in the padded input (the padding counts, a ceil-mode overhang past it
+    does not); else by the number of taps on real input elements.
+    """
+    h, w = input.shape[2:]
+    windows, rows, cols = _pool_windows(input, kernel_size, stride, padding, (1, 1),
+                                        ceil_mode, 0.0)
+    sums = windows.sum(-1)
+    if divisor_override is not None:
+        return sums / divisor_override
+    ph, pw = padding if count_include_pad else (0, 0)
+    # The counted region is a rectangle, so the count is a product of per-dimension counts.
+    count_h = ((rows >= -ph) & (rows < h + ph)).sum(1)
+    count_w = ((cols >= -pw) & (cols < w + pw)).sum(1)
+    return sums / (count_h[:, None] * count_w[None, :]).to(input.dtype)
+
+
+def _adaptive_average_matrix(in_size, out_size, like):
+    """[out_size, in_size] matrix whose row o averages bin o = [floor(o*In/Out), ceil((o+1)*In/Out))."""
+    o = torch.arange(out_size, device=like.device)[:, None]
+    i = torch.arange(in_size, device=like.device)
+    start = o * in_size // out_size
+    end = ((o + 1) * in_size + out_size - 1) // out_size
+    inside = ((i >= start) & (i < end)).to(like.dtype)
+    return inside / (end - start).to(like.dtype)
+
+
+def adaptive_avg_pool2d(input, output_size):
+    """Adaptive average pooling: input [N, C, H, W] -> output [N, C, OH, OW].
+
+    Bins may overlap and differ in size. Averaging is linear and separable, so it is
+    A_h @ x @ A_w^T with one averaging matrix per dimension.
+    """
+    h, w = input.shape[2:]
+    a_h = _adaptive_average_matrix(h, output_size[0], input)
+    a_w = _adaptive_average_matrix(w, output_size[1], input)
+    return a_h @ input @ a_w.T
+
+
+def add_relu(input, other):
+    """relu(input + other), e.g. the join of a residual block. input, other [N, C, H, W]."""
+    return torch.relu(input + other)

@@ -1,0 +1,96 @@
+// The one operator library of cnnops: every schema, forward and backward.
+//
+// Device files (csrc/cpu/*.cpp, csrc/cuda/*.cu) only implement these with
+// TORCH_LIBRARY_IMPL. Autograd and fake (meta) kernels are registered from
+// Python (cnnops/ops.py), as in PyTorch's extension-cpp example.
+//
+// Conventions shared by every op:
+//  * Ops never mutate their inputs. Training-mode BatchNorm returns the batch
+//    mean and inverse standard deviation; the Python layer updates running
+//    statistics. This keeps torch.compile and opcheck simple.
+//  * Backward ops take `output_mask` (which gradients are wanted) and return an
+//    empty tensor (shape [0]) for each gradient that was not asked for.
+//  * Outputs are channels_last when the input is channels_last (and not also
+//    contiguous), NCHW-contiguous otherwise: see cnnops::output_memory_format.
+//  * save_mean / save_invstd are float32 for half/bfloat16 inputs, else the
+//    input dtype. In inference they hold running_mean and 1/sqrt(running_var+eps).
+
+#include <Python.h>
+#include <torch/library.h>
+
+// `import cnnops._C` loads this library, whose static initialisers register the
+// ops below; the module itself has no Python functions.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(cnnops, m) {
+  // ---- convolution (cross-correlation) ----------------------------------
+  // input [N, C, H, W], weight [OC, C/groups, KH, KW], bias [OC] -> [N, OC, OH, OW]
+  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // -> (grad_input, grad_weight, grad_bias)
+  m.def("conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, "
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- batch normalisation ----------------------------------------------
+  // -> (output, save_mean, save_invstd)
+  m.def("batch_norm(Tensor input, Tensor? weight, Tensor? bias, "
+        "Tensor? running_mean, Tensor? running_var, bool training, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
+  // -> (grad_input, grad_weight, grad_bias)
+  m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, "
+        "Tensor save_mean, Tensor save_invstd, bool training, "
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // relu?(batch_norm(input) + residual?) -> (output, save_mean, save_invstd)
+  m.def("bn_relu(Tensor input, Tensor? weight, Tensor? bias, "
+        "Tensor? running_mean, Tensor? running_var, Tensor? residual, "
+        "bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  // output is the forward result (its sign is the ReLU mask); may be None when relu=False.
+  // -> (grad_input, grad_weight, grad_bias, grad_residual)
+  m.def("bn_relu_backward(Tensor grad_output, Tensor? output, Tensor input, "
+        "Tensor? weight, Tensor save_mean, Tensor save_invstd, bool training, "
+        "bool relu, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // relu?(batch_norm(conv2d(input)) + residual?)
+  // -> (output, conv_output, save_mean, save_invstd); conv_output (the
+  // pre-normalisation activations, needed by the training backward) is an
+  // empty tensor in inference, where BN is folded into the GEMM epilogue.
+  m.def("conv_bn_relu(Tensor input, Tensor weight, Tensor? conv_bias, "
+        "Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, "
+        "Tensor? running_var, Tensor? residual, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, bool training, float eps, bool relu) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // -> (grad_input, grad_weight, grad_conv_bias, grad_bn_weight, grad_bn_bias, grad_residual)
+  // conv_bias is needed only in inference, to recompute conv_output when the
+  // BN weight gradient is asked for (BN affine trained with frozen statistics).
+  m.def("conv_bn_relu_backward(Tensor grad_output, Tensor output, Tensor input, "
+        "Tensor weight, Tensor? conv_bias, Tensor conv_output, Tensor? bn_weight, "
+        "Tensor save_mean, "
+        "Tensor save_invstd, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups, bool training, bool relu, bool[6] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- pooling ------------------------------------------------------------
+  // -> (output, indices); indices are int64 flat offsets into each H*W plane.
+  m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)");
+  m.def("max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices) "
+        "-> Tensor");
+  m.def("avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, bool ceil_mode, bool count_include_pad, "
+        "int? divisor_override) -> Tensor");
+  m.def("avg_pool2d_backward(Tensor grad_output, Tensor input, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
+        "bool count_include_pad, int? divisor_override) -> Tensor");
+  m.def("adaptive_avg_pool2d(Tensor input, int[2] output_size) -> Tensor");
+  m.def("adaptive_avg_pool2d_backward(Tensor grad_output, Tensor input) -> Tensor");
+
+  // ---- elementwise ----------------------------------------------------------
+  // relu(input + other), same shape and dtype (broadcasting happens in Python).
+  m.def("add_relu(Tensor input, Tensor other) -> Tensor");
+  m.def("add_relu_backward(Tensor grad_output, Tensor output) -> Tensor");
+}

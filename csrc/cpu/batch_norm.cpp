@@ -1,0 +1,207 @@
+// BatchNorm (+ residual + ReLU) on the CPU: the batch_norm and bn_relu ops.
+//
+// Layout assumed: NCHW-contiguous (other layouts are converted on entry and the
+// result is returned in the layout rule of cnnops::output_memory_format).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "bn_kernels.h"
+#include "cnnops/common.h"
+
+namespace cnnops {
+namespace {
+
+// Checks the optional per-channel tensors of a BN call and makes them contiguous.
+at::Tensor channel_param(const c10::optional<at::Tensor>& t, const at::Tensor& input,
+                         int64_t channels, const char* name) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  check_same(*t, input, name, "input");
+  check_channel_vector(*t, channels, name);
+  return t->contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
+    const c10::optional<at::Tensor>& bias_opt,
+    const c10::optional<at::Tensor>& running_mean_opt,
+    const c10::optional<at::Tensor>& running_var_opt,
+    const c10::optional<at::Tensor>& residual_opt, bool training, double eps,
+    bool relu) {
+  check_4d(input, "input");
+  check_cpu_float(input, "input");
+  const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
+  const at::Tensor weight = channel_param(weight_opt, input, C, "weight");
+  const at::Tensor bias = channel_param(bias_opt, input, C, "bias");
+  const at::Tensor rmean = channel_param(running_mean_opt, input, C, "running_mean");
+  const at::Tensor rvar = channel_param(running_var_opt, input, C, "running_var");
+  TORCH_CHECK_VALUE(training || (rmean.defined() && rvar.defined()),
+                    "batch_norm in inference mode (training=False) needs running_mean "
+                    "and running_var");
+  TORCH_CHECK_VALUE(eps >= 0, "expected eps >= 0, got ", eps);
+  at::Tensor residual;
+  if (residual_opt.has_value() && residual_opt->defined()) {
+    check_same(*residual_opt, input, "residual", "input");
+    TORCH_CHECK_VALUE(residual_opt->sizes() == input.sizes(), "expected residual of shape ",
+                      input.sizes(), " (the shape of input), got ", residual_opt->sizes());
+    residual = residual_opt->contiguous();
+  }
+
+  const at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor mean = at::empty({C}, input.options());
+  at::Tensor invstd = at::empty({C}, input.options());
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bn_relu_cpu", [&] {
+    using T = scalar_t;
+    const T* xp = x.const_data_ptr<T>();
+    T* mp = mean.mutable_data_ptr<T>();
+    T* ip = invstd.mutable_data_ptr<T>();
+    std::vector<double> mean_d(C), invstd_d(C);
+    at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        double mu, var;
+        if (training) {
+          cpu::Moments m;
+          for (int64_t n = 0; n < N; ++n) m.merge(cpu::plane_moments(xp + (n * C + c) * P, P));
+          mu = m.mean;
+          var = m.biased_var();
+        } else {
+          mu = cpu::channel_value<T>(rmean, c, 0.0);
+          var = cpu::channel_value<T>(rvar, c, 1.0);
+        }
+        mean_d[c] = mu;
+        invstd_d[c] = 1.0 / std::sqrt(var + eps);
+        mp[c] = static_cast<T>(mu);
+        ip[c] = static_cast<T>(invstd_d[c]);
+      }
+    });
+    const T* rp = residual.defined() ? residual.const_data_ptr<T>() : nullptr;
+    T* yp = y.mutable_data_ptr<T>();
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t plane = b; plane < e; ++plane) {
+        const int64_t c = plane % C;
+        const double scale = cpu::channel_value<T>(weight, c, 1.0) * invstd_d[c];
+        const double shift = cpu::channel_value<T>(bias, c, 0.0) - mean_d[c] * scale;
+        cpu::bn_forward_plane(xp + plane * P, rp ? rp + plane * P : nullptr,
+                              yp + plane * P, P, static_cast<T>(scale),
+                              static_cast<T>(shift), relu);
+      }
+    });
+  });
+  return {y.contiguous(output_memory_format(input)), mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
+    const at::Tensor& grad_output, const c10::optional<at::Tensor>& output_opt,
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
+    bool relu, std::array<bool, 4> output_mask) {
+  check_4d(input, "input");
+  check_cpu_float(input, "input");
+  const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
+  check_same(grad_output, input, "grad_output", "input");
+  TORCH_CHECK_VALUE(grad_output.sizes() == input.sizes(), "expected grad_output of shape ",
+                    input.sizes(), ", got ", grad_output.sizes());
+  at::Tensor out;
+  if (relu) {
+    TORCH_CHECK_VALUE(output_opt.has_value() && output_opt->defined(),
+                      "bn_relu_backward with relu=True needs the forward output");
+    check_same(*output_opt, input, "output", "input");
+    TORCH_CHECK_VALUE(output_opt->sizes() == input.sizes(), "expected output of shape ",
+                      input.sizes(), ", got ", output_opt->sizes());
+    out = output_opt->contiguous();
+  }
+  const at::Tensor weight = channel_param(weight_opt, input, C, "weight");
+  const at::Tensor mean = channel_param(save_mean, input, C, "save_mean");
+  const at::Tensor invstd = channel_param(save_invstd, input, C, "save_invstd");
+  TORCH_CHECK_VALUE(mean.defined() && invstd.defined(), "save_mean and save_invstd are required");
+
+  const bool need_gi = output_mask[0], need_gw = output_mask[1] && weight.defined(),
+             need_gb = output_mask[2], need_gr = output_mask[3];
+  const at::Tensor g = grad_output.contiguous();
+  const at::Tensor x = input.contiguous();
+  const auto fmt = output_memory_format(input);
+  at::Tensor gi = need_gi ? at::empty_like(x, at::MemoryFormat::Contiguous) : not_requested(input);
+  at::Tensor gw = need_gw ? at::empty({C}, input.options()) : not_requested(input);
+  at::Tensor gb = need_gb ? at::empty({C}, input.options()) : not_requested(input);
+  at::Tensor gr = need_gr ? at::empty_like(x, at::MemoryFormat::Contiguous) : not_requested(input);
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bn_relu_backward_cpu", [&] {
+    using T = scalar_t;
+    const T* gp = g.const_data_ptr<T>();
+    const T* op = out.defined() ? out.const_data_ptr<T>() : nullptr;
+    const T* xp = x.const_data_ptr<T>();
+    std::vector<cpu::BNBackwardCoef> coef(C);
+    at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const double mu = mean.const_data_ptr<T>()[c];
+        const double is = invstd.const_data_ptr<T>()[c];
+        double sum_gy = 0.0, sum_gy_xc = 0.0;
+        if (training || need_gw || need_gb) {
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t off = (n * C + c) * P;
+            cpu::bn_backward_reduce_plane(gp + off, op ? op + off : nullptr, xp + off, P, mu,
+                                          sum_gy, sum_gy_xc);
+          }
+        }
+        if (need_gw) gw.mutable_data_ptr<T>()[c] = static_cast<T>(sum_gy_xc * is);
+        if (need_gb) gb.mutable_data_ptr<T>()[c] = static_cast<T>(sum_gy);
+        coef[c] = cpu::bn_backward_coef(training, cpu::channel_value<T>(weight, c, 1.0), is,
+                                        sum_gy, sum_gy_xc, N * P);
+      }
+    });
+    if (need_gi || need_gr) {
+      T* gip = need_gi ? gi.mutable_data_ptr<T>() : nullptr;
+      T* grp = need_gr ? gr.mutable_data_ptr<T>() : nullptr;
+      at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+        for (int64_t plane = b; plane < e; ++plane) {
+          const int64_t c = plane % C, off = plane * P;
+          const T* opl = op ? op + off : nullptr;
+          if (gip) {
+            cpu::bn_backward_apply_plane(gp + off, opl, xp + off, gip + off, P, coef[c],
+                                         static_cast<double>(mean.const_data_ptr<T>()[c]));
+          }
+          if (grp) {
+            for (int64_t i = 0; i < P; ++i) grp[off + i] = cpu::relu_grad(gp + off, opl, i);
+          }
+        }
+      });
+    }
+  });
+  if (need_gi) gi = gi.contiguous(fmt);
+  if (need_gr) gr = gr.contiguous(fmt);
+  return {gi, gw, gb, gr};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double eps) {
+  return bn_relu_cpu(input, weight, bias, running_mean, running_var, c10::nullopt, training,
+                     eps, /*relu=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, std::array<bool, 3> output_mask) {
+  auto grads = bn_relu_backward_cpu(grad_output, c10::nullopt, input, weight, save_mean,
+                                    save_invstd, training, /*relu=*/false,
+                                    {output_mask[0], output_mask[1], output_mask[2], false});
+  return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)};
+}
+
+TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
+  m.impl("batch_norm", &batch_norm_cpu);
+  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("bn_relu", &bn_relu_cpu);
+  m.impl("bn_relu_backward", &bn_relu_backward_cpu);
+}
+
+}  // namespace cnnops

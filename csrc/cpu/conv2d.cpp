@@ -1,0 +1,66 @@
+// conv2d on the CPU: im2col + GEMM forward, col2im + GEMM backward.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cnnops/conv_shape.h"
+#include "conv_kernels.h"
+
+namespace cnnops {
+
+at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias_opt, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
+  const ConvShape s = conv_shape(input, weight, bias, stride, padding, dilation, groups);
+  check_cpu_float(input, "input");
+  const at::Tensor x = input.contiguous(), w = weight.contiguous();
+  const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
+  at::Tensor out = at::empty({s.N, s.OC, s.OH, s.OW}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_cpu", [&] {
+    using T = scalar_t;
+    const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+    const int64_t L = s.L();
+    cpu::conv_forward<T>(s, x, w, out, [&](int64_t, T* y) {
+      if (!bp) return;
+      for (int64_t oc = 0; oc < s.OC; ++oc) {
+        T* row = y + oc * L;
+        for (int64_t l = 0; l < L; ++l) row[l] += bp[oc];
+      }
+    });
+  });
+  return out.contiguous(output_memory_format(input));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, std::array<bool, 3> output_mask) {
+  const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
+  check_cpu_float(input, "input");
+  check_same(grad_output, input, "grad_output", "input");
+  TORCH_CHECK_VALUE(grad_output.dim() == 4 && grad_output.size(0) == s.N &&
+                        grad_output.size(1) == s.OC && grad_output.size(2) == s.OH &&
+                        grad_output.size(3) == s.OW,
+                    "expected grad_output of shape [", s.N, ", ", s.OC, ", ", s.OH, ", ", s.OW,
+                    "], got ", grad_output.sizes());
+  const at::Tensor x = input.contiguous(), w = weight.contiguous();
+  const at::Tensor g = grad_output.contiguous();
+  at::Tensor gi = output_mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::Tensor();
+  at::Tensor gw = output_mask[1] ? at::empty_like(w, at::MemoryFormat::Contiguous) : at::Tensor();
+  at::Tensor gb = output_mask[2] ? at::empty({s.OC}, input.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_backward_cpu", [&] {
+    using T = scalar_t;
+    const T* gp = g.const_data_ptr<T>();
+    const int64_t image = s.OC * s.L();
+    cpu::conv_backward<T>(s, x, w, [&](int64_t n, T*) { return gp + n * image; }, gi, gw, gb);
+  });
+  return {gi.defined() ? gi.contiguous(output_memory_format(input)) : not_requested(input),
+          gw.defined() ? gw : not_requested(input), gb.defined() ? gb : not_requested(input)};
+}
+
+TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
+  m.impl("conv2d", &conv2d_cpu);
+  m.impl("conv2d_backward", &conv2d_backward_cpu);
+}
+
+}  // namespace cnnops

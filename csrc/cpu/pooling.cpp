@@ -1,0 +1,473 @@
+// CPU pooling kernels: max, average and adaptive average pooling over the
+// H x W planes of an [N, C, H, W] tensor, forward and backward.
+//
+// Layout: the kernels read and write NCHW-contiguous buffers, one H*W plane per
+// task. Planes are independent, so parallelising over N*C keeps the
+// scatter-add backward ops race-free without atomics. Inputs in other layouts
+// are copied to NCHW first and results are converted to
+// cnnops::output_memory_format(input) at the end; a native NHWC kernel
+// (vectorised over C) would avoid both copies for channels_last inputs.
+//
+// Semantics and rounding follow aten's CPU kernels (MaxPoolKernel.cpp,
+// AvgPoolKernel.cpp, AdaptiveAvgPoolKernel.cpp): window sums accumulate in
+// at::opmath_type and are divided once per output element.
+
+#include "cnnops/common.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace cnnops {
+namespace {
+
+// The input taps of one window along one dimension, clamped to the input:
+// begin, begin + step, ... < end. Windows are separable, so a 2-D window is a
+// pair of spans, computed once per output row and column rather than per
+// output element.
+struct Span {
+  int64_t begin;
+  int64_t end;
+  // Window length counting padded positions: avg_pool2d's count_include_pad
+  // divisor.
+  int64_t padded;
+
+  bool empty() const { return begin >= end; }
+  int64_t count() const { return end - begin; }  // taps, for step 1
+};
+
+// max_pool2d: taps o*s - p + j*d for j < k. Padding holds -inf, which never
+// wins, so only the taps inside the input are visited.
+std::vector<Span> max_spans(int64_t in, int64_t out, int64_t k, int64_t s,
+                            int64_t p, int64_t d) {
+  std::vector<Span> spans(out);
+  for (int64_t o = 0; o < out; ++o) {
+    int64_t begin = o * s - p;
+    const int64_t end = std::min(begin + (k - 1) * d + 1, in);
+    if (begin < 0) begin += (-begin + d - 1) / d * d;  // first tap >= 0
+    spans[o] = {begin, end, 0};
+  }
+  return spans;
+}
+
+// avg_pool2d, aten's rule: the count_include_pad divisor counts the padding
+// but not the part of a ceil_mode window that overhangs the padding.
+std::vector<Span> avg_spans(int64_t in, int64_t out, int64_t k, int64_t s,
+                            int64_t p) {
+  std::vector<Span> spans(out);
+  for (int64_t o = 0; o < out; ++o) {
+    const int64_t begin = o * s - p;
+    const int64_t end = std::min(begin + k, in + p);
+    spans[o] = {std::max<int64_t>(begin, 0), std::min(end, in), end - begin};
+  }
+  return spans;
+}
+
+// adaptive_avg_pool2d, aten's bins: [floor(o*in/out), ceil((o+1)*in/out)).
+// Bins overlap when out does not divide in, and repeat when out > in. The
+// split form of the products avoids overflow as aten's start_index does.
+std::vector<Span> adaptive_spans(int64_t in, int64_t out) {
+  std::vector<Span> spans(out);
+  for (int64_t o = 0; o < out; ++o) {
+    const int64_t begin = (o / out) * in + ((o % out) * in) / out;
+    const int64_t end = 1 + ((o + 1) * in - 1) / out;
+    spans[o] = {begin, end, end - begin};
+  }
+  return spans;
+}
+
+// The divisor of one average-pooling window. Adaptive pooling has no padding,
+// so it is the count_include_pad case with padded == count.
+struct AvgDivisor {
+  bool count_include_pad;
+  std::optional<int64_t> divisor_override;
+
+  int64_t operator()(const Span& h, const Span& w) const {
+    if (divisor_override.has_value()) return *divisor_override;
+    return count_include_pad ? h.padded * w.padded : h.count() * w.count();
+  }
+};
+
+template <typename scalar_t>
+void max_pool_plane(const scalar_t* in, scalar_t* out, int64_t* indices,
+                    int64_t W, const std::vector<Span>& rows,
+                    const std::vector<Span>& cols, int64_t dH, int64_t dW) {
+  for (const Span& h : rows) {
+    for (const Span& w : cols) {
+      // Like aten, a window whose taps are all -inf reports its first tap. A
+      // window with no tap at all (dilation larger than the input) gets -1,
+      // the "no maximum" marker the backward skips; aten reports an offset
+      // outside the plane there, and its backward writes out of bounds.
+      int64_t best = (h.empty() || w.empty()) ? -1 : h.begin * W + w.begin;
+      scalar_t maxval = -std::numeric_limits<scalar_t>::infinity();
+      for (int64_t ih = h.begin; ih < h.end; ih += dH) {
+        for (int64_t iw = w.begin; iw < w.end; iw += dW) {
+          const int64_t idx = ih * W + iw;
+          const scalar_t v = in[idx];
+          // Strict '>' keeps the first of equal maxima in scan order; a NaN
+          // replaces anything (so the last NaN wins), exactly as in aten.
+          if (v > maxval || std::isnan(v)) {
+            maxval = v;
+            best = idx;
+          }
+        }
+      }
+      *out++ = maxval;
+      *indices++ = best;
+    }
+  }
+}
+
+template <typename scalar_t>
+void avg_pool_plane(const scalar_t* in, scalar_t* out, int64_t W,
+                    const std::vector<Span>& rows, const std::vector<Span>& cols,
+                    const AvgDivisor& divisor) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (const Span& h : rows) {
+    for (const Span& w : cols) {
+      acc_t sum = 0;
+      for (int64_t ih = h.begin; ih < h.end; ++ih) {
+        for (int64_t iw = w.begin; iw < w.end; ++iw) sum += in[ih * W + iw];
+      }
+      // The padding rules leave no window empty; guard the division anyway.
+      *out++ = (h.empty() || w.empty())
+                   ? scalar_t(0)
+                   : static_cast<scalar_t>(sum / static_cast<acc_t>(divisor(h, w)));
+    }
+  }
+}
+
+template <typename scalar_t>
+void avg_pool_backward_plane(const scalar_t* grad_out, scalar_t* grad_in,
+                             int64_t W, const std::vector<Span>& rows,
+                             const std::vector<Span>& cols,
+                             const AvgDivisor& divisor) {
+  for (const Span& h : rows) {
+    for (const Span& w : cols) {
+      const scalar_t g = *grad_out++;
+      if (h.empty() || w.empty()) continue;
+      const scalar_t delta = g / static_cast<scalar_t>(divisor(h, w));
+      for (int64_t ih = h.begin; ih < h.end; ++ih) {
+        for (int64_t iw = w.begin; iw < w.end; ++iw) grad_in[ih * W + iw] += delta;
+      }
+    }
+  }
+}
+
+// Runs f(plane) for every plane, in parallel. `work_per_plane` (roughly the
+// scalar operations in one plane) sizes the chunks so that small problems are
+// not split into tasks costlier to schedule than to run.
+template <typename F>
+void for_each_plane(int64_t planes, int64_t work_per_plane, const F& f) {
+  const int64_t grain = std::max<int64_t>(
+      1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work_per_plane));
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) f(plane);
+  });
+}
+
+// Entries beyond int32 would make window arithmetic such as (k-1)*d overflow;
+// aten rejects them too (it narrows these arguments to int).
+void check_pool_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
+  check_pair(v, name, min_value);
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(v[0] <= kMax && v[1] <= kMax, "expected ", name,
+                    " entries <= ", kMax, ", got ", v);
+}
+
+struct PoolShape {
+  int64_t N, C, H, W, OH, OW;
+};
+
+// What max_pool2d and avg_pool2d (and their backward ops) check, as aten's
+// pool2d_shape_check does. `dilation` is empty for avg_pool2d.
+PoolShape check_pool2d(const char* op, const at::Tensor& input,
+                       at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation,
+                       bool ceil_mode) {
+  check_4d(input, "input");
+  check_cpu_float(input, "input");
+  check_pool_pair(kernel_size, "kernel_size", 1);
+  check_pool_pair(stride, "stride", 1);
+  check_pool_pair(padding, "padding", 0);
+  const bool dilated = !dilation.empty();
+  if (dilated) check_pool_pair(dilation, "dilation", 1);
+  // aten bounds the padding by half the kernel size, not the dilated extent,
+  // for max_pool2d too.
+  TORCH_CHECK_VALUE(
+      padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, op,
+      ": expected padding to be at most half of kernel_size, i.e. <= [",
+      kernel_size[0] / 2, ", ", kernel_size[1] / 2, "] for kernel_size ",
+      kernel_size, ", got padding ", padding);
+  // Only the batch may be empty, as in PyTorch.
+  TORCH_CHECK_VALUE(
+      input.size(1) > 0 && input.size(2) > 0 && input.size(3) > 0, op,
+      ": expected input with non-zero C, H and W (only the batch dimension may "
+      "be 0), got shape ",
+      input.sizes());
+  PoolShape s{input.size(0), input.size(1), input.size(2), input.size(3), 0, 0};
+  const int64_t dH = dilated ? dilation[0] : 1;
+  const int64_t dW = dilated ? dilation[1] : 1;
+  s.OH = pool_output_size(s.H, kernel_size[0], padding[0], stride[0], dH, ceil_mode);
+  s.OW = pool_output_size(s.W, kernel_size[1], padding[1], stride[1], dW, ceil_mode);
+  TORCH_CHECK_VALUE(
+      s.OH >= 1 && s.OW >= 1, op, ": input of spatial size ", s.H, "x", s.W,
+      " gives an output of size ", s.OH, "x", s.OW, " with kernel_size ",
+      kernel_size, ", stride ", stride, ", padding ", padding,
+      (dilated ? c10::str(", dilation ", dilation) : std::string()),
+      ", ceil_mode=", (ceil_mode ? "True" : "False"),
+      "; the output must be at least 1x1");
+  return s;
+}
+
+void check_divisor_override(const char* op, std::optional<int64_t> divisor_override) {
+  TORCH_CHECK_VALUE(!divisor_override.has_value() || *divisor_override != 0,
+                    op, ": expected divisor_override to be non-zero or None, got 0");
+}
+
+// grad_output of a pooling op: 4-D, the input's dtype, and the input's N and C.
+void check_grad_output(const char* op, const at::Tensor& grad_output,
+                       const at::Tensor& input) {
+  check_4d(grad_output, "grad_output");
+  check_same(grad_output, input, "grad_output", "input");
+  TORCH_CHECK_VALUE(
+      grad_output.size(0) == input.size(0) && grad_output.size(1) == input.size(1),
+      op, ": expected grad_output to have the batch and channel sizes of input [",
+      input.size(0), ", ", input.size(1), ", *, *], got shape ", grad_output.sizes());
+}
+
+at::Tensor empty_nchw(at::IntArrayRef sizes, const at::Tensor& like) {
+  return at::empty(sizes, like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+at::Tensor zeros_nchw(at::IntArrayRef sizes, const at::Tensor& like) {
+  return at::zeros(sizes, like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// Shared by avg_pool2d and adaptive_avg_pool2d: `input` is checked, OH/OW >= 0.
+at::Tensor avg_pool_forward(const at::Tensor& input, int64_t OH, int64_t OW,
+                            const std::vector<Span>& rows,
+                            const std::vector<Span>& cols,
+                            const AvgDivisor& divisor, int64_t window) {
+  const auto fmt = output_memory_format(input);
+  const int64_t N = input.size(0), C = input.size(1);
+  const int64_t H = input.size(2), W = input.size(3);
+  at::Tensor output = empty_nchw({N, C, OH, OW}, input);
+  if (output.numel() == 0) return output.contiguous(fmt);
+  const at::Tensor in = input.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "cnnops_avg_pool_cpu", [&] {
+    const scalar_t* in_data = in.const_data_ptr<scalar_t>();
+    scalar_t* out_data = output.mutable_data_ptr<scalar_t>();
+    for_each_plane(N * C, OH * OW * window, [&](int64_t p) {
+      avg_pool_plane(in_data + p * H * W, out_data + p * OH * OW, W, rows, cols,
+                     divisor);
+    });
+  });
+  return output.contiguous(fmt);
+}
+
+// Shared by avg_pool2d_backward and adaptive_avg_pool2d_backward.
+at::Tensor avg_pool_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                             const std::vector<Span>& rows,
+                             const std::vector<Span>& cols,
+                             const AvgDivisor& divisor, int64_t window) {
+  const auto fmt = output_memory_format(input);
+  const int64_t H = input.size(2), W = input.size(3);
+  const int64_t OH = grad_output.size(2), OW = grad_output.size(3);
+  at::Tensor grad_input = zeros_nchw(input.sizes(), input);
+  if (grad_input.numel() == 0 || grad_output.numel() == 0) {
+    return grad_input.contiguous(fmt);
+  }
+  const at::Tensor gout = grad_output.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(gout.scalar_type(), "cnnops_avg_pool_backward_cpu", [&] {
+    const scalar_t* gout_data = gout.const_data_ptr<scalar_t>();
+    scalar_t* gin_data = grad_input.mutable_data_ptr<scalar_t>();
+    for_each_plane(input.size(0) * input.size(1), OH * OW * window, [&](int64_t p) {
+      avg_pool_backward_plane(gout_data + p * OH * OW, gin_data + p * H * W, W,
+                              rows, cols, divisor);
+    });
+  });
+  return grad_input.contiguous(fmt);
+}
+
+}  // namespace
+
+// input [N, C, H, W] -> (output [N, C, OH, OW], indices [N, C, OH, OW] int64,
+// flat offsets h*W + w into each input plane, -1 for a window with no tap).
+std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(
+    const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  const PoolShape s = check_pool2d("max_pool2d", input, kernel_size, stride,
+                                   padding, dilation, ceil_mode);
+  const auto fmt = output_memory_format(input);
+  at::Tensor output = empty_nchw({s.N, s.C, s.OH, s.OW}, input);
+  at::Tensor indices = at::empty({s.N, s.C, s.OH, s.OW}, input.options().dtype(at::kLong));
+  if (output.numel() == 0) {
+    return std::make_tuple(output.contiguous(fmt), indices.contiguous(fmt));
+  }
+  const std::vector<Span> rows =
+      max_spans(s.H, s.OH, kernel_size[0], stride[0], padding[0], dilation[0]);
+  const std::vector<Span> cols =
+      max_spans(s.W, s.OW, kernel_size[1], stride[1], padding[1], dilation[1]);
+  const at::Tensor in = input.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "cnnops_max_pool2d_cpu", [&] {
+    const scalar_t* in_data = in.const_data_ptr<scalar_t>();
+    scalar_t* out_data = output.mutable_data_ptr<scalar_t>();
+    int64_t* idx_data = indices.mutable_data_ptr<int64_t>();
+    const int64_t plane_out = s.OH * s.OW;
+    for_each_plane(s.N * s.C, plane_out * kernel_size[0] * kernel_size[1], [&](int64_t p) {
+      max_pool_plane(in_data + p * s.H * s.W, out_data + p * plane_out,
+                     idx_data + p * plane_out, s.W, rows, cols, dilation[0],
+                     dilation[1]);
+    });
+  });
+  return std::make_tuple(output.contiguous(fmt), indices.contiguous(fmt));
+}
+
+// Scatter-adds grad_output [N, C, OH, OW] into a zero grad_input shaped like
+// input, at the offsets in indices (the max_pool2d indices).
+at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output,
+                                   const at::Tensor& input,
+                                   const at::Tensor& indices) {
+  check_4d(input, "input");
+  check_cpu_float(input, "input");
+  check_grad_output("max_pool2d_backward", grad_output, input);
+  TORCH_CHECK_TYPE(indices.defined() && indices.scalar_type() == at::kLong,
+                   "max_pool2d_backward: expected indices of dtype int64, got ",
+                   indices.defined() ? c10::toString(indices.scalar_type()) : "None");
+  TORCH_CHECK_VALUE(indices.device() == input.device(),
+                    "max_pool2d_backward: expected indices on the device of input (",
+                    input.device(), "), got ", indices.device());
+  TORCH_CHECK_VALUE(indices.sizes() == grad_output.sizes(),
+                    "max_pool2d_backward: expected indices of the shape of grad_output ",
+                    grad_output.sizes(), ", got ", indices.sizes());
+  const auto fmt = output_memory_format(input);
+  at::Tensor grad_input = zeros_nchw(input.sizes(), input);
+  if (grad_output.numel() == 0) return grad_input.contiguous(fmt);
+
+  const int64_t HW = input.size(2) * input.size(3);
+  const int64_t plane_out = grad_output.size(2) * grad_output.size(3);
+  const at::Tensor gout = grad_output.contiguous();
+  const at::Tensor idx = indices.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(gout.scalar_type(), "cnnops_max_pool2d_backward_cpu", [&] {
+    const scalar_t* gout_data = gout.const_data_ptr<scalar_t>();
+    const int64_t* idx_data = idx.const_data_ptr<int64_t>();
+    scalar_t* gin_data = grad_input.mutable_data_ptr<scalar_t>();
+    for_each_plane(input.size(0) * input.size(1), plane_out, [&](int64_t p) {
+      const scalar_t* g = gout_data + p * plane_out;
+      const int64_t* ind = idx_data + p * plane_out;
+      scalar_t* gin = gin_data + p * HW;
+      for (int64_t i = 0; i < plane_out; ++i) {
+        const int64_t j = ind[i];
+        if (j == -1) continue;  // a window with no tap
+        // Indices are user data here; a bad one must not write out of bounds.
+        TORCH_CHECK_VALUE(j >= 0 && j < HW, "max_pool2d_backward: index ", j,
+                          " is outside the input plane of ", input.size(2), "x",
+                          input.size(3), " elements (expected -1 or [0, ", HW, "))");
+        gin[j] += g[i];
+      }
+    });
+  });
+  return grad_input.contiguous(fmt);
+}
+
+at::Tensor avg_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          bool ceil_mode, bool count_include_pad,
+                          std::optional<int64_t> divisor_override) {
+  const PoolShape s = check_pool2d("avg_pool2d", input, kernel_size, stride,
+                                   padding, {}, ceil_mode);
+  check_divisor_override("avg_pool2d", divisor_override);
+  return avg_pool_forward(
+      input, s.OH, s.OW,
+      avg_spans(s.H, s.OH, kernel_size[0], stride[0], padding[0]),
+      avg_spans(s.W, s.OW, kernel_size[1], stride[1], padding[1]),
+      AvgDivisor{count_include_pad, divisor_override},
+      kernel_size[0] * kernel_size[1]);
+}
+
+at::Tensor avg_pool2d_backward_cpu(const at::Tensor& grad_output,
+                                   const at::Tensor& input,
+                                   at::IntArrayRef kernel_size,
+                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                   bool ceil_mode, bool count_include_pad,
+                                   std::optional<int64_t> divisor_override) {
+  const PoolShape s = check_pool2d("avg_pool2d_backward", input, kernel_size,
+                                   stride, padding, {}, ceil_mode);
+  check_divisor_override("avg_pool2d_backward", divisor_override);
+  check_4d(grad_output, "grad_output");
+  check_same(grad_output, input, "grad_output", "input");
+  const std::vector<int64_t> expected{s.N, s.C, s.OH, s.OW};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(expected),
+                    "avg_pool2d_backward: expected grad_output of shape ",
+                    at::IntArrayRef(expected),
+                    " (the avg_pool2d output shape for input ", input.sizes(),
+                    "), got ", grad_output.sizes());
+  return avg_pool_backward(
+      grad_output, input,
+      avg_spans(s.H, s.OH, kernel_size[0], stride[0], padding[0]),
+      avg_spans(s.W, s.OW, kernel_size[1], stride[1], padding[1]),
+      AvgDivisor{count_include_pad, divisor_override},
+      kernel_size[0] * kernel_size[1]);
+}
+
+namespace {
+// adaptive_avg_pool2d allows N = 0 and C = 0 but needs a non-empty plane to
+// bin, as in PyTorch.
+void check_adaptive_input(const char* op, const at::Tensor& input) {
+  check_4d(input, "input");
+  check_cpu_float(input, "input");
+  TORCH_CHECK_VALUE(input.size(2) > 0 && input.size(3) > 0, op,
+                    ": expected input with non-zero H and W, got shape ",
+                    input.sizes());
+}
+
+// Bins overlap by at most one element per side, so a window spans about
+// ceil(H/OH) + 1 rows.
+int64_t adaptive_window(int64_t H, int64_t W, int64_t OH, int64_t OW) {
+  return (H / std::max<int64_t>(OH, 1) + 2) * (W / std::max<int64_t>(OW, 1) + 2);
+}
+}  // namespace
+
+at::Tensor adaptive_avg_pool2d_cpu(const at::Tensor& input,
+                                   at::IntArrayRef output_size) {
+  check_adaptive_input("adaptive_avg_pool2d", input);
+  check_pair(output_size, "output_size", 0);
+  const int64_t H = input.size(2), W = input.size(3);
+  const int64_t OH = output_size[0], OW = output_size[1];
+  return avg_pool_forward(input, OH, OW, adaptive_spans(H, OH),
+                          adaptive_spans(W, OW), AvgDivisor{true, std::nullopt},
+                          adaptive_window(H, W, OH, OW));
+}
+
+at::Tensor adaptive_avg_pool2d_backward_cpu(const at::Tensor& grad_output,
+                                            const at::Tensor& input) {
+  check_adaptive_input("adaptive_avg_pool2d_backward", input);
+  check_grad_output("adaptive_avg_pool2d_backward", grad_output, input);
+  const int64_t H = input.size(2), W = input.size(3);
+  const int64_t OH = grad_output.size(2), OW = grad_output.size(3);
+  return avg_pool_backward(grad_output, input, adaptive_spans(H, OH),
+                           adaptive_spans(W, OW), AvgDivisor{true, std::nullopt},
+                           adaptive_window(H, W, OH, OW));
+}
+
+TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
+  m.impl("max_pool2d", &max_pool2d_cpu);
+  m.impl("max_pool2d_backward", &max_pool2d_backward_cpu);
+  m.impl("avg_pool2d", &avg_pool2d_cpu);
+  m.impl("avg_pool2d_backward", &avg_pool2d_backward_cpu);
+  m.impl("adaptive_avg_pool2d", &adaptive_avg_pool2d_cpu);
+  m.impl("adaptive_avg_pool2d_backward", &adaptive_avg_pool2d_backward_cpu);
+}
+
+}  // namespace cnnops

@@ -1,0 +1,97 @@
+// Checks and shape helpers shared by every device file.
+//
+// Kernels check what they rely on before touching memory: the Python layer
+// validates user input with friendlier messages, but the ops are public
+// (torch.ops.cnnops.*) and must never crash the process on bad arguments.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace cnnops {
+
+// Output layout rule of every op: channels_last in, channels_last out;
+// anything else (contiguous, sliced, strided) gives an NCHW-contiguous output.
+// The fake kernels in cnnops/ops.py apply the same rule.
+inline at::MemoryFormat output_memory_format(const at::Tensor& t) {
+  if (t.dim() == 4 && !t.is_contiguous() &&
+      t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+inline void check_4d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor, got None");
+  TORCH_CHECK_VALUE(t.dim() == 4, "expected ", name,
+                    " to be 4-D [N, C, H, W], got ", t.dim(), "-D with shape ",
+                    t.sizes());
+}
+
+// The CPU kernels are written for float32 and float64.
+inline void check_cpu_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "expected ", name,
+                    " on the CPU, got a tensor on ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+                   "the cnnops CPU kernels support float32 and float64; ", name,
+                   " has dtype ", t.scalar_type());
+}
+
+// `t` (when defined) must share dtype and device with `like`.
+inline void check_same(const at::Tensor& t, const at::Tensor& like,
+                       const char* name, const char* like_name) {
+  if (!t.defined()) return;
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "expected ", name,
+                   " to have the dtype of ", like_name, " (", like.scalar_type(),
+                   "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == like.device(), "expected ", name,
+                    " on the device of ", like_name, " (", like.device(),
+                    "), got ", t.device());
+}
+
+// A per-channel vector ([C]) when defined.
+inline void check_channel_vector(const at::Tensor& t, int64_t channels,
+                                 const char* name) {
+  if (!t.defined()) return;
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == channels, "expected ", name,
+                    " of shape [", channels, "], got ", t.sizes());
+}
+
+// An int[2] argument whose entries are all >= min_value.
+inline void check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
+  TORCH_CHECK_VALUE(v.size() == 2, "expected ", name, " to have 2 entries, got ",
+                    v.size());
+  TORCH_CHECK_VALUE(v[0] >= min_value && v[1] >= min_value, "expected ", name,
+                    " >= ", min_value, ", got ", v);
+}
+
+// Division rounding toward negative infinity (C++ '/' truncates toward zero).
+inline int64_t floor_div(int64_t a, int64_t b) {
+  const int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+// floor((in + 2p - d(k-1) - 1) / s) + 1, the convolution output size.
+inline int64_t conv_output_size(int64_t in, int64_t k, int64_t pad,
+                                int64_t stride, int64_t dil) {
+  return floor_div(in + 2 * pad - dil * (k - 1) - 1, stride) + 1;
+}
+
+// PyTorch's pooling output size: like convolution, optionally rounded up, but
+// a window that would start in the right padding is dropped.
+inline int64_t pool_output_size(int64_t in, int64_t k, int64_t pad,
+                                int64_t stride, int64_t dil, bool ceil_mode) {
+  const int64_t span = in + 2 * pad - dil * (k - 1) - 1;
+  int64_t out = floor_div(span + (ceil_mode ? stride - 1 : 0), stride) + 1;
+  if (ceil_mode && (out - 1) * stride >= in + pad) --out;
+  return out;
+}
+
+// An empty tensor standing for a gradient that was not requested.
+inline at::Tensor not_requested(const at::Tensor& like) {
+  return at::empty({0}, like.options());
+}
+
+}  // namespace cnnops

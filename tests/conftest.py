@@ -1,0 +1,73 @@
+"""Shared fixtures: the backends under test, input layouts, tolerances.
+
+The suite runs on CPU-only machines. Every op is tested on each backend that can
+run here (`reference` always, `cpu` when cnnops._C is built); CUDA cases are
+marked `cuda` and skip without a device. A missing C++ extension is an error,
+not a skip: set CNNOPS_TEST_ALLOW_NO_EXT=1 to test the reference backend alone.
+"""
+import os
+
+import pytest
+import torch
+
+import cnnops
+from cnnops import _ext
+
+if not _ext.LOADED and os.environ.get("CNNOPS_TEST_ALLOW_NO_EXT") != "1":
+    raise pytest.UsageError("cnnops._C is not loaded (%s). Build it with "
+                            "`pip install --no-build-isolation -e .`" % _ext.ERROR)
+
+CPU_BACKENDS = ["reference"] + (["cpu"] if _ext.LOADED else [])
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    """Runs the test with cnnops set to each CPU-capable backend in turn."""
+    with cnnops.use_backend(request.param):
+        yield request.param
+
+
+def make_input(shape, layout="contiguous", dtype=torch.float32, requires_grad=False, scale=1.0):
+    """A random tensor of `shape` in the given memory layout.
+
+    strided: a non-contiguous view (every other column of a wider tensor).
+    """
+    if layout == "contiguous":
+        t = torch.randn(shape, dtype=dtype) * scale
+    elif layout == "channels_last":
+        t = (torch.randn(shape, dtype=dtype) * scale).contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        wide = list(shape)
+        wide[-1] *= 2
+        t = (torch.randn(wide, dtype=dtype) * scale)[..., ::2]
+        assert not t.is_contiguous() or t.numel() <= 1
+    else:
+        raise ValueError(layout)
+    return t.requires_grad_(requires_grad)
+
+
+def tolerances(dtype):
+    return {torch.float32: dict(rtol=1e-4, atol=1e-4),
+            torch.float64: dict(rtol=1e-9, atol=1e-9)}[dtype]
+
+
+def assert_close(actual, expected, dtype=None, **kw):
+    dtype = dtype or expected.dtype
+    tol = tolerances(dtype)
+    tol.update(kw)
+    torch.testing.assert_close(actual, expected, **tol)
+
+
+def grads(outputs, inputs, grad_outputs):
+    """Gradients of `outputs` w.r.t. the tensors in `inputs` (None entries skipped)."""
+    present = [t for t in inputs if t is not None]
+    got = torch.autograd.grad(outputs, present, grad_outputs, allow_unused=False)
+    return list(got)
+
+
+def expected_memory_format(t):
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

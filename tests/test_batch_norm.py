@@ -1,0 +1,117 @@
+"""batch_norm and bn_relu against torch.nn.functional, with running statistics."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnops
+import cnnops.functional as CF
+from conftest import DTYPES, LAYOUTS, assert_close, expected_memory_format, grads, make_input
+
+
+def _stats(C, dtype):
+    return torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype) + 0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("relu,residual", [(False, False), (True, False), (True, True), (False, True)],
+                         ids=["bn", "bn-relu", "bn-add-relu", "bn-add"])
+def test_bn_relu_matches_torch(backend, relu, residual, training, affine, layout, dtype):
+    torch.manual_seed(0)
+    N, C, H, W = 3, 4, 5, 6
+    x = make_input((N, C, H, W), layout, dtype, requires_grad=True, scale=2.0)
+    w = (torch.rand(C, dtype=dtype) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(C, dtype=dtype, requires_grad=True) if affine else None
+    r = make_input((N, C, H, W), layout, dtype, requires_grad=True) if residual else None
+    rm, rv = _stats(C, dtype)
+    rm2, rv2 = rm.clone(), rv.clone()
+
+    expected = F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
+    if residual:
+        expected = expected + r
+    if relu:
+        expected = F.relu(expected)
+    if relu or residual:
+        actual = CF.bn_relu(x, rm2, rv2, w, b, training, 0.1, 1e-5, relu=relu, residual=r)
+    else:
+        actual = CF.batch_norm(x, rm2, rv2, w, b, training, 0.1, 1e-5)
+    assert_close(actual, expected)
+    if backend != "reference":
+        assert actual.is_contiguous(memory_format=expected_memory_format(x))
+    assert_close(rm2, rm)
+    assert_close(rv2, rv)
+
+    g = torch.randn_like(expected)
+    for a, e in zip(grads(actual, (x, w, b, r), g), grads(expected, (x, w, b, r), g)):
+        assert_close(a, e)
+
+
+def test_batch_norm_without_running_stats(backend):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    actual = CF.batch_norm(x, None, None, training=True)
+    expected = F.batch_norm(x, None, None, training=True)
+    assert_close(actual, expected)
+    g = torch.randn_like(x)
+    assert_close(grads(actual, (x,), g)[0], grads(expected, (x,), g)[0])
+
+
+def test_batch_norm_large_mean_is_stable(backend):
+    # E[x^2] - E[x]^2 in float32 would lose every digit of this variance.
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 8, 8) * 0.01 + 1000.0
+    rm, rv = torch.zeros(2), torch.ones(2)
+    CF.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    exact = x.double().transpose(0, 1).reshape(2, -1)
+    torch.testing.assert_close(rm.double(), exact.mean(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rv.double(), exact.var(1), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None], ids=["m0.1", "m0.5", "cumulative"])
+@pytest.mark.parametrize("track", [True, False], ids=["track", "notrack"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_batchnorm2d_module_steps(backend, momentum, track, affine):
+    """Three training steps then eval: outputs, gradients and every buffer as torch.nn."""
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm2d(5, momentum=momentum, track_running_stats=track, affine=affine)
+    mod = cnnops.nn.BatchNorm2d(5, momentum=momentum, track_running_stats=track, affine=affine)
+    mod.load_state_dict(ref.state_dict())
+    for step in range(3):
+        x = torch.randn(4, 5, 6, 7) * (step + 1) + step
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = mod(xa), ref(xb)
+        assert_close(ya, yb)
+        g = torch.randn_like(yb)
+        ya.backward(g)
+        yb.backward(g)
+        assert_close(xa.grad, xb.grad)
+        if affine:
+            assert_close(mod.weight.grad, ref.weight.grad)
+            assert_close(mod.bias.grad, ref.bias.grad)
+    for (ka, va), (kb, vb) in zip(mod.state_dict().items(), ref.state_dict().items()):
+        assert ka == kb
+        assert_close(va, vb) if va.is_floating_point() else torch.testing.assert_close(va, vb)
+    mod.eval()
+    ref.eval()
+    x = torch.randn(2, 5, 3, 3)
+    assert_close(mod(x), ref(x))
+
+
+def test_batch_norm_empty_batch(backend):
+    ref = torch.nn.BatchNorm2d(3)
+    mod = cnnops.nn.BatchNorm2d(3)
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    out = mod(x)
+    ref(torch.randn(0, 3, 4, 4))
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert torch.equal(mod.weight.grad, torch.zeros(3))
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(mod.state_dict()[key], value)
+
+
+def test_batch_norm_single_value_per_channel_raises(backend):
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        CF.batch_norm(torch.randn(1, 3, 1, 1), None, None, training=True)

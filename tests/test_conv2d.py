@@ -1,0 +1,95 @@
+"""conv2d on every backend against torch.nn.functional.conv2d, forward and backward."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnops.functional as CF
+from conftest import DTYPES, LAYOUTS, assert_close, expected_memory_format, grads, make_input
+
+# (in_channels, out_channels, kernel, stride, padding, dilation, groups, H, W)
+CONFIGS = [
+    (3, 4, 3, 1, 0, 1, 1, 7, 9),
+    (3, 4, 3, 1, 1, 1, 1, 7, 9),
+    (4, 6, 3, 2, 1, 1, 2, 9, 8),
+    (4, 4, 3, 1, 1, 1, 4, 6, 6),           # depthwise
+    (2, 3, (3, 1), (2, 1), (1, 0), 1, 1, 7, 5),
+    (2, 3, (1, 5), 1, (0, 2), 1, 1, 5, 9),
+    (3, 5, 3, 1, 2, 2, 1, 8, 8),           # dilated
+    (3, 2, 2, 2, 0, 1, 1, 8, 7),           # even kernel
+    (6, 4, 1, 1, 0, 1, 1, 5, 5),           # pointwise: no im2col
+    (6, 4, 1, 2, 0, 1, 2, 5, 5),           # strided 1x1
+    (3, 4, 7, 2, 3, 1, 1, 16, 16),         # ResNet stem
+    (2, 2, 3, 3, 1, (2, 1), 1, 10, 7),
+    (2, 3, 5, 1, 0, 1, 1, 5, 5),           # output 1x1
+    (2, 3, 3, 1, "same", 1, 1, 6, 7),
+    (2, 3, (2, 4), 1, "same", (1, 2), 1, 6, 7),  # asymmetric 'same'
+    (2, 3, 3, 1, "valid", 1, 1, 6, 7),
+]
+
+
+def _ids(c):
+    return "C%s-OC%s-k%s-s%s-p%s-d%s-g%s-%sx%s" % c
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+def test_conv2d_matches_torch(backend, config, bias, layout, dtype):
+    C, OC, k, stride, padding, dilation, groups, H, W = config
+    kh, kw = (k, k) if isinstance(k, int) else k
+    torch.manual_seed(0)
+    x = make_input((2, C, H, W), layout, dtype, requires_grad=True)
+    w = make_input((OC, C // groups, kh, kw), "contiguous", dtype, requires_grad=True)
+    b = torch.randn(OC, dtype=dtype, requires_grad=True) if bias else None
+
+    expected = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    actual = CF.conv2d(x, w, b, stride, padding, dilation, groups)
+    assert actual.shape == expected.shape
+    assert_close(actual, expected)
+    if backend != "reference" and padding != "same":  # 'same' may pad (copy) the input first
+        assert actual.is_contiguous(memory_format=expected_memory_format(x))
+
+    g = torch.randn_like(expected)
+    assert_close_all(grads(actual, (x, w, b), g), grads(expected, (x, w, b), g))
+
+
+def assert_close_all(actual, expected):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=["input-only", "weight-only"])
+def test_conv2d_partial_gradients(backend, needs):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, requires_grad=needs[0])
+    w = torch.randn(4, 3, 3, 3, requires_grad=needs[1])
+    out = CF.conv2d(x, w, None, 1, 1)
+    ref = F.conv2d(x, w, None, 1, 1)
+    wrt = [t for t in (x, w) if t.requires_grad]
+    g = torch.randn_like(ref)
+    assert_close_all(grads(out, wrt, g), grads(ref, wrt, g))
+
+
+def test_conv2d_empty_batch(backend):
+    x = torch.randn(0, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    out = CF.conv2d(x, w, b, padding=1)
+    assert out.shape == (0, 4, 8, 8)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w))
+    assert torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_conv2d_batch_larger_than_threads(backend):
+    # More images than threads: each thread takes a chunk with its own buffers.
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    out, ref = CF.conv2d(x, w, stride=2, padding=1), F.conv2d(x, w, stride=2, padding=1)
+    g = torch.randn_like(ref)
+    assert_close(out, ref)
+    assert_close_all(grads(out, (x, w), g), grads(ref, (x, w), g))
