@@ -345,6 +345,19 @@ def adaptive_avg_pool2d(input, output_size):
 # ---------------------------------------------------------------------------
 # elementwise
 
+def _result_type(a, b):
+    """torch.result_type for two tensors, in a form torch.compile traces without a break."""
+    if a.dtype == b.dtype:
+        return a.dtype
+    if (a.dim() == 0) != (b.dim() == 0):
+        # A zero-dim tensor decides the dtype only when it is of a higher category.
+        full, zero = (a, b) if b.dim() == 0 else (b, a)
+        if full.is_floating_point() or not zero.is_floating_point():
+            return full.dtype
+        return torch.get_default_dtype()
+    return torch.promote_types(a.dtype, b.dtype)
+
+
 def add_relu(input, other):
     """relu(input + other). Broadcasting and type promotion as torch.add.
 
@@ -355,7 +368,7 @@ def add_relu(input, other):
     if input.device != other.device:
         raise ValueError("expected input and other on the same device, got %s and %s"
                          % (input.device, other.device))
-    dtype = torch.result_type(input, other)
+    dtype = _result_type(input, other)
     if not dtype.is_floating_point:
         raise TypeError("add_relu expects floating-point tensors, got %s and %s"
                         % (input.dtype, other.dtype))

@@ -10,8 +10,8 @@ from torch import nn
 
 from . import functional as F
 
-__all__ = ["Conv2d", "BatchNorm2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "AddReLU",
-           "FusedConvBNReLU"]
+__all__ = ["Conv2d", "BatchNorm2d", "BNReLU", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
+           "AddReLU", "FusedConvBNReLU", "apply_conv_bn_relu", "apply_bn_relu"]
 
 
 def _conv_input_and_padding(conv, x):
@@ -54,6 +54,45 @@ class BatchNorm2d(nn.BatchNorm2d):
         self._check_input_dim(input)
         training, momentum, rm, rv = _bn_mode(self)
         return F.batch_norm(input, rm, rv, self.weight, self.bias, training, momentum, self.eps)
+
+
+class BNReLU(nn.BatchNorm2d):
+    """relu(BatchNorm2d(x) + residual) as one op; a BatchNorm2d with the same state_dict.
+
+    forward(x [N, C, H, W], residual [N, C, H, W] or None) -> [N, C, H, W]
+    """
+
+    def __init__(self, *args, relu=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.relu = relu
+
+    def forward(self, input, residual=None):
+        self._check_input_dim(input)
+        return apply_bn_relu(self, input, residual, self.relu)
+
+
+def apply_bn_relu(bn, x, residual=None, relu=True):
+    """relu(bn(x) + residual) for any nn.BatchNorm2d ``bn``, as one op.
+
+    Honours bn's mode and statistics settings exactly as bn(x) would (and
+    updates its running statistics in training).
+    """
+    training, momentum, rm, rv = _bn_mode(bn)
+    return F.bn_relu(x, rm, rv, bn.weight, bn.bias, training, momentum, bn.eps, relu, residual)
+
+
+def apply_conv_bn_relu(conv, bn, x, residual=None, relu=True):
+    """relu(bn(conv(x)) + residual) for any nn.Conv2d ``conv`` and nn.BatchNorm2d ``bn``, as one op.
+
+    Lets a model keep its own module names (and so its checkpoints) while
+    running the fused op: e.g. a ResNet block calls
+    ``apply_conv_bn_relu(self.conv2, self.bn2, out, residual=identity)``.
+    """
+    x, padding = _conv_input_and_padding(conv, x)
+    training, momentum, rm, rv = _bn_mode(bn)
+    return F.conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, conv.stride,
+                          padding, conv.dilation, conv.groups, training, momentum, bn.eps, relu,
+                          residual)
 
 
 class MaxPool2d(nn.MaxPool2d):
@@ -125,9 +164,4 @@ class FusedConvBNReLU(nn.Module):
         return "relu=%s" % self.relu
 
     def forward(self, x, residual=None):
-        conv, bn = self.conv, self.bn
-        x, padding = _conv_input_and_padding(conv, x)
-        training, momentum, rm, rv = _bn_mode(bn)
-        return F.conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, conv.stride,
-                              padding, conv.dilation, conv.groups, training, momentum, bn.eps,
-                              self.relu, residual)
+        return apply_conv_bn_relu(self.conv, self.bn, x, residual, self.relu)

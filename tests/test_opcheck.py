@@ -1,0 +1,92 @@
+"""torch.library.opcheck on every cnnops op (schema, fake kernel, autograd, AOT dispatch),
+and float64 gradcheck of every forward op on tiny shapes."""
+import pytest
+import torch
+
+import cnnops  # noqa: F401  (registers the ops)
+from cnnops import _ext
+
+pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="needs the compiled ops")
+
+
+def _t(*shape, grad=False, dtype=torch.float64, layout=None, positive=False):
+    t = torch.rand(shape, dtype=dtype) + 0.5 if positive else torch.randn(shape, dtype=dtype)
+    if layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_(grad)
+
+
+def _samples(grad):
+    """(op name, args) pairs covering every forward op, in both layouts and BN modes."""
+    out = []
+    for layout in (None, "channels_last"):
+        x = _t(2, 4, 6, 5, grad=grad, layout=layout)
+        w = _t(6, 2, 3, 3, grad=grad)
+        b = _t(6, grad=grad)
+        out.append(("conv2d", (x, w, b, [2, 1], [1, 1], [1, 2], 2)))
+        c = _t(4, grad=grad, positive=True)
+        rm, rv = _t(4), _t(4, positive=True)
+        for training in (True, False):
+            out.append(("batch_norm", (x, c, _t(4, grad=grad), rm, rv, training, 1e-5)))
+            out.append(("bn_relu", (x, c, _t(4, grad=grad), rm, rv, _t(2, 4, 6, 5, grad=grad,
+                                                                        layout=layout),
+                                    training, 1e-5, True)))
+            r = _t(2, 6, 3, 3, grad=grad, layout=layout)
+            out.append(("conv_bn_relu", (x, w, b, _t(6, grad=grad, positive=True), _t(6, grad=grad),
+                                         _t(6), _t(6, positive=True), r, [2, 1], [1, 1], [1, 2], 2,
+                                         training, 1e-5, True)))
+        out.append(("max_pool2d", (x, [3, 2], [2, 1], [1, 1], [1, 1], True)))
+        out.append(("avg_pool2d", (x, [3, 2], [2, 2], [1, 0], True, False, None)))
+        out.append(("avg_pool2d", (x, [2, 2], [1, 1], [0, 0], False, True, 3)))
+        out.append(("adaptive_avg_pool2d", (x, [4, 3])))
+        out.append(("add_relu", (x, _t(2, 4, 6, 5, grad=grad, layout=layout))))
+    return out
+
+
+def _backward_samples():
+    x, w, g = _t(2, 4, 6, 5), _t(6, 2, 3, 3), _t(2, 6, 6, 3)
+    mean, invstd = _t(4), _t(4, positive=True)
+    out = _t(2, 4, 6, 5).relu()
+    idx = torch.ops.cnnops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)[1]
+    cout, conv_out, cmean, cinvstd = torch.ops.cnnops.conv_bn_relu(
+        x, w, None, _t(6), _t(6), None, None, None, [1, 1], [1, 1], [1, 2], 2, True, 1e-5, True)
+    return [
+        ("conv2d_backward", (g, x, w, [1, 1], [1, 1], [1, 2], 2, [True, True, True])),
+        ("conv2d_backward", (g, x, w, [1, 1], [1, 1], [1, 2], 2, [False, True, False])),
+        ("batch_norm_backward", (_t(2, 4, 6, 5), x, _t(4), mean, invstd, True, [True, True, True])),
+        ("bn_relu_backward", (_t(2, 4, 6, 5), out, x, None, mean, invstd, False, True,
+                              [True, False, True, True])),
+        ("conv_bn_relu_backward", (_t(2, 6, 6, 3), cout, x, w, None, conv_out, _t(6), cmean,
+                                   cinvstd, [1, 1], [1, 1], [1, 2], 2, True, True, [True] * 6)),
+        ("max_pool2d_backward", (_t(2, 4, 3, 2), x, idx)),
+        ("avg_pool2d_backward", (_t(2, 4, 3, 2), x, [2, 2], [2, 2], [0, 0], False, True, None)),
+        ("adaptive_avg_pool2d_backward", (_t(2, 4, 4, 3), x)),
+        ("add_relu_backward", (_t(2, 4, 6, 5), out)),
+    ]
+
+
+def _id(sample):
+    return sample[0]
+
+
+@pytest.mark.parametrize("sample", _samples(grad=True) + _backward_samples(), ids=_id)
+def test_opcheck(sample):
+    name, args = sample
+    torch.library.opcheck(getattr(torch.ops.cnnops, name).default, args)
+
+
+@pytest.mark.parametrize("sample", _samples(grad=True), ids=_id)
+def test_gradcheck(sample):
+    """Analytical gradients of each compiled op against finite differences (float64)."""
+    name, args = sample
+    op = getattr(torch.ops.cnnops, name)
+
+    def first_output(*a):
+        result = op(*a)
+        return result[0] if isinstance(result, (tuple, list)) else result
+
+    if name == "max_pool2d":
+        # Finite differences need a unique max per window.
+        args = (torch.randperm(args[0].numel(), dtype=torch.float64).view_as(args[0])
+                .requires_grad_(),) + args[1:]
+    assert torch.autograd.gradcheck(first_output, args, eps=1e-6, atol=1e-5, nondet_tol=0.0)

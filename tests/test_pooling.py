@@ -1,0 +1,473 @@
+"""max_pool2d, avg_pool2d, adaptive_avg_pool2d and their modules on every backend, against torch.
+
+Forward values, max-pool indices (exact), gradients (torch.autograd.grad) and, on the compiled
+backends, the output layout. The geometry grids (kernel x stride x padding x dilation x
+ceil_mode x spatial size) rotate through the layouts and dtypes so that every combination of
+geometry is run once while each layout and dtype still meets every kind of geometry; a few
+representative configurations then run in every layout x dtype. Configurations that PyTorch
+rejects are tested too: cnnops must raise as well.
+"""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cnnops.functional as CF
+import cnnops.nn as cnn
+from conftest import DTYPES, LAYOUTS, assert_close, expected_memory_format, grads, make_input
+
+ERRORS = (ValueError, TypeError, RuntimeError)
+
+KERNELS = [(1, 1), (2, 2), (3, 2), (3, 3)]
+STRIDES = [None, 1, 2, (2, 1), 3]
+PADDINGS = [0, 1, (1, 0)]
+SIZES = [(7, 9), (5, 5), (1, 5)]
+N, C = 2, 2
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _out_len(size, k, s, p, d, ceil_mode):
+    """PyTorch's pooling_output_shape along one dimension."""
+    out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:  # a last window starting in the padding is dropped
+        out -= 1
+    return out
+
+
+def _out_hw(hw, kernel, stride, padding, dilation, ceil_mode):
+    stride = kernel if stride is None else _pair(stride)
+    return tuple(_out_len(n, k, s, p, d, ceil_mode) for n, k, s, p, d in
+                 zip(hw, kernel, stride, _pair(padding), _pair(dilation)))
+
+
+def _padding_fits(kernel, padding):
+    """PyTorch's rule: padding at most half the (undilated) kernel, per dimension."""
+    return all(p <= k // 2 for k, p in zip(kernel, _pair(padding)))
+
+
+def _has_window_without_input(hw, kernel, stride, padding, dilation, ceil_mode):
+    """Whether some max-pool window has no tap on the input (all its taps fall in the padding)."""
+    stride = kernel if stride is None else _pair(stride)
+    for n, k, s, p, d in zip(hw, kernel, stride, _pair(padding), _pair(dilation)):
+        for o in range(_out_len(n, k, s, p, d, ceil_mode)):
+            if not any(0 <= o * s - p + j * d < n for j in range(k)):
+                return True
+    return False
+
+
+def _fmt_arg(v):
+    return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def _rotate(configs):
+    """Gives the i-th configuration layout LAYOUTS[i % 3] and dtype DTYPES[(i // 3) % 2]."""
+    return [c + (LAYOUTS[i % len(LAYOUTS)], DTYPES[(i // len(LAYOUTS)) % len(DTYPES)])
+            for i, c in enumerate(configs)]
+
+
+def _ids(config):
+    return "-".join(_fmt_arg(v) if not isinstance(v, torch.dtype) else str(v).split(".")[-1]
+                    for v in config)
+
+
+def _assert_layout(backend, x, *outputs):
+    if backend != "reference":
+        fmt = expected_memory_format(x)
+        for t in outputs:
+            assert t.is_contiguous(memory_format=fmt), (t.shape, t.stride(), fmt)
+
+
+def _as_layout(t, layout, requires_grad=True):
+    """`t` (contiguous values) in the given layout, as conftest.make_input lays tensors out."""
+    if layout == "contiguous":
+        out = t.clone()
+    elif layout == "channels_last":
+        out = t.contiguous(memory_format=torch.channels_last)
+    else:
+        wide = torch.zeros(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype)
+        wide[..., ::2] = t
+        out = wide[..., ::2]
+        assert not out.is_contiguous()
+    assert torch.equal(out.detach(), t) or (t.isnan().any() and
+                                            torch.equal(out.isnan(), t.isnan()))
+    return out.requires_grad_(requires_grad)
+
+
+# ---------------------------------------------------------------------------
+# max_pool2d
+
+# (kernel, stride, padding, dilation, ceil_mode, (H, W)) over the whole grid, padding within
+# PyTorch's rule. Excluded on purpose: configurations with a window that holds no input element
+# at all (e.g. kernel 2, dilation 2, padding 1 on H=1, whose only window taps rows -1 and 1).
+# PyTorch reports an index outside the plane there (garbage) and cnnops reports -1, a known and
+# accepted divergence.
+_MAX_GRID = [c for c in itertools.product(KERNELS, STRIDES, PADDINGS, [1, 2], [False, True], SIZES)
+             if _padding_fits(c[0], c[2]) and not _has_window_without_input(c[5], *c[:5])]
+MAX_VALID = _rotate([c for c in _MAX_GRID if min(_out_hw(c[5], *c[:5])) >= 1])
+MAX_EMPTY_OUTPUT = [c for c in _MAX_GRID if min(_out_hw(c[5], *c[:5])) < 1]
+
+
+def _check_max_pool2d(backend, x, kernel, stride, padding, dilation, ceil_mode):
+    args = (kernel, stride, padding, dilation, ceil_mode)
+    expected, expected_idx = F.max_pool2d(x, *args, return_indices=True)
+    actual, idx = CF.max_pool2d(x, *args, return_indices=True)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    # A max is a selection: the values must be the very same, NaN included.
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+    assert idx.dtype == torch.int64
+    assert torch.equal(idx, expected_idx), (idx, expected_idx)
+
+    plain = CF.max_pool2d(x, *args)  # return_indices=False: the output alone
+    assert isinstance(plain, torch.Tensor)
+    torch.testing.assert_close(plain, expected, rtol=0, atol=0, equal_nan=True)
+
+    g = torch.randn_like(expected)
+    (grad_actual,), (grad_expected,) = grads(actual, (x,), g), grads(expected, (x,), g)
+    assert grad_actual.dtype == x.dtype
+    assert_close(grad_actual, grad_expected)
+    _assert_layout(backend, x, actual, idx, grad_actual)
+
+
+@pytest.mark.parametrize("config", MAX_VALID, ids=_ids)
+def test_max_pool2d_matches_torch(backend, config):
+    kernel, stride, padding, dilation, ceil_mode, (H, W), layout, dtype = config
+    torch.manual_seed(0)
+    x = make_input((N, C, H, W), layout, dtype, requires_grad=True)
+    _check_max_pool2d(backend, x, kernel, stride, padding, dilation, ceil_mode)
+
+
+# Representative configurations run in every layout x dtype.
+MAX_CORE = [
+    ((3, 3), 2, 1, 1, True, (7, 9)),       # ResNet stem pool, ceil mode
+    ((3, 2), (2, 1), (1, 0), 2, False, (7, 9)),
+    ((2, 2), None, 0, 1, True, (5, 5)),
+    ((3, 2), 1, (1, 0), 1, True, (1, 5)),
+    ((1, 1), 3, 0, 1, False, (1, 5)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", MAX_CORE, ids=_ids)
+def test_max_pool2d_layouts_and_dtypes(backend, config, layout, dtype):
+    kernel, stride, padding, dilation, ceil_mode, (H, W) = config
+    assert not _has_window_without_input((H, W), *config[:5])
+    assert min(_out_hw((H, W), *config[:5])) >= 1
+    torch.manual_seed(1)
+    x = make_input((N, 3, H, W), layout, dtype, requires_grad=True)
+    _check_max_pool2d(backend, x, kernel, stride, padding, dilation, ceil_mode)
+
+
+def _special_values(kind, shape, dtype):
+    g = torch.Generator().manual_seed(2)
+    ints = torch.randint(-2, 3, shape, generator=g).to(dtype)
+    mask = torch.rand(shape, generator=g) < 0.3
+    if kind == "integers":  # many ties: the first maximum in scan order wins
+        return ints
+    if kind == "constant":  # every window a tie
+        return torch.full(shape, 0.5, dtype=dtype)
+    if kind == "nan":  # the last NaN of a window wins
+        return torch.randn(shape, generator=g, dtype=dtype).masked_fill(mask, float("nan"))
+    if kind == "nan_ties":
+        return ints.masked_fill(mask, float("nan"))
+    if kind == "inf_ties":
+        return ints.masked_fill(mask, float("inf"))
+    if kind == "neg_inf":  # windows of -inf pick their first real element, never the padding
+        return ints.masked_fill(~mask, float("-inf"))
+    if kind == "all_neg_inf":
+        return torch.full(shape, float("-inf"), dtype=dtype)
+    raise ValueError(kind)
+
+
+SPECIAL_KINDS = ["integers", "constant", "nan", "nan_ties", "inf_ties", "neg_inf", "all_neg_inf"]
+# Overlapping windows (stride < kernel), so that one element can win several windows.
+SPECIAL_CONFIGS = [
+    ((3, 3), 1, 1, 1, False, (5, 5)),
+    ((3, 2), (2, 1), (1, 0), 2, True, (7, 9)),
+    ((2, 2), 1, 1, 1, True, (1, 5)),
+    ((3, 3), 2, 1, 2, True, (5, 5)),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", SPECIAL_CONFIGS, ids=_ids)
+@pytest.mark.parametrize("kind", SPECIAL_KINDS)
+def test_max_pool2d_ties_nan_and_inf(backend, kind, config, layout):
+    kernel, stride, padding, dilation, ceil_mode, (H, W) = config
+    assert not _has_window_without_input((H, W), *config[:5])
+    dtype = torch.float64 if layout == "strided" else torch.float32
+    x = _as_layout(_special_values(kind, (N, C, H, W), dtype), layout)
+    _check_max_pool2d(backend, x, kernel, stride, padding, dilation, ceil_mode)
+
+
+@pytest.mark.parametrize("config", MAX_EMPTY_OUTPUT, ids=_ids)
+def test_max_pool2d_rejects_empty_output(backend, config):
+    kernel, stride, padding, dilation, ceil_mode, (H, W) = config
+    x = torch.randn(N, C, H, W)
+    with pytest.raises(RuntimeError):
+        F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+    with pytest.raises(ERRORS):
+        CF.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_max_pool2d_empty_batch(backend, layout):
+    x = make_input((0, 3, 7, 9), layout, requires_grad=True)
+    expected, expected_idx = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    actual, idx = CF.max_pool2d(x, 3, 2, 1, return_indices=True)
+    assert actual.shape == expected.shape == (0, 3, 4, 5)
+    assert idx.shape == expected_idx.shape and idx.dtype == torch.int64
+    (gx,) = grads(actual, (x,), torch.zeros_like(expected))
+    assert gx.shape == x.shape and gx.dtype == x.dtype
+
+
+# ---------------------------------------------------------------------------
+# avg_pool2d
+
+# (kernel, stride, padding, ceil_mode, count_include_pad, divisor_override, (H, W))
+_AVG_GRID = [c for c in itertools.product(KERNELS, STRIDES, PADDINGS, [False, True], [True, False],
+                                          [None, 3], SIZES)
+             if _padding_fits(c[0], c[2])]
+
+
+def _avg_out_hw(c):
+    kernel, stride, padding, ceil_mode, _, _, hw = c
+    return _out_hw(hw, kernel, stride, padding, 1, ceil_mode)
+
+
+AVG_VALID = _rotate([c for c in _AVG_GRID if min(_avg_out_hw(c)) >= 1])
+AVG_EMPTY_OUTPUT = [c for c in _AVG_GRID if min(_avg_out_hw(c)) < 1]
+
+
+def _check_avg_pool2d(backend, x, *args):
+    expected = F.avg_pool2d(x, *args)
+    actual = CF.avg_pool2d(x, *args)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert_close(actual, expected)
+    g = torch.randn_like(expected)
+    (grad_actual,), (grad_expected,) = grads(actual, (x,), g), grads(expected, (x,), g)
+    assert_close(grad_actual, grad_expected)
+    _assert_layout(backend, x, actual, grad_actual)
+
+
+@pytest.mark.parametrize("config", AVG_VALID, ids=_ids)
+def test_avg_pool2d_matches_torch(backend, config):
+    kernel, stride, padding, ceil_mode, count_include_pad, divisor, (H, W), layout, dtype = config
+    torch.manual_seed(0)
+    x = make_input((N, C, H, W), layout, dtype, requires_grad=True)
+    _check_avg_pool2d(backend, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+
+
+AVG_CORE = [
+    ((3, 3), 2, 1, True, True, None, (7, 9)),     # ceil-mode window overhanging the padding
+    ((3, 3), 2, 1, True, False, None, (7, 9)),
+    ((3, 2), (2, 1), (1, 0), False, True, 3, (5, 5)),
+    ((2, 2), None, 0, False, True, None, (7, 9)),  # DenseNet transition
+    ((3, 3), 1, 1, False, False, None, (1, 5)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", AVG_CORE, ids=_ids)
+def test_avg_pool2d_layouts_and_dtypes(backend, config, layout, dtype):
+    kernel, stride, padding, ceil_mode, count_include_pad, divisor, (H, W) = config
+    torch.manual_seed(1)
+    x = make_input((N, 3, H, W), layout, dtype, requires_grad=True)
+    _check_avg_pool2d(backend, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+
+
+@pytest.mark.parametrize("config", AVG_EMPTY_OUTPUT, ids=_ids)
+def test_avg_pool2d_rejects_empty_output(backend, config):
+    kernel, stride, padding, ceil_mode, count_include_pad, divisor, (H, W) = config
+    x = torch.randn(N, C, H, W)
+    args = (kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+    with pytest.raises(RuntimeError):
+        F.avg_pool2d(x, *args)
+    with pytest.raises(ERRORS):
+        CF.avg_pool2d(x, *args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_avg_pool2d_empty_batch(backend, layout):
+    x = make_input((0, 3, 7, 9), layout, requires_grad=True)
+    expected = F.avg_pool2d(x, 3, 2, 1, True, False)
+    actual = CF.avg_pool2d(x, 3, 2, 1, True, False)
+    assert actual.shape == expected.shape == (0, 3, 4, 5)
+    (gx,) = grads(actual, (x,), torch.zeros_like(expected))
+    assert gx.shape == x.shape and gx.dtype == x.dtype
+
+
+# ---------------------------------------------------------------------------
+# adaptive_avg_pool2d
+
+# (output_size, (H, W)): bins that divide evenly, overlap, are single elements, repeat (output
+# larger than the input); None entries keep that input size.
+ADAPTIVE_CONFIGS = [
+    ((1, 1), (7, 9)),
+    ((3, 5), (7, 9)),
+    ((7, 7), (7, 9)),
+    ((10, 10), (7, 9)),
+    ((None, 4), (7, 9)),
+    ((3, None), (7, 9)),
+    ((None, None), (7, 9)),
+    (4, (7, 9)),
+    ((2, 3), (5, 5)),
+    ((1, 1), (1, 5)),
+    ((2, 7), (1, 5)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", ADAPTIVE_CONFIGS, ids=_ids)
+def test_adaptive_avg_pool2d_matches_torch(backend, config, layout, dtype):
+    output_size, (H, W) = config
+    torch.manual_seed(0)
+    x = make_input((N, C, H, W), layout, dtype, requires_grad=True)
+    expected = F.adaptive_avg_pool2d(x, output_size)
+    actual = CF.adaptive_avg_pool2d(x, output_size)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert_close(actual, expected)
+    g = torch.randn_like(expected)
+    (grad_actual,), (grad_expected,) = grads(actual, (x,), g), grads(expected, (x,), g)
+    assert_close(grad_actual, grad_expected)
+    _assert_layout(backend, x, actual, grad_actual)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 7, 9), (2, 0, 7, 9)], ids=["N=0", "C=0"])
+def test_adaptive_avg_pool2d_empty(backend, shape):
+    x = torch.randn(shape, requires_grad=True)
+    expected = F.adaptive_avg_pool2d(x, (3, 5))
+    actual = CF.adaptive_avg_pool2d(x, (3, 5))
+    assert actual.shape == expected.shape
+    (gx,) = grads(actual, (x,), torch.zeros_like(expected))
+    assert gx.shape == x.shape
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="bug: cnnops.functional.adaptive_avg_pool2d rejects output_size entries "
+                          "of 0 (_pair(..., min_value=1)); PyTorch returns an empty output")
+def test_adaptive_avg_pool2d_zero_output_size(backend):
+    x = torch.randn(2, 3, 7, 9, requires_grad=True)
+    expected = F.adaptive_avg_pool2d(x, (0, 3))
+    actual = CF.adaptive_avg_pool2d(x, (0, 3))
+    assert actual.shape == expected.shape == (2, 3, 0, 3)
+
+
+# ---------------------------------------------------------------------------
+# Arguments PyTorch rejects: cnnops raises too.
+
+# (name, call(functional module), known cnnops bug on the backends listed or None)
+_C_ZERO_BUG = ("bug: with C=0 the reference backend returns an empty output; PyTorch and the "
+               "cpu backend raise (cnnops.functional._pool_args does not check C)")
+INVALID = [
+    ("max-kernel0", lambda f: f.max_pool2d(torch.randn(1, 1, 5, 5), 0), None),
+    ("max-kernel-triple", lambda f: f.max_pool2d(torch.randn(1, 1, 5, 5), (2, 2, 2)), None),
+    ("max-stride0", lambda f: f.max_pool2d(torch.randn(1, 1, 5, 5), 2, 0), None),
+    ("max-padding-negative", lambda f: f.max_pool2d(torch.randn(1, 1, 5, 5), 2, 1, -1), None),
+    ("max-padding-over-half", lambda f: f.max_pool2d(torch.randn(1, 1, 5, 5), 2, 1, 2), None),
+    ("max-padding-over-half-w", lambda f: f.max_pool2d(torch.randn(1, 1, 5, 5), (3, 2), 1, (1, 2)),
+     None),
+    ("max-padding-1-kernel-1", lambda f: f.max_pool2d(torch.randn(1, 1, 5, 5), 1, 1, 1), None),
+    # dilation does not widen the allowed padding
+    ("max-padding-over-half-dilated", lambda f: f.max_pool2d(torch.randn(1, 1, 9, 9), 2, 1, 2, 3),
+     None),
+    ("max-dilation0", lambda f: f.max_pool2d(torch.randn(1, 1, 5, 5), 2, 1, 0, 0), None),
+    ("max-kernel-larger-than-input", lambda f: f.max_pool2d(torch.randn(1, 1, 3, 3), 4), None),
+    ("max-H0", lambda f: f.max_pool2d(torch.randn(1, 1, 0, 5), 1), None),
+    ("max-C0", lambda f: f.max_pool2d(torch.randn(2, 0, 5, 5), 2), ("reference", _C_ZERO_BUG)),
+    ("max-5d", lambda f: f.max_pool2d(torch.randn(1, 1, 1, 5, 5), 2), None),
+    ("avg-kernel0", lambda f: f.avg_pool2d(torch.randn(1, 1, 5, 5), 0), None),
+    ("avg-stride0", lambda f: f.avg_pool2d(torch.randn(1, 1, 5, 5), 2, 0), None),
+    ("avg-padding-over-half", lambda f: f.avg_pool2d(torch.randn(1, 1, 5, 5), 3, 1, 2), None),
+    ("avg-divisor0", lambda f: f.avg_pool2d(torch.randn(1, 1, 5, 5), 2, divisor_override=0), None),
+    ("avg-H0", lambda f: f.avg_pool2d(torch.randn(1, 1, 0, 5), 1), None),
+    ("avg-C0", lambda f: f.avg_pool2d(torch.randn(2, 0, 5, 5), 2), ("reference", _C_ZERO_BUG)),
+    ("adaptive-negative", lambda f: f.adaptive_avg_pool2d(torch.randn(1, 1, 5, 5), (-1, 2)), None),
+    ("adaptive-triple", lambda f: f.adaptive_avg_pool2d(torch.randn(1, 1, 5, 5), (1, 2, 3)), None),
+    ("adaptive-H0", lambda f: f.adaptive_avg_pool2d(torch.randn(1, 1, 0, 5), 2), None),
+    ("adaptive-5d", lambda f: f.adaptive_avg_pool2d(torch.randn(1, 1, 1, 5, 5), 2), None),
+]
+
+
+@pytest.mark.parametrize("call,bug", [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_rejects_what_torch_rejects(backend, request, call, bug):
+    with pytest.raises(ERRORS):
+        call(F)
+    if bug is not None and backend == bug[0]:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=bug[1]))
+    with pytest.raises(ERRORS):
+        call(CF)
+
+
+# ---------------------------------------------------------------------------
+# Modules: cnnops.nn.X(args) behaves as torch.nn.X(args).
+
+MODULE_CASES = [
+    ("MaxPool2d", dict(kernel_size=3, stride=2, padding=1)),
+    ("MaxPool2d", dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=2,
+                       ceil_mode=True)),
+    ("MaxPool2d", dict(kernel_size=2, return_indices=True)),
+    ("MaxPool2d", dict(kernel_size=3, stride=1, padding=1, dilation=(2, 1), return_indices=True,
+                       ceil_mode=True)),
+    ("AvgPool2d", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True,
+                       count_include_pad=False)),
+    ("AvgPool2d", dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), divisor_override=3)),
+    ("AvgPool2d", dict(kernel_size=2)),
+    ("AdaptiveAvgPool2d", dict(output_size=(3, 5))),
+    ("AdaptiveAvgPool2d", dict(output_size=(None, 4))),
+    ("AdaptiveAvgPool2d", dict(output_size=1)),
+    ("AdaptiveAvgPool2d", dict(output_size=(10, 10))),
+]
+
+
+def _module_id(case):
+    return case[0] + "-" + "-".join("%s=%s" % (k, _fmt_arg(v)) for k, v in case[1].items())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", MODULE_CASES, ids=_module_id)
+def test_module_matches_torch_nn(backend, case, layout):
+    name, kwargs = case
+    ours, theirs = getattr(cnn, name)(**kwargs), getattr(nn, name)(**kwargs)
+    assert isinstance(ours, getattr(nn, name))
+    assert repr(ours) == repr(theirs)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+
+    torch.manual_seed(0)
+    x = make_input((N, C, 7, 9), layout, torch.float64, requires_grad=True)
+    for mode in (ours.train, ours.eval):
+        mode()
+        actual, expected = ours(x), theirs(x)
+        if kwargs.get("return_indices"):
+            assert isinstance(actual, tuple) and len(actual) == 2
+            assert torch.equal(actual[1], expected[1])
+            actual, expected = actual[0], expected[0]
+        assert isinstance(actual, torch.Tensor)
+        assert actual.shape == expected.shape
+        assert_close(actual, expected)
+        g = torch.randn_like(expected)
+        (grad_actual,), (grad_expected,) = grads(actual, (x,), g), grads(expected, (x,), g)
+        assert_close(grad_actual, grad_expected)
+        _assert_layout(backend, x, actual, grad_actual)
+
+
+@pytest.mark.parametrize("name,kwargs", [("MaxPool2d", dict(kernel_size=2)),
+                                         ("AvgPool2d", dict(kernel_size=2)),
+                                         ("AdaptiveAvgPool2d", dict(output_size=2))])
+def test_module_runs_on_cnnops(name, kwargs):
+    # The cpu backend refuses float16; torch.nn's forward would accept it. So an error here shows
+    # that the module's forward goes through cnnops and honours the backend setting.
+    import cnnops
+    from cnnops import _ext
+    assert _ext.LOADED
+    with cnnops.use_backend("cpu"), pytest.raises(RuntimeError, match="float16"):
+        getattr(cnn, name)(**kwargs)(torch.randn(1, 1, 4, 4, dtype=torch.float16))
