@@ -324,3 +324,19 @@ def adaptive_avg_pool2d(input, output_size):
 
 def add_relu(input, other):
     return torch.ops.cnnops.add_relu(input, other)
+
+
+# ---------------------------------------------------------------------------
+# FLOP formulas, so torch.utils.flop_counter.FlopCounterMode counts the fused
+# convolutions as it counts aten's (2 * multiply-adds; BN/ReLU not counted).
+
+if _ext.LOADED:
+    from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+
+    @register_flop_formula(torch.ops.cnnops.conv2d)
+    def _conv2d_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
+        return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+    @register_flop_formula(torch.ops.cnnops.conv_bn_relu)
+    def _conv_bn_relu_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
+        return conv_flop_count(x_shape, w_shape, out_shape[0], transposed=False)

@@ -7,6 +7,7 @@ geometry is run once while each layout and dtype still meets every kind of geome
 representative configurations then run in every layout x dtype. Configurations that PyTorch
 rejects are tested too: cnnops must raise as well.
 """
+import contextlib
 import itertools
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cnnops
 import cnnops.functional as CF
 import cnnops.nn as cnn
 from conftest import DTYPES, LAYOUTS, assert_close, expected_memory_format, grads, make_input
@@ -25,6 +27,20 @@ STRIDES = [None, 1, 2, (2, 1), 3]
 PADDINGS = [0, 1, (1, 0)]
 SIZES = [(7, 9), (5, 5), (1, 5)]
 N, C = 2, 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Runs this module's tiny cases on one thread.
+
+    aten's pooling kernels parallelise even a few dozen elements; on a busy 2-core machine the
+    thread hand-offs cost ten times the work. cnnops' kernels do not split problems this small,
+    so nothing is lost; test_pooling_many_planes_on_all_threads covers the parallel split.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield threads
+    torch.set_num_threads(threads)
 
 
 def _pair(v):
@@ -64,10 +80,22 @@ def _fmt_arg(v):
     return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
-def _rotate(configs):
-    """Gives the i-th configuration layout LAYOUTS[i % 3] and dtype DTYPES[(i // 3) % 2]."""
-    return [c + (LAYOUTS[i % len(LAYOUTS)], DTYPES[(i // len(LAYOUTS)) % len(DTYPES)])
-            for i, c in enumerate(configs)]
+def _layout_dtype(i, j):
+    """Layout and dtype for spatial size j of grid item i.
+
+    Chosen so that every (layout, dtype) pair meets every value of every grid parameter
+    (test_grids_meet_every_layout_and_dtype checks it).
+    """
+    return LAYOUTS[(i + j) % len(LAYOUTS)], DTYPES[(i // 2 + j) % len(DTYPES)]
+
+
+@contextlib.contextmanager
+def _case(**what):
+    """Names the sub-case of a grid item in its assertion message."""
+    try:
+        yield
+    except AssertionError as e:
+        raise AssertionError("%s: %s" % (", ".join("%s=%s" % kv for kv in what.items()), e)) from e
 
 
 def _ids(config):
@@ -101,18 +129,13 @@ def _as_layout(t, layout, requires_grad=True):
 # ---------------------------------------------------------------------------
 # max_pool2d
 
-# (kernel, stride, padding, dilation, ceil_mode, (H, W)) over the whole grid, padding within
-# PyTorch's rule. Excluded on purpose: configurations with a window that holds no input element
-# at all (e.g. kernel 2, dilation 2, padding 1 on H=1, whose only window taps rows -1 and 1).
-# PyTorch reports an index outside the plane there (garbage) and cnnops reports -1, a known and
-# accepted divergence.
-_MAX_GRID = [c for c in itertools.product(KERNELS, STRIDES, PADDINGS, [1, 2], [False, True], SIZES)
-             if _padding_fits(c[0], c[2]) and not _has_window_without_input(c[5], *c[:5])]
-MAX_VALID = _rotate([c for c in _MAX_GRID if min(_out_hw(c[5], *c[:5])) >= 1])
-MAX_EMPTY_OUTPUT = [c for c in _MAX_GRID if min(_out_hw(c[5], *c[:5])) < 1]
+# (kernel, stride, padding, dilation, ceil_mode): the whole grid, with padding within PyTorch's
+# rule; each item runs on every size in SIZES.
+MAX_GRID = [c for c in itertools.product(KERNELS, STRIDES, PADDINGS, [1, 2], [False, True])
+            if _padding_fits(c[0], c[2])]
 
 
-def _check_max_pool2d(backend, x, kernel, stride, padding, dilation, ceil_mode):
+def _check_max_pool2d(backend, x, kernel, stride, padding, dilation, ceil_mode, plain=True):
     args = (kernel, stride, padding, dilation, ceil_mode)
     expected, expected_idx = F.max_pool2d(x, *args, return_indices=True)
     actual, idx = CF.max_pool2d(x, *args, return_indices=True)
@@ -122,9 +145,10 @@ def _check_max_pool2d(backend, x, kernel, stride, padding, dilation, ceil_mode):
     assert idx.dtype == torch.int64
     assert torch.equal(idx, expected_idx), (idx, expected_idx)
 
-    plain = CF.max_pool2d(x, *args)  # return_indices=False: the output alone
-    assert isinstance(plain, torch.Tensor)
-    torch.testing.assert_close(plain, expected, rtol=0, atol=0, equal_nan=True)
+    if plain:  # return_indices=False: the output alone
+        out = CF.max_pool2d(x, *args)
+        assert isinstance(out, torch.Tensor)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
 
     g = torch.randn_like(expected)
     (grad_actual,), (grad_expected,) = grads(actual, (x,), g), grads(expected, (x,), g)
@@ -133,12 +157,27 @@ def _check_max_pool2d(backend, x, kernel, stride, padding, dilation, ceil_mode):
     _assert_layout(backend, x, actual, idx, grad_actual)
 
 
-@pytest.mark.parametrize("config", MAX_VALID, ids=_ids)
+@pytest.mark.parametrize("config", MAX_GRID, ids=_ids)
 def test_max_pool2d_matches_torch(backend, config):
-    kernel, stride, padding, dilation, ceil_mode, (H, W), layout, dtype = config
-    torch.manual_seed(0)
-    x = make_input((N, C, H, W), layout, dtype, requires_grad=True)
-    _check_max_pool2d(backend, x, kernel, stride, padding, dilation, ceil_mode)
+    i = MAX_GRID.index(config)
+    for j, (H, W) in enumerate(SIZES):
+        if _has_window_without_input((H, W), *config):
+            # Excluded on purpose: a window that holds no input element at all (e.g. kernel 2,
+            # dilation 2, padding 1 on H=1: the only window taps rows -1 and 1). PyTorch reports
+            # an index outside the plane there (garbage) and cnnops reports -1, a known and
+            # accepted divergence.
+            continue
+        layout, dtype = _layout_dtype(i, j)
+        torch.manual_seed(i)
+        x = make_input((N, C, H, W), layout, dtype, requires_grad=True)
+        with _case(size=(H, W), layout=layout, dtype=dtype):
+            if min(_out_hw((H, W), *config)) < 1:  # outside PyTorch's domain: both raise
+                with pytest.raises(RuntimeError):
+                    F.max_pool2d(x, *config)
+                with pytest.raises(ERRORS):
+                    CF.max_pool2d(x, *config)
+            else:  # (return_indices=False is covered by the smaller grids below)
+                _check_max_pool2d(backend, x, *config, plain=False)
 
 
 # Representative configurations run in every layout x dtype.
@@ -205,16 +244,6 @@ def test_max_pool2d_ties_nan_and_inf(backend, kind, config, layout):
     _check_max_pool2d(backend, x, kernel, stride, padding, dilation, ceil_mode)
 
 
-@pytest.mark.parametrize("config", MAX_EMPTY_OUTPUT, ids=_ids)
-def test_max_pool2d_rejects_empty_output(backend, config):
-    kernel, stride, padding, dilation, ceil_mode, (H, W) = config
-    x = torch.randn(N, C, H, W)
-    with pytest.raises(RuntimeError):
-        F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
-    with pytest.raises(ERRORS):
-        CF.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_max_pool2d_empty_batch(backend, layout):
     x = make_input((0, 3, 7, 9), layout, requires_grad=True)
@@ -229,19 +258,11 @@ def test_max_pool2d_empty_batch(backend, layout):
 # ---------------------------------------------------------------------------
 # avg_pool2d
 
-# (kernel, stride, padding, ceil_mode, count_include_pad, divisor_override, (H, W))
-_AVG_GRID = [c for c in itertools.product(KERNELS, STRIDES, PADDINGS, [False, True], [True, False],
-                                          [None, 3], SIZES)
-             if _padding_fits(c[0], c[2])]
-
-
-def _avg_out_hw(c):
-    kernel, stride, padding, ceil_mode, _, _, hw = c
-    return _out_hw(hw, kernel, stride, padding, 1, ceil_mode)
-
-
-AVG_VALID = _rotate([c for c in _AVG_GRID if min(_avg_out_hw(c)) >= 1])
-AVG_EMPTY_OUTPUT = [c for c in _AVG_GRID if min(_avg_out_hw(c)) < 1]
+# (kernel, stride, padding, ceil_mode, count_include_pad): the whole grid, with padding within
+# PyTorch's rule; each item runs on every divisor_override in AVG_DIVISORS and size in SIZES.
+AVG_GRID = [c for c in itertools.product(KERNELS, STRIDES, PADDINGS, [False, True], [True, False])
+            if _padding_fits(c[0], c[2])]
+AVG_DIVISORS = [None, 3]
 
 
 def _check_avg_pool2d(backend, x, *args):
@@ -255,12 +276,23 @@ def _check_avg_pool2d(backend, x, *args):
     _assert_layout(backend, x, actual, grad_actual)
 
 
-@pytest.mark.parametrize("config", AVG_VALID, ids=_ids)
+@pytest.mark.parametrize("config", AVG_GRID, ids=_ids)
 def test_avg_pool2d_matches_torch(backend, config):
-    kernel, stride, padding, ceil_mode, count_include_pad, divisor, (H, W), layout, dtype = config
-    torch.manual_seed(0)
-    x = make_input((N, C, H, W), layout, dtype, requires_grad=True)
-    _check_avg_pool2d(backend, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+    kernel, stride, padding, ceil_mode, count_include_pad = config
+    i = AVG_GRID.index(config)
+    for j, ((H, W), divisor) in enumerate(itertools.product(SIZES, AVG_DIVISORS)):
+        layout, dtype = _layout_dtype(i, j)
+        torch.manual_seed(i)
+        x = make_input((N, C, H, W), layout, dtype, requires_grad=True)
+        args = config + (divisor,)
+        with _case(size=(H, W), divisor_override=divisor, layout=layout, dtype=dtype):
+            if min(_out_hw((H, W), kernel, stride, padding, 1, ceil_mode)) < 1:
+                with pytest.raises(RuntimeError):  # outside PyTorch's domain: both raise
+                    F.avg_pool2d(x, *args)
+                with pytest.raises(ERRORS):
+                    CF.avg_pool2d(x, *args)
+            else:
+                _check_avg_pool2d(backend, x, *args)
 
 
 AVG_CORE = [
@@ -280,17 +312,6 @@ def test_avg_pool2d_layouts_and_dtypes(backend, config, layout, dtype):
     torch.manual_seed(1)
     x = make_input((N, 3, H, W), layout, dtype, requires_grad=True)
     _check_avg_pool2d(backend, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
-
-
-@pytest.mark.parametrize("config", AVG_EMPTY_OUTPUT, ids=_ids)
-def test_avg_pool2d_rejects_empty_output(backend, config):
-    kernel, stride, padding, ceil_mode, count_include_pad, divisor, (H, W) = config
-    x = torch.randn(N, C, H, W)
-    args = (kernel, stride, padding, ceil_mode, count_include_pad, divisor)
-    with pytest.raises(RuntimeError):
-        F.avg_pool2d(x, *args)
-    with pytest.raises(ERRORS):
-        CF.avg_pool2d(x, *args)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -364,6 +385,9 @@ def test_adaptive_avg_pool2d_zero_output_size(backend):
 # Arguments PyTorch rejects: cnnops raises too.
 
 # (name, call(functional module), known cnnops bug on the backends listed or None)
+_H_ZERO_BUG = ("bug: with H=0 the reference backend returns an output (of NaN) for "
+               "adaptive_avg_pool2d; PyTorch and the cpu backend raise (cnnops.functional."
+               "adaptive_avg_pool2d does not check H and W)")
 _C_ZERO_BUG = ("bug: with C=0 the reference backend returns an empty output; PyTorch and the "
                "cpu backend raise (cnnops.functional._pool_args does not check C)")
 INVALID = [
@@ -391,7 +415,8 @@ INVALID = [
     ("avg-C0", lambda f: f.avg_pool2d(torch.randn(2, 0, 5, 5), 2), ("reference", _C_ZERO_BUG)),
     ("adaptive-negative", lambda f: f.adaptive_avg_pool2d(torch.randn(1, 1, 5, 5), (-1, 2)), None),
     ("adaptive-triple", lambda f: f.adaptive_avg_pool2d(torch.randn(1, 1, 5, 5), (1, 2, 3)), None),
-    ("adaptive-H0", lambda f: f.adaptive_avg_pool2d(torch.randn(1, 1, 0, 5), 2), None),
+    ("adaptive-H0", lambda f: f.adaptive_avg_pool2d(torch.randn(1, 1, 0, 5), 2),
+     ("reference", _H_ZERO_BUG)),
     ("adaptive-5d", lambda f: f.adaptive_avg_pool2d(torch.randn(1, 1, 1, 5, 5), 2), None),
 ]
 
@@ -466,8 +491,45 @@ def test_module_matches_torch_nn(backend, case, layout):
 def test_module_runs_on_cnnops(name, kwargs):
     # The cpu backend refuses float16; torch.nn's forward would accept it. So an error here shows
     # that the module's forward goes through cnnops and honours the backend setting.
-    import cnnops
     from cnnops import _ext
     assert _ext.LOADED
     with cnnops.use_backend("cpu"), pytest.raises(RuntimeError, match="float16"):
         getattr(cnn, name)(**kwargs)(torch.randn(1, 1, 4, 4, dtype=torch.float16))
+
+
+# ---------------------------------------------------------------------------
+
+def test_pooling_many_planes_on_all_threads(one_thread):
+    # Enough planes (N*C) for the cpu kernels to split the work between threads.
+    torch.set_num_threads(one_thread)
+    try:
+        torch.manual_seed(0)
+        x = make_input((4, 64, 7, 9), "channels_last", torch.float64, requires_grad=True)
+        for backend in ("reference", "cpu"):
+            with cnnops.use_backend(backend), _case(backend=backend):
+                _check_max_pool2d(backend, x, (3, 3), 1, 1, 1, False)
+                _check_avg_pool2d(backend, x, (3, 3), 1, 1, True, False, None)
+                expected = F.adaptive_avg_pool2d(x, (3, 5))
+                actual = CF.adaptive_avg_pool2d(x, (3, 5))
+                assert_close(actual, expected)
+                g = torch.randn_like(expected)
+                assert_close(grads(actual, (x,), g)[0], grads(expected, (x,), g)[0])
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_grids_meet_every_layout_and_dtype():
+    # The grid tests give each sub-case one layout and dtype; every (layout, dtype) pair must
+    # still meet every value of every parameter among the sub-cases that are compared with torch.
+    pairs = set(itertools.product(LAYOUTS, DTYPES))
+    for name, grid, inner in (("max", MAX_GRID, [(hw, None) for hw in SIZES]),
+                              ("avg", AVG_GRID, list(itertools.product(SIZES, AVG_DIVISORS)))):
+        met = {}
+        for i, config in enumerate(grid):
+            geometry = config if name == "max" else config[:3] + (1, config[3])
+            for j, (hw, divisor) in enumerate(inner):
+                if _has_window_without_input(hw, *geometry) or min(_out_hw(hw, *geometry)) < 1:
+                    continue
+                for k, value in enumerate(config + (hw, divisor)):
+                    met.setdefault((k, str(value)), set()).add(_layout_dtype(i, j))
+        assert all(v == pairs for v in met.values()), (name, [k for k, v in met.items() if v != pairs])

@@ -13,19 +13,6 @@
 #include "cnnops/common.h"
 
 namespace cnnops {
-namespace {
-
-// Checks the optional per-channel tensors of a BN call and makes them contiguous.
-at::Tensor channel_param(const c10::optional<at::Tensor>& t, const at::Tensor& input,
-                         int64_t channels, const char* name) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  check_same(*t, input, name, "input");
-  check_channel_vector(*t, channels, name);
-  return t->contiguous();
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
     const c10::optional<at::Tensor>& bias_opt,
@@ -36,10 +23,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_cpu(
   check_4d(input, "input");
   check_cpu_float(input, "input");
   const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
-  const at::Tensor weight = channel_param(weight_opt, input, C, "weight");
-  const at::Tensor bias = channel_param(bias_opt, input, C, "bias");
-  const at::Tensor rmean = channel_param(running_mean_opt, input, C, "running_mean");
-  const at::Tensor rvar = channel_param(running_var_opt, input, C, "running_var");
+  const at::Tensor weight = optional_channel(weight_opt, input, C, "weight");
+  const at::Tensor bias = optional_channel(bias_opt, input, C, "bias");
+  const at::Tensor rmean = optional_channel(running_mean_opt, input, C, "running_mean");
+  const at::Tensor rvar = optional_channel(running_var_opt, input, C, "running_var");
   TORCH_CHECK_VALUE(training || (rmean.defined() && rvar.defined()),
                     "batch_norm in inference mode (training=False) needs running_mean "
                     "and running_var");
@@ -117,9 +104,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
                       input.sizes(), ", got ", output_opt->sizes());
     out = output_opt->contiguous();
   }
-  const at::Tensor weight = channel_param(weight_opt, input, C, "weight");
-  const at::Tensor mean = channel_param(save_mean, input, C, "save_mean");
-  const at::Tensor invstd = channel_param(save_invstd, input, C, "save_invstd");
+  const at::Tensor weight = optional_channel(weight_opt, input, C, "weight");
+  const at::Tensor mean = optional_channel(save_mean, input, C, "save_mean");
+  const at::Tensor invstd = optional_channel(save_invstd, input, C, "save_invstd");
   TORCH_CHECK_VALUE(mean.defined() && invstd.defined(), "save_mean and save_invstd are required");
 
   const bool need_gi = output_mask[0], need_gw = output_mask[1] && weight.defined(),

@@ -19,14 +19,8 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_cpu", [&] {
     using T = scalar_t;
     const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
-    const int64_t L = s.L();
-    cpu::conv_forward<T>(s, x, w, out, [&](int64_t, T* y) {
-      if (!bp) return;
-      for (int64_t oc = 0; oc < s.OC; ++oc) {
-        T* row = y + oc * L;
-        for (int64_t l = 0; l < L; ++l) row[l] += bp[oc];
-      }
-    });
+    cpu::conv_forward<T>(s, x, w, out,
+                         [&](int64_t, T* y) { cpu::add_channel_bias(y, bp, s.OC, s.L()); });
   });
   return out.contiguous(output_memory_format(input));
 }

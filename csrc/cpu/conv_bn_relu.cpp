@@ -19,18 +19,6 @@
 #include "conv_kernels.h"
 
 namespace cnnops {
-namespace {
-
-at::Tensor optional_channel(const c10::optional<at::Tensor>& t, const at::Tensor& input,
-                            int64_t channels, const char* name) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  check_same(*t, input, name, "input");
-  check_channel_vector(*t, channels, name);
-  return t->contiguous();
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
     const at::Tensor& input, const at::Tensor& weight,
     const c10::optional<at::Tensor>& conv_bias_opt,
@@ -103,13 +91,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
     // Training: moments of each (image, channel) tile, taken while it is hot.
     std::vector<cpu::Moments> tile(s.N * OC);
     cpu::conv_forward<T>(s, x, w, conv_out, [&](int64_t n, T* y) {
-      for (int64_t c = 0; c < OC; ++c) {
-        T* row = y + c * L;
-        if (cbp) {
-          for (int64_t l = 0; l < L; ++l) row[l] += cbp[c];
-        }
-        tile[n * OC + c] = cpu::plane_moments(row, L);
-      }
+      cpu::add_channel_bias(y, cbp, OC, L);
+      for (int64_t c = 0; c < OC; ++c) tile[n * OC + c] = cpu::plane_moments(y + c * L, L);
     });
     for (int64_t c = 0; c < OC; ++c) {
       cpu::Moments m;
@@ -190,11 +173,8 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
     using T = scalar_t;
     if (!training && need_gbw) {
       const T* cbp = cbias.defined() ? cbias.const_data_ptr<T>() : nullptr;
-      cpu::conv_forward<T>(s, x, w, co, [&](int64_t, T* y) {
-        if (!cbp) return;
-        for (int64_t c = 0; c < OC; ++c)
-          for (int64_t l = 0; l < L; ++l) y[c * L + l] += cbp[c];
-      });
+      cpu::conv_forward<T>(s, x, w, co,
+                           [&](int64_t, T* y) { cpu::add_channel_bias(y, cbp, OC, L); });
     }
     const T* gp = g.const_data_ptr<T>();
     const T* op = o.defined() ? o.const_data_ptr<T>() : nullptr;

@@ -102,6 +102,16 @@ void col2im(const ConvShape& s, const T* cols, T* x) {
   }
 }
 
+// y[c][l] += bias[c] over one image's [channels, L] output (bias may be null).
+template <typename T>
+void add_channel_bias(T* y, const T* bias, int64_t channels, int64_t L) {
+  if (!bias) return;
+  for (int64_t c = 0; c < channels; ++c) {
+    T* row = y + c * L;
+    for (int64_t l = 0; l < L; ++l) row[l] += bias[c];
+  }
+}
+
 // A [rows, cols] row-major matrix at `data`, as a tensor that aliases it.
 template <typename T>
 at::Tensor matrix(T* data, int64_t rows, int64_t cols, const at::TensorOptions& opts) {

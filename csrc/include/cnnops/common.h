@@ -59,6 +59,16 @@ inline void check_channel_vector(const at::Tensor& t, int64_t channels,
                     " of shape [", channels, "], got ", t.sizes());
 }
 
+// An optional per-channel tensor argument: checked against `like` and made
+// contiguous; undefined when absent.
+inline at::Tensor optional_channel(const c10::optional<at::Tensor>& t, const at::Tensor& like,
+                                   int64_t channels, const char* name) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  check_same(*t, like, name, "input");
+  check_channel_vector(*t, channels, name);
+  return t->contiguous();
+}
+
 // An int[2] argument whose entries are all >= min_value.
 inline void check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
   TORCH_CHECK_VALUE(v.size() == 2, "expected ", name, " to have 2 entries, got ",

@@ -1,0 +1,316 @@
+"""python -m cnnops: see cnnops work on this machine.
+
+    python -m cnnops                 train a seed network on bundled digits, cnnops vs torch.nn
+    python -m cnnops train --help    options (model, epochs, batch size, plot path)
+    python -m cnnops check           backends here, and each op's parity with torch.nn.functional
+    python -m cnnops check --speed   plus CPU time of conv2d / conv_bn_relu at ResNet-18 shapes
+    python -m cnnops models          every model: parameters, FLOPs, output shape
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import cnnops
+import cnnops.functional as CF
+
+
+def _progress(text, done, total, width=30):
+    """One self-overwriting progress line on a terminal; nothing when piped."""
+    if not sys.stdout.isatty():
+        return
+    filled = int(width * done / max(total, 1))
+    sys.stdout.write("\r  %s [%s%s] %d/%d" % (text, "#" * filled, "." * (width - filled), done, total))
+    sys.stdout.flush()
+    if done == total:
+        sys.stdout.write("\r" + " " * (len(text) + width + 20) + "\r")
+
+
+# ---------------------------------------------------------------------------
+# train
+
+def load_digits(size=28, seed=0):
+    """scikit-learn's 1,797 handwritten 8x8 digits (bundled, no download), upsampled to size x size.
+
+    -> (train_x [1438, 1, size, size], train_y), (test_x [359, ...], test_y), standardised.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+    digits = sklearn_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = len(y) // 5
+    test, train = order[:n_test], order[n_test:]
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def _evaluate(model, x, y, batch_size=256):
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch_size):
+            correct += (model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
+    return correct / len(y)
+
+
+def _train_epoch(model, opt, x, y, batch_size, order, label):
+    model.train()
+    total, batches = 0.0, (len(y) + batch_size - 1) // batch_size
+    start = time.perf_counter()
+    for b in range(batches):
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+        _progress(label, b + 1, batches)
+    return total / len(y), time.perf_counter() - start
+
+
+def cmd_train(args):
+    from cnnops.models import MODELS
+    from cnnops.models.plain import PLAIN
+
+    torch.manual_seed(args.seed)
+    (train_x, train_y), (test_x, test_y) = load_digits(seed=args.seed)
+    ours = MODELS[args.model][0]()
+    theirs = PLAIN[args.model]()
+    theirs.load_state_dict(ours.state_dict(), strict=True)  # same initial weights
+    print("cnnops %s: training %s on scikit-learn digits (%d train / %d test images, 1x28x28), "
+          "%d epochs, batch %d, %d threads" % (cnnops.__version__, args.model, len(train_y),
+                                               len(test_y), args.epochs, args.batch_size,
+                                               torch.get_num_threads()))
+    print("backend: %s (resolves to %r for this data); reference: torch.nn with the same "
+          "initial weights and batches" % (cnnops.get_backend(), cnnops.backends.resolve(train_x)))
+    runs = {"cnnops": (ours, torch.optim.SGD(ours.parameters(), lr=args.lr, momentum=0.9)),
+            "torch.nn": (theirs, torch.optim.SGD(theirs.parameters(), lr=args.lr, momentum=0.9))}
+    history = {name: {"loss": [], "acc": [], "time": []} for name in runs}
+    for epoch in range(1, args.epochs + 1):
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(epoch))
+        line = []
+        for name, (model, opt) in runs.items():  # alternate, so both see the same machine load
+            loss, seconds = _train_epoch(model, opt, train_x, train_y, args.batch_size, order,
+                                         "epoch %d %s" % (epoch, name))
+            acc = _evaluate(model, test_x, test_y)
+            for key, value in (("loss", loss), ("acc", acc), ("time", seconds)):
+                history[name][key].append(value)
+            line.append("%s loss %.4f test acc %.3f (%.2f s)" % (name, loss, acc, seconds))
+        print("epoch %d/%d  %s" % (epoch, args.epochs, " | ".join(line)), flush=True)
+
+    def per_epoch(name):  # the first epoch includes one-off warm-up; use the median
+        times = sorted(history[name]["time"])
+        return times[len(times) // 2]
+
+    print("\n%-10s %9s %11s" % ("", "test acc", "s / epoch"))
+    for name in runs:
+        print("%-10s %9.3f %11.2f" % (name, history[name]["acc"][-1], per_epoch(name)))
+    drift = max(abs(a - b) for a, b in zip(history["cnnops"]["loss"], history["torch.nn"]["loss"]))
+    print("speed: cnnops takes %.2fx the time of torch.nn per epoch (%.2fx faster)"
+          % (per_epoch("cnnops") / per_epoch("torch.nn"), per_epoch("torch.nn") / per_epoch("cnnops")))
+    print("parity: largest difference in epoch loss between the two runs: %.2e" % drift)
+    if args.plot:
+        _plot(history, args.plot, args.model)
+        print("plot: %s" % args.plot)
+    return 0
+
+
+def _plot(history, path, model_name):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, style in (("cnnops", "-o"), ("torch.nn", "--x")):
+        epochs = range(1, len(history[name]["loss"]) + 1)
+        ax_loss.plot(epochs, history[name]["loss"], style, label=name)
+        ax_acc.plot(epochs, history[name]["acc"], style, label=name)
+    ax_loss.set(title="%s: training loss" % model_name, xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="test accuracy", xlabel="epoch", ylabel="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+# ---------------------------------------------------------------------------
+# check
+
+def _parity_cases():
+    """(name, cnnops call, torch call, inputs needing gradients) on small random data."""
+    g = torch.Generator().manual_seed(0)
+    t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()
+    x, w, b = t(4, 6, 9, 9), t(8, 3, 3, 3), t(8)
+    bw, bb, r = t(8), t(8), t(4, 8, 5, 5)
+    rm, rv = torch.zeros(8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
+    x8 = t(4, 8, 5, 5)
+    return [
+        ("conv2d", lambda: CF.conv2d(x, w, b, 2, 1, 1, 2),
+         lambda: F.conv2d(x, w, b, 2, 1, 1, 2), (x, w, b)),
+        ("batch_norm (train)", lambda: CF.batch_norm(x8, rm.clone(), rv.clone(), bw, bb, True),
+         lambda: F.batch_norm(x8, rm.clone(), rv.clone(), bw, bb, True), (x8, bw, bb)),
+        ("bn_relu + residual", lambda: CF.bn_relu(x8, rm, rv, bw, bb, residual=r),
+         lambda: F.relu(F.batch_norm(x8, rm, rv, bw, bb) + r), (x8, bw, bb, r)),
+        ("conv_bn_relu (train)",
+         lambda: CF.conv_bn_relu(x, w, b, bw, bb, rm.clone(), rv.clone(), 2, 1, 1, 2, True),
+         lambda: F.relu(F.batch_norm(F.conv2d(x, w, b, 2, 1, 1, 2), rm.clone(), rv.clone(), bw,
+                                     bb, True)), (x, w, b, bw, bb)),
+        ("conv_bn_relu (eval)",
+         lambda: CF.conv_bn_relu(x, w, b, bw, bb, rm, rv, 2, 1, 1, 2, residual=r),
+         lambda: F.relu(F.batch_norm(F.conv2d(x, w, b, 2, 1, 1, 2), rm, rv, bw, bb) + r),
+         (x, w, b, bw, bb, r)),
+        ("max_pool2d", lambda: CF.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+         lambda: F.max_pool2d(x, 3, 2, 1, ceil_mode=True), (x,)),
+        ("avg_pool2d", lambda: CF.avg_pool2d(x, 3, 2, 1, True, False),
+         lambda: F.avg_pool2d(x, 3, 2, 1, True, False), (x,)),
+        ("adaptive_avg_pool2d", lambda: CF.adaptive_avg_pool2d(x, (4, 5)),
+         lambda: F.adaptive_avg_pool2d(x, (4, 5)), (x,)),
+        ("add_relu", lambda: CF.add_relu(x8, r), lambda: F.relu(x8 + r), (x8, r)),
+    ]
+
+
+def _max_error(ours, theirs, inputs):
+    a, b = ours(), theirs()
+    seed = torch.Generator().manual_seed(1)
+    grad = torch.randn(b.shape, generator=seed, dtype=b.dtype)
+    ga = torch.autograd.grad(a, inputs, grad)
+    gb = torch.autograd.grad(b, inputs, grad)
+    return max([(a - b).abs().max().item()] + [(p - q).abs().max().item() for p, q in zip(ga, gb)])
+
+
+def _median_time(fn, repeat):
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+# ResNet-18 layers at batch 8: (in channels, size, out channels, kernel, stride, padding)
+RESNET18_LAYERS = [(64, 56, 64, 3, 1, 1), (128, 28, 128, 3, 1, 1), (256, 14, 256, 3, 1, 1),
+                   (512, 7, 512, 3, 1, 1), (3, 224, 64, 7, 2, 3), (64, 56, 128, 3, 2, 1),
+                   (128, 28, 256, 3, 2, 1), (256, 14, 512, 3, 2, 1), (64, 56, 128, 1, 2, 0)]
+
+
+def _speed_table(repeat, batch):
+    print("\nCPU time, cnnops `cpu` backend vs torch eager (ratio > 1: cnnops faster), batch %d, "
+          "%d threads, median of %d:" % (batch, torch.get_num_threads(), repeat))
+    print("%-22s %-15s %10s %10s %7s" % ("layer", "op", "torch ms", "cnnops ms", "ratio"))
+    for C, H, OC, k, s, p in RESNET18_LAYERS:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, C, H, H, generator=g)
+        w = torch.randn(OC, C, k, k, generator=g) * (2.0 / (C * k * k)) ** 0.5
+        bw, bb = torch.rand(OC, generator=g) + 0.5, torch.randn(OC, generator=g)
+        rm, rv = torch.randn(OC, generator=g), torch.rand(OC, generator=g) + 0.5
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        bwg, bbg = bw.clone().requires_grad_(), bb.clone().requires_grad_()
+
+        def train(fn):
+            def step():
+                fn(xg, wg, bwg, bbg).sum().backward()
+            return step
+
+        cases = [
+            ("conv2d eval", lambda: F.conv2d(x, w, None, s, p), lambda: CF.conv2d(x, w, None, s, p),
+             True),
+            ("conv_bn_relu eval",
+             lambda: F.relu(F.batch_norm(F.conv2d(x, w, None, s, p), rm, rv, bw, bb)),
+             lambda: CF.conv_bn_relu(x, w, None, bw, bb, rm, rv, s, p), True),
+            ("conv_bn_relu train",
+             train(lambda x, w, g_, b_: F.relu(F.batch_norm(F.conv2d(x, w, None, s, p), rm.clone(),
+                                                            rv.clone(), g_, b_, True))),
+             train(lambda x, w, g_, b_: CF.conv_bn_relu(x, w, None, g_, b_, rm.clone(), rv.clone(),
+                                                        s, p, training=True)), False),
+        ]
+        layer = "%dx%dx%d k%d s%d -> %d" % (C, H, H, k, s, OC)
+        for name, theirs, ours, no_grad in cases:
+            with torch.set_grad_enabled(not no_grad), cnnops.use_backend("cpu"):
+                t_torch = _median_time(theirs, repeat)
+                t_ours = _median_time(ours, repeat)
+            print("%-22s %-15s %10.2f %10.2f %7.2f" % (layer, name, 1e3 * t_torch, 1e3 * t_ours,
+                                                         t_torch / t_ours), flush=True)
+
+
+def cmd_check(args):
+    print("cnnops %s, torch %s" % (cnnops.__version__, torch.__version__))
+    print("extension: %s" % ("loaded, built for torch %s%s" % (
+        cnnops._ext.BUILD_INFO["torch_version"], " with CUDA" if cnnops._ext.WITH_CUDA else "")
+        if cnnops._ext.LOADED else "not loaded: %s" % cnnops._ext.ERROR))
+    backends = cnnops.available_backends()
+    print("backends available: %s; setting: %s" % (", ".join(backends), cnnops.get_backend()))
+    cpu_backends = [b for b in backends if b in ("cpu", "reference")]
+    print("\nlargest |cnnops - torch| over output and gradients (float64):")
+    print("%-22s" % "op" + "".join("%14s" % b for b in cpu_backends))
+    worst = 0.0
+    for name, ours, theirs, inputs in _parity_cases():
+        errors = []
+        for backend in cpu_backends:
+            with cnnops.use_backend(backend):
+                errors.append(_max_error(ours, theirs, inputs))
+        worst = max([worst] + errors)
+        print("%-22s" % name + "".join("%14.1e" % e for e in errors))
+    ok = worst < 1e-8
+    print("parity: %s (largest error %.1e, tolerance 1e-8)" % ("ok" if ok else "FAILED", worst))
+    if args.speed:
+        if "cpu" not in backends:
+            print("speed: skipped, the cpu backend is not available")
+        else:
+            _speed_table(args.repeat, args.batch)
+    return 0 if ok else 1
+
+
+# ---------------------------------------------------------------------------
+# models
+
+def cmd_models(args):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cnnops.models import MODELS
+    print("%-18s %14s %10s %-18s %-16s" % ("model", "parameters", "GFLOPs", "input", "output"))
+    for name, (build, shape) in MODELS.items():
+        torch.manual_seed(0)
+        model = build().eval()
+        params = sum(p.numel() for p in model.parameters())
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            out = model(torch.randn(shape))
+        print("%-18s %14s %10.3f %-18s %-16s" % (name, "{:,}".format(params),
+                                                 counter.get_total_flops() / 1e9,
+                                                 "x".join(map(str, shape)),
+                                                 "x".join(map(str, out.shape))), flush=True)
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m cnnops", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    train = sub.add_parser("train", help="train a seed network on digits, cnnops vs torch.nn")
+    train.add_argument("--model", default="residual_net",
+                       choices=["residual_net", "inception_net", "lenet"])
+    train.add_argument("--epochs", type=int, default=5)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=0.02)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--plot", default=os.path.join("runs", "digits.png"),
+                       help="where to save the loss/accuracy plot ('' for none)")
+    check = sub.add_parser("check", help="backends and op parity on this machine")
+    check.add_argument("--speed", action="store_true", help="also time ResNet-18 layers")
+    check.add_argument("--repeat", type=int, default=5)
+    check.add_argument("--batch", type=int, default=8)
+    sub.add_parser("models", help="parameters, FLOPs and output shape of every model")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["train"] + (argv or []))
+    return {"train": cmd_train, "check": cmd_check, "models": cmd_models}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
