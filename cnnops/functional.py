@@ -265,8 +265,17 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
 # ---------------------------------------------------------------------------
 # pooling
 
+def _check_nonempty_planes(input, first_dim):
+    """PyTorch's pooling allows an empty batch but no other empty dimension from first_dim on."""
+    if any(size == 0 for size in input.shape[first_dim:]):
+        raise ValueError("expected input with non-zero sizes in every dimension from %d on "
+                         "(only the batch may be empty), got shape %s"
+                         % (first_dim, tuple(input.shape)))
+
+
 def _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode):
     _check_input(input)
+    _check_nonempty_planes(input, 1)
     kernel_size = _pair(kernel_size, "kernel_size", 1)
     stride = kernel_size if stride is None or (not isinstance(stride, numbers.Integral)
                                                and len(stride) == 0) else _pair(stride, "stride", 1)
@@ -331,13 +340,17 @@ def adaptive_avg_pool2d(input, output_size):
     [floor(i*H/OH), ceil((i+1)*H/OH)).
     """
     _check_input(input)
-    if isinstance(output_size, numbers.Integral) or output_size is None:
+    _check_nonempty_planes(input, 2)  # adaptive pooling allows C == 0
+    if isinstance(output_size, numbers.Integral):
         output_size = (output_size, output_size)
+    if not isinstance(output_size, (tuple, list, torch.Size)):
+        raise TypeError("expected output_size to be an int or a pair (entries may be None), "
+                        "got %r" % (output_size,))
     output_size = tuple(output_size)
     if len(output_size) != 2:
         raise ValueError("expected output_size to be an int or a pair, got %r" % (output_size,))
     output_size = tuple(input.shape[2 + i] if s is None else s for i, s in enumerate(output_size))
-    output_size = _pair(output_size, "output_size", 1)
+    output_size = _pair(output_size, "output_size", 0)
     impl = backends.implementation(input)
     return impl.adaptive_avg_pool2d(input, output_size)
 
@@ -354,7 +367,7 @@ def _result_type(a, b):
         full, zero = (a, b) if b.dim() == 0 else (b, a)
         if full.is_floating_point() or not zero.is_floating_point():
             return full.dtype
-        return torch.get_default_dtype()
+        return zero.dtype
     return torch.promote_types(a.dtype, b.dtype)
 
 

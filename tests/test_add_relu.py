@@ -101,6 +101,23 @@ def test_add_relu_mixed_dtypes(backend, case, layout):
     _check(backend, x, other, layout_of=x)
 
 
+# (input, other): an integer or bool tensor meets a 0-dim floating tensor, which then decides
+# the dtype (its own, not the default dtype).
+@pytest.mark.parametrize("case", [
+    pytest.param((torch.int64, (N, C, H, W), torch.float32, ()), id="int64+0d-float32"),
+    pytest.param((torch.int64, (N, C, H, W), torch.float64, ()), id="int64+0d-float64"),
+    pytest.param((torch.bool, (N, C, H, W), torch.float64, ()), id="bool+0d-float64"),
+    pytest.param((torch.float64, (), torch.int32, (N, C, H, W)), id="0d-float64+int32"),
+])
+def test_add_relu_zero_dim_float_with_integer_tensor(backend, case):
+    torch.manual_seed(0)
+    make = lambda dtype, shape: (torch.randn(shape, dtype=dtype).requires_grad_()
+                                 if dtype.is_floating_point else
+                                 torch.randint(-2, 3, shape).to(dtype))
+    x, other = make(*case[:2]), make(*case[2:])
+    _check(backend, x, other)
+
+
 # (input shape, other shape): the input broadcast too, and operands of other ranks.
 BROADCAST_BOTH = [
     ((1, C, 1, 1), (N, C, H, W)),

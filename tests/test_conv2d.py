@@ -24,6 +24,8 @@ CONFIGS = [
     (2, 3, 3, 1, "same", 1, 1, 6, 7),
     (2, 3, (2, 4), 1, "same", (1, 2), 1, 6, 7),  # asymmetric 'same'
     (2, 3, 3, 1, "valid", 1, 1, 6, 7),
+    (2, 3, 5, 1, 2, 1, 1, 1, 1),           # padding reaches past the whole output row
+    (2, 3, (7, 9), 1, (3, 4), 1, 1, 2, 3),
 ]
 
 

@@ -402,9 +402,9 @@ CASES = {
                         # (bn_relu, conv2d, avg_pool2d) + norm5
                         {"conv_bn_relu": 1 + 9, "bn_relu": 9 + 3 + 1, "conv2d": 9 + 3,
                          "avg_pool2d": 3, "max_pool2d": 1, "adaptive_avg_pool2d": 1}),
-    "resnet_classifier": Case(lambda: M.resnet_classifier(),
+    "resnet_classifier": Case(lambda: M.resnet_classifier(width=16),
                               lambda: TvResNet(TvBasicBlock, [2, 2, 2, 2], num_classes=11,
-                                               bias=True),
+                                               width=16, bias=True),
                               (2, 3, 32, 32),
                               {"conv_bn_relu": 20, "max_pool2d": 1, "adaptive_avg_pool2d": 1}),
     "inception_net": Case(lambda: M.inception_net(), lambda: TwinInceptionNet(), (4, 1, 28, 28),
@@ -475,11 +475,19 @@ def make_pair(case, dtype=torch.float64):
 
 
 def close(actual, expected, name, rtol=1e-7):
-    """float64 comparison; atol scales with the tensor's magnitude (deep nets, large logits)."""
-    assert actual.shape == expected.shape, name
-    scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale,
-                               msg=lambda m: "%s: %s" % (name, m))
+    """max |actual - expected| <= rtol * max(1, max |expected|): float64, relative to the
+    tensor's scale (deep nets, large logits). Cheaper than torch.testing.assert_close on
+    the 10M-element gradients."""
+    assert actual.shape == expected.shape, "%s: shape %s != %s" % (name, tuple(actual.shape),
+                                                                   tuple(expected.shape))
+    assert actual.dtype == expected.dtype, "%s: dtype %s != %s" % (name, actual.dtype,
+                                                                   expected.dtype)
+    if expected.numel() == 0:
+        return
+    actual, expected = actual.detach(), expected.detach()
+    bound = rtol * max(1.0, expected.abs().max().item())
+    err = (actual - expected).abs_().max().item()
+    assert err <= bound, "%s: max |diff| = %.3g > %.3g" % (name, err, bound)  # NaN fails too
 
 
 # ---------------------------------------------------------------------------
@@ -602,12 +610,15 @@ def test_training_step_matches_twin(name, backend):
         assert torch.equal(value, before[key]), key
 
 
-@pytest.mark.parametrize("name", ["resnet18", "densenet121", "residual_net"])
-def test_float32_matches_twin(name):
-    """float32 on the cpu backend, tolerance relative to the output scale."""
+@pytest.mark.parametrize("name,shape", [("resnet18", (4, 3, 64, 64)),
+                                        ("densenet121", (4, 3, 64, 64)),
+                                        ("residual_net", (4, 1, 28, 28))])
+def test_float32_matches_twin(name, shape):
+    """float32 on the cpu backend, tolerance relative to the output scale. (64x64 input:
+    train-mode BN over only 2 values per channel, as at 32x32, amplifies float32 rounding.)"""
     model, twin = make_pair(CASES[name], torch.float32)
     torch.manual_seed(4)
-    x = torch.randn(CASES[name].shape)
+    x = torch.randn(shape)
     with cnnops.use_backend("cpu"):
         for mode in ("train", "eval"):
             model.train(mode == "train")
@@ -739,12 +750,9 @@ assert out.shape == (2, 10) and torch.isfinite(out).all()
 """
 
 
-@pytest.mark.xfail(strict=True, reason="cnnops bug: the cpu conv2d kernel crashes (im2col writes "
-                   "past its row) when the left padding exceeds the output width, e.g. a 1x1 "
-                   "input with a 5x5 pad-2 kernel, which b5 of googlenet meets at 32x32 input")
 def test_googlenet_tiny_input():
-    """googlenet on 32x32 input: b5's 5x5 pad-2 convolutions see a 1x1 map. Run in a child
-    process because the failure is a segmentation fault."""
+    """googlenet on 32x32 input: b5's 5x5 pad-2 convolutions see a 1x1 map (padding wider
+    than the output row). Run in a child process so a crash fails the test, not the run."""
     proc = subprocess.run([sys.executable, "-c", _TINY_GOOGLENET], capture_output=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]

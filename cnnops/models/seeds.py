@@ -21,7 +21,9 @@ __all__ = ["resnet_classifier", "InceptionA", "InceptionNet", "inception_net", "
 
 
 def resnet_classifier(num_classes=11, in_channels=3, layers=(2, 2, 2, 2), width=64):
-    """ResNet-18 whose convolutions have biases. input [N, in_channels, 224, 224] -> [N, num_classes].
+    """ResNet-18 whose convolutions have biases.
+
+    input [N, in_channels, 224, 224] -> logits [N, num_classes].
 
     Keys as torchvision's resnet18 plus a ``.bias`` for every convolution
     (conv1.bias, layerX.Y.conv1.bias, layerX.0.downsample.0.bias, ...).

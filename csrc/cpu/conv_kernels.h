@@ -42,8 +42,11 @@ void for_each_chunk(int64_t images, int64_t chunks, const F& fn) {
 inline void valid_range(int64_t off, int64_t s, int64_t W, int64_t OW,
                         int64_t& lo, int64_t& hi) {
   lo = off >= 0 ? 0 : (-off + s - 1) / s;
-  hi = W - off <= 0 ? 0 : std::min<int64_t>(OW, (W - off + s - 1) / s);
-  if (hi < lo) hi = lo;
+  hi = W - off <= 0 ? 0 : (W - off + s - 1) / s;
+  // Padding can reach past the whole output row (e.g. a 5x5 kernel, padding 2,
+  // on a 1-wide input): clamp both ends to the row.
+  lo = std::min(lo, OW);
+  hi = std::max(lo, std::min(hi, OW));
 }
 
 // cols[(c*KH + kh)*KW + kw][oh*OW + ow] = x[c][oh*sh - ph + kh*dh][ow*sw - pw + kw*dw]
