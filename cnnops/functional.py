@@ -14,8 +14,9 @@ import numbers
 import torch
 
 from . import backends
+from ._shapes import conv_output_shape, pool_output_size
 
-__all__ = ["conv2d", "batch_norm", "bn_relu", "conv_bn_relu", "max_pool2d", "avg_pool2d",
+__all__ = ["conv2d", "conv2d_relu", "batch_norm", "bn_relu", "conv_bn_relu", "max_pool2d", "avg_pool2d",
            "adaptive_avg_pool2d", "add_relu"]
 
 
@@ -145,13 +146,36 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return impl.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
 
+def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                residual=None):
+    """relu(conv2d(input) + residual) in one op: conv -> ReLU in networks without BatchNorm.
+
+    Arguments as conv2d; residual [N, OC, OH, OW] or None. -> [N, OC, OH, OW]
+    """
+    input, stride, padding, dilation, groups = _conv_args(input, weight, bias, stride, padding,
+                                                          dilation, groups)
+    _check_like(residual, input, "residual", conv_output_shape(input, weight, stride, padding,
+                                                             dilation))
+    impl = backends.implementation(input)
+    return impl.conv2d_relu(input, weight, bias, residual, stride, padding, dilation, groups)
+
+
 # ---------------------------------------------------------------------------
 # batch normalisation
 
-def _bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps, channels):
+def _bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps, channels,
+             names=("weight", "bias")):
+    # As torch: BN tensors share the input's dtype, except float32 ones with a reduced-precision
+    # input (mixed precision).
+    allowed = {input.dtype}
+    if input.dtype in (torch.float16, torch.bfloat16):
+        allowed.add(torch.float32)
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var"),
-                    (weight, "weight"), (bias, "bias")):
+                    (weight, names[0]), (bias, names[1])):
         _check_like(t, input, name, (channels,), same_dtype=False)
+        if t is not None and t.dtype not in allowed:
+            raise TypeError("expected %s to have dtype %s (the dtype of input), got %s"
+                            % (name, input.dtype, t.dtype))
     if not training and (running_mean is None or running_var is None):
         raise ValueError("batch_norm with training=False needs running_mean and running_var")
     if momentum is None or not isinstance(momentum, numbers.Real):
@@ -243,12 +267,9 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
     input, stride, padding, dilation, groups = _conv_args(input, weight, bias, stride, padding,
                                                           dilation, groups)
     OC = weight.shape[0]
-    _bn_args(input, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, OC)
-    N, _, H, W = input.shape
-    KH, KW = weight.shape[2], weight.shape[3]
-    OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
-    OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
-    out_shape = (N, OC, OH, OW)
+    _bn_args(input, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, OC,
+             names=("bn_weight", "bn_bias"))
+    out_shape = conv_output_shape(input, weight, stride, padding, dilation)
     _check_like(residual, input, "residual", out_shape)
     count = _values_per_channel(None, out_shape)
     if training:
@@ -287,7 +308,6 @@ def _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode):
             raise ValueError("pad should be at most half of effective kernel size, got "
                              "padding=%s for kernel_size=%s, dilation=%s"
                              % (padding, kernel_size, dilation))
-    from .ops import pool_output_size
     H, W = input.shape[2], input.shape[3]
     out = [pool_output_size(s, k, p, st, d, bool(ceil_mode))
            for s, k, p, st, d in zip((H, W), kernel_size, padding, stride, dilation)]
@@ -383,8 +403,8 @@ def add_relu(input, other):
                          % (input.device, other.device))
     dtype = _result_type(input, other)
     if not dtype.is_floating_point:
-        raise TypeError("add_relu expects floating-point tensors, got %s and %s"
-                        % (input.dtype, other.dtype))
+        raise TypeError("add_relu expects floating-point input or other, got input of dtype %s "
+                        "and other of dtype %s" % (input.dtype, other.dtype))
     try:
         shape = torch.broadcast_shapes(input.shape, other.shape)
     except RuntimeError:

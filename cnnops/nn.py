@@ -11,7 +11,7 @@ from torch import nn
 from . import functional as F
 
 __all__ = ["Conv2d", "BatchNorm2d", "BNReLU", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
-           "AddReLU", "FusedConvBNReLU", "apply_conv_bn_relu", "apply_bn_relu"]
+           "AddReLU", "FusedConvBNReLU", "apply_conv_bn_relu", "apply_bn_relu", "apply_conv_relu"]
 
 
 def _conv_input_and_padding(conv, x):
@@ -93,6 +93,13 @@ def apply_conv_bn_relu(conv, bn, x, residual=None, relu=True):
     return F.conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, conv.stride,
                           padding, conv.dilation, conv.groups, training, momentum, bn.eps, relu,
                           residual)
+
+
+def apply_conv_relu(conv, x, residual=None):
+    """relu(conv(x) + residual) for any nn.Conv2d ``conv`` (its bias included), as one op."""
+    x, padding = _conv_input_and_padding(conv, x)
+    return F.conv2d_relu(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation,
+                         conv.groups, residual)
 
 
 class MaxPool2d(nn.MaxPool2d):

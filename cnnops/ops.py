@@ -15,6 +15,8 @@ per-channel vectors [C] (or [OC]), output [N, OC, OH, OW].
 import torch
 
 from . import _ext
+from ._shapes import conv_output_shape as _conv_out
+from ._shapes import pool_output_shape as _pool_out
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
@@ -42,33 +44,6 @@ def _none(t):
     return t.new_empty(0)
 
 
-def conv_output_hw(H, W, KH, KW, stride, padding, dilation):
-    OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
-    OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
-    return OH, OW
-
-
-def pool_output_size(size, k, pad, stride, dil, ceil_mode):
-    """PyTorch's pooling output size: a ceil-mode window starting in the right padding is dropped."""
-    out = (size + 2 * pad - dil * (k - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
-    if ceil_mode and (out - 1) * stride >= size + pad:
-        out -= 1
-    return out
-
-
-def _conv_out(input, weight, stride, padding, dilation):
-    N, _, H, W = input.shape
-    OC, _, KH, KW = weight.shape
-    return (N, OC) + conv_output_hw(H, W, KH, KW, stride, padding, dilation)
-
-
-def _pool_out(input, kernel_size, stride, padding, dilation, ceil_mode):
-    N, C, H, W = input.shape
-    return (N, C,
-            pool_output_size(H, kernel_size[0], padding[0], stride[0], dilation[0], ceil_mode),
-            pool_output_size(W, kernel_size[1], padding[1], stride[1], dilation[1], ceil_mode))
-
-
 if _ext.LOADED:
     lib = torch.ops.cnnops
 
@@ -83,6 +58,10 @@ if _ext.LOADED:
         return (_like(input, input.shape, _fmt(input)) if output_mask[0] else _none(input),
                 _like(weight, weight.shape) if output_mask[1] else _none(input),
                 _like(input, (weight.shape[0],)) if output_mask[2] else _none(input))
+
+    @torch.library.register_fake("cnnops::conv2d_relu")
+    def _(input, weight, bias, residual, stride, padding, dilation, groups):
+        return _like(input, _conv_out(input, weight, stride, padding, dilation), _fmt(input))
 
     def _bn_stats(input):
         C = input.shape[1]
@@ -190,6 +169,21 @@ if _ext.LOADED:
 
     torch.library.register_autograd("cnnops::conv2d", _conv2d_backward, setup_context=_conv2d_setup)
 
+    def _conv2d_relu_setup(ctx, inputs, output):
+        input, weight, bias, residual, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(input, weight, output)
+        ctx.conv = (stride, padding, dilation, groups)
+
+    def _conv2d_relu_backward(ctx, grad):
+        input, weight, out = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        grad = lib.add_relu_backward(grad, out)  # through the ReLU: also the residual's gradient
+        gi, gw, gb = lib.conv2d_backward(grad, input, weight, *ctx.conv, [n[0], n[1], n[2]])
+        return _grads(ctx, (gi, gw, gb, grad), 8)
+
+    torch.library.register_autograd("cnnops::conv2d_relu", _conv2d_relu_backward,
+                                    setup_context=_conv2d_relu_setup)
+
     def _bn_setup(ctx, inputs, output):
         input, weight, bias, running_mean, running_var, training, eps = inputs
         ctx.mark_non_differentiable(output[1], output[2])
@@ -292,6 +286,11 @@ def conv2d(input, weight, bias, stride, padding, dilation, groups):
     return torch.ops.cnnops.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
 
+def conv2d_relu(input, weight, bias, residual, stride, padding, dilation, groups):
+    return torch.ops.cnnops.conv2d_relu(input, weight, bias, residual, stride, padding, dilation,
+                                        groups)
+
+
 def batch_norm(input, weight, bias, running_mean, running_var, training, eps):
     return torch.ops.cnnops.batch_norm(input, weight, bias, running_mean, running_var, training, eps)
 
@@ -303,7 +302,7 @@ def bn_relu(input, weight, bias, running_mean, running_var, residual, training, 
 
 def conv_bn_relu(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
                  residual, stride, padding, dilation, groups, training, eps, relu):
-    out, _conv_out, mean, invstd = torch.ops.cnnops.conv_bn_relu(
+    out, _conv_output, mean, invstd = torch.ops.cnnops.conv_bn_relu(
         input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
         stride, padding, dilation, groups, training, eps, relu)
     return out, mean, invstd
@@ -335,6 +334,10 @@ if _ext.LOADED:
 
     @register_flop_formula(torch.ops.cnnops.conv2d)
     def _conv2d_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
+        return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+    @register_flop_formula(torch.ops.cnnops.conv2d_relu)
+    def _conv2d_relu_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
         return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
     @register_flop_formula(torch.ops.cnnops.conv_bn_relu)

@@ -56,6 +56,12 @@ def conv2d(input, weight, bias, stride, padding, dilation, groups):
     return out
 
 
+def conv2d_relu(input, weight, bias, residual, stride, padding, dilation, groups):
+    """relu(conv2d(input) + residual); residual [N, OC, OH, OW] or None."""
+    out = conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return torch.relu(out if residual is None else out + residual)
+
+
 def batch_norm(input, weight, bias, running_mean, running_var, training, eps):
     """Batch normalisation over (N, H, W) per channel.
 

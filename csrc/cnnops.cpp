@@ -35,6 +35,11 @@ TORCH_LIBRARY(cnnops, m) {
         "int[2] stride, int[2] padding, int[2] dilation, int groups, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
+  // relu(conv2d(input) + residual?): the conv -> ReLU of networks without BN.
+  // Its backward is add_relu_backward (the ReLU mask) followed by conv2d_backward.
+  m.def("conv2d_relu(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+
   // ---- batch normalisation ----------------------------------------------
   // -> (output, save_mean, save_invstd)
   m.def("batch_norm(Tensor input, Tensor? weight, Tensor? bias, "

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cnnops
 import cnnops.functional as CF
 from conftest import DTYPES, LAYOUTS, assert_close, expected_memory_format, grads, make_input
 
@@ -95,3 +96,30 @@ def test_conv2d_batch_larger_than_threads(backend):
     g = torch.randn_like(ref)
     assert_close(out, ref)
     assert_close_all(grads(out, (x, w), g), grads(ref, (x, w), g))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("config", CONFIGS[::3], ids=_ids)
+def test_conv2d_relu_matches_torch(backend, config, residual, layout, dtype):
+    C, OC, k, stride, padding, dilation, groups, H, W = config
+    kh, kw = (k, k) if isinstance(k, int) else k
+    torch.manual_seed(0)
+    x = make_input((2, C, H, W), layout, dtype, requires_grad=True)
+    w = make_input((OC, C // groups, kh, kw), "contiguous", dtype, requires_grad=True)
+    b = torch.randn(OC, dtype=dtype, requires_grad=True)
+    conv = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    r = make_input(tuple(conv.shape), layout, dtype, requires_grad=True) if residual else None
+    expected = F.relu(conv + r if residual else conv)
+    actual = CF.conv2d_relu(x, w, b, stride, padding, dilation, groups, residual=r)
+    assert_close(actual, expected)
+    g = torch.randn_like(expected)
+    assert_close_all(grads(actual, (x, w, b, r), g), grads(expected, (x, w, b, r), g))
+
+
+def test_apply_conv_relu_uses_module_settings(backend):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular", groups=1)
+    x = torch.randn(2, 3, 5, 5)
+    assert_close(cnnops.nn.apply_conv_relu(conv, x), F.relu(conv(x)))

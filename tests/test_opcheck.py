@@ -24,6 +24,8 @@ def _samples(grad):
         w = _t(6, 2, 3, 3, grad=grad)
         b = _t(6, grad=grad)
         out.append(("conv2d", (x, w, b, [2, 1], [1, 1], [1, 2], 2)))
+        out.append(("conv2d_relu", (x, w, b, _t(2, 6, 3, 3, grad=grad, layout=layout),
+                                    [2, 1], [1, 1], [1, 2], 2)))
         c = _t(4, grad=grad, positive=True)
         rm, rv = _t(4), _t(4, positive=True)
         for training in (True, False):

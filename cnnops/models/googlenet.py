@@ -1,7 +1,8 @@
 """GoogLeNet as in Dive into Deep Learning (ch. 7.4 / 8.4), for 96x96 input.
 
-No BatchNorm, so each convolution is a cnnops.nn.Conv2d followed by torch's
-ReLU; pools are cnnops.nn.MaxPool2d / AdaptiveAvgPool2d; torch.cat joins the
+No BatchNorm: inside the Inception blocks each conv -> ReLU is one
+cnnops::conv2d_relu (apply_conv_relu); the stem Sequentials keep d2l's
+Conv2d, ReLU indices (cnnops.fuse fuses those); pools are cnnops.nn.MaxPool2d / AdaptiveAvgPool2d; torch.cat joins the
 Inception paths. Module names and indices as in d2l (net = Sequential(b1, ..., b5,
 Linear); Inception.p1_1 ... p4_2).
 """
@@ -30,10 +31,10 @@ class Inception(nn.Module):
         self.p4_2 = cnn.Conv2d(in_channels, c4, kernel_size=1)
 
     def forward(self, x):
-        p1 = torch.relu(self.p1_1(x))
-        p2 = torch.relu(self.p2_2(torch.relu(self.p2_1(x))))
-        p3 = torch.relu(self.p3_2(torch.relu(self.p3_1(x))))
-        p4 = torch.relu(self.p4_2(self.p4_1(x)))
+        p1 = cnn.apply_conv_relu(self.p1_1, x)
+        p2 = cnn.apply_conv_relu(self.p2_2, cnn.apply_conv_relu(self.p2_1, x))
+        p3 = cnn.apply_conv_relu(self.p3_2, cnn.apply_conv_relu(self.p3_1, x))
+        p4 = cnn.apply_conv_relu(self.p4_2, self.p4_1(x))
         return torch.cat((p1, p2, p3, p4), dim=1)
 
 

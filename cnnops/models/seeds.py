@@ -7,7 +7,7 @@
   Inception -> Linear, for 1x28x28 input. No BN: convolutions on cnnops Conv2d,
   pools on cnnops pooling modules, ReLU and torch.cat stay torch.
 - residual_net: conv -> max pool -> ReLU -> ResidualBlock -> conv -> max pool -> ReLU ->
-  ResidualBlock -> Linear, for 1x28x28 input; each block ends in one cnnops::add_relu.
+  ResidualBlock -> Linear, for 1x28x28 input; each block is two cnnops::conv2d_relu.
 """
 import torch
 from torch import nn
@@ -85,7 +85,7 @@ def inception_net(num_classes=10, in_channels=1):
 
 
 class ResidualBlock(nn.Module):
-    """relu(x + conv2(relu(conv1(x)))), 3x3 convolutions with padding 1; the end is one add_relu.
+    """relu(x + conv2(relu(conv1(x)))), 3x3 convolutions with padding 1: two cnnops::conv2d_relu.
 
     [N, channels, H, W] -> same
     """
@@ -97,9 +97,8 @@ class ResidualBlock(nn.Module):
         self.conv2 = cnn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x):
-        y = torch.relu(self.conv1(x))
-        y = self.conv2(y)
-        return CF.add_relu(x, y)
+        y = cnn.apply_conv_relu(self.conv1, x)
+        return cnn.apply_conv_relu(self.conv2, y, residual=x)
 
 
 class ResidualNet(nn.Module):

@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "bn_kernels.h"
 #include "cnnops/conv_shape.h"
 #include "conv_kernels.h"
 
@@ -21,6 +22,33 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
     cpu::conv_forward<T>(s, x, w, out,
                          [&](int64_t, T* y) { cpu::add_channel_bias(y, bp, s.OC, s.L()); });
+  });
+  return out.contiguous(output_memory_format(input));
+}
+
+at::Tensor conv2d_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias_opt,
+                           const c10::optional<at::Tensor>& residual_opt, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
+  const ConvShape s = conv_shape(input, weight, bias, stride, padding, dilation, groups);
+  check_cpu_float(input, "input");
+  const at::Tensor residual = conv_residual(residual_opt, input, s);
+  const at::Tensor x = input.contiguous(), w = weight.contiguous();
+  const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
+  at::Tensor out = at::empty({s.N, s.OC, s.OH, s.OW}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_cpu", [&] {
+    using T = scalar_t;
+    const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+    const T* rp = residual.defined() ? residual.const_data_ptr<T>() : nullptr;
+    const int64_t L = s.L();
+    // Bias, residual and ReLU in one pass over each image's hot GEMM output.
+    cpu::conv_forward<T>(s, x, w, out, [&](int64_t n, T* y) {
+      for (int64_t c = 0; c < s.OC; ++c) {
+        cpu::bn_forward_plane(y + c * L, rp ? rp + (n * s.OC + c) * L : nullptr, y + c * L, L,
+                              T(1), bp ? bp[c] : T(0), /*relu=*/true);
+      }
+    });
   });
   return out.contiguous(output_memory_format(input));
 }
@@ -55,6 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
 TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
   m.impl("conv2d", &conv2d_cpu);
   m.impl("conv2d_backward", &conv2d_backward_cpu);
+  m.impl("conv2d_relu", &conv2d_relu_cpu);
 }
 
 }  // namespace cnnops

@@ -40,15 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
                     "conv_bn_relu in inference mode (training=False) needs running_mean "
                     "and running_var");
   TORCH_CHECK_VALUE(eps >= 0, "expected eps >= 0, got ", eps);
-  at::Tensor residual;
-  if (residual_opt.has_value() && residual_opt->defined()) {
-    check_same(*residual_opt, input, "residual", "input");
-    const std::vector<int64_t> shape{s.N, s.OC, s.OH, s.OW};
-    TORCH_CHECK_VALUE(residual_opt->sizes() == at::IntArrayRef(shape),
-                      "expected residual of the conv output's shape ", at::IntArrayRef(shape),
-                      ", got ", residual_opt->sizes());
-    residual = residual_opt->contiguous();
-  }
+  const at::Tensor residual = conv_residual(residual_opt, input, s);
 
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const int64_t L = s.L(), OC = s.OC;

@@ -176,15 +176,6 @@ void for_each_plane(int64_t planes, int64_t work_per_plane, const F& f) {
   });
 }
 
-// Entries beyond int32 would make window arithmetic such as (k-1)*d overflow;
-// aten rejects them too (it narrows these arguments to int).
-void check_pool_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
-  check_pair(v, name, min_value);
-  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK_VALUE(v[0] <= kMax && v[1] <= kMax, "expected ", name,
-                    " entries <= ", kMax, ", got ", v);
-}
-
 struct PoolShape {
   int64_t N, C, H, W, OH, OW;
 };
@@ -197,11 +188,11 @@ PoolShape check_pool2d(const char* op, const at::Tensor& input,
                        bool ceil_mode) {
   check_4d(input, "input");
   check_cpu_float(input, "input");
-  check_pool_pair(kernel_size, "kernel_size", 1);
-  check_pool_pair(stride, "stride", 1);
-  check_pool_pair(padding, "padding", 0);
+  check_pair(kernel_size, "kernel_size", 1);
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
   const bool dilated = !dilation.empty();
-  if (dilated) check_pool_pair(dilation, "dilation", 1);
+  if (dilated) check_pair(dilation, "dilation", 1);
   // aten bounds the padding by half the kernel size, not the dilated extent,
   // for max_pool2d too.
   TORCH_CHECK_VALUE(

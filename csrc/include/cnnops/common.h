@@ -69,12 +69,15 @@ inline at::Tensor optional_channel(const c10::optional<at::Tensor>& t, const at:
   return t->contiguous();
 }
 
-// An int[2] argument whose entries are all >= min_value.
+// An int[2] argument whose entries lie in [min_value, 2^31 - 1]. The upper
+// bound keeps products such as dilation * (kernel - 1) far from overflow.
 inline void check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
+  constexpr int64_t kMax = (int64_t{1} << 31) - 1;
   TORCH_CHECK_VALUE(v.size() == 2, "expected ", name, " to have 2 entries, got ",
                     v.size());
-  TORCH_CHECK_VALUE(v[0] >= min_value && v[1] >= min_value, "expected ", name,
-                    " >= ", min_value, ", got ", v);
+  TORCH_CHECK_VALUE(v[0] >= min_value && v[1] >= min_value, "expected ", name, " >= ",
+                    min_value, ", got ", v);
+  TORCH_CHECK_VALUE(v[0] <= kMax && v[1] <= kMax, "expected ", name, " <= ", kMax, ", got ", v);
 }
 
 // Division rounding toward negative infinity (C++ '/' truncates toward zero).

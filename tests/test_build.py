@@ -1,0 +1,198 @@
+"""The build and its guards (DESIGN.md, "Build").
+
+(a) a cnnops._C built against another torch is not loaded: one clear RuntimeWarning, and the
+    ops fall back to the reference backend instead of crashing on undefined symbols;
+(b) an isolated build (no importable torch) stops at once and says what to run;
+(c) cnnops/_build_info.py records the torch the extension was built against;
+(d) the CUDA sources compile with nvcc (when nvcc and csrc/cuda/*.cu exist).
+"""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import cnnops
+from cnnops import _ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, **kw):
+    env = dict(os.environ)
+    env.pop("CNNOPS_BACKEND", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                          **kw)
+
+
+# ---------------------------------------------------------------------------
+# (a) build/runtime torch version mismatch
+
+_MISMATCH = """
+    import json, sys, types, warnings
+    fake = types.ModuleType("cnnops._build_info")
+    fake.BUILD_INFO = {"torch_version": "0.0.0", "cuda_version": None, "with_cuda": False,
+                       "cxx11_abi": True}
+    sys.modules["cnnops._build_info"] = fake
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import cnnops
+    import torch, torch.nn.functional as F
+    import cnnops.functional as CF
+    from cnnops import _ext, backends
+    x, w, b = torch.randn(2, 3, 7, 7), torch.randn(4, 3, 3, 3), torch.randn(4)
+    out = CF.conv2d(x, w, b, 2, 1)
+    with cnnops.use_backend("cpu"):
+        try:
+            CF.conv2d(x, w, b, 2, 1)
+            explicit_cpu = "ran"
+        except RuntimeError as e:
+            explicit_cpu = str(e)
+    print(json.dumps({
+        "warnings": [[w.category.__name__, str(w.message)] for w in caught
+                     if "cnnops" in str(w.message)],
+        "loaded": _ext.LOADED,
+        "error": _ext.ERROR,
+        "C_imported": "cnnops._C" in sys.modules,
+        "available": cnnops.available_backends(),
+        "resolved": backends.resolve(x),
+        "matches_torch": torch.allclose(out, F.conv2d(x, w, b, 2, 1), rtol=1e-4, atol=1e-4),
+        "grad_fn": out.grad_fn.name() if out.grad_fn is not None else None,
+        "explicit_cpu": explicit_cpu,
+    }))
+    """
+
+
+def test_version_mismatch_disables_the_extension_with_a_warning():
+    r = _run([sys.executable, "-c", textwrap.dedent(_MISMATCH)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+
+    assert len(report["warnings"]) == 1, report["warnings"]
+    category, message = report["warnings"][0]
+    assert category == "RuntimeWarning"
+    assert "C++ kernels disabled" in message
+    assert "cnnops._C was built against torch 0.0.0 but torch %s is running" % torch.__version__ \
+        in message
+    assert "pip install --no-build-isolation" in message
+    assert "`auto` uses the reference backend" in message
+
+    assert report["loaded"] is False
+    assert "0.0.0" in report["error"] and torch.__version__ in report["error"]
+    assert report["C_imported"] is False  # the mismatched library was never dlopen'ed
+    assert report["available"] == ["reference"]
+    assert report["resolved"] == "reference"
+    assert report["matches_torch"] is True
+    # asking for the disabled backend says why instead of running the reference one
+    assert report["explicit_cpu"].startswith("cnnops backend 'cpu' cannot run this call: "
+                                             "cnnops._C was built against torch 0.0.0")
+
+
+# ---------------------------------------------------------------------------
+# (b) isolated builds stop at once
+
+def test_setup_without_torch_stops_with_instructions():
+    code = ("import runpy, sys; sys.modules['torch'] = None; "
+            "sys.argv = ['setup.py', '--version']; runpy.run_path('setup.py', run_name='__main__')")
+    build_info = os.path.join(ROOT, "cnnops", "_build_info.py")
+    before = os.stat(build_info).st_mtime_ns if os.path.exists(build_info) else None
+    start = time.monotonic()
+    r = _run([sys.executable, "-c", code])
+    elapsed = time.monotonic() - start
+
+    assert r.returncode != 0
+    assert "torch is not importable in this build environment" in r.stderr
+    assert "pip install --no-build-isolation ." in r.stderr
+    assert "Traceback" not in r.stderr  # a message, not a crash
+    assert elapsed < 30
+    after = os.stat(build_info).st_mtime_ns if os.path.exists(build_info) else None
+    assert after == before  # it stopped before writing anything
+
+
+# ---------------------------------------------------------------------------
+# (c) what the build recorded
+
+def test_build_info_matches_the_running_torch():
+    from cnnops._build_info import BUILD_INFO
+
+    assert set(BUILD_INFO) >= {"torch_version", "cuda_version", "with_cuda", "cxx11_abi"}
+    assert BUILD_INFO["torch_version"] == torch.__version__
+    assert BUILD_INFO["cxx11_abi"] == bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+    assert isinstance(BUILD_INFO["with_cuda"], bool)
+    if torch.version.cuda is None:  # a CPU build of torch, as on the CI machines
+        assert BUILD_INFO["with_cuda"] is False
+        assert BUILD_INFO["cuda_version"] is None
+    elif BUILD_INFO["with_cuda"]:
+        assert BUILD_INFO["cuda_version"] == torch.version.cuda
+    assert _ext.BUILD_INFO == BUILD_INFO
+    assert _ext.LOADED and _ext.ERROR is None
+    assert _ext.WITH_CUDA == BUILD_INFO["with_cuda"]
+    assert "cpu" in cnnops.available_backends()
+
+
+# ---------------------------------------------------------------------------
+# (d) nvcc compiles the CUDA sources
+
+# Headers that torch's CUDA headers include but that a CPU wheel (c10's generated
+# cuda_cmake_macros.h, ATen's CUDAConfig.h) or a minimal CUDA toolkit (the cuBLAS / cuSPARSE /
+# cuSOLVER headers) may lack. They only declare what torch's headers name, and are searched
+# last (-idirafter), after torch's and the toolkit's own include directories, so real headers
+# win wherever they exist.
+_STUB_HEADERS = {
+    "c10/cuda/impl/cuda_cmake_macros.h": "#define C10_CUDA_BUILD_SHARED_LIBS\n",
+    "ATen/cuda/CUDAConfig.h": "".join("#define %s() 0\n" % m for m in (
+        "AT_CUDNN_ENABLED", "AT_CUSPARSELT_ENABLED", "AT_HIPSPARSELT_ENABLED",
+        "AT_ROCM_ENABLED", "AT_MAGMA_ENABLED")) + '#define NVCC_FLAGS_EXTRA ""\n',
+    "cublas_v2.h": "typedef struct cublasContext* cublasHandle_t;\n"
+                   "typedef enum { CUBLAS_STATUS_SUCCESS = 0 } cublasStatus_t;\n",
+    "cublasLt.h": "typedef struct cublasLtContext* cublasLtHandle_t;\n",
+    "cusparse.h": "typedef struct cusparseContext* cusparseHandle_t;\n"
+                  "typedef enum { CUSPARSE_STATUS_SUCCESS = 0 } cusparseStatus_t;\n",
+    "cusolver_common.h": "typedef enum { CUSOLVER_STATUS_SUCCESS = 0, "
+                         "CUSOLVER_STATUS_INVALID_VALUE = 3 } cusolverStatus_t;\n",
+    "cusolverDn.h": "#include <cusolver_common.h>\n"
+                    "typedef struct cusolverDnContext* cusolverDnHandle_t;\n",
+}
+
+CU_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+NVCC = shutil.which("nvcc")
+
+
+def _nvcc_command(source, obj, stub_dir):
+    from torch.utils import cpp_extension
+
+    includes = cpp_extension.include_paths() + [os.path.join(ROOT, "csrc", "include")]
+    # The flags setup.py's CUDAExtension gets from torch.utils.cpp_extension.
+    return ([NVCC, "-c", source, "-o", obj, "-std=c++20", "-O3", "-Xcompiler", "-fPIC",
+             "-Xcompiler", "-idirafter," + stub_dir,
+             "-DTORCH_EXTENSION_NAME=_C", "-DCNNOPS_WITH_CUDA=1",
+             "-D_GLIBCXX_USE_CXX11_ABI=%d" % int(torch._C._GLIBCXX_USE_CXX11_ABI)]
+            + cpp_extension.COMMON_NVCC_FLAGS
+            + ["-I" + d for d in includes])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", CU_SOURCES or [None],
+                         ids=lambda s: os.path.basename(s) if s else "no-cu-sources")
+def test_cuda_source_compiles(tmp_path, source):
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    if source is None:
+        pytest.skip("no CUDA sources (csrc/cuda/*.cu) to compile yet")
+    stub_dir = tmp_path / "stub_include"
+    for rel, text in _STUB_HEADERS.items():
+        path = stub_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#pragma once\n" + text)
+    obj = tmp_path / (os.path.basename(source) + ".o")
+    r = subprocess.run(_nvcc_command(source, str(obj), str(stub_dir)), capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-5000:]
+    assert obj.stat().st_size > 0
