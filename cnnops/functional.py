@@ -185,8 +185,8 @@ def _bn_args(input, running_mean, running_var, weight, bias, training, momentum,
         raise ValueError("expected eps to be a float >= 0, got %r" % (eps,))
 
 
-def _values_per_channel(input, shape=None):
-    shape = input.shape if shape is None else shape
+def _values_per_channel(shape):
+    """N * H * W: how many values each channel's batch statistics average."""
     return shape[0] * shape[2] * shape[3]
 
 
@@ -237,7 +237,7 @@ def bn_relu(input, running_mean, running_var, weight, bias, training=False, mome
     C = input.shape[1]
     _bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps, C)
     _check_like(residual, input, "residual", tuple(input.shape))
-    count = _values_per_channel(input)
+    count = _values_per_channel(input.shape)
     if training:
         _verify_batch_size(count, input.shape)
     impl = backends.implementation(input)
@@ -271,7 +271,7 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
              names=("bn_weight", "bn_bias"))
     out_shape = conv_output_shape(input, weight, stride, padding, dilation)
     _check_like(residual, input, "residual", out_shape)
-    count = _values_per_channel(None, out_shape)
+    count = _values_per_channel(out_shape)
     if training:
         _verify_batch_size(count, out_shape)
     impl = backends.implementation(input)
