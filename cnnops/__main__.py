@@ -221,6 +221,8 @@ def _speed_table(repeat, batch):
         cases = [
             ("conv2d eval", lambda: F.conv2d(x, w, None, s, p), lambda: CF.conv2d(x, w, None, s, p),
              True),
+            ("conv2d train", train(lambda x, w, g_, b_: F.conv2d(x, w, None, s, p)),
+             train(lambda x, w, g_, b_: CF.conv2d(x, w, None, s, p)), False),
             ("conv_bn_relu eval",
              lambda: F.relu(F.batch_norm(F.conv2d(x, w, None, s, p), rm, rv, bw, bb)),
              lambda: CF.conv_bn_relu(x, w, None, bw, bb, rm, rv, s, p), True),
