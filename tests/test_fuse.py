@@ -1,0 +1,1290 @@
+"""cnnops.fuse on models written the way users write them.
+
+Independent copies of the usual structures (torchvision-style BasicBlock and
+Bottleneck ResNets, also with FrozenBatchNorm2d and with biased convolutions as
+the resnet_classifier seed, DenseNet with pre-activation dense layers,
+Inception's BasicConv2d (eps=1e-3) with ``if self.training`` aux branches,
+VGG-BN, MobileNetV2 inverted residuals with ReLU6, depthwise nets, a
+pre-activation ResNet, BN-add-ReLU), a model full of corner cases, one that
+cannot be traced as a whole, and the seed networks (plain torch.nn and
+cnnops.models). For each: the report (BNs fused, sites skipped and why);
+state_dict keys and values unchanged and strict loading both ways; outputs,
+every parameter's gradient, the input gradient, running statistics and
+num_batches_tracked equal to the original after a step in train and in eval
+mode (float64, every CPU backend); the fused cnnops ops actually run;
+deepcopy, torch.save/torch.load, .to(); torch.compile(backend="aot_eager").
+"""
+import collections
+import copy
+import io
+import pickle
+from collections import OrderedDict, namedtuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import cnnops
+import cnnops.models as M
+from cnnops.fuse import FusionRecord
+from cnnops.models import plain
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one intra-op thread is faster, and far faster on a busy
+    2-core machine than threads that spin waiting for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------
+# torchvision-style ResNet (BasicBlock / Bottleneck, norm_layer, conv bias)
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.misc.FrozenBatchNorm2d: BN with fixed statistics, all buffers."""
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, x):
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        bias = b - rm * scale
+        return x * scale + bias
+
+
+def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1, bias=False):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
+                     groups=groups, bias=bias, dilation=dilation)
+
+
+def conv1x1(in_planes, out_planes, stride=1, bias=False):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=bias)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, norm_layer=None, bias=False):
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.conv1 = conv3x3(inplanes, planes, stride, bias=bias)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes, bias=bias)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, norm_layer=None, bias=False):
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.conv1 = conv1x1(inplanes, planes, bias=bias)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = conv3x3(planes, planes, stride, bias=bias)
+        self.bn2 = norm_layer(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion, bias=bias)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, layers, num_classes=5, in_channels=3, width=8, norm_layer=None,
+                 bias=False):
+        super().__init__()
+        self._norm_layer = norm_layer or nn.BatchNorm2d
+        self._bias = bias
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=bias)
+        self.bn1 = self._norm_layer(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+
+    def _make_layer(self, block, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride, bias=self._bias),
+                self._norm_layer(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, self._norm_layer, self._bias)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, norm_layer=self._norm_layer,
+                                bias=self._bias))
+        return nn.Sequential(*layers)
+
+    def _forward_impl(self, x):
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+    def forward(self, x):
+        return self._forward_impl(x)
+
+
+# ---------------------------------------------------------------------------
+# torchvision-style DenseNet (pre-activation dense layers, F.relu at the end)
+
+class _DenseLayer(nn.Module):
+    def __init__(self, num_input_features, growth_rate, bn_size, drop_rate=0.0,
+                 memory_efficient=False):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1,
+                               bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1,
+                               padding=1, bias=False)
+        self.drop_rate = float(drop_rate)
+        self.memory_efficient = memory_efficient
+
+    def bn_function(self, inputs):
+        concated_features = torch.cat(inputs, 1)
+        return self.conv1(self.relu1(self.norm1(concated_features)))
+
+    def any_requires_grad(self, input):
+        for tensor in input:
+            if tensor.requires_grad:
+                return True
+        return False
+
+    def forward(self, input):
+        if isinstance(input, torch.Tensor):
+            prev_features = [input]
+        else:
+            prev_features = input
+        if self.memory_efficient and self.any_requires_grad(prev_features):
+            if torch.jit.is_scripting():
+                raise Exception("Memory Efficient not supported in JIT")
+            raise NotImplementedError
+        bottleneck_output = self.bn_function(prev_features)
+        new_features = self.conv2(self.relu2(self.norm2(bottleneck_output)))
+        if self.drop_rate > 0:
+            new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
+        return new_features
+
+
+class _DenseBlock(nn.ModuleDict):
+    def __init__(self, num_layers, num_input_features, bn_size, growth_rate, drop_rate=0.0):
+        super().__init__()
+        for i in range(num_layers):
+            self.add_module("denselayer%d" % (i + 1),
+                            _DenseLayer(num_input_features + i * growth_rate, growth_rate,
+                                        bn_size, drop_rate))
+
+    def forward(self, init_features):
+        features = [init_features]
+        for name, layer in self.items():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class _Transition(nn.Sequential):
+    def __init__(self, num_input_features, num_output_features):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1,
+                              bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+
+class DenseNet(nn.Module):
+    def __init__(self, growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2,
+                 drop_rate=0.0, num_classes=5):
+        super().__init__()
+        self.features = nn.Sequential(OrderedDict([
+            ("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3,
+                                bias=False)),
+            ("norm0", nn.BatchNorm2d(num_init_features)),
+            ("relu0", nn.ReLU(inplace=True)),
+            ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+        ]))
+        num_features = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = _DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate)
+            self.features.add_module("denseblock%d" % (i + 1), block)
+            num_features = num_features + num_layers * growth_rate
+            if i != len(block_config) - 1:
+                trans = _Transition(num_features, num_features // 2)
+                self.features.add_module("transition%d" % (i + 1), trans)
+                num_features = num_features // 2
+        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.classifier = nn.Linear(num_features, num_classes)
+
+    def forward(self, x):
+        features = self.features(x)
+        out = F.relu(features, inplace=True)
+        out = F.adaptive_avg_pool2d(out, (1, 1))
+        out = torch.flatten(out, 1)
+        return self.classifier(out)
+
+
+# ---------------------------------------------------------------------------
+# Inception-style (torchvision's BasicConv2d, eps=1e-3, aux head only in training)
+
+InceptionOutputs = namedtuple("InceptionOutputs", ["logits", "aux_logits"])
+
+
+class BasicConv2d(nn.Module):
+    def __init__(self, in_channels, out_channels, **kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **kwargs)
+        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.bn(x)
+        return F.relu(x, inplace=True)
+
+
+class InceptionA(nn.Module):
+    def __init__(self, in_channels, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(in_channels, 4, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(in_channels, 3, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(3, 4, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 4, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(4, 6, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(6, 6, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
+
+    def _forward(self, x):
+        branch1x1 = self.branch1x1(x)
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        branch_pool = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)
+        branch_pool = self.branch_pool(branch_pool)
+        return [branch1x1, branch5x5, branch3x3dbl, branch_pool]
+
+    def forward(self, x):
+        return torch.cat(self._forward(x), 1)
+
+
+class InceptionAux(nn.Module):
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.conv0 = BasicConv2d(in_channels, 8, kernel_size=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.conv0(x)
+        x = F.adaptive_avg_pool2d(x, (1, 1))
+        return self.fc(torch.flatten(x, 1))
+
+
+class Inception(nn.Module):
+    def __init__(self, num_classes=5, aux_logits=True, transform_input=True):
+        super().__init__()
+        self.aux_logits = aux_logits
+        self.transform_input = transform_input
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 8, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(8, 8, kernel_size=3, padding=1)
+        self.maxpool1 = nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
+        self.Mixed_5b = InceptionA(8, pool_features=4)
+        self.AuxLogits = InceptionAux(18, num_classes) if aux_logits else None
+        self.Mixed_5c = InceptionA(18, pool_features=4)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.dropout = nn.Dropout(p=0.2)
+        self.fc = nn.Linear(18, num_classes)
+
+    def _transform_input(self, x):
+        if self.transform_input:
+            x_ch0 = torch.unsqueeze(x[:, 0], 1) * (0.229 / 0.5) + (0.485 - 0.5) / 0.5
+            x_ch1 = torch.unsqueeze(x[:, 1], 1) * (0.224 / 0.5) + (0.456 - 0.5) / 0.5
+            x_ch2 = torch.unsqueeze(x[:, 2], 1) * (0.225 / 0.5) + (0.406 - 0.5) / 0.5
+            x = torch.cat((x_ch0, x_ch1, x_ch2), 1)
+        return x
+
+    def _forward(self, x):
+        x = self.Conv2d_1a_3x3(x)
+        x = self.Conv2d_2a_3x3(x)
+        x = self.maxpool1(x)
+        x = self.Mixed_5b(x)
+        aux = None
+        if self.AuxLogits is not None:
+            if self.training:
+                aux = self.AuxLogits(x)
+        x = self.Mixed_5c(x)
+        x = F.max_pool2d(x, kernel_size=2, stride=1)
+        x = self.avgpool(x)
+        x = self.dropout(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x), aux
+
+    def eager_outputs(self, x, aux):
+        if self.training and self.aux_logits:
+            return InceptionOutputs(x, aux)
+        return x
+
+    def forward(self, x):
+        x = self._transform_input(x)
+        x, aux = self._forward(x)
+        if torch.jit.is_scripting():
+            return InceptionOutputs(x, aux)
+        return self.eager_outputs(x, aux)
+
+
+# ---------------------------------------------------------------------------
+# VGG-BN (torchvision's make_layers with batch_norm=True)
+
+def vgg_bn(cfg=(8, "M", 16, 16, "M"), num_classes=5):
+    layers, in_channels = [], 3
+    for v in cfg:
+        if v == "M":
+            layers += [nn.MaxPool2d(kernel_size=2, stride=2)]
+        else:
+            layers += [nn.Conv2d(in_channels, v, kernel_size=3, padding=1), nn.BatchNorm2d(v),
+                       nn.ReLU(inplace=True)]
+            in_channels = v
+    return _VGG(nn.Sequential(*layers), in_channels, num_classes)
+
+
+class _VGG(nn.Module):
+    def __init__(self, features, channels, num_classes):
+        super().__init__()
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+        self.classifier = nn.Sequential(
+            nn.Linear(channels * 4, 16), nn.ReLU(True), nn.Dropout(p=0.5),
+            nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+# ---------------------------------------------------------------------------
+# MobileNetV2 (inverted residuals, ReLU6, depthwise convolutions)
+
+class ConvBNActivation(nn.Sequential):
+    def __init__(self, in_planes, out_planes, kernel_size=3, stride=1, groups=1,
+                 activation_layer=nn.ReLU6):
+        padding = (kernel_size - 1) // 2
+        super().__init__(
+            nn.Conv2d(in_planes, out_planes, kernel_size, stride, padding, groups=groups,
+                      bias=False),
+            nn.BatchNorm2d(out_planes),
+            activation_layer(inplace=True))
+        self.out_channels = out_planes
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, inp, oup, stride, expand_ratio, activation_layer=nn.ReLU6):
+        super().__init__()
+        hidden_dim = int(round(inp * expand_ratio))
+        self.use_res_connect = stride == 1 and inp == oup
+        layers = []
+        if expand_ratio != 1:
+            layers.append(ConvBNActivation(inp, hidden_dim, kernel_size=1,
+                                           activation_layer=activation_layer))
+        layers.extend([
+            ConvBNActivation(hidden_dim, hidden_dim, stride=stride, groups=hidden_dim,
+                             activation_layer=activation_layer),
+            nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(oup)])
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        if self.use_res_connect:
+            return x + self.conv(x)
+        return self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self, num_classes=5, activation_layer=nn.ReLU6):
+        super().__init__()
+        settings = [(1, 8, 1, 1), (4, 8, 2, 1), (4, 12, 1, 2)]
+        features = [ConvBNActivation(3, 8, stride=2, activation_layer=activation_layer)]
+        channels = 8
+        for t, c, n, s in settings:
+            for i in range(n):
+                features.append(InvertedResidual(channels, c, s if i == 0 else 1, t,
+                                                 activation_layer))
+                channels = c
+        features.append(ConvBNActivation(channels, 16, kernel_size=1,
+                                         activation_layer=activation_layer))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        x = self.features(x)
+        x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+# ---------------------------------------------------------------------------
+# Depthwise-separable net written with functional calls (F.relu, torch.add, .relu())
+
+class DepthwiseSeparable(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.bn_dw = nn.BatchNorm2d(channels)
+        self.pw = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn_pw = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        y = F.relu(self.bn_dw(self.dw(x)))
+        y = self.bn_pw(self.pw(y))
+        return torch.add(y, x).relu()
+
+
+class DepthwiseNet(nn.Module):
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(8, momentum=None)  # cumulative moving average
+        self.blocks = nn.Sequential(DepthwiseSeparable(8), DepthwiseSeparable(8))
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        x = self.blocks(x)
+        x = F.avg_pool2d(x, 2)
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+# ---------------------------------------------------------------------------
+# Pre-activation ResNet (BN -> ReLU -> conv) and BN -> (+ identity) -> ReLU
+
+class PreActBlock(nn.Module):
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        out += shortcut
+        return out
+
+
+class PreActResNet(nn.Module):
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.layer1 = nn.Sequential(PreActBlock(8, 8), PreActBlock(8, 16, 2))
+        self.bn = nn.BatchNorm2d(16)
+        self.linear = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        out = self.layer1(self.conv1(x))
+        out = F.relu(self.bn(out))
+        out = F.avg_pool2d(out, 4)
+        return self.linear(out.view(out.size(0), -1))
+
+
+class BNAddReLUNet(nn.Module):
+    """relu(bn(cat(a, b)) + x): a BN whose input is not a conv output, with a residual."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_b = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_x = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        identity = self.conv_x(x)
+        y = torch.cat([self.conv_a(x), self.conv_b(x)], 1)
+        out = self.bn(y)
+        out = out + identity
+        out = self.relu(out)
+        return self.fc(out.mean((2, 3)))
+
+
+# ---------------------------------------------------------------------------
+# Corner cases, each named by what it tests
+
+class Quirks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_twice = nn.Conv2d(3, 8, 3, padding=1, bias=False)        # output used twice
+        self.bn_twice = nn.BatchNorm2d(8)
+        self.conv_sync = nn.Conv2d(8, 8, 1)
+        self.bn_sync = nn.SyncBatchNorm(8)                                 # skipped
+        self.conv_reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+        self.bn_reflect = nn.BatchNorm2d(8, track_running_stats=False)     # batch stats always
+        self.conv_leaky = nn.Conv2d(8, 8, 1)
+        self.bn_leaky = nn.BatchNorm2d(8, affine=False)
+        self.leaky = nn.LeakyReLU(0.1)                                     # no kernel
+        self.conv_silu = nn.Conv2d(8, 8, 1)
+        self.conv_relu = nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular")
+        self.frozen = FrozenBatchNorm2d(8)
+        self.conv_u = nn.Conv2d(8, 8, 1)
+        self.conv_v = nn.Conv2d(8, 8, 1)
+        self.conv_m = nn.Conv2d(8, 8, 1, bias=False)
+        self.bn_m = nn.BatchNorm2d(8)                                      # output mutated later
+        self.bn_used = nn.BatchNorm2d(8)                                   # output used twice
+        self.gmp = nn.AdaptiveMaxPool2d(1)                                 # no kernel
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        c = self.conv_twice(x)
+        y = F.relu(self.bn_twice(c), inplace=True) + c
+        y = torch.relu(self.bn_sync(self.conv_sync(y)))
+        y = F.relu(self.bn_reflect(self.conv_reflect(y)))
+        y = self.leaky(self.bn_leaky(self.conv_leaky(y)))
+        y = F.silu(self.conv_silu(y))
+        y = torch.relu(self.conv_relu(y))
+        y = F.relu(self.frozen(y))
+        y = torch.relu(y + F.adaptive_avg_pool2d(y, 1))                    # broadcasting add
+        u = self.conv_u(y)
+        keep = u
+        u += self.conv_v(y)                                                # writes into keep
+        y = torch.relu(u) * keep
+        m = self.bn_m(self.conv_m(y))
+        m.mul_(0.5)
+        b = self.bn_used(m)
+        y = F.relu(b) + b.sigmoid()
+        y = torch.add(y, m).relu_()
+        return self.fc(torch.cat([self.gmp(y).flatten(1), y.mean((2, 3))], 1))
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, cin, cout):
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class CheckedBlock(nn.Module):
+    """Its own forward cannot be traced (an assert on a shape); its children can."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = ConvBNReLU(c, c)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        assert x.shape[1] == self.body[0].in_channels, "channels"
+        return self.pool(self.body(x))
+
+
+class Middle(nn.Module):
+    """Traceable, except for the CheckedBlock inside (kept as a call, fused on its own)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.pre = ConvBNReLU(c, c)
+        self.checked = CheckedBlock(c)
+
+    def forward(self, x):
+        if torch.jit.is_scripting():
+            return x
+        return self.checked(self.pre(x))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow in the root's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvBNReLU(3, 8)
+        self.middle = Middle(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.sum() > 0:
+            x = x * 1.0
+        x = self.middle(x)
+        return self.fc(x.mean((2, 3)))
+
+
+# ---------------------------------------------------------------------------
+# Cases: constructor, input shape, expected report
+
+Case = collections.namedtuple("Case", "make shape bn_fused skipped fullgraph")
+# skipped: {site name: substring of the reason}
+
+
+def _mobilenet_skipped():
+    names = ["features.0.2", "features.1.conv.0.2", "features.2.conv.0.2", "features.2.conv.1.2",
+             "features.3.conv.0.2", "features.3.conv.1.2", "features.4.conv.0.2",
+             "features.4.conv.1.2", "features.5.2"]
+    return {n: "ReLU6 has no cnnops kernel" for n in names}
+
+
+CASES = {
+    "resnet_basic": Case(lambda: ResNet(BasicBlock, [1, 1, 1, 1]), (2, 3, 32, 32), 12, {}, True),
+    "resnet_bottleneck": Case(lambda: ResNet(Bottleneck, [2, 1, 1, 1], width=4), (2, 3, 32, 32),
+                              20, {}, True),
+    "resnet_frozen_bn": Case(lambda: ResNet(BasicBlock, [1, 1, 1, 1],
+                                            norm_layer=FrozenBatchNorm2d), (2, 3, 32, 32), 12, {},
+                             True),
+    # the resnet_classifier seed as users write it: biased convs, out += identity, ReLU(inplace)
+    "seed_resnet_plain": Case(lambda: ResNet(BasicBlock, [1, 1, 1, 1], num_classes=11, bias=True),
+                              (2, 3, 32, 32), 12, {}, True),
+    "densenet": Case(lambda: DenseNet(), (2, 3, 32, 32), 11, {}, True),
+    "densenet_dropout": Case(lambda: DenseNet(drop_rate=0.2), (2, 3, 32, 32), 11, {}, True),
+    "inception": Case(lambda: Inception(), (2, 3, 21, 21), 17, {}, True),
+    "vgg_bn": Case(lambda: vgg_bn(), (2, 3, 16, 16), 3, {}, True),
+    "mobilenet_v2": Case(lambda: MobileNetV2(), (2, 3, 16, 16), 13, _mobilenet_skipped(), True),
+    "mobilenet_relu": Case(lambda: MobileNetV2(activation_layer=nn.ReLU), (2, 3, 16, 16), 13, {},
+                           True),
+    "depthwise": Case(lambda: DepthwiseNet(), (2, 3, 16, 16), 5, {}, True),
+    "preact_resnet": Case(lambda: PreActResNet(), (2, 3, 8, 8), 5,
+                          {"conv1": "conv output used 2 times"}, True),
+    "bn_add_relu": Case(lambda: BNAddReLUNet(), (2, 3, 8, 8), 1, {}, True),
+    "quirks": Case(lambda: Quirks(), (2, 3, 8, 8), 4, {
+        "conv_twice": "conv output used 2 times",
+        "bn_sync": "SyncBatchNorm",
+        "leaky": "LeakyReLU has no cnnops kernel",
+        "silu": "silu has no cnnops kernel",
+        "iadd": "in-place add writes into conv_u",
+        "bn_m": "modified in place later",
+        "bn_used": "BN output used 2 times",
+        "sigmoid": "sigmoid has no cnnops kernel",
+        "gmp": "no cnnops kernel for AdaptiveMaxPool2d",
+    }, True),
+    "untraceable": Case(lambda: Untraceable(), (2, 3, 8, 8), 3, {
+        "(root)": "forward cannot be traced", "middle.checked": "forward cannot be traced"},
+                        False),
+    "seed_residual_plain": Case(lambda: plain.residual_net(), (2, 1, 28, 28), 0, {}, True),
+    "seed_inception_plain": Case(lambda: plain.inception_net(), (2, 1, 28, 28), 0, {}, True),
+    "seed_resnet_classifier": Case(lambda: M.resnet_classifier(layers=(1, 1, 1, 1), width=8),
+                                   (2, 3, 32, 32), 12, {}, True),
+    "seed_residual_net": Case(lambda: M.residual_net(), (2, 1, 28, 28), 0, {}, True),
+    "seed_inception_net": Case(lambda: M.inception_net(), (2, 1, 28, 28), 0, {}, True),
+}
+
+
+def make_pair(name, dtype=torch.float64):
+    torch.manual_seed(0)
+    model = CASES[name].make().to(dtype)
+    _randomize_stats(model)
+    return model, cnnops.fuse(model)
+
+
+def _randomize_stats(model):
+    """Non-trivial BN statistics and affine parameters, so eval mode tests something."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, FrozenBatchNorm2d):
+                if m.running_mean is not None:
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+
+
+def _outputs(out):
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def _step(model, x, seed=0):
+    """Forward (RNG seeded for dropout) and backward of a fixed function of every output."""
+    torch.manual_seed(seed)
+    x = x.clone().requires_grad_(True)
+    outs = _outputs(model(x))
+    loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum()
+               for o in outs)
+    loss.backward()
+    return outs, x.grad
+
+
+def _assert_same_state(model, fused, rtol=1e-9, atol=1e-9):
+    for (k, a), (k2, b) in zip(model.state_dict().items(), fused.state_dict().items()):
+        assert k == k2
+        if a.dtype.is_floating_point:
+            torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=k)
+        else:
+            assert torch.equal(a, b), k
+
+
+def _fused_bn(records):
+    return sorted({r.name for r in records if r.status == "fused" and "bn" in r.pattern})
+
+
+# ---------------------------------------------------------------------------
+# The report
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_report(name):
+    case = CASES[name]
+    model, fused = make_pair(name)
+    records = cnnops.fusion_report(fused)
+    assert all(isinstance(r, FusionRecord) and r.status in ("fused", "skipped") for r in records)
+    assert len(_fused_bn(records)) == case.bn_fused, records
+    skipped = {r.name: r.reason for r in records if r.status == "skipped"}
+    assert set(skipped) == set(case.skipped), skipped
+    for site, reason in case.skipped.items():
+        assert reason in skipped[site], (site, skipped[site])
+    # the dry run on the original says the same and changes nothing
+    before = copy.deepcopy(model.state_dict())
+    flags = [m.training for m in model.modules()]
+    assert cnnops.fusion_report(model) == records
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert [m.training for m in model.modules()] == flags
+    assert list(model.state_dict()) == list(before)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_report_contents_resnet():
+    _, fused = make_pair("resnet_basic")
+    by_name = {r.name: r for r in cnnops.fusion_report(fused)}
+    assert by_name["bn1"].pattern == "conv-bn-relu"
+    assert by_name["layer1.0.bn1"].pattern == "conv-bn-relu"
+    assert by_name["layer1.0.bn2"].pattern == "conv-bn-add-relu"
+    assert by_name["layer2.0.downsample.1"].pattern == "conv-bn"
+    assert by_name["maxpool"].pattern == "max_pool2d"
+    assert by_name["avgpool"].pattern == "adaptive_avg_pool2d"
+
+
+def test_report_contents_others():
+    _, fused = make_pair("densenet")
+    by_name = {r.name: r for r in cnnops.fusion_report(fused)}
+    assert by_name["features.denseblock1.denselayer1.norm1"].pattern == "bn-relu"
+    assert by_name["features.denseblock1.denselayer1.norm2"].pattern == "conv-bn-relu"
+    assert by_name["features.transition1.norm"].pattern == "bn-relu"
+    assert by_name["features.norm5"].pattern == "bn-relu"        # across the Sequential's end
+    assert by_name["features.transition1.pool"].pattern == "avg_pool2d"
+    _, fused = make_pair("quirks")
+    by_name = {r.name: r for r in cnnops.fusion_report(fused)}
+    assert by_name["bn_twice"].pattern == "bn-relu"                  # conv blocked, BN-ReLU not
+    assert by_name["bn_reflect"].status == "fused"                   # reflect padding is fine
+    assert by_name["bn_leaky"].pattern == "conv-bn"                  # fused without LeakyReLU
+    assert by_name["conv_relu"].pattern == "conv-relu"               # circular padding too
+    assert by_name["frozen"].pattern == "bn-relu" and "frozen" in by_name["frozen"].reason
+    assert by_name["add_1"].pattern == "add-relu"                    # broadcasting add
+    assert by_name["add_3"].pattern == "add-relu"                    # torch.add(...).relu_()
+    _, fused = make_pair("seed_residual_plain")
+    patterns = collections.Counter(r.pattern for r in cnnops.fusion_report(fused))
+    assert patterns == {"conv-relu": 2, "conv-add-relu": 2, "max_pool2d": 2}
+    _, fused = make_pair("depthwise")
+    by_name = {r.name: r for r in cnnops.fusion_report(fused)}
+    assert by_name["blocks.0.bn_pw"].pattern == "conv-bn-add-relu"   # torch.add(y, x).relu()
+    _, fused = make_pair("preact_resnet")
+    by_name = {r.name: r for r in cnnops.fusion_report(fused)}
+    assert by_name["layer1.0.bn1"].pattern == "bn-relu"
+    assert by_name["layer1.0.bn2"].pattern == "conv-bn-relu"
+    _, fused = make_pair("inception")
+    by_name = {r.name: r for r in cnnops.fusion_report(fused)}
+    assert by_name["AuxLogits.conv0.bn"].pattern == "conv-bn-relu"  # traced in train mode only
+    assert by_name["Mixed_5b:avg_pool2d"].pattern == "avg_pool2d"
+    assert by_name["max_pool2d"].pattern == "max_pool2d"
+
+
+# ---------------------------------------------------------------------------
+# state_dict and checkpoints
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_state_dict_and_checkpoints(name):
+    model, fused = make_pair(name)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    _assert_same_state(model, fused, rtol=0, atol=0)
+    assert type(fused) is type(model)
+    assert [n for n, _ in fused.named_modules()] == [n for n, _ in model.named_modules()]
+    # an existing checkpoint loads strictly into the fused model and the other way round
+    torch.manual_seed(1)
+    other = CASES[name].make().double()
+    _randomize_stats(other)
+    fused.load_state_dict(other.state_dict(), strict=True)
+    _assert_same_state(other, fused, rtol=0, atol=0)
+    fresh = CASES[name].make().double()
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    _assert_same_state(fused, fresh, rtol=0, atol=0)
+    x = torch.randn(CASES[name].shape, dtype=torch.float64)
+    other.eval(), fused.eval()
+    with torch.no_grad():
+        for a, b in zip(_outputs(fused(x)), _outputs(other(x))):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------
+# Outputs, gradients, statistics
+
+def _check_steps(name, mode, steps):
+    model, fused = make_pair(name)
+    model.train(mode == "train")
+    fused.train(mode == "train")
+    torch.manual_seed(3)
+    x = torch.randn(CASES[name].shape, dtype=torch.float64)
+    for step in range(steps):  # running statistics and num_batches_tracked accumulate
+        out_m, gx_m = _step(model, x, seed=step)
+        out_f, gx_f = _step(fused, x, seed=step)
+        assert len(out_m) == len(out_f)
+        for a, b in zip(out_f, out_m):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(gx_f, gx_m, rtol=1e-8, atol=1e-9)
+        for (k, p), (_, q) in zip(model.named_parameters(), fused.named_parameters()):
+            assert (p.grad is None) == (q.grad is None), k
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-9, msg=k)
+        _assert_same_state(model, fused)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_step_matches_original(name, mode):
+    """Outputs, input and parameter gradients, running statistics, num_batches_tracked."""
+    _check_steps(name, mode, 2 if mode == "train" else 1)
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "densenet", "inception", "quirks"])
+def test_step_matches_original_per_backend(name, backend):
+    _check_steps(name, "train", 1)
+
+
+def test_float32_matches_original():
+    for name in ("resnet_basic", "densenet", "inception", "quirks", "seed_residual_plain"):
+        torch.manual_seed(0)
+        model = CASES[name].make()
+        _randomize_stats(model)
+        fused = cnnops.fuse(model)
+        x = torch.randn(CASES[name].shape)
+        for train in (True, False):
+            model.train(train), fused.train(train)
+            out_m, gx_m = _step(model, x)
+            out_f, gx_f = _step(fused, x)
+            for a, b in zip(out_f, out_m):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(gx_f, gx_m, rtol=1e-3, atol=5e-4)
+            _assert_same_state(model, fused, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# The fused ops run
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+_OP_OF_PATTERN = {"conv-bn": "conv_bn_relu", "conv-bn-relu": "conv_bn_relu",
+                  "conv-bn-add": "conv_bn_relu", "conv-bn-add-relu": "conv_bn_relu",
+                  "bn-relu": "bn_relu", "bn-add": "bn_relu", "bn-add-relu": "bn_relu",
+                  "conv-relu": "conv2d_relu", "conv-add-relu": "conv2d_relu",
+                  "add-relu": "add_relu", "max_pool2d": "max_pool2d",
+                  "avg_pool2d": "avg_pool2d", "adaptive_avg_pool2d": "adaptive_avg_pool2d"}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fused_ops_run(name):
+    """In train mode (every site runs), on the cpu backend, each fused record is one op call."""
+    _, fused = make_pair(name)
+    fused.train()
+    want = collections.Counter(_OP_OF_PATTERN[r.pattern] for r in cnnops.fusion_report(fused)
+                               if r.status == "fused")
+    recorder = OpRecorder()
+    x = torch.randn(CASES[name].shape, dtype=torch.float64)
+    with cnnops.use_backend("cpu"), recorder:
+        fused(x)
+    got = {k[len("cnnops::"):]: v for k, v in recorder.calls.items()
+           if k.startswith("cnnops::") and k[len("cnnops::"):] in set(_OP_OF_PATTERN.values())}
+    assert got == dict(want)
+    # a fused BN no longer runs aten's batch norm: only the skipped BN sites do
+    aten_bn = sum(v for k, v in recorder.calls.items() if "batch_norm" in k and "aten" in k)
+    unfused_bn = [n for n, m in fused.named_modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  and n not in _fused_bn(cnnops.fusion_report(fused))]
+    assert aten_bn == len(unfused_bn)
+
+
+# ---------------------------------------------------------------------------
+# deepcopy, pickle, .to(), compile
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_copy_pickle_and_to(name):
+    torch.manual_seed(0)
+    model = CASES[name].make()
+    _randomize_stats(model)
+    fused = cnnops.fuse(model)
+    records = cnnops.fusion_report(fused)
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    copies = {"deepcopy": copy.deepcopy(fused), "pickle": pickle.loads(pickle.dumps(fused)),
+              "torch.save": loaded}
+    model64 = copy.deepcopy(model).to(torch.float64).train()
+    fused64 = fused.to(torch.float64)
+    assert fused64 is fused
+    x = torch.randn(CASES[name].shape, dtype=torch.float64)
+    out_ref, gx_ref = _step(model64, x)
+    for label, c in list(copies.items()) + [("to", fused64)]:
+        assert cnnops.fusion_report(c) == records, label
+        assert list(c.state_dict()) == list(model.state_dict()), label
+        c.to(torch.float64).train()
+        out, gx = _step(c, x)
+        for a, b in zip(out, out_ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=label)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-8, atol=1e-9, msg=label)
+        _assert_same_state(model64, c)   # each copy updated its own statistics like the original
+
+
+COMPILE_FAST = [("resnet_basic", "train"), ("inception", "train"), ("inception", "eval"),
+                ("untraceable", "train"), ("quirks", "eval")]
+
+
+@pytest.mark.parametrize("name,mode", COMPILE_FAST)
+def test_compile(name, mode):
+    _check_compiled(name, mode)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,mode", [(n, m) for n in sorted(CASES) for m in ("train", "eval")
+                                       if (n, m) not in COMPILE_FAST])
+def test_compile_every_model(name, mode):
+    _check_compiled(name, mode)
+
+
+def _check_compiled(name, mode):
+    """torch.compile(aot_eager) of the fused model: fullgraph where the original traces as a
+    whole; same outputs, gradients and statistics as the original."""
+    model, fused = make_pair(name)
+    model.train(mode == "train")
+    fused.train(mode == "train")
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=CASES[name].fullgraph)
+    x = torch.randn(CASES[name].shape, dtype=torch.float64)
+    out_m, gx_m = _step(model, x)
+    out_c, gx_c = _step(compiled, x)
+    for a, b in zip(out_c, out_m):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gx_c, gx_m, rtol=1e-8, atol=1e-9)
+    for (k, p), (_, q) in zip(model.named_parameters(), fused.named_parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-9, msg=k)
+    _assert_same_state(model, fused)
+
+
+# ---------------------------------------------------------------------------
+# Behaviour around the fused forward
+
+def test_inplace_and_idempotent():
+    torch.manual_seed(0)
+    model = CASES["resnet_basic"].make()
+    same = cnnops.fuse(model, inplace=True)
+    assert same is model and "forward" in model.__dict__
+    records = cnnops.fusion_report(model)
+    again = cnnops.fuse(model)
+    assert cnnops.fusion_report(again) == records
+    original = CASES["resnet_basic"].make()
+    copy_ = cnnops.fuse(original)      # inplace=False: the original is left alone
+    assert copy_ is not original and "forward" in copy_.__dict__
+    assert not any("forward" in m.__dict__ for m in original.modules())
+    assert not hasattr(original, "_cnnops_fusion_records")
+
+
+def test_mixed_training_flags_fall_back():
+    """Inception's traced code depends on self.training: with its modules in mixed modes the
+    class's own forward runs, still giving the original's results."""
+    model, fused = make_pair("inception")
+    assert "_cnnops_eval" in fused.__dict__["forward"].source   # train and eval code differ
+    for m in (model, fused):
+        m.train()
+        m.Mixed_5b.eval()
+    x = torch.randn(CASES["inception"].shape, dtype=torch.float64)
+    out_m, _ = _step(model, x)
+    out_f, _ = _step(fused, x)
+    for a, b in zip(out_f, out_m):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    _assert_same_state(model, fused)
+
+
+def test_replaced_submodule_is_used():
+    """The fused forward looks modules up at call time: fine-tuning a new head works."""
+    model, fused = make_pair("resnet_basic")
+    model.fc = nn.Linear(64, 3).double()
+    fused.fc = copy.deepcopy(model.fc)
+    x = torch.randn(CASES["resnet_basic"].shape, dtype=torch.float64)
+    model.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+class InplaceIntoInput(nn.Module):
+    """out += x writes into the caller's tensor; the fused model must do the same."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        z = x * 2.0
+        x += self.bn(self.conv(z))
+        return torch.relu(x)
+
+
+class ResidualInto(nn.Module):
+    """identity += bn(conv(x)) with a fresh identity: fused, the add writing into identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.proj = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        identity = self.proj(x)
+        identity += self.bn(self.conv(x))
+        return F.relu(identity)
+
+
+class BroadcastResidual(nn.Module):
+    """out += a [N, C, 1, 1] residual: fused, and at run time the original ops (shapes differ)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        out += x.mean((2, 3), keepdim=True)
+        return torch.relu(out)
+
+
+@pytest.mark.parametrize("make", [InplaceIntoInput, ResidualInto, BroadcastResidual],
+                         ids=["into_input", "into_residual", "broadcast_residual"])
+def test_inplace_adds(make):
+    torch.manual_seed(0)
+    model = make().double()
+    fused = cnnops.fuse(model)
+    for train in (True, False):
+        model.train(train), fused.train(train)
+        x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+        xm, xf = x.clone(), x.clone()
+        with torch.no_grad():
+            torch.testing.assert_close(fused(xf), model(xm), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(xf, xm, rtol=1e-9, atol=1e-9)   # same caller-visible effect
+        grads = []
+        for m in (model, fused):
+            leaf = x.clone().requires_grad_(True)
+            out = m(leaf * 1.0)       # not a leaf: in-place into the input is allowed
+            weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+            (out * weights).sum().backward()
+            grads.append((out, leaf.grad))
+        torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-8, atol=1e-9)
+        _assert_same_state(model, fused)
+    by_name = {r.name: r for r in cnnops.fusion_report(fused)}
+    if make is InplaceIntoInput:      # x += ... must keep writing into the caller's tensor
+        assert by_name["bn"].pattern == "conv-bn" and by_name["iadd"].status == "skipped"
+    else:
+        assert by_name["bn"].pattern == "conv-bn-add-relu" and by_name["bn"].status == "fused"
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_padding_modes(padding_mode, backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode),
+                          nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=2, dilation=2, padding_mode=padding_mode),
+                          nn.ReLU()).double()
+    fused = cnnops.fuse(model)
+    assert [r.status for r in cnnops.fusion_report(fused)] == ["fused", "fused"]
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    for train in (True, False):
+        model.train(train), fused.train(train)
+        out_m, gx_m = _step(model, x)
+        out_f, gx_f = _step(fused, x)
+        torch.testing.assert_close(out_f[0], out_m[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(gx_f, gx_m, rtol=1e-8, atol=1e-9)
+        _assert_same_state(model, fused)
+
+
+def test_unbatched_input_uses_original_ops():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(1)).double()
+    fused = cnnops.fuse(model)
+    x = torch.randn(3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(fused(x[None]), model(x[None]), rtol=1e-9, atol=1e-9)
+
+
+def test_conv_subclasses_and_hooks():
+    class StdConv2d(nn.Conv2d):   # weight standardisation: traced through, not a conv module
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    class MyConv(nn.Conv2d):      # keeps Conv2d.forward: fused like one
+        pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          MyConv(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU()).double()
+    seen = []
+    model[6].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    fused = cnnops.fuse(model)
+    by_name = {r.name: r for r in cnnops.fusion_report(fused)}
+    assert by_name["1"].pattern == "bn-relu" and by_name["1"].status == "fused"
+    assert by_name["4"].pattern == "conv-bn-relu" and by_name["4"].status == "fused"
+    assert by_name["6"].status == "skipped" and "hooks" in by_name["6"].reason
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for train in (True, False):
+        model.train(train), fused.train(train)
+        out_m, gx_m = _step(model, x)
+        out_f, gx_f = _step(fused, x)
+        torch.testing.assert_close(out_f[0], out_m[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(gx_f, gx_m, rtol=1e-8, atol=1e-9)
+        _assert_same_state(model, fused)
+    assert len(seen) == 4   # the hook ran in both models, both modes
+
+
+def test_fuse_never_raises():
+    class Weird(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = ConvBNReLU(3, 4)
+
+        def forward(self, x, scale=None):
+            if scale is not None and scale.item() > 1:
+                x = x * 2
+            y = self.block(x)
+            return {"out": y, "n": int(y.shape[0])}
+
+    torch.manual_seed(0)
+    model = Weird().double()
+    fused = cnnops.fuse(model)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    model.eval(), fused.eval()
+    torch.testing.assert_close(fused(x, torch.tensor(2.0))["out"],
+                               model(x, torch.tensor(2.0))["out"])
+    assert {r.name: r.status for r in cnnops.fusion_report(fused)}["block.1"] == "fused"
+    with pytest.raises(TypeError):
+        cnnops.fuse(lambda x: x)
+
+
+class NoGradStats(nn.Module):
+    """A forward with its own grad mode and a side effect: kept as it is (fused inside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = ConvBNReLU(3, 4)
+        self.probe = nn.Conv2d(4, 4, 1)
+        self.last_mean = None
+
+    def forward(self, x):
+        y = self.body(x)
+        with torch.no_grad():
+            z = self.probe(y)
+        self.last_mean = z.mean()
+        return y + z
+
+
+class Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stats = NoGradStats()
+        self.head = ConvBNReLU(4, 4)
+
+    def forward(self, x):
+        return self.head(self.stats(x))
+
+
+def test_grad_mode_and_side_effects_are_kept():
+    torch.manual_seed(0)
+    model = Holder().double()
+    fused = cnnops.fuse(model)
+    by_name = {r.name: r for r in cnnops.fusion_report(fused)}
+    assert by_name["stats"].status == "skipped" and "no_grad" in by_name["stats"].reason
+    assert by_name["stats.body.1"].status == "fused" and by_name["head.1"].status == "fused"
+    assert "forward" in fused.__dict__ and "forward" not in fused.stats.__dict__
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    out_m, gx_m = _step(model, x)
+    out_f, gx_f = _step(fused, x)
+    torch.testing.assert_close(out_f[0], out_m[0], rtol=1e-9, atol=1e-9)
+    assert fused.stats.probe.weight.grad is None and model.stats.probe.weight.grad is None
+    torch.testing.assert_close(fused.stats.last_mean, model.stats.last_mean)
+    _assert_same_state(model, fused)
+
+
+def test_wrapped_in_data_parallel():
+    torch.manual_seed(0)
+    model = nn.DataParallel(ResNet(BasicBlock, [1, 1, 1, 1])).double()
+    fused = cnnops.fuse(model)
+    assert len(_fused_bn(cnnops.fusion_report(fused))) == 12
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out_m, _ = _step(model, x)
+    out_f, _ = _step(fused, x)
+    torch.testing.assert_close(out_f[0], out_m[0], rtol=1e-9, atol=1e-9)
