@@ -371,17 +371,17 @@ CASES = {
                   {"conv2d": 2, "avg_pool2d": 2}),
     # the full conv stack needs 224x224 input; the hidden Linear layers are narrowed
     "alexnet": Case(lambda: M.alexnet(hidden_features=32), lambda: twin_alexnet(hidden=32),
-                    (1, 1, 224, 224), {"conv2d": 5, "max_pool2d": 3}),
+                    (1, 1, 224, 224), {"conv2d_relu": 5, "max_pool2d": 3}),
     "vgg11": Case(lambda: M.vgg11(width_divisor=16, hidden_features=32, input_size=32),
                   lambda: twin_vgg(((1, 4), (1, 8), (2, 16), (2, 32), (2, 32)), hidden=32,
                                    side=1),
-                  (2, 1, 32, 32), {"conv2d": 8, "max_pool2d": 5}),
+                  (2, 1, 32, 32), {"conv2d_relu": 8, "max_pool2d": 5}),
     "nin": Case(lambda: M.nin(), lambda: twin_nin(), (2, 1, 67, 67),
-                {"conv2d": 12, "max_pool2d": 3, "adaptive_avg_pool2d": 1}),
+                {"conv2d_relu": 12, "max_pool2d": 3, "adaptive_avg_pool2d": 1}),
     # 48x48 leaves b5 a 2x2 map (32x32 would leave 1x1: see test_googlenet_tiny_input)
     "googlenet": Case(lambda: M.googlenet(), lambda: twin_googlenet(), (2, 1, 48, 48),
-                      # stem convs (d2l Sequential indices) + 6 fused conv->ReLU per Inception
-                      {"conv2d": 3, "conv2d_relu": 9 * 6, "max_pool2d": 4 + 9,
+                      # stem convs + 6 per Inception, each conv -> ReLU fused
+                      {"conv2d_relu": 3 + 9 * 6, "max_pool2d": 4 + 9,
                        "adaptive_avg_pool2d": 1}),
     "resnet18": Case(lambda: M.resnet18(num_classes=10),
                      lambda: TvResNet(TvBasicBlock, [2, 2, 2, 2], num_classes=10),

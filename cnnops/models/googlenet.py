@@ -1,8 +1,8 @@
 """GoogLeNet as in Dive into Deep Learning (ch. 7.4 / 8.4), for 96x96 input.
 
 No BatchNorm: inside the Inception blocks each conv -> ReLU is one
-cnnops::conv2d_relu (apply_conv_relu); the stem Sequentials keep d2l's
-Conv2d, ReLU indices (cnnops.fuse fuses those); pools are cnnops.nn.MaxPool2d / AdaptiveAvgPool2d; torch.cat joins the
+cnnops::conv2d_relu (apply_conv_relu); cnnops.fuse does the same for the
+stem Sequentials, which keep d2l's Conv2d, ReLU indices; pools are cnnops.nn.MaxPool2d / AdaptiveAvgPool2d; torch.cat joins the
 Inception paths. Module names and indices as in d2l (net = Sequential(b1, ..., b5,
 Linear); Inception.p1_1 ... p4_2).
 """
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import nn as cnn
+from ..fuse import fuse
 
 __all__ = ["Inception", "googlenet"]
 
@@ -58,4 +59,4 @@ def googlenet(num_classes=10, in_channels=1):
                        Inception(832, 384, (192, 384), (48, 128), 128),
                        cnn.AdaptiveAvgPool2d((1, 1)),
                        nn.Flatten())
-    return nn.Sequential(b1, b2, b3, b4, b5, nn.Linear(1024, num_classes))
+    return fuse(nn.Sequential(b1, b2, b3, b4, b5, nn.Linear(1024, num_classes)), inplace=True)

@@ -1,13 +1,14 @@
 """VGG-11 as in Dive into Deep Learning (ch. 7.2).
 
 Blocks of 3x3 pad-1 convolutions + ReLU, each block ending in a 2x2 max pool.
-No BatchNorm, so each convolution is a cnnops.nn.Conv2d followed by a torch
-nn.ReLU (conv_bn_relu does not apply); pools are cnnops.nn.MaxPool2d; the MLP
+No BatchNorm: written as d2l's Sequential (Conv2d, ReLU, ...); cnnops.fuse
+turns each conv -> ReLU into one cnnops::conv2d_relu (same module tree and keys); pools are cnnops.nn.MaxPool2d; the MLP
 head stays torch. Same module indices as d2l's ``vgg(conv_arch)``.
 """
 from torch import nn
 
 from .. import nn as cnn
+from ..fuse import fuse
 
 __all__ = ["VGG11_ARCH", "vgg_block", "vgg11"]
 
@@ -44,8 +45,8 @@ def vgg11(num_classes=10, in_channels=1, conv_arch=None, width_divisor=1, hidden
     if side < 1:
         raise ValueError("input_size %d is too small for %d pooling blocks"
                          % (input_size, len(conv_arch)))
-    return nn.Sequential(
+    return fuse(nn.Sequential(
         *blocks, nn.Flatten(),
         nn.Linear(channels * side * side, hidden_features), nn.ReLU(), nn.Dropout(dropout),
         nn.Linear(hidden_features, hidden_features), nn.ReLU(), nn.Dropout(dropout),
-        nn.Linear(hidden_features, num_classes))
+        nn.Linear(hidden_features, num_classes)), inplace=True)
