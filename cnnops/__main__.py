@@ -111,8 +111,8 @@ def cmd_train(args):
     for name in runs:
         print("%-10s %9.3f %11.2f" % (name, history[name]["acc"][-1], per_epoch(name)))
     drift = max(abs(a - b) for a, b in zip(history["cnnops"]["loss"], history["torch.nn"]["loss"]))
-    print("speed: cnnops takes %.2fx the time of torch.nn per epoch (%.2fx faster)"
-          % (per_epoch("cnnops") / per_epoch("torch.nn"), per_epoch("torch.nn") / per_epoch("cnnops")))
+    print("speed: cnnops runs at %.2fx the speed of torch.nn (median time per epoch)"
+          % (per_epoch("torch.nn") / per_epoch("cnnops")))
     print("parity: largest difference in epoch loss between the two runs: %.2e" % drift)
     if args.plot:
         _plot(history, args.plot, args.model)
@@ -203,7 +203,7 @@ RESNET18_LAYERS = [(64, 56, 64, 3, 1, 1), (128, 28, 128, 3, 1, 1), (256, 14, 256
 def _speed_table(repeat, batch):
     print("\nCPU time, cnnops `cpu` backend vs torch eager (ratio > 1: cnnops faster), batch %d, "
           "%d threads, median of %d:" % (batch, torch.get_num_threads(), repeat))
-    print("%-22s %-15s %10s %10s %7s" % ("layer", "op", "torch ms", "cnnops ms", "ratio"))
+    print("%-22s %-19s %10s %10s %7s" % ("layer", "op", "torch ms", "cnnops ms", "ratio"))
     for C, H, OC, k, s, p in RESNET18_LAYERS:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(batch, C, H, H, generator=g)
@@ -237,7 +237,7 @@ def _speed_table(repeat, batch):
             with torch.set_grad_enabled(not no_grad), cnnops.use_backend("cpu"):
                 t_torch = _median_time(theirs, repeat)
                 t_ours = _median_time(ours, repeat)
-            print("%-22s %-15s %10.2f %10.2f %7.2f" % (layer, name, 1e3 * t_torch, 1e3 * t_ours,
+            print("%-22s %-19s %10.2f %10.2f %7.2f" % (layer, name, 1e3 * t_torch, 1e3 * t_ours,
                                                          t_torch / t_ours), flush=True)
 
 

@@ -1,0 +1,693 @@
+"""Shared pieces of the cnnops benchmark suite: shapes, implementations, timing, checks, memory.
+
+The suite (bench/test_bench_*.py, run with ``pytest bench/ --benchmark-only``) times
+each op and model for several implementations; one pytest-benchmark group is one
+comparison (same op, same shape, same inputs, same device), and every row of a
+group has ``extra_info["impl"]`` naming its implementation:
+
+    torch eager                 PyTorch's native kernels (oneDNN/MKL on CPU, cuDNN on GPU),
+                                unfused modules: Conv2d -> BatchNorm2d -> ReLU(inplace)
+    torch.compile               the same eager code under torch.compile (inductor,
+                                fullgraph, static shapes); compiled before timing
+    cnnops <backend>            the cnnops op / module / model on that backend
+    cnnops.fuse                 cnnops.fuse(plain model) (only when cnnops.fuse exists)
+    cnnops <backend> + torch.compile   the cnnops model under torch.compile (--full)
+
+FLOPs count convolution multiply-adds only (2 * MACs): BatchNorm, ReLU and adds are
+left out, so a fused op and its unfused twin have the same FLOPs. A training
+forward + backward counts the forward convolution, the weight gradient and (unless
+the layer reads the network input) the input gradient: 3x (or 2x) the forward.
+The sgemm fraction is (FLOPs / median time) / (this machine's measured sgemm rate).
+"""
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+import platform
+import time
+
+import torch
+from torch import nn
+
+import cnnops
+
+EAGER = "torch eager"
+COMPILE = "torch.compile"
+FUSE = "cnnops.fuse"
+
+
+def cnnops_impl(backend):
+    return "cnnops " + backend
+
+
+def cnnops_compile_impl(backend):
+    return "cnnops %s + torch.compile" % backend
+
+
+def impl_backend(impl):
+    """The cnnops backend an implementation runs on (None for torch ones; 'auto' for fuse)."""
+    if impl == FUSE:
+        return "auto"
+    if impl.startswith("cnnops "):
+        return impl.split()[1]
+    return None
+
+
+def impl_id(impl):
+    """A short pytest id for an implementation."""
+    return (impl.replace("torch eager", "eager").replace("torch.compile", "compile")
+            .replace("cnnops.fuse", "fuse").replace(" + ", "+").replace(" ", "-"))
+
+
+# ---------------------------------------------------------------------------
+# layer shapes
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """A convolution layer: input [N, C, H, W] -> [N, OC, OH, OW]; ``nets`` it occurs in."""
+    C: int
+    H: int
+    W: int
+    OC: int
+    k: int
+    s: int = 1
+    p: int = None
+    bias: bool = False
+    nets: tuple = ()
+
+    @property
+    def pad(self):
+        return self.k // 2 if self.p is None else self.p
+
+    @property
+    def key(self):
+        return (self.C, self.H, self.W, self.OC, self.k, self.s, self.pad, self.bias)
+
+    @property
+    def out_hw(self):
+        return ((self.H + 2 * self.pad - self.k) // self.s + 1,
+                (self.W + 2 * self.pad - self.k) // self.s + 1)
+
+    @property
+    def first(self):
+        """Reads the network input (3 or 1 channels): training needs no input gradient."""
+        return self.C <= 3
+
+    @property
+    def label(self):
+        text = "%dx%dx%d k%d s%d" % (self.C, self.H, self.W, self.k, self.s)
+        if self.pad != self.k // 2:
+            text += " p%d" % self.pad
+        text += " -> %d" % self.OC
+        return text + (" +bias" if self.bias else "")
+
+    @property
+    def id(self):
+        return self.label.replace(" -> ", "-").replace(" +", "-").replace(" ", "")
+
+    def flops(self, batch):
+        oh, ow = self.out_hw
+        return 2 * batch * self.OC * oh * ow * self.C * self.k * self.k
+
+    def train_flops(self, batch):
+        return (2 if self.first else 3) * self.flops(batch)
+
+
+def _r18(C, H, OC, k, s, p=None):
+    return Conv(C, H, H, OC, k, s, p, nets=("resnet18",))
+
+
+# The ResNet-18 layer set the targets are stated over (batch 8): the 7x7 stem, the
+# 3x3 layers of each stage, the stride-2 3x3 transitions and the 1x1 stride-2
+# downsample shortcuts.
+RESNET18_LAYERS = [
+    _r18(3, 224, 64, 7, 2, 3),
+    _r18(64, 56, 64, 3, 1), _r18(128, 28, 128, 3, 1), _r18(256, 14, 256, 3, 1),
+    _r18(512, 7, 512, 3, 1),
+    _r18(64, 56, 128, 3, 2), _r18(128, 28, 256, 3, 2), _r18(256, 14, 512, 3, 2),
+    _r18(64, 56, 128, 1, 2), _r18(128, 28, 256, 1, 2), _r18(256, 14, 512, 1, 2),
+]
+
+NETS = ("resnet18", "resnet50", "densenet121", "googlenet")
+
+
+def _trace_convs(build, shape):
+    """Every Conv2d a plain twin runs on an input of ``shape``, in order (on the meta device)."""
+    with torch.device("meta"):
+        model = build()
+    found = []
+
+    def hook(module, args):
+        _, C, H, W = args[0].shape
+        found.append(Conv(C, H, W, module.out_channels, module.kernel_size[0], module.stride[0],
+                          module.padding[0], module.bias is not None))
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        model.eval()(torch.empty(shape, device="meta"))
+    return found
+
+
+def _thin(convs):
+    """Of each run of layers sharing (H, W, OC, k, s) keep the first and the last.
+
+    DenseNet's 1x1 bottlenecks differ only in input channels (58 of them) and
+    GoogLeNet has 50-odd Inception convolutions; their ends span the range.
+    """
+    groups = {}
+    for c in convs:
+        groups.setdefault((c.H, c.W, c.OC if c.k != 1 else None, c.k, c.s), []).append(c)
+    keep = set()
+    for members in groups.values():
+        keep.add(members[0].key)
+        keep.add(members[-1].key)
+    return [c for c in convs if c.key in keep]
+
+
+@functools.lru_cache(maxsize=None)
+def layer_set(net):
+    """The unique convolution shapes of ``net`` at 224x224 (batch not included)."""
+    if net == "resnet18":
+        return list(RESNET18_LAYERS)
+    import plain_models as P
+    if net == "googlenet":  # d2l's GoogLeNet has torchvision's Inception widths; at 224: 28/14/7
+        convs = _trace_convs(lambda: P.twin_googlenet(in_channels=3), (1, 3, 224, 224))
+    else:
+        convs = _trace_convs(P.TWINS[net][0], (1, 3, 224, 224))
+    unique = list({c.key: c for c in convs}.values())
+    if net in ("densenet121", "googlenet"):
+        unique = _thin(unique)
+    return [dataclasses.replace(c, nets=(net,)) for c in unique]
+
+
+def conv_layers(nets):
+    """The union of the nets' layer sets, each shape once (``nets`` lists every net it is in)."""
+    merged = {}
+    for net in nets:
+        for c in layer_set(net):
+            if c.key in merged:
+                merged[c.key] = dataclasses.replace(merged[c.key], nets=merged[c.key].nets + (net,))
+            else:
+                merged[c.key] = c
+    return list(merged.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Act:
+    """An activation tensor [N, C, H, W] for the elementwise ops (bn_relu, add_relu)."""
+    C: int
+    H: int
+    W: int
+    residual: bool = False
+    nets: tuple = ()
+
+    @property
+    def label(self):
+        return "%dx%dx%d%s" % (self.C, self.H, self.W, " +residual" if self.residual else "")
+
+    @property
+    def id(self):
+        return self.label.replace(" +", "-")
+
+    def numel(self, batch):
+        return batch * self.C * self.H * self.W
+
+
+# ResNet-18 stage outputs; DenseNet-121's widest pre-activation of each block (--full).
+RESNET18_ACTS = [Act(64, 56, 56, nets=("resnet18",)), Act(128, 28, 28, nets=("resnet18",)),
+                 Act(256, 14, 14, nets=("resnet18",)), Act(512, 7, 7, nets=("resnet18",))]
+FULL_ACTS = RESNET18_ACTS + [
+    dataclasses.replace(a, residual=True) for a in RESNET18_ACTS] + [
+    Act(256, 56, 56, nets=("densenet121",)), Act(512, 28, 28, nets=("densenet121",)),
+    Act(1024, 14, 14, nets=("densenet121",)), Act(1024, 7, 7, nets=("densenet121",))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """A pooling layer: kind max / avg / adaptive_avg, input [N, C, H, W]."""
+    kind: str
+    C: int
+    H: int
+    k: int = 0
+    s: int = 0
+    p: int = 0
+    nets: tuple = ()
+
+    @property
+    def shape(self):
+        if self.kind == "adaptive_avg":
+            return "%dx%dx%d -> 1x1" % (self.C, self.H, self.H)
+        return "%dx%dx%d k%d s%d p%d" % (self.C, self.H, self.H, self.k, self.s, self.p)
+
+    @property
+    def label(self):
+        return "%s %s" % (self.kind, self.shape)
+
+    @property
+    def id(self):
+        return self.label.replace(" -> ", "-").replace(" ", "-")
+
+    def out_hw(self):
+        if self.kind == "adaptive_avg":
+            return 1
+        return (self.H + 2 * self.p - self.k) // self.s + 1
+
+
+QUICK_POOLS = [Pool("max", 64, 112, 3, 2, 1, nets=("resnet18", "resnet50")),
+               Pool("avg", 128, 56, 2, 2, 0, nets=("densenet121",)),
+               Pool("adaptive_avg", 512, 7, nets=("resnet18",))]
+FULL_POOLS = QUICK_POOLS + [
+    Pool("avg", 256, 28, 2, 2, 0, nets=("densenet121",)),
+    Pool("avg", 512, 14, 2, 2, 0, nets=("densenet121",)),
+    Pool("max", 192, 28, 3, 1, 1, nets=("googlenet",)),
+    Pool("max", 480, 28, 3, 2, 1, nets=("googlenet",)),
+    Pool("adaptive_avg", 2048, 7, nets=("resnet50",)),
+    Pool("adaptive_avg", 1024, 7, nets=("densenet121", "googlenet"))]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+    """A model at batch x in_channels x size x size."""
+    name: str
+    batch: int
+    size: int
+
+    @property
+    def label(self):
+        import plain_models as P
+        return "%s b%d %dx%dx%d" % (self.name, self.batch, P.TWINS[self.name][2], self.size,
+                                    self.size)
+
+    @property
+    def id(self):
+        return "%s-b%d-%d" % (self.name, self.batch, self.size)
+
+
+# Quick: the target sizes for inference of the ResNets (batch 8, 128x128); smaller
+# training steps so the default run stays within a few minutes on 2 cores.
+QUICK_MODELS = {
+    "eval": [ModelCase("resnet_classifier", 8, 128), ModelCase("resnet50", 8, 128),
+             ModelCase("densenet121", 4, 64), ModelCase("googlenet", 8, 96)],
+    "train": [ModelCase("resnet_classifier", 8, 64), ModelCase("resnet50", 2, 64),
+              ModelCase("densenet121", 2, 64), ModelCase("googlenet", 4, 96)],
+}
+FULL_MODELS = {
+    "eval": QUICK_MODELS["eval"] + [ModelCase("resnet_classifier", 8, 224),
+                                    ModelCase("resnet50", 8, 224),
+                                    ModelCase("densenet121", 8, 224),
+                                    ModelCase("googlenet", 32, 96)],
+    "train": QUICK_MODELS["train"] + [ModelCase("resnet_classifier", 8, 128),
+                                      ModelCase("resnet50", 4, 64), ModelCase("resnet50", 8, 128),
+                                      ModelCase("densenet121", 8, 128),
+                                      ModelCase("googlenet", 8, 96)],
+}
+
+
+# ---------------------------------------------------------------------------
+# devices, backends, settings
+
+def devices(selected=None):
+    found = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if selected:
+        wanted = [d.strip() for d in selected.split(",") if d.strip()]
+        unknown = [d for d in wanted if d not in ("cpu", "cuda")]
+        if unknown:
+            raise ValueError("unknown device(s) %s; expected cpu and/or cuda" % unknown)
+        return [d for d in wanted if d in found]
+    return found
+
+
+def backend_runs_on(name, device):
+    """Whether cnnops backend ``name`` can run a float32 call on ``device`` here."""
+    try:
+        with cnnops.use_backend(name):
+            cnnops.backends.resolve(torch.empty(0, device=device))
+        return True
+    except RuntimeError:
+        return False
+
+
+class Settings:
+    """What a run measures: from --full, --bench-* options (see conftest.py)."""
+
+    def __init__(self, full=False, backends="default", compile="auto", nets=None, models=None,
+                 batch=8, devices_=None, rounds=None):
+        self.full = full
+        self.compile = compile
+        self.batch = batch
+        self.devices = devices(devices_)
+        self.requested_backends = backends
+        available = cnnops.available_backends()
+        if backends in ("default", "all"):
+            wanted = [b for b in available if b != "reference" or full or backends == "all"]
+        else:
+            wanted = [b.strip() for b in backends.split(",") if b.strip()]
+            bad = [b for b in wanted if b not in cnnops.backends.NAMES[1:]]
+            if bad:
+                raise ValueError("unknown cnnops backend(s) %s; expected some of %s"
+                                 % (bad, ", ".join(cnnops.backends.NAMES[1:])))
+            missing = [b for b in wanted if b not in available]
+            if missing:
+                raise ValueError("cnnops backend(s) %s not available here (available: %s)"
+                                 % (missing, ", ".join(available)))
+        self.backends = wanted
+        self.nets = [n.strip() for n in nets.split(",")] if nets else (
+            list(NETS) if full else ["resnet18"])
+        bad = [n for n in self.nets if n not in NETS]
+        if bad:
+            raise ValueError("unknown net(s) %s for --bench-nets; expected some of %s"
+                             % (bad, ", ".join(NETS)))
+        self.models = [m.strip() for m in models.split(",")] if models else None
+        known = {c.name for cases in FULL_MODELS.values() for c in cases}
+        if self.models and not set(self.models) <= known:
+            raise ValueError("unknown model(s) %s for --bench-models; expected some of %s"
+                             % (sorted(set(self.models) - known), ", ".join(sorted(known))))
+        # Timed rounds per implementation: as many as fit a time budget (estimated from a
+        # warm-up call), between a floor and a cap, so a loaded machine stays within the
+        # run's time; --bench-rounds fixes the number. Warm-up calls are untimed and follow
+        # the correctness check (itself a first call, and torch.compile's compilation).
+        self.fixed_rounds = rounds
+        self.layer_warmup, self.model_warmup = (2, 1) if full else (1, 1)
+        #                    (floor, cap, budget seconds)
+        self.layer_rounds = (10, 30, 4.0) if full else (3, 15, 0.6)
+        self.model_rounds = (3, 10, 15.0) if full else (2, 7, 1.5)
+        self._sgemm = {}
+        self.start_info = machine_info()  # before the run: the load average says if it was quiet
+        self.results = []  # (group, impl, median seconds, extra_info) of each finished benchmark
+
+    def rounds_for(self, seconds_per_call, model=False):
+        if self.fixed_rounds:
+            return self.fixed_rounds
+        floor, cap, budget = self.model_rounds if model else self.layer_rounds
+        return int(max(floor, min(cap, math.ceil(budget / max(seconds_per_call, 1e-6)))))
+
+    def backends_for(self, device):
+        return [b for b in self.backends if backend_runs_on(b, device)]
+
+    def compile_for(self, op):
+        """torch.compile rows: in quick mode only for the headline conv_bn_relu inference groups
+        (each compiled shape costs seconds of inductor time on 2 cores)."""
+        if self.compile == "none":
+            return False
+        if self.compile == "all" or self.full:
+            return True
+        return op == "conv_bn_relu eval"
+
+    def layer_impls(self, device, op):
+        impls = [EAGER]
+        if self.compile_for(op):
+            impls.append(COMPILE)
+        impls += [cnnops_impl(b) for b in self.backends_for(device)]
+        return impls
+
+    def model_impls(self, device):
+        impls = [EAGER]
+        if self.compile_for("model"):
+            impls.append(COMPILE)
+        backends = self.backends_for(device)
+        impls += [cnnops_impl(b) for b in backends]
+        impls.append(FUSE)  # skipped at run time while cnnops.fuse does not exist
+        if self.compile_for("model"):
+            impls += [cnnops_compile_impl(b) for b in backends if b != "reference"]
+        return impls
+
+    def model_cases(self, mode):
+        cases = (FULL_MODELS if self.full else QUICK_MODELS)[mode]
+        if self.models is not None:
+            cases = [c for c in cases if c.name in self.models]
+        return cases
+
+    def sgemm_gflops(self, device):
+        """This machine's float32 GEMM rate (GFLOP/s), measured once per session and device."""
+        if device not in self._sgemm:
+            self._sgemm[device] = measure_sgemm(device)
+        return self._sgemm[device]
+
+
+def measure_sgemm(device, n=None, repeat=7):
+    """Best-of-``repeat`` GFLOP/s of an n x n x n float32 torch.mm (n: 1024 CPU, 4096 GPU)."""
+    n = n or (4096 if device == "cuda" else 1024)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device)
+    b = torch.randn(n, n, generator=g).to(device)
+    out = torch.empty(n, n, device=device)
+    best = float("inf")
+    for i in range(repeat + 2):
+        sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        sync(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def machine_info():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu_model": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "cnnops": cnnops.__version__,
+            "cnnops_backends": cnnops.available_backends(),
+            "mkldnn": torch.backends.mkldnn.is_available(),
+            "mkl": torch.backends.mkl.is_available(),
+            "cnnops_fuse": hasattr(cnnops, "fuse"),
+            "cnnops_path": os.path.dirname(os.path.abspath(cnnops.__file__))}
+    try:
+        info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+# ---------------------------------------------------------------------------
+# implementations
+
+@contextlib.contextmanager
+def running(impl):
+    """The cnnops backend context an implementation runs in (no-op for torch ones)."""
+    backend = impl_backend(impl)
+    if backend is None:
+        yield
+    else:
+        with cnnops.use_backend(backend):
+            yield
+
+
+def compiled(fn):
+    """torch.compile(fn) on a fresh dynamo state, fullgraph and static shapes.
+
+    Each benchmark compiles one function for one shape; resetting keeps the suite's many
+    compiles of the same code objects from running into dynamo's recompile limit (which
+    would silently fall back to eager) and from turning on dynamic shapes.
+    """
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def randomize_bn(model, seed=1):
+    """Non-trivial BN affine parameters and running statistics, so eval mode folds something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+
+
+def randn(shape, device, seed, scale=1.0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(shape, generator=g) * scale).to(device)
+    return t.requires_grad_(requires_grad)
+
+
+def named_params(module):
+    """(name, parameter) sorted by name, with torch.compile's ``_orig_mod.`` prefix removed."""
+    return sorted((n.replace("_orig_mod.", ""), p) for n, p in module.named_parameters())
+
+
+# ---------------------------------------------------------------------------
+# checks: a broken kernel must not look fast
+
+def assert_close(actual, expected, what, rtol=1e-3, norm=False):
+    """max |actual - expected| <= rtol * max(1, max |expected|), NaN failing; with norm=True,
+    ||actual - expected|| <= rtol * ||expected|| instead (for gradients deep in a float32
+    network, whose elementwise error eager itself does not keep small)."""
+    if isinstance(expected, (tuple, list)):
+        assert len(actual) == len(expected), "%s: %d results, expected %d" % (
+            what, len(actual), len(expected))
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_close(a, e, "%s[%d]" % (what, i), rtol, norm)
+        return
+    assert tuple(actual.shape) == tuple(expected.shape), "%s: shape %s, expected %s" % (
+        what, tuple(actual.shape), tuple(expected.shape))
+    a, e = actual.detach().double(), expected.detach().double()
+    if not e.numel():
+        return
+    if norm:
+        err, bound = (a - e).norm().item(), rtol * e.norm().item()
+        assert err <= bound, "%s: ||impl - eager|| = %.3g > %.3g (rtol %g)" % (what, err, bound,
+                                                                                rtol)
+    else:
+        bound = rtol * max(1.0, e.abs().max().item())
+        err = (a - e).abs().max().item()
+        assert err <= bound, "%s: max |impl - eager| = %.3g > %.3g" % (what, err, bound)
+
+
+# ---------------------------------------------------------------------------
+# timing
+
+def time_it(benchmark, settings, fn, device, model=False):
+    """benchmark.pedantic over ``fn``: one call per round, after untimed warm-up calls.
+
+    The number of rounds comes from the last warm-up call's duration (Settings.rounds_for).
+    Returns fn's result of the last timed round, for the caller to check.
+    """
+    if str(device).startswith("cuda"):
+        inner = fn
+
+        def fn():
+            out = inner()
+            torch.cuda.synchronize()
+            return out
+    seconds = None
+    for _ in range(max(1, settings.model_warmup if model else settings.layer_warmup)):
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+    rounds = settings.rounds_for(seconds, model)
+    return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+
+
+def median_seconds(benchmark):
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # --benchmark-disable
+        return None
+    return stats.stats.median
+
+
+def finish(benchmark, settings, device, flops=None, nbytes=None):
+    """Adds GFLOP/s, the sgemm fraction and GB/s to extra_info; records the row for the summary."""
+    info = benchmark.extra_info
+    median = median_seconds(benchmark)
+    if flops is not None:
+        info["flops"] = flops
+        info["sgemm_gflops"] = round(settings.sgemm_gflops(device), 2)
+    if nbytes is not None:
+        info["bytes"] = nbytes
+    if median:
+        info["median_ms"] = round(median * 1e3, 4)
+        if flops is not None:
+            info["gflops"] = round(flops / median / 1e9, 2)
+            info["sgemm_fraction"] = round(flops / median / 1e9 / info["sgemm_gflops"], 4)
+        if nbytes is not None:
+            info["gbytes_per_s"] = round(nbytes / median / 1e9, 2)
+        settings.results.append((benchmark.group, info.get("impl"), median, dict(info)))
+
+
+# ---------------------------------------------------------------------------
+# memory of a training step
+
+def _storage_key(t):
+    st = t.untyped_storage()
+    return st.data_ptr(), st.nbytes()
+
+
+@contextlib.contextmanager
+def _cpu_peak():
+    """High-water mark of the CPU memory allocated while the block runs and not yet freed,
+    from the profiler's allocation events (frees of blocks allocated before the block are
+    left out); result["peak"] stays None where that is unavailable."""
+    result = {"peak": None}
+    try:
+        from torch._C._profiler import _EventType
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        yield result
+        return
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield result
+    try:
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+        events = []
+        while stack:
+            e = stack.pop()
+            stack.extend(e.children)
+            f = e.extra_fields
+            if e.tag == _EventType.Allocation and str(f.device) == "cpu":
+                events.append((e.start_time_ns, f.alloc_size, f.ptr))
+        live, current, peak = set(), 0, 0
+        for _, size, ptr in sorted(events):
+            if size > 0:
+                live.add(ptr)
+                current += size
+            elif ptr in live:
+                live.discard(ptr)
+                current += size
+            peak = max(peak, current)
+        result["peak"] = peak
+    except Exception:  # private profiler API: report nothing rather than fail the benchmark
+        result["peak"] = None
+
+
+def training_memory(step, module, device):
+    """Runs ``step()`` (forward + backward) once and measures its activation memory.
+
+    The module's gradients are set to None first (as zero_grad(set_to_none=True) does).
+    saved_bytes: unique storages saved for backward (torch.autograd.graph.saved_tensors_hooks),
+    parameters and buffers excluded; saved_bytes_with_params: including them;
+    peak_bytes: the high-water mark of memory allocated during the step (activations,
+    gradients, temporaries) above what was allocated before it: torch.cuda.max_memory_allocated
+    on GPU; on CPU from the profiler's allocation events (None where unavailable).
+    Returns (step's result, dict).
+    """
+    for p in module.parameters():
+        p.grad = None
+    weights = {t.untyped_storage().data_ptr() for t in list(module.parameters())
+               + list(module.buffers())}
+    saved = {}
+
+    def pack(t):
+        ptr, nbytes = _storage_key(t)
+        saved[ptr] = (nbytes, ptr in weights)
+        return t
+
+    info = {}
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            result = step()
+        torch.cuda.synchronize()
+        info["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+        info["peak_source"] = "torch.cuda.max_memory_allocated"
+    else:
+        with _cpu_peak() as peak, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            result = step()
+        info["peak_bytes"] = peak["peak"]
+        info["peak_source"] = "profiler CPU allocation events" if peak["peak"] is not None else None
+    info["saved_bytes"] = sum(n for n, is_weight in saved.values() if not is_weight)
+    info["saved_bytes_with_params"] = sum(n for n, _ in saved.values())
+    info["saved_tensors"] = len(saved)
+    return result, info

@@ -1,0 +1,218 @@
+"""Per-model benchmarks: inference and a training step of resnet_classifier, resnet50,
+densenet121 and googlenet, and the activation memory of the training step.
+
+Implementations (benchlib): the plain torch.nn twin ("torch eager": the same weights in
+torchvision-style unfused modules), torch.compile of the twin (--full), the cnnops model
+on each backend, cnnops.fuse(twin) (when cnnops.fuse exists), and the cnnops model under
+torch.compile (--full). All start from the same weights (the cnnops model's, with
+randomised BatchNorm statistics, loaded into the twin) and the same input batch.
+
+Inference: model.eval(), under torch.no_grad(); the logits are checked against the
+eager twin's before timing and on the last timed round.
+Training step: zero_grad(set_to_none) -> forward -> cross-entropy -> backward -> SGD step,
+BatchNorm in training mode. The SGD step runs with lr=0 (momentum 0.9): all its
+arithmetic is done but the weights stay put, so every round computes the same loss,
+which is checked against the eager twin's after timing; before timing, the loss and
+three parameters' gradients are checked. Memory (extra_info, see
+benchlib.training_memory): bytes saved for backward and the step's peak allocation.
+"""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnops
+import cnnops.models as M
+import plain_models as P
+from benchlib import (COMPILE, EAGER, FUSE, assert_close, compiled, finish, impl_backend,
+                      impl_id, randn, randomize_bn, running, time_it, training_memory)
+
+
+def cases(mode):
+    def make(settings):
+        for device in settings.devices:
+            for case in settings.model_cases(mode):
+                for impl in settings.model_impls(device):
+                    yield ("%s-%s-%s" % (device, case.id, impl_id(impl)), device, case, impl)
+
+    def decorate(fn):
+        fn.bench_cases = make
+        return fn
+    return decorate
+
+
+@functools.lru_cache(maxsize=None)
+def _weights(name):
+    """The state_dict every implementation of model ``name`` starts from (CPU)."""
+    torch.manual_seed(0)
+    model = getattr(M, P.TWINS[name][1])()
+    randomize_bn(model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _materialize(build, name, device):
+    """build() on the meta device (no initialisation work), then _weights(name) assigned in."""
+    with torch.device("meta"):
+        model = build()
+    weights = {k: v.clone() for k, v in _weights(name).items()}
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.to(device)
+
+
+def _twin(name, device):
+    return _materialize(P.TWINS[name][0], name, device)
+
+
+def _cnnops_model(name, device):
+    return _materialize(getattr(M, P.TWINS[name][1]), name, device)
+
+
+def _build(name, impl, device, train):
+    """The module that implementation ``impl`` runs, in train or eval mode."""
+    if impl in (EAGER, COMPILE):
+        model = _twin(name, device).train(train)
+        return compiled(model) if impl == COMPILE else model
+    if impl == FUSE:
+        if not hasattr(cnnops, "fuse"):
+            pytest.skip("cnnops.fuse is not available in this version of cnnops")
+        twin = _twin(name, device).train(train)
+        try:
+            fused = cnnops.fuse(twin)
+        except Exception as e:  # noqa: BLE001  (an unsupported mode is a skip, not a result)
+            if train:
+                pytest.skip("cnnops.fuse does not support a model in training mode: %s" % e)
+            raise
+        return (twin if fused is None else fused).train(train)
+    model = _cnnops_model(name, device).train(train)
+    return compiled(model) if impl.endswith("+ torch.compile") else model
+
+
+@functools.lru_cache(maxsize=None)
+def _flops(name, batch, size, train):
+    """FLOPs of the twin's forward (+ backward): torch.utils.flop_counter on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        twin = P.TWINS[name][0]().train(train)
+        x = torch.empty(batch, P.TWINS[name][2], size, size)
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            out = twin(x)
+            F.cross_entropy(out, torch.zeros(batch, dtype=torch.long, device="meta")).backward()
+        else:
+            with torch.no_grad():
+                twin(x)
+    return counter.get_total_flops()
+
+
+def _inputs(case, device, num_classes):
+    x = randn((case.batch, P.TWINS[case.name][2], case.size, case.size), device, 0)
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, num_classes, (case.batch,), generator=g).to(device)
+    return x, y
+
+
+def _describe(benchmark, case, mode, impl, device):
+    shape = "%dx%dx%d" % (P.TWINS[case.name][2], case.size, case.size)
+    benchmark.group = "%s %s | %s | b%d %s" % (case.name, mode, shape, case.batch, device)
+    benchmark.extra_info.update(dict(op="model", model=case.name, mode=mode, shape=shape,
+                                     impl=impl, device=device, batch=case.batch, size=case.size,
+                                     backend=impl_backend(impl), sets=[case.name]))
+
+
+_REFERENCE = {}
+
+
+def _num_classes(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+
+
+def _checked_params(model):
+    """Weights whose gradients are compared: the first convolution's, a middle one's and the
+    classifier's (a conv bias before BatchNorm has a zero gradient: nothing to compare)."""
+    names = [n.replace("_orig_mod.", "") for n, p in model.named_parameters() if p.dim() > 1]
+    return [names[0], names[len(names) // 2], names[-1]]
+
+
+def _probe(model, x, y):
+    """Forward + backward without an optimizer: (loss, {name: grad})."""
+    for p in model.parameters():
+        p.grad = None
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.detach(), {n.replace("_orig_mod.", ""): p.grad for n, p in model.named_parameters()}
+
+
+def _instrumented_probe(model, x, y, device):
+    """_probe under benchlib.training_memory: ((loss, grads), memory info)."""
+    try:
+        return training_memory(lambda: _probe(model, x, y), model, device)
+    except Exception as e:  # noqa: BLE001  (e.g. hooks a compiled graph cannot take)
+        return _probe(model, x, y), {"memory_error": "%s: %s" % (type(e).__name__, e)}
+
+
+@cases("eval")
+def test_model_eval(benchmark, bench, device, case, impl):
+    _describe(benchmark, case, "eval", impl, device)
+    key = ("eval", case, device)
+    with running(impl), torch.no_grad():
+        model = _build(case.name, impl, device, train=False)
+        x, _ = _inputs(case, device, _num_classes(model))
+        out = model(x)  # the first call (for torch.compile: compiles)
+        if impl == EAGER and key not in _REFERENCE:
+            _REFERENCE[key] = out
+        if key not in _REFERENCE:
+            _REFERENCE[key] = _twin(case.name, device).eval()(x)
+        expected = _REFERENCE[key]
+        assert_close(out, expected, impl)
+        result = time_it(benchmark, bench, lambda: model(x), device, model=True)
+    assert_close(result, expected, impl + " (timed)")
+    finish(benchmark, bench, device, flops=_flops(case.name, case.batch, case.size, False))
+
+
+@cases("train")
+def test_model_train(benchmark, bench, device, case, impl):
+    _describe(benchmark, case, "train", impl, device)
+    key = ("train", case, device)
+    compiling = impl.endswith("torch.compile")
+    with running(impl):
+        model = _build(case.name, impl, device, train=True)
+        x, y = _inputs(case, device, _num_classes(model))
+        # The first call checks against eager and, except under torch.compile (which compiles
+        # in it), measures the activation memory; torch.compile's is measured after timing.
+        if compiling:
+            (loss, grads), memory = _probe(model, x, y), None
+        else:
+            (loss, grads), memory = _instrumented_probe(model, x, y, device)
+        if impl == EAGER and key not in _REFERENCE:
+            _REFERENCE[key] = (loss, {n: grads[n] for n in _checked_params(model)})
+        if key not in _REFERENCE:
+            twin = _twin(case.name, device).train()
+            ref_loss, ref_grads = _probe(twin, x, y)
+            _REFERENCE[key] = (ref_loss, {n: ref_grads[n] for n in _checked_params(twin)})
+        expected_loss, expected_grads = _REFERENCE[key]
+        assert_close(loss, expected_loss, impl + " loss")
+        for name, grad in expected_grads.items():
+            if name in grads:
+                # float32 gradients of the first layers of a deep BN network differ from a
+                # float64 computation by up to ~2% for eager itself; a broken kernel: ~100%
+                assert_close(grads[name], grad, "%s grad of %s" % (impl, name), rtol=0.05,
+                             norm=True)
+            else:
+                raise AssertionError("%s has no parameter %s" % (impl, name))
+        opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        result = time_it(benchmark, bench, step, device, model=True)
+        assert_close(result, expected_loss, impl + " loss (timed)")
+        if memory is None:
+            opt.zero_grad(set_to_none=True)
+            _, memory = _instrumented_probe(model, x, y, device)
+    benchmark.extra_info.update(memory)
+    finish(benchmark, bench, device, flops=_flops(case.name, case.batch, case.size, True))
