@@ -23,24 +23,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cnnops
 import cnnops.models as M
-# torchvision's ResNet / DenseNet and d2l's GoogLeNet, unfused (shared with the benchmarks)
+# the unfused torch.nn definitions shared with the benchmarks and the main job
+import cnnops.models.plain as P
 from cnnops.models.plain import TvBasicBlock, TvBottleneck, TvDenseNet, TvResNet, twin_googlenet
 
 
 # ---------------------------------------------------------------------------
 # torch.nn twins: d2l (Dive into Deep Learning, PyTorch edition)
-
-def twin_lenet(num_classes=10, in_channels=1):
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 6, kernel_size=5, padding=2), nn.Sigmoid(),
-        nn.AvgPool2d(kernel_size=2, stride=2),
-        nn.Conv2d(6, 16, kernel_size=5), nn.Sigmoid(),
-        nn.AvgPool2d(kernel_size=2, stride=2),
-        nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120), nn.Sigmoid(),
-        nn.Linear(120, 84), nn.Sigmoid(),
-        nn.Linear(84, num_classes))
-
 
 def twin_alexnet(num_classes=10, in_channels=1, hidden=4096):
     return nn.Sequential(
@@ -103,71 +92,6 @@ def twin_nin(num_classes=10, in_channels=1):
 
 
 # ---------------------------------------------------------------------------
-# torch.nn twins: the seed networks
-
-class TwinInceptionA(nn.Module):
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch_pool = nn.Conv2d(in_channels, 24, kernel_size=1)
-        self.branch1x1 = nn.Conv2d(in_channels, 16, kernel_size=1)
-        self.branch5x5_1 = nn.Conv2d(in_channels, 16, kernel_size=1)
-        self.branch5x5_2 = nn.Conv2d(16, 24, kernel_size=5, padding=2)
-        self.branch3x3_1 = nn.Conv2d(in_channels, 16, kernel_size=1)
-        self.branch3x3_2 = nn.Conv2d(16, 24, kernel_size=3, padding=1)
-        self.branch3x3_3 = nn.Conv2d(24, 24, kernel_size=3, padding=1)
-
-    def forward(self, x):
-        branch_pool = self.branch_pool(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1))
-        branch1x1 = self.branch1x1(x)
-        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
-        branch3x3 = self.branch3x3_3(self.branch3x3_2(self.branch3x3_1(x)))
-        return torch.cat([branch_pool, branch1x1, branch5x5, branch3x3], dim=1)
-
-
-class TwinInceptionNet(nn.Module):
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
-        self.conv2 = nn.Conv2d(88, 20, kernel_size=5)
-        self.incep1 = TwinInceptionA(10)
-        self.incep2 = TwinInceptionA(20)
-        self.mp = nn.MaxPool2d(2)
-        self.fc = nn.Linear(1408, num_classes)
-
-    def forward(self, x):
-        x = self.incep1(F.relu(self.mp(self.conv1(x))))
-        x = self.incep2(F.relu(self.mp(self.conv2(x))))
-        return self.fc(x.view(x.size(0), -1))
-
-
-class TwinResidualBlock(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-
-    def forward(self, x):
-        y = self.conv2(F.relu(self.conv1(x)))
-        return F.relu(x + y)
-
-
-class TwinResidualNet(nn.Module):
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, kernel_size=5)
-        self.conv2 = nn.Conv2d(16, 32, kernel_size=5)
-        self.mp = nn.MaxPool2d(2)
-        self.rblock1 = TwinResidualBlock(16)
-        self.rblock2 = TwinResidualBlock(32)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x):
-        x = self.rblock1(F.relu(self.mp(self.conv1(x))))
-        x = self.rblock2(F.relu(self.mp(self.conv2(x))))
-        return self.fc(x.view(x.size(0), -1))
-
-
-# ---------------------------------------------------------------------------
 # The cases
 
 Case = collections.namedtuple("Case", "make twin shape ops")
@@ -175,7 +99,7 @@ Case = collections.namedtuple("Case", "make twin shape ops")
 # ops: how many times each cnnops op runs in one forward on the cpu backend; the
 # same number of its backward runs in the backward pass; nothing else from cnnops.
 CASES = {
-    "lenet": Case(lambda: M.lenet(), lambda: twin_lenet(), (4, 1, 28, 28),
+    "lenet": Case(lambda: M.lenet(), lambda: P.lenet(), (4, 1, 28, 28),
                   {"conv2d": 2, "avg_pool2d": 2}),
     # the full conv stack needs 224x224 input; the hidden Linear layers are narrowed
     "alexnet": Case(lambda: M.alexnet(hidden_features=32), lambda: twin_alexnet(hidden=32),
@@ -217,15 +141,15 @@ CASES = {
                                                width=16, bias=True),
                               (2, 3, 32, 32),
                               {"conv_bn_relu": 20, "max_pool2d": 1, "adaptive_avg_pool2d": 1}),
-    "inception_net": Case(lambda: M.inception_net(), lambda: TwinInceptionNet(), (4, 1, 28, 28),
+    "inception_net": Case(lambda: M.inception_net(), lambda: P.inception_net(), (4, 1, 28, 28),
                           {"conv2d": 2 + 2 * 7, "max_pool2d": 2, "avg_pool2d": 2}),
-    "residual_net": Case(lambda: M.residual_net(), lambda: TwinResidualNet(), (4, 1, 28, 28),
+    "residual_net": Case(lambda: M.residual_net(), lambda: P.residual_net(), (4, 1, 28, 28),
                          {"conv2d": 2, "conv2d_relu": 4, "max_pool2d": 2}),
 }
 
 # Full-size constructors and their twins (compared on the meta device, not run).
 FULL = {
-    "lenet": (M.lenet, twin_lenet),
+    "lenet": (M.lenet, P.lenet),
     "alexnet": (M.alexnet, twin_alexnet),
     "vgg11": (M.vgg11, twin_vgg),
     "nin": (M.nin, twin_nin),
@@ -236,8 +160,8 @@ FULL = {
     "densenet121": (M.densenet121, lambda: TvDenseNet()),
     "resnet_classifier": (M.resnet_classifier,
                           lambda: TvResNet(TvBasicBlock, [2, 2, 2, 2], num_classes=11, bias=True)),
-    "inception_net": (M.inception_net, TwinInceptionNet),
-    "residual_net": (M.residual_net, TwinResidualNet),
+    "inception_net": (M.inception_net, P.inception_net),
+    "residual_net": (M.residual_net, P.residual_net),
 }
 
 # Independent counts: d2l's figures for LeNet/AlexNet, torchvision's for ResNet/DenseNet.
