@@ -230,8 +230,9 @@ def max_pool2d_backward(grad_output, input, indices, kernel_size=None, stride=No
     given to max_pool2d) the kernel gathers: each input element visits only the
     KH*KW windows that can contain it. Without it (the cnnops::max_pool2d_backward
     schema carries none), the windows are unknown, and the gradient is summed with
-    an accumulating index_put_, which is deterministic on CUDA (sort-based) and on
-    CPU but slower and copies through a float32/float64 buffer.
+    an accumulating index_put_: deterministic on CUDA, where aten sorts the indices
+    and reduces each run of equal ones in order, but slower, and it goes through a
+    float32 (float64) buffer and a copy into input's layout.
     """
     N, C, H, W = input.shape
     cl = _channels_last(input)
@@ -425,7 +426,10 @@ def avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_m
 
 @triton.jit
 def _adaptive_bin(o, size, out_size):
-    """aten's bin o of `size` inputs split into `out_size`: [floor(o*size/out), ceil((o+1)*size/out))."""
+    """aten's bin o of `size` inputs split `out_size` ways.
+
+    [floor(o*size/out_size), ceil((o+1)*size/out_size)).
+    """
     # o*size can pass 2^31 while both factors fit in int32; the bounds themselves fit.
     o64 = o.to(tl.int64)
     start = (o64 * size) // out_size
