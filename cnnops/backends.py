@@ -5,7 +5,8 @@ Every op has up to four implementations behind one API:
 =========== ============================================================
 ``cpu``     C++ kernels (csrc/cpu), CPU tensors, float32/float64
 ``cuda``    CUDA kernels (csrc/cuda), CUDA tensors
-``triton``  Triton kernels (cnnops.triton_kernels), CUDA tensors
+``triton``  Triton kernels (cnnops.triton_kernels), CUDA tensors (CPU tensors under
+            TRITON_INTERPRET=1, Triton's interpreter), float16/bfloat16/float32/float64
 ``reference`` pure PyTorch (cnnops.reference), any device and dtype
 =========== ============================================================
 
@@ -23,9 +24,11 @@ import os
 import torch
 
 from . import _ext
+from . import triton_kernels
 
 NAMES = ("auto", "cpu", "cuda", "triton", "reference")
 _CPU_DTYPES = (torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_name(name):
@@ -82,7 +85,15 @@ def _unavailable(name, tensor):
             return "it runs on CUDA tensors, got a tensor on %s" % tensor.device
         return None
     if name == "triton":
-        return "the Triton kernels are not part of this version of cnnops"
+        why = triton_kernels.unavailable()
+        if why is not None:
+            return why
+        if device != "cuda" and not (device == "cpu" and triton_kernels.INTERPRET):
+            return ("it runs on CUDA tensors (CPU tensors only in Triton's interpreter, "
+                    "TRITON_INTERPRET=1), got a tensor on %s" % tensor.device)
+        if dtype not in _TRITON_DTYPES:
+            return "it supports float16, bfloat16, float32 and float64, got %s" % dtype
+        return None
     raise AssertionError(name)
 
 
@@ -116,5 +127,8 @@ def implementation(tensor):
     if name == "reference":
         from . import reference
         return reference
-    from . import ops
-    return ops
+    if name == "triton":
+        from .triton_kernels.ops import TRITON
+        return TRITON
+    from .ops import COMPILED
+    return COMPILED

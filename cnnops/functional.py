@@ -21,6 +21,26 @@ __all__ = ["conv2d", "conv2d_relu", "batch_norm", "bn_relu", "conv_bn_relu", "ma
 
 
 # ---------------------------------------------------------------------------
+# autocast
+
+def _autocast(input, *tensors):
+    """The convolution's tensors as torch.autocast hands them to aten's convolution.
+
+    Inside an autocast region for input's device, floating-point tensors other than
+    float64 are cast to the autocast dtype (float16 or bfloat16); outside one, or for
+    other arguments (BatchNorm's parameters and statistics stay as they are, as for
+    aten's batch_norm), nothing changes. Returns (input, *tensors).
+    """
+    device = input.device.type if isinstance(input, torch.Tensor) else None
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return (input,) + tensors
+    dtype = torch.get_autocast_dtype(device)
+    cast = lambda t: (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                      and t.dtype not in (torch.float64, dtype) else t)
+    return (cast(input),) + tuple(cast(t) for t in tensors)
+
+
+# ---------------------------------------------------------------------------
 # argument checks
 
 def _check_tensor(t, name, optional=False):
@@ -139,7 +159,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     input [N, C, H, W], weight [OC, C/groups, KH, KW], bias [OC] or None
     -> [N, OC, OH, OW] with OH = floor((H + 2*padding - dilation*(KH-1) - 1) / stride) + 1.
     padding: int, pair, 'valid' or 'same' (stride 1 only).
+    Under torch.autocast, runs in the autocast dtype as aten's convolution does.
     """
+    input, weight, bias = _autocast(input, weight, bias)
     input, stride, padding, dilation, groups = _conv_args(input, weight, bias, stride, padding,
                                                           dilation, groups)
     impl = backends.implementation(input)
@@ -152,6 +174,7 @@ def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, group
 
     Arguments as conv2d; residual [N, OC, OH, OW] or None. -> [N, OC, OH, OW]
     """
+    input, weight, bias, residual = _autocast(input, weight, bias, residual)
     input, stride, padding, dilation, groups = _conv_args(input, weight, bias, stride, padding,
                                                           dilation, groups)
     _check_like(residual, input, "residual", conv_output_shape(input, weight, stride, padding,
@@ -261,9 +284,11 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
     or None; bn_weight, bn_bias, running_mean, running_var [OC] or None;
     residual [N, OC, OH, OW] or None. Convolution arguments as conv2d, BN
     arguments as batch_norm (running statistics are updated in training).
-    In inference BN is folded into the convolution's epilogue.
-    -> [N, OC, OH, OW]
+    In inference BN is folded into the convolution's epilogue. Under torch.autocast the
+    convolution's tensors (input, weight, bias, residual) are cast as for conv2d; the BN
+    tensors are not. -> [N, OC, OH, OW]
     """
+    input, weight, bias, residual = _autocast(input, weight, bias, residual)
     input, stride, padding, dilation, groups = _conv_args(input, weight, bias, stride, padding,
                                                           dilation, groups)
     OC = weight.shape[0]

@@ -148,14 +148,20 @@ if _ext.LOADED:
     def _(grad_output, output):
         return _like(output, output.shape, _fmt(output))
 
-    # ---- autograd -------------------------------------------------------------
-    # Each forward op saves what its backward op reads; statistics and indices
-    # are outputs without gradients.
+# ---------------------------------------------------------------------------
+# Autograd: each forward op saves what its backward op reads; statistics and
+# indices are outputs without gradients. Shared by every namespace with these
+# schemas (cnnops, and cnnops_triton for the Triton kernels).
 
-    def _grads(ctx, values, n_inputs):
-        """Gradients for autograd: None where an input needs none (or is not a tensor)."""
-        out = [v if ctx.needs_input_grad[i] else None for i, v in enumerate(values)]
-        return tuple(out) + (None,) * (n_inputs - len(out))
+def _grads(ctx, values, n_inputs):
+    """Gradients for autograd: None where an input needs none (or is not a tensor)."""
+    out = [v if ctx.needs_input_grad[i] else None for i, v in enumerate(values)]
+    return tuple(out) + (None,) * (n_inputs - len(out))
+
+
+def register_autograd(ns):
+    """Registers the autograd formulas of the ops in namespace ``ns``."""
+    lib = getattr(torch.ops, ns)
 
     def _conv2d_setup(ctx, inputs, output):
         input, weight, bias, stride, padding, dilation, groups = inputs
@@ -167,7 +173,7 @@ if _ext.LOADED:
         mask = list(ctx.needs_input_grad[:3])
         return _grads(ctx, lib.conv2d_backward(grad, input, weight, *ctx.conv, mask), 7)
 
-    torch.library.register_autograd("cnnops::conv2d", _conv2d_backward, setup_context=_conv2d_setup)
+    torch.library.register_autograd(ns + "::conv2d", _conv2d_backward, setup_context=_conv2d_setup)
 
     def _conv2d_relu_setup(ctx, inputs, output):
         input, weight, bias, residual, stride, padding, dilation, groups = inputs
@@ -181,7 +187,7 @@ if _ext.LOADED:
         gi, gw, gb = lib.conv2d_backward(grad, input, weight, *ctx.conv, [n[0], n[1], n[2]])
         return _grads(ctx, (gi, gw, gb, grad), 8)
 
-    torch.library.register_autograd("cnnops::conv2d_relu", _conv2d_relu_backward,
+    torch.library.register_autograd(ns + "::conv2d_relu", _conv2d_relu_backward,
                                     setup_context=_conv2d_relu_setup)
 
     def _bn_setup(ctx, inputs, output):
@@ -196,7 +202,7 @@ if _ext.LOADED:
         return _grads(ctx, lib.batch_norm_backward(grad, input, weight, mean, invstd,
                                                    ctx.training, mask), 7)
 
-    torch.library.register_autograd("cnnops::batch_norm", _batch_norm_backward,
+    torch.library.register_autograd(ns + "::batch_norm", _batch_norm_backward,
                                     setup_context=_bn_setup)
 
     def _bn_relu_setup(ctx, inputs, output):
@@ -212,7 +218,7 @@ if _ext.LOADED:
                                               ctx.relu, [n[0], n[1], n[2], n[5]])
         return _grads(ctx, (gi, gw, gb, None, None, gr), 9)
 
-    torch.library.register_autograd("cnnops::bn_relu", _bn_relu_backward,
+    torch.library.register_autograd(ns + "::bn_relu", _bn_relu_backward,
                                     setup_context=_bn_relu_setup)
 
     def _cbr_setup(ctx, inputs, output):
@@ -232,7 +238,7 @@ if _ext.LOADED:
             ctx.training, ctx.relu, [n[0], n[1], n[2], n[3], n[4], n[7]])
         return _grads(ctx, (gi, gw, gcb, gbw, gbb, None, None, gr), 15)
 
-    torch.library.register_autograd("cnnops::conv_bn_relu", _cbr_backward,
+    torch.library.register_autograd(ns + "::conv_bn_relu", _cbr_backward,
                                     setup_context=_cbr_setup)
 
     def _max_pool_setup(ctx, inputs, output):
@@ -243,7 +249,7 @@ if _ext.LOADED:
         input, indices = ctx.saved_tensors
         return (lib.max_pool2d_backward(grad, input, indices),) + (None,) * 5
 
-    torch.library.register_autograd("cnnops::max_pool2d", _max_pool_backward,
+    torch.library.register_autograd(ns + "::max_pool2d", _max_pool_backward,
                                     setup_context=_max_pool_setup)
 
     def _avg_pool_setup(ctx, inputs, output):
@@ -254,7 +260,7 @@ if _ext.LOADED:
         (input,) = ctx.saved_tensors
         return (lib.avg_pool2d_backward(grad, input, *ctx.args),) + (None,) * 6
 
-    torch.library.register_autograd("cnnops::avg_pool2d", _avg_pool_backward,
+    torch.library.register_autograd(ns + "::avg_pool2d", _avg_pool_backward,
                                     setup_context=_avg_pool_setup)
 
     def _adaptive_setup(ctx, inputs, output):
@@ -264,7 +270,7 @@ if _ext.LOADED:
         (input,) = ctx.saved_tensors
         return lib.adaptive_avg_pool2d_backward(grad, input), None
 
-    torch.library.register_autograd("cnnops::adaptive_avg_pool2d", _adaptive_backward,
+    torch.library.register_autograd(ns + "::adaptive_avg_pool2d", _adaptive_backward,
                                     setup_context=_adaptive_setup)
 
     def _add_relu_setup(ctx, inputs, output):
@@ -275,71 +281,65 @@ if _ext.LOADED:
         g = lib.add_relu_backward(grad, out)
         return _grads(ctx, (g, g), 2)
 
-    torch.library.register_autograd("cnnops::add_relu", _add_relu_backward,
+    torch.library.register_autograd(ns + "::add_relu", _add_relu_backward,
                                     setup_context=_add_relu_setup)
+
+
+
+if _ext.LOADED:
+    register_autograd("cnnops")
 
 
 # ---------------------------------------------------------------------------
 # The backend interface (same signatures as cnnops.reference).
 
-def conv2d(input, weight, bias, stride, padding, dilation, groups):
-    return torch.ops.cnnops.conv2d(input, weight, bias, stride, padding, dilation, groups)
+class Ops:
+    """The ops of one namespace as a backend: cnnops.functional calls these attributes with
+    the normalised arguments of cnnops.reference. ``cnnops`` serves the cpu and cuda
+    backends (the dispatcher picks the kernel by device), ``cnnops_triton`` the triton one."""
 
+    def __init__(self, ns):
+        lib = getattr(torch.ops, ns)
+        self.namespace = ns
+        self.conv2d = lib.conv2d
+        self.conv2d_relu = lib.conv2d_relu
+        self.batch_norm = lib.batch_norm
+        self.bn_relu = lib.bn_relu
+        self.max_pool2d = lib.max_pool2d
+        self.avg_pool2d = lib.avg_pool2d
+        self.adaptive_avg_pool2d = lib.adaptive_avg_pool2d
+        self.add_relu = lib.add_relu
+        fused = lib.conv_bn_relu
 
-def conv2d_relu(input, weight, bias, residual, stride, padding, dilation, groups):
-    return torch.ops.cnnops.conv2d_relu(input, weight, bias, residual, stride, padding, dilation,
-                                        groups)
+        def conv_bn_relu(*args):
+            out, _conv_output, mean, invstd = fused(*args)
+            return out, mean, invstd
 
-
-def batch_norm(input, weight, bias, running_mean, running_var, training, eps):
-    return torch.ops.cnnops.batch_norm(input, weight, bias, running_mean, running_var, training, eps)
-
-
-def bn_relu(input, weight, bias, running_mean, running_var, residual, training, eps, relu):
-    return torch.ops.cnnops.bn_relu(input, weight, bias, running_mean, running_var, residual,
-                                    training, eps, relu)
-
-
-def conv_bn_relu(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
-                 residual, stride, padding, dilation, groups, training, eps, relu):
-    out, _conv_output, mean, invstd = torch.ops.cnnops.conv_bn_relu(
-        input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
-        stride, padding, dilation, groups, training, eps, relu)
-    return out, mean, invstd
-
-
-def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
-    return torch.ops.cnnops.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
-
-
-def avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-    return torch.ops.cnnops.avg_pool2d(input, kernel_size, stride, padding, ceil_mode,
-                                       count_include_pad, divisor_override)
-
-
-def adaptive_avg_pool2d(input, output_size):
-    return torch.ops.cnnops.adaptive_avg_pool2d(input, output_size)
-
-
-def add_relu(input, other):
-    return torch.ops.cnnops.add_relu(input, other)
+        self.conv_bn_relu = conv_bn_relu
 
 
 # ---------------------------------------------------------------------------
 # FLOP formulas, so torch.utils.flop_counter.FlopCounterMode counts the fused
 # convolutions as it counts aten's (2 * multiply-adds; BN/ReLU not counted).
 
-if _ext.LOADED:
+def register_flops(ns):
+    """Registers the FLOP formulas of the convolutions in namespace ``ns``."""
     from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+    lib = getattr(torch.ops, ns)
 
-    @register_flop_formula(torch.ops.cnnops.conv2d)
+    @register_flop_formula(lib.conv2d)
     def _conv2d_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
         return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
-    @register_flop_formula(torch.ops.cnnops.conv2d_relu)
+    @register_flop_formula(lib.conv2d_relu)
     def _conv2d_relu_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
         return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
-    @register_flop_formula(torch.ops.cnnops.conv_bn_relu)
+    @register_flop_formula(lib.conv_bn_relu)
     def _conv_bn_relu_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
         return conv_flop_count(x_shape, w_shape, out_shape[0], transposed=False)
+
+
+if _ext.LOADED:
+    register_flops("cnnops")
+    COMPILED = Ops("cnnops")

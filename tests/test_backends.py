@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cnnops
 import cnnops.functional as CF
 from cnnops import backends
+from cnnops import triton_kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["auto", "cpu", "cuda", "triton", "reference"]
@@ -128,7 +130,7 @@ def test_use_backend_restores_after_an_exception(restore_backend):
     assert cnnops.get_backend() == "cpu"
     # ... also when the error comes from a cnnops call that cannot run
     with pytest.raises(RuntimeError, match="cannot run this call"):
-        with cnnops.use_backend("triton"):
+        with cnnops.use_backend("cuda"):
             CF.conv2d(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 1, 1))
     assert cnnops.get_backend() == "cpu"
 
@@ -152,7 +154,16 @@ def test_available_backends():
     assert "reference" in available and "cpu" in available
     assert "auto" not in available and set(available) <= set(NAMES)
     if not torch.cuda.is_available():
-        assert "cuda" not in available and "triton" not in available
+        assert "cuda" not in available
+        # Triton runs CPU tensors only in its interpreter (the test suite turns it on).
+        assert ("triton" in available) == (triton_kernels.INTERPRET
+                                           and triton_kernels.unavailable() is None)
+
+
+@pytest.fixture
+def compiled_triton(monkeypatch):
+    """Triton as it is outside the interpreter: CUDA tensors only."""
+    monkeypatch.setattr(triton_kernels, "INTERPRET", False)
 
 
 # ---------------------------------------------------------------------------
@@ -196,11 +207,12 @@ def test_env_var_with_unknown_name_fails_the_import():
 
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 @pytest.mark.parametrize("op", OPS)
-def test_gpu_backend_on_cpu_tensors_raises(restore_backend, name, op):
+def test_gpu_backend_on_cpu_tensors_raises(restore_backend, compiled_triton, name, op):
     call, _ = _calls()[op]
     why = {"cuda": r"(cnnops\._C was built without CUDA kernels|cnnops\._C.*not|"
                    r"it runs on CUDA tensors, got a tensor on cpu)",
-           "triton": r"\S.*(Triton|CUDA)"}[name]
+           "triton": r"it runs on CUDA tensors \(CPU tensors only in Triton's interpreter, "
+                     r"TRITON_INTERPRET=1\), got a tensor on cpu"}[name]
     cnnops.set_backend(name)
     with RecordOps() as rec:
         with pytest.raises(RuntimeError,
@@ -211,13 +223,22 @@ def test_gpu_backend_on_cpu_tensors_raises(restore_backend, name, op):
     assert set(rec.ops) <= {"aten.expand.default"}
 
 
-def test_failed_call_does_not_touch_running_stats(restore_backend):
+def test_failed_call_does_not_touch_running_stats(restore_backend, compiled_triton):
     x = torch.randn(2, 3, 4, 4)
     rm, rv = torch.zeros(3), torch.ones(3)
     for name in ("cuda", "triton"):
         with cnnops.use_backend(name), pytest.raises(RuntimeError, match=name):
             CF.batch_norm(x, rm, rv, training=True)
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+def test_triton_not_installed_is_reported(restore_backend, monkeypatch):
+    monkeypatch.setattr(triton_kernels.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    assert "triton" not in cnnops.available_backends()
+    with cnnops.use_backend("triton"), pytest.raises(
+            RuntimeError, match=r"cannot run this call: triton is not installed \(pip install"):
+        CF.conv2d(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 1, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -7,34 +7,18 @@ time in numpy, so shapes are tiny and each geometry grid item runs once, on one 
 layout and dtype that rotate through the grid. float32 and float64 are compared with torch in
 the same dtype; float16 and bfloat16 (a few cases) with a float32 reference at a loose tolerance.
 """
-import importlib
 import itertools
-import os
 
 import pytest
 import torch
-
-# The interpreter is chosen when a kernel is decorated, so this must precede the import of
-# triton and of the kernel modules.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-import torch.nn.functional as F  # noqa: E402
-
-from cnnops.triton_kernels import elementwise, pool  # noqa: E402
+# Without a GPU, conftest has turned on Triton's interpreter before this import.
+from cnnops.triton_kernels import _common, elementwise, pool  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-if DEVICE == "cpu":
-    from triton.runtime.interpreter import InterpretedFunction
-
-    # Imported earlier in this session without the interpreter (e.g. by another test module):
-    # decorate the kernels again, now for the interpreter.
-    if not isinstance(pool._max_pool2d_fwd_kernel, InterpretedFunction):
-        importlib.reload(pool)
-        importlib.reload(elementwise)
 
 KERNELS = [(1, 1), (2, 2), (3, 2), (3, 3)]
 # The grids keep to strides that differ per dimension or skip input; stride 1 (the most
@@ -454,8 +438,7 @@ def test_several_programs(monkeypatch):
 def test_int64_offsets(monkeypatch):
     # Tensors past 2^31 elements do not fit here; lowering the threshold runs the 64-bit
     # offset variants of every kernel on small ones.
-    monkeypatch.setattr(pool, "_INT32_LIMIT", 0)
-    monkeypatch.setattr(elementwise, "_INT32_LIMIT", 0)
+    monkeypatch.setattr(_common, "_INT32_LIMIT", 0)
     torch.manual_seed(6)
     x = _make((N, C, 7, 9), "channels_last", torch.float32)
     _check_max_pool2d(x, (3, 2), (2, 1), (1, 0), 2, True, grad_layout="strided")

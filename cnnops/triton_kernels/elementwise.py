@@ -7,21 +7,16 @@ read at the same flat offset, any other (strided view, expanded broadcast,
 other layout) through its strides, so nothing is copied. Tensors of fewer than
 4 dimensions are handled as 4-D with leading size-1 dimensions.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-_INT32_LIMIT = 2**31 - 2**16  # see pool.py: int32 offsets unless something could pass this
+from . import _common as common
+from ._common import block_offsets as _block_offsets
+
 _MAX_BLOCK = 1024
 _MAX_BLOCK_INTERPRETED = 16384  # see pool.py
-
-
-def _channels_last(t):
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
-        memory_format=torch.channels_last)
 
 
 def _memory_order_4d(t, channels_last):
@@ -35,14 +30,6 @@ def _memory_order_4d(t, channels_last):
     while t.dim() < 4:
         t = t.unsqueeze(0)
     return t
-
-
-def _span(t):
-    return 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) if t.numel() else 0
-
-
-def _needs_int64(*tensors):
-    return any(max(t.numel(), _span(t)) > _INT32_LIMIT for t in tensors)
 
 
 @triton.jit
@@ -59,16 +46,6 @@ def _offsets(offs, D1, D2, D3, s0, s1, s2, s3, DENSE: tl.constexpr):
         i0 = t // D1
         off = i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3
     return off
-
-
-@triton.jit
-def _block_offsets(total, IDX64: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    if IDX64:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-    return offs, offs < total
 
 
 @triton.jit
@@ -106,20 +83,19 @@ def _relu_backward_kernel(
 
 def _binary(kernel, layout_of, first, second, **meta):
     """Launches `kernel(first, second) -> out` over the elements of `layout_of`'s shape."""
-    cl = _channels_last(layout_of)
-    fmt = torch.channels_last if cl else torch.contiguous_format
+    cl = common.channels_last(layout_of)
     out = torch.empty(layout_of.shape, dtype=layout_of.dtype, device=layout_of.device,
-                      memory_format=fmt)
+                      memory_format=common.memory_format(layout_of))
     total = out.numel()
     if total == 0:
         return out
     o4, x4, y4 = (_memory_order_4d(t, cl) for t in (out, first, second))
-    cap = _MAX_BLOCK_INTERPRETED if os.environ.get("TRITON_INTERPRET") == "1" else _MAX_BLOCK
+    cap = _MAX_BLOCK_INTERPRETED if common.INTERPRET else _MAX_BLOCK
     block = max(128, min(cap, triton.next_power_of_2(total)))
     wrap_triton(kernel)[(triton.cdiv(total, block),)](
         x4, y4, out, total, o4.shape[1], o4.shape[2], o4.shape[3],
         *x4.stride(), *y4.stride(), x4.is_contiguous(), y4.is_contiguous(),
-        IDX64=_needs_int64(out, x4, y4), BLOCK=block, num_warps=4, **meta)
+        IDX64=common.needs_int64(out, x4, y4), BLOCK=block, num_warps=4, **meta)
     return out
 
 

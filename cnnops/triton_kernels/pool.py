@@ -19,18 +19,16 @@ atomics, so the result is deterministic.
 Sums accumulate in float32 (float64 for float64 inputs) and round once to the
 input dtype.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
 from .._shapes import pool_output_size
+from . import _common as common
+from ._common import block_offsets as _block_offsets
+from ._common import zeros as _zeros
 
-# Flat offsets stay in int32 (cheaper division on GPUs) unless some offset a
-# kernel forms could pass this; the margin covers a block's overhang past the end.
-_INT32_LIMIT = 2**31 - 2**16
 _MAX_BLOCK = 512
 # Triton's interpreter runs program instances one after another, each op costing
 # mostly fixed Python overhead: fewer, larger blocks are much faster there.
@@ -40,33 +38,13 @@ _MAX_BLOCK_INTERPRETED = 4096
 # ---------------------------------------------------------------------------
 # Launch helpers (Python ints only: no data-dependent control flow).
 
-def _channels_last(t):
-    """The project's output layout rule: channels_last in, channels_last out."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
-        memory_format=torch.channels_last)
-
-
-def _empty(shape, like, channels_last, dtype=None):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
-
-
-def _span(t):
-    """One past the largest element offset `t` addresses (its storage extent)."""
-    return 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) if t.numel() else 0
-
-
-def _needs_int64(*tensors):
-    return any(max(t.numel(), _span(t)) > _INT32_LIMIT for t in tensors)
-
-
 def _block(total):
     """Elements per program: up to _MAX_BLOCK, but no larger than the problem.
 
     Small problems then run as one program instance and compile only a few
     block-size variants.
     """
-    cap = _MAX_BLOCK_INTERPRETED if os.environ.get("TRITON_INTERPRET") == "1" else _MAX_BLOCK
+    cap = _MAX_BLOCK_INTERPRETED if common.INTERPRET else _MAX_BLOCK
     return max(64, min(cap, triton.next_power_of_2(total)))
 
 
@@ -76,22 +54,8 @@ def _launch(kernel, total, *args, **meta):
         *args, BLOCK=block, num_warps=max(1, min(4, block // 128)), **meta)
 
 
-def _acc_f64(t):
-    return t.dtype == torch.float64
-
-
 # ---------------------------------------------------------------------------
 # Shared kernel pieces.
-
-@triton.jit
-def _block_offsets(total, IDX64: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    if IDX64:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-    return offs, offs < total
-
 
 @triton.jit
 def _unravel(offs, C, H, W, CHANNELS_LAST: tl.constexpr):
@@ -111,15 +75,6 @@ def _unravel(offs, C, H, W, CHANNELS_LAST: tl.constexpr):
         c = t % C
         n = t // C
     return n, c, h, w
-
-
-@triton.jit
-def _zeros(BLOCK: tl.constexpr, ACC_F64: tl.constexpr):
-    if ACC_F64:
-        z = tl.zeros([BLOCK], dtype=tl.float64)
-    else:
-        z = tl.zeros([BLOCK], dtype=tl.float32)
-    return z
 
 
 # ---------------------------------------------------------------------------
@@ -204,9 +159,9 @@ def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     N, C, H, W = input.shape
     OH = pool_output_size(H, kernel_size[0], padding[0], stride[0], dilation[0], ceil_mode)
     OW = pool_output_size(W, kernel_size[1], padding[1], stride[1], dilation[1], ceil_mode)
-    cl = _channels_last(input)
-    output = _empty((N, C, OH, OW), input, cl)
-    indices = _empty((N, C, OH, OW), input, cl, torch.int64)
+    cl = common.channels_last(input)
+    output = common.empty(input, (N, C, OH, OW))
+    indices = common.empty(input, (N, C, OH, OW), torch.int64)
     total = output.numel()
     if total == 0:
         return output, indices
@@ -214,7 +169,7 @@ def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
             input, output, indices, total, C, H, W, OH, OW, *input.stride(),
             kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1],
             dilation[0], dilation[1],
-            CHANNELS_LAST=cl, IDX64=_needs_int64(input, output), ACC_F64=_acc_f64(input))
+            CHANNELS_LAST=cl, IDX64=common.needs_int64(input, output), ACC_F64=common.is_fp64(input))
     return output, indices
 
 
@@ -235,8 +190,8 @@ def max_pool2d_backward(grad_output, input, indices, kernel_size=None, stride=No
     float32 (float64) buffer and a copy into input's layout.
     """
     N, C, H, W = input.shape
-    cl = _channels_last(input)
-    grad_input = _empty((N, C, H, W), input, cl)
+    cl = common.channels_last(input)
+    grad_input = common.empty(input, (N, C, H, W))
     if grad_input.numel() == 0:
         return grad_input
     if grad_output.numel() == 0:
@@ -253,8 +208,8 @@ def max_pool2d_backward(grad_output, input, indices, kernel_size=None, stride=No
             *grad_output.stride(), *indices.stride(),
             kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1],
             dilation[0], dilation[1],
-            CHANNELS_LAST=cl, IDX64=_needs_int64(grad_output, indices, grad_input),
-            ACC_F64=_acc_f64(input))
+            CHANNELS_LAST=cl, IDX64=common.needs_int64(grad_output, indices, grad_input),
+            ACC_F64=common.is_fp64(input))
     return grad_input
 
 
@@ -385,16 +340,16 @@ def avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad
     N, C, H, W = input.shape
     OH = pool_output_size(H, kernel_size[0], padding[0], stride[0], 1, ceil_mode)
     OW = pool_output_size(W, kernel_size[1], padding[1], stride[1], 1, ceil_mode)
-    cl = _channels_last(input)
-    output = _empty((N, C, OH, OW), input, cl)
+    cl = common.channels_last(input)
+    output = common.empty(input, (N, C, OH, OW))
     total = output.numel()
     if total == 0:
         return output
     args, meta = _avg_args(kernel_size, stride, padding, count_include_pad, divisor_override)
     _launch(_avg_pool2d_fwd_kernel, total,
             input, output, total, C, H, W, OH, OW, *input.stride(),
-            *args, CHANNELS_LAST=cl, IDX64=_needs_int64(input, output),
-            ACC_F64=_acc_f64(input), **meta)
+            *args, CHANNELS_LAST=cl, IDX64=common.needs_int64(input, output),
+            ACC_F64=common.is_fp64(input), **meta)
     return output
 
 
@@ -405,8 +360,8 @@ def avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_m
     The pooling arguments are avg_pool2d's; input supplies the shape, dtype and layout.
     """
     N, C, H, W = input.shape
-    cl = _channels_last(input)
-    grad_input = _empty((N, C, H, W), input, cl)
+    cl = common.channels_last(input)
+    grad_input = common.empty(input, (N, C, H, W))
     total = grad_input.numel()
     if total == 0:
         return grad_input
@@ -416,8 +371,8 @@ def avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_m
     args, meta = _avg_args(kernel_size, stride, padding, count_include_pad, divisor_override)
     _launch(_avg_pool2d_bwd_kernel, total,
             grad_output, grad_input, total, C, H, W, OH, OW, *grad_output.stride(),
-            *args, CHANNELS_LAST=cl, IDX64=_needs_int64(grad_output, grad_input),
-            ACC_F64=_acc_f64(input), **meta)
+            *args, CHANNELS_LAST=cl, IDX64=common.needs_int64(grad_output, grad_input),
+            ACC_F64=common.is_fp64(input), **meta)
     return grad_input
 
 
@@ -502,23 +457,23 @@ def adaptive_avg_pool2d(input, output_size):
     """
     N, C, H, W = input.shape
     OH, OW = output_size
-    cl = _channels_last(input)
-    output = _empty((N, C, OH, OW), input, cl)
+    cl = common.channels_last(input)
+    output = common.empty(input, (N, C, OH, OW))
     total = output.numel()
     if total == 0:
         return output
     _launch(_adaptive_avg_pool2d_fwd_kernel, total,
             input, output, total, C, H, W, OH, OW, *input.stride(),
             _max_bin(H, OH), _max_bin(W, OW),
-            CHANNELS_LAST=cl, IDX64=_needs_int64(input, output), ACC_F64=_acc_f64(input))
+            CHANNELS_LAST=cl, IDX64=common.needs_int64(input, output), ACC_F64=common.is_fp64(input))
     return output
 
 
 def adaptive_avg_pool2d_backward(grad_output, input):
     """Gradient of adaptive_avg_pool2d: grad_output [N, C, OH, OW] -> grad_input [N, C, H, W]."""
     N, C, H, W = input.shape
-    cl = _channels_last(input)
-    grad_input = _empty((N, C, H, W), input, cl)
+    cl = common.channels_last(input)
+    grad_input = common.empty(input, (N, C, H, W))
     total = grad_input.numel()
     if total == 0:
         return grad_input
@@ -528,6 +483,6 @@ def adaptive_avg_pool2d_backward(grad_output, input):
     _launch(_adaptive_avg_pool2d_bwd_kernel, total,
             grad_output, grad_input, total, C, H, W, OH, OW, *grad_output.stride(),
             _max_bin(OH, H), _max_bin(OW, W),
-            CHANNELS_LAST=cl, IDX64=_needs_int64(grad_output, grad_input),
-            ACC_F64=_acc_f64(input))
+            CHANNELS_LAST=cl, IDX64=common.needs_int64(grad_output, grad_input),
+            ACC_F64=common.is_fp64(input))
     return grad_input

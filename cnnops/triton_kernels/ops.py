@@ -1,0 +1,270 @@
+"""The Triton ops: ``torch.ops.cnnops_triton.*``, registered with torch.library.triton_op.
+
+Same names, schemas and conventions as the compiled ops of csrc/cnnops.cpp (the
+autograd formulas of cnnops.ops are registered for both namespaces), so the
+``triton`` backend is cnnops.ops.Ops("cnnops_triton"). triton_op makes each
+function its own fake kernel and lets torch.compile trace through it into the
+kernels, which it can then schedule with the rest of the graph.
+
+Per-channel vectors ([C] tensors: BN parameters and statistics) are handled in
+float32 for float16/bfloat16 data and in the data's dtype otherwise; gradients of
+per-channel parameters come back in that dtype and autograd casts them to the
+parameter's.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+from . import _common as common
+from . import conv, elementwise, norm, pool
+
+NS = "cnnops_triton"
+
+
+def _none(t):
+    """The empty tensor a backward op returns for a gradient not asked for."""
+    return t.new_empty(0)
+
+
+def _vec(t, dtype):
+    """A per-channel vector in the statistics dtype, as a new tensor (ops must not return
+    their inputs)."""
+    return t.to(dtype=dtype, copy=True)
+
+
+def _running(running_mean, running_var, eps, dtype):
+    """(mean, invstd) of the running statistics: what inference normalises with."""
+    mean = _vec(running_mean, dtype)
+    invstd = torch.rsqrt(running_var.to(dtype) + eps)
+    return mean, invstd
+
+
+def _scale(invstd, weight):
+    return invstd * weight.to(invstd.dtype) if weight is not None else invstd
+
+
+# ---- convolution ------------------------------------------------------------
+
+@triton_op(NS + "::conv2d", mutates_args=())
+def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
+           padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    return conv.forward(input, weight, bias, stride, padding, dilation, groups)
+
+
+@triton_op(NS + "::conv2d_backward", mutates_args=())
+def conv2d_backward(grad_output: Tensor, input: Tensor, weight: Tensor, stride: list[int],
+                    padding: list[int], dilation: list[int], groups: int,
+                    output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    geometry = (stride, padding, dilation, groups)
+    gi = (conv.input_grad(grad_output, weight, input.shape, *geometry, like=input)
+          if output_mask[0] else _none(input))
+    gw = (conv.weight_grad(grad_output, input, weight.shape, *geometry)
+          if output_mask[1] else _none(input))
+    gb = norm.backward_sums(grad_output)[0] if output_mask[2] else _none(input)
+    return gi, gw, gb
+
+
+@triton_op(NS + "::conv2d_relu", mutates_args=())
+def conv2d_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    return conv.forward(input, weight, bias, stride, padding, dilation, groups,
+                        residual=residual, relu=True)
+
+
+# ---- batch normalisation ------------------------------------------------------
+
+def _bn_forward(input, weight, bias, running_mean, running_var, residual, training, eps, relu):
+    acc = common.stat_dtype(input.dtype)
+    if training:
+        mean, invstd = norm.combine_moments(norm.moments(input), eps)
+    else:
+        mean, invstd = _running(running_mean, running_var, eps, acc)
+    shift = bias.to(acc) if bias is not None else None
+    out = norm.apply(input, mean, _scale(invstd, weight), shift, residual, relu)
+    return out, mean, invstd
+
+
+@triton_op(NS + "::batch_norm", mutates_args=())
+def batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+               running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+               eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _bn_forward(input, weight, bias, running_mean, running_var, None, training, eps, False)
+
+
+@triton_op(NS + "::bn_relu", mutates_args=())
+def bn_relu(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+            running_mean: Optional[Tensor], running_var: Optional[Tensor],
+            residual: Optional[Tensor], training: bool, eps: float,
+            relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _bn_forward(input, weight, bias, running_mean, running_var, residual, training, eps,
+                       relu)
+
+
+def _bn_backward(grad, output, x, weight, mean, invstd, training, relu, want, like):
+    """Gradients of relu?(batch_norm(x) + residual) w.r.t. (x, weight, bias, residual).
+
+    grad, output, x [N, C, H, W] (x: the BN input; it may be empty when neither the
+    training formula nor the weight gradient reads it); want: 4 flags; like: the tensor
+    whose layout the input and residual gradients take. Returns None for a gradient not
+    wanted.
+    """
+    R = grad.shape[0] * grad.shape[2] * grad.shape[3]
+    masked = output if relu else None
+    want_weight = want[1] and weight is not None
+    need_sums = want_weight or want[2] or (training and want[0])
+    need_xhat = want_weight or (training and want[0])
+    sum_g = sum_gx = None
+    if need_sums:
+        sum_g, sum_gx = norm.backward_sums(grad, masked, x if need_xhat else None, mean, invstd)
+    k = _scale(invstd, weight)
+    mg = mgx = None
+    if training and want[0]:
+        mg = sum_g / R
+        mgx = sum_gx * invstd / R
+    gi, gr = norm.backward_apply(grad, masked, x if mg is not None else None, mean, k, mg, mgx,
+                                 want_input=want[0], want_residual=want[3], like=like)
+    gw = sum_gx if want_weight else None
+    gb = sum_g if want[2] else None
+    return gi, gw, gb, gr
+
+
+@triton_op(NS + "::batch_norm_backward", mutates_args=())
+def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
+                        save_mean: Tensor, save_invstd: Tensor, training: bool,
+                        output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    grads = _bn_backward(grad_output, None, input, weight, save_mean, save_invstd, training,
+                         False, list(output_mask) + [False], input)
+    return tuple(g if g is not None else _none(input) for g in grads[:3])
+
+
+@triton_op(NS + "::bn_relu_backward", mutates_args=())
+def bn_relu_backward(grad_output: Tensor, output: Optional[Tensor], input: Tensor,
+                     weight: Optional[Tensor], save_mean: Tensor, save_invstd: Tensor,
+                     training: bool, relu: bool,
+                     output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _bn_backward(grad_output, output, input, weight, save_mean, save_invstd, training,
+                         relu, output_mask, input)
+    return tuple(g if g is not None else _none(input) for g in grads)
+
+
+# ---- convolution + batch normalisation + ReLU -----------------------------------
+
+@triton_op(NS + "::conv_bn_relu", mutates_args=())
+def conv_bn_relu(input: Tensor, weight: Tensor, conv_bias: Optional[Tensor],
+                 bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                 residual: Optional[Tensor], stride: list[int], padding: list[int],
+                 dilation: list[int], groups: int, training: bool, eps: float,
+                 relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    acc = common.stat_dtype(input.dtype)
+    geometry = (stride, padding, dilation, groups)
+    shift = bn_bias.to(acc) if bn_bias is not None else None
+    if training:
+        # The conv kernel stores the conv output and its per-tile moments in one pass;
+        # normalise + affine + residual + ReLU is then one pass over the conv output.
+        conv_output, partials = conv.forward(input, weight, conv_bias, *geometry, stats=True)
+        mean, invstd = norm.combine_moments(partials, eps)
+        out = norm.apply(conv_output, mean, _scale(invstd, bn_weight), shift, residual, relu)
+        return out, conv_output, mean, invstd
+    # Inference: BN folded into the GEMM epilogue, out = conv * scale + shift.
+    mean, invstd = _running(running_mean, running_var, eps, acc)
+    scale = _scale(invstd, bn_weight)
+    folded = -mean * scale
+    if shift is not None:
+        folded = folded + shift
+    if conv_bias is not None:
+        folded = folded + conv_bias.to(acc) * scale
+    out = conv.forward(input, weight, None, *geometry, scale=scale, shift=folded,
+                       residual=residual, relu=relu)
+    return out, _none(input), mean, invstd
+
+
+@triton_op(NS + "::conv_bn_relu_backward", mutates_args=())
+def conv_bn_relu_backward(grad_output: Tensor, output: Tensor, input: Tensor, weight: Tensor,
+                          conv_bias: Optional[Tensor], conv_output: Tensor,
+                          bn_weight: Optional[Tensor], save_mean: Tensor, save_invstd: Tensor,
+                          stride: list[int], padding: list[int], dilation: list[int],
+                          groups: int, training: bool, relu: bool,
+                          output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                            Tensor, Tensor]:
+    geometry = (stride, padding, dilation, groups)
+    want_conv = output_mask[0] or output_mask[1] or output_mask[2]
+    y = conv_output
+    if not training and output_mask[3] and bn_weight is not None:
+        # The weight gradient needs the normalised conv output, not kept in inference.
+        y = conv.forward(input, weight, conv_bias, *geometry)
+    gy, gbw, gbb, gr = _bn_backward(
+        grad_output, output, y, bn_weight, save_mean, save_invstd, training, relu,
+        [want_conv, output_mask[3], output_mask[4], output_mask[5]], output)
+    gi = gw = gcb = None
+    if output_mask[0]:
+        gi = conv.input_grad(gy, weight, input.shape, *geometry, like=input)
+    if output_mask[1]:
+        gw = conv.weight_grad(gy, input, weight.shape, *geometry)
+    if output_mask[2]:
+        gcb = norm.backward_sums(gy)[0]
+    return tuple(g if g is not None else _none(input) for g in (gi, gw, gcb, gbw, gbb, gr))
+
+
+# ---- pooling ------------------------------------------------------------------
+
+@triton_op(NS + "::max_pool2d", mutates_args=())
+def max_pool2d(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+               dilation: list[int], ceil_mode: bool) -> tuple[Tensor, Tensor]:
+    return pool.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@triton_op(NS + "::max_pool2d_backward", mutates_args=())
+def max_pool2d_backward(grad_output: Tensor, input: Tensor, indices: Tensor) -> Tensor:
+    return pool.max_pool2d_backward(grad_output, input, indices)
+
+
+@triton_op(NS + "::avg_pool2d", mutates_args=())
+def avg_pool2d(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+               ceil_mode: bool, count_include_pad: bool,
+               divisor_override: Optional[int]) -> Tensor:
+    return pool.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                           divisor_override)
+
+
+@triton_op(NS + "::avg_pool2d_backward", mutates_args=())
+def avg_pool2d_backward(grad_output: Tensor, input: Tensor, kernel_size: list[int],
+                        stride: list[int], padding: list[int], ceil_mode: bool,
+                        count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
+    return pool.avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_mode,
+                                    count_include_pad, divisor_override)
+
+
+@triton_op(NS + "::adaptive_avg_pool2d", mutates_args=())
+def adaptive_avg_pool2d(input: Tensor, output_size: list[int]) -> Tensor:
+    return pool.adaptive_avg_pool2d(input, output_size)
+
+
+@triton_op(NS + "::adaptive_avg_pool2d_backward", mutates_args=())
+def adaptive_avg_pool2d_backward(grad_output: Tensor, input: Tensor) -> Tensor:
+    return pool.adaptive_avg_pool2d_backward(grad_output, input)
+
+
+# ---- elementwise ----------------------------------------------------------------
+
+@triton_op(NS + "::add_relu", mutates_args=())
+def add_relu(input: Tensor, other: Tensor) -> Tensor:
+    return elementwise.add_relu(input, other)
+
+
+@triton_op(NS + "::add_relu_backward", mutates_args=())
+def add_relu_backward(grad_output: Tensor, output: Tensor) -> Tensor:
+    return elementwise.add_relu_backward(grad_output, output)
+
+
+def _register():
+    from .. import ops
+    ops.register_autograd(NS)
+    ops.register_flops(NS)
+    return ops.Ops(NS)
+
+
+#: The triton backend's op set (see cnnops.ops.Ops).
+TRITON = _register()
