@@ -1,0 +1,158 @@
+// BatchNorm (+ residual + ReLU) on the GPU: the batch_norm and bn_relu ops
+// and their backward ops (building blocks in bn_kernels.cuh).
+//
+// Forward: one reduction (Welford per thread, Chan merges, per-channel
+// partials merged in a fixed order) for the batch statistics in training,
+// one tiny kernel for the per-channel constants, and one elementwise pass for
+// normalise + affine + residual + ReLU.
+// Backward: one reduction (sum of gy and of gy*(x - mean), gy the gradient
+// masked by the ReLU, read from the sign of `output`), one tiny constants
+// kernel, one elementwise pass writing grad_input and grad_residual.
+//
+// Layouts: channels_last tensors are read and written as NHWC rows directly;
+// anything else as NCHW planes (made contiguous first when strided). Other
+// tensors (residual, grad_output, output) are brought to the input's layout,
+// which costs a copy only when they arrive in another one.
+//
+// Dtypes: input float32/float64/float16/bfloat16; for half inputs, BN
+// weight/bias/running statistics may be float32 (mixed precision), and
+// save_mean/save_invstd are float32. Accumulation is float (double for
+// float64 inputs).
+#include <torch/library.h>
+
+#include "bn_kernels.cuh"
+
+namespace cnnops {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
+    const c10::optional<at::Tensor>& bias_opt, const c10::optional<at::Tensor>& running_mean_opt,
+    const c10::optional<at::Tensor>& running_var_opt,
+    const c10::optional<at::Tensor>& residual_opt, bool training, double eps, bool relu) {
+  check_4d(input, "input");
+  gpu::check_cuda_float(input, "input");
+  const int64_t N = input.size(0), C = input.size(1), L = input.size(2) * input.size(3);
+  const at::Tensor weight = gpu::bn_channel_param(weight_opt, input, C, "weight");
+  const at::Tensor bias = gpu::bn_channel_param(bias_opt, input, C, "bias");
+  const at::Tensor rmean = gpu::bn_channel_param(running_mean_opt, input, C, "running_mean");
+  const at::Tensor rvar = gpu::bn_channel_param(running_var_opt, input, C, "running_var");
+  TORCH_CHECK_VALUE(training || (rmean.defined() && rvar.defined()),
+                    "batch_norm in inference mode (training=False) needs running_mean "
+                    "and running_var");
+  TORCH_CHECK_VALUE(eps >= 0, "expected eps >= 0, got ", eps);
+  const auto fmt = output_memory_format(input);
+  at::Tensor residual;
+  if (residual_opt.has_value() && residual_opt->defined()) {
+    check_same(*residual_opt, input, "residual", "input");
+    TORCH_CHECK_VALUE(residual_opt->sizes() == input.sizes(), "expected residual of shape ",
+                      input.sizes(), " (the shape of input), got ", residual_opt->sizes());
+    residual = residual_opt->contiguous(fmt);
+  }
+  c10::cuda::CUDAGuard guard(input.device());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+
+  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = input.contiguous(fmt);  // no copy for NCHW or channels_last input
+  at::Tensor y = at::empty(input.sizes(), input.options().memory_format(fmt));
+  const auto acc_opts = input.options().dtype(gpu::acc_dtype(input.scalar_type()));
+  const gpu::ActView v = nhwc ? gpu::rows_view(N, C, L) : gpu::nchw_view(N, C, L);
+
+  gpu::BNConstants k;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_bn_relu_cuda", [&] {
+    using acc_t = gpu::acc_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    gpu::Partials p;  // S == 0: inference
+    if (training) p = gpu::batch_moments<scalar_t>(xp, v, input.options());
+    k = gpu::bn_constants<acc_t>(C, p, rmean, rvar, weight, bias, at::Tensor(), eps, acc_opts);
+    gpu::launch_apply<scalar_t>(xp, v, gpu::ptr_or_null<scalar_t>(residual), v,
+                                y.mutable_data_ptr<scalar_t>(), v,
+                                k.center.const_data_ptr<acc_t>(), k.scale.const_data_ptr<acc_t>(),
+                                k.shift.const_data_ptr<acc_t>(), relu);
+  });
+  return {y, k.save_mean, k.save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda(
+    const at::Tensor& grad_output, const c10::optional<at::Tensor>& output_opt,
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, bool relu,
+    std::array<bool, 4> output_mask) {
+  check_4d(input, "input");
+  gpu::check_cuda_float(input, "input");
+  const int64_t N = input.size(0), C = input.size(1), L = input.size(2) * input.size(3);
+  gpu::check_shape(grad_output, input.sizes(), "grad_output", input, "input");
+  const auto fmt = output_memory_format(input);
+  at::Tensor out;
+  if (relu) {
+    TORCH_CHECK_VALUE(output_opt.has_value() && output_opt->defined(),
+                      "bn_relu_backward with relu=True needs the forward output");
+    gpu::check_shape(*output_opt, input.sizes(), "output", input, "input");
+    out = output_opt->contiguous(fmt);
+  }
+  const at::Tensor weight = gpu::bn_channel_param(weight_opt, input, C, "weight");
+  const at::Tensor mean = gpu::bn_channel_param(save_mean, input, C, "save_mean");
+  const at::Tensor invstd = gpu::bn_channel_param(save_invstd, input, C, "save_invstd");
+  TORCH_CHECK_VALUE(mean.defined() && invstd.defined(), "save_mean and save_invstd are required");
+  c10::cuda::CUDAGuard guard(input.device());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+
+  const bool need_gi = output_mask[0], need_gw = output_mask[1] && weight.defined(),
+             need_gb = output_mask[2], need_gr = output_mask[3];
+  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor g = grad_output.contiguous(fmt);
+  const at::Tensor x = input.contiguous(fmt);
+  const auto opts = input.options();
+  at::Tensor gi = need_gi ? at::empty(input.sizes(), opts.memory_format(fmt)) : at::Tensor();
+  at::Tensor gw = need_gw ? at::empty({C}, opts) : at::Tensor();
+  at::Tensor gb = need_gb ? at::empty({C}, opts) : at::Tensor();
+  at::Tensor gr = need_gr ? at::empty(input.sizes(), opts.memory_format(fmt)) : at::Tensor();
+  at::Tensor coef = at::empty({3 * C}, opts.dtype(gpu::acc_dtype(input.scalar_type())));
+  const gpu::ActView v = nhwc ? gpu::rows_view(N, C, L) : gpu::nchw_view(N, C, L);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_bn_relu_backward_cuda", [&] {
+    using acc_t = gpu::acc_type<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* op = gpu::ptr_or_null<scalar_t>(out);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    gpu::SumPartials p;  // S == 0: no reduction (inference, no parameter gradients)
+    if (training || need_gw || need_gb) {
+      // x is read only where the centred sum is needed.
+      p = gpu::bwd_reduce<scalar_t>(gp, op, (training || need_gw) ? xp : nullptr, v,
+                                    mean.const_data_ptr<acc_t>(), opts);
+    }
+    gpu::launch_bwd_constants<scalar_t>(C, p, invstd, weight, N * L, training, coef, gw, gb,
+                                        at::Tensor());
+    gpu::launch_bwd_apply<scalar_t>(gp, op, training ? xp : nullptr, v,
+                                    gpu::mut_ptr_or_null<scalar_t>(gi), v,
+                                    gpu::mut_ptr_or_null<scalar_t>(gr), coef, mean);
+  });
+  return {gi.defined() ? gi : not_requested(input), gw.defined() ? gw : not_requested(input),
+          gb.defined() ? gb : not_requested(input), gr.defined() ? gr : not_requested(input)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, double eps) {
+  return bn_relu_cuda(input, weight, bias, running_mean, running_var, c10::nullopt, training, eps,
+                      /*relu=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, std::array<bool, 3> output_mask) {
+  auto grads = bn_relu_backward_cuda(grad_output, c10::nullopt, input, weight, save_mean,
+                                     save_invstd, training, /*relu=*/false,
+                                     {output_mask[0], output_mask[1], output_mask[2], false});
+  return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)};
+}
+
+TORCH_LIBRARY_IMPL(cnnops, CUDA, m) {
+  m.impl("batch_norm", &batch_norm_cuda);
+  m.impl("batch_norm_backward", &batch_norm_backward_cuda);
+  m.impl("bn_relu", &bn_relu_cuda);
+  m.impl("bn_relu_backward", &bn_relu_backward_cuda);
+}
+
+}  // namespace cnnops

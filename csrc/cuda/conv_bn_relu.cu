@@ -1,0 +1,179 @@
+// conv -> BatchNorm -> (+ residual) -> ReLU in one op on the GPU.
+//
+// Inference: BN is a per-channel affine map, (x - center) * scale + shift
+// (running statistics; the conv bias folded into the center), applied with
+// the residual and the ReLU by the conv's GEMM epilogue: one pass over the
+// GEMM output writes the result.
+// Training: the conv (+ conv bias) writes conv_output, the pre-normalisation
+// activations the backward needs; one reduction gives the batch statistics
+// (Welford / Chan, deterministic) and one elementwise pass normalises, adds
+// the residual and applies the ReLU.
+// Backward: one reduction (sum of gy and of gy * (conv_output - mean), gy the
+// ReLU-masked gradient) and one elementwise pass producing the conv output's
+// gradient (directly in the layout the conv backward's GEMMs read) and
+// grad_residual; then the conv backward (conv_kernels.cuh).
+//
+// conv_output is NCHW-contiguous in every case (the schema's fake kernel says
+// so); with a channels_last input the forward computes in NHWC and stores one
+// transposed copy, and the training backward reads an NHWC copy of it.
+#include <torch/library.h>
+
+#include "conv_kernels.cuh"
+
+namespace cnnops {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cuda(
+    const at::Tensor& input, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& conv_bias_opt,
+    const c10::optional<at::Tensor>& bn_weight_opt,
+    const c10::optional<at::Tensor>& bn_bias_opt,
+    const c10::optional<at::Tensor>& running_mean_opt,
+    const c10::optional<at::Tensor>& running_var_opt,
+    const c10::optional<at::Tensor>& residual_opt, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
+    double eps, bool relu) {
+  const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
+  gpu::check_cuda_float(input, "input");
+  const int64_t OC = s.OC, L = s.L();
+  const at::Tensor cbias = gpu::same_dtype_channel_param(conv_bias_opt, input, OC, "conv_bias");
+  const at::Tensor bnw = gpu::bn_channel_param(bn_weight_opt, input, OC, "bn_weight");
+  const at::Tensor bnb = gpu::bn_channel_param(bn_bias_opt, input, OC, "bn_bias");
+  const at::Tensor rmean = gpu::bn_channel_param(running_mean_opt, input, OC, "running_mean");
+  const at::Tensor rvar = gpu::bn_channel_param(running_var_opt, input, OC, "running_var");
+  TORCH_CHECK_VALUE(training || (rmean.defined() && rvar.defined()),
+                    "conv_bn_relu in inference mode (training=False) needs running_mean "
+                    "and running_var");
+  TORCH_CHECK_VALUE(eps >= 0, "expected eps >= 0, got ", eps);
+  const auto fmt = output_memory_format(input);
+  const bool nhwc = gpu::uses_nhwc(input);
+  const at::Tensor residual = gpu::conv_residual_cuda(residual_opt, input, s, fmt);
+  c10::cuda::CUDAGuard guard(input.device());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+
+  const auto opts = input.options();
+  const auto acc_opts = opts.dtype(gpu::acc_dtype(input.scalar_type()));
+  at::Tensor out = at::empty({s.N, OC, s.OH, s.OW}, opts.memory_format(fmt));
+  at::Tensor conv_out = training ? at::empty({s.N, OC, s.OH, s.OW}, opts) : at::empty({0}, opts);
+  const at::Tensor w = weight.contiguous();
+
+  if (!training) {
+    const gpu::BNConstants k = AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_conv_bn_constants", [&] {
+          return gpu::bn_constants<gpu::acc_type<scalar_t>>(OC, gpu::Partials{}, rmean, rvar, bnw,
+                                                            bnb, cbias, eps, acc_opts);
+        });
+    gpu::conv_forward_fused(s, input, w, nhwc, out, k.center, k.scale, k.shift, residual, relu);
+    return {out, conv_out, k.save_mean, k.save_invstd};
+  }
+
+  // Training. The raw conv (+ conv bias) goes to conv_output (NCHW path) or,
+  // on the NHWC path, to `out` first, then is copied to conv_output.
+  gpu::conv_forward_fused(s, input, w, nhwc, nhwc ? out : conv_out, at::Tensor(), at::Tensor(),
+                          cbias, at::Tensor(), /*relu=*/false);
+  if (nhwc) conv_out.copy_(out);
+  const gpu::ActView v = nhwc ? gpu::rows_view(s.N, OC, L) : gpu::nchw_view(s.N, OC, L);
+  gpu::BNConstants k;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_conv_bn_relu_cuda", [&] {
+    using acc_t = gpu::acc_type<scalar_t>;
+    const scalar_t* src = nhwc ? out.const_data_ptr<scalar_t>() : conv_out.const_data_ptr<scalar_t>();
+    const gpu::Partials p = gpu::batch_moments<scalar_t>(src, v, opts);
+    k = gpu::bn_constants<acc_t>(OC, p, at::Tensor(), at::Tensor(), bnw, bnb, at::Tensor(), eps,
+                                 acc_opts);
+    // In place on the NHWC path (src is out).
+    gpu::launch_apply<scalar_t>(src, v, gpu::ptr_or_null<scalar_t>(residual), v,
+                                out.mutable_data_ptr<scalar_t>(), v,
+                                k.center.const_data_ptr<acc_t>(), k.scale.const_data_ptr<acc_t>(),
+                                k.shift.const_data_ptr<acc_t>(), relu);
+  });
+  return {out, conv_out, k.save_mean, k.save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_bn_relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& output,
+                           const at::Tensor& input, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& conv_bias_opt,
+                           const at::Tensor& conv_output,
+                           const c10::optional<at::Tensor>& bn_weight_opt,
+                           const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                           at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, int64_t groups, bool training, bool relu,
+                           std::array<bool, 6> output_mask) {
+  const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
+  gpu::check_cuda_float(input, "input");
+  const int64_t OC = s.OC, L = s.L();
+  const int64_t out_shape[] = {s.N, OC, s.OH, s.OW};
+  gpu::check_shape(grad_output, out_shape, "grad_output", input, "input");
+  gpu::check_shape(output, out_shape, "output", input, "input");
+  if (training) gpu::check_shape(conv_output, out_shape, "conv_output", input, "input");
+  const at::Tensor cbias = gpu::same_dtype_channel_param(conv_bias_opt, input, OC, "conv_bias");
+  const at::Tensor bnw = gpu::bn_channel_param(bn_weight_opt, input, OC, "bn_weight");
+  const at::Tensor mean = gpu::bn_channel_param(save_mean, input, OC, "save_mean");
+  const at::Tensor invstd = gpu::bn_channel_param(save_invstd, input, OC, "save_invstd");
+  TORCH_CHECK_VALUE(mean.defined() && invstd.defined(), "save_mean and save_invstd are required");
+  c10::cuda::CUDAGuard guard(input.device());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+
+  const bool need_gi = output_mask[0], need_gw = output_mask[1], need_gcb = output_mask[2],
+             need_gbw = output_mask[3] && bnw.defined(), need_gbb = output_mask[4],
+             need_gr = output_mask[5];
+  const auto fmt = output_memory_format(input);
+  const bool nhwc = gpu::uses_nhwc(input);
+  const auto opts = input.options();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor g = grad_output.contiguous(fmt);
+  const at::Tensor o = relu ? output.contiguous(fmt) : at::Tensor();
+  // The normalised activations' source, in the working layout: saved in
+  // training; recomputed in inference only when the BN weight gradient needs it.
+  at::Tensor co;
+  if (training) {
+    co = conv_output.contiguous(fmt);
+  } else if (need_gbw) {
+    co = at::empty({s.N, OC, s.OH, s.OW}, opts.memory_format(fmt));
+    gpu::conv_forward_fused(s, input, w, nhwc, co, at::Tensor(), at::Tensor(), cbias,
+                            at::Tensor(), false);
+  }
+
+  at::Tensor gi = need_gi ? at::empty(input.sizes(), opts.memory_format(fmt)) : at::Tensor();
+  at::Tensor gw = need_gw ? at::empty(weight.sizes(), opts) : at::Tensor();
+  at::Tensor gcb = need_gcb ? at::empty({OC}, opts) : at::Tensor();
+  at::Tensor gbw = need_gbw ? at::empty({OC}, opts) : at::Tensor();
+  at::Tensor gbb = need_gbb ? at::empty({OC}, opts) : at::Tensor();
+  at::Tensor gr = need_gr ? at::empty({s.N, OC, s.OH, s.OW}, opts.memory_format(fmt))
+                          : at::Tensor();
+  at::Tensor coef = at::empty({3 * OC}, opts.dtype(gpu::acc_dtype(input.scalar_type())));
+  // The conv output's gradient, in the layout the conv backward reads:
+  // channel-major [OC, N*L] (NCHW path) or rows [N*L, OC] (NHWC path).
+  const bool need_dconv = need_gi || need_gw;
+  at::Tensor dconv;
+  if (need_dconv) dconv = nhwc ? at::empty({s.N * L, OC}, opts) : at::empty({OC, s.N * L}, opts);
+  const gpu::ActView v = nhwc ? gpu::rows_view(s.N, OC, L) : gpu::nchw_view(s.N, OC, L);
+  const gpu::ActView dv = nhwc ? v : gpu::planes_view(s.N, OC, L, L, s.N * L);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_conv_bn_relu_backward_cuda", [&] {
+    using acc_t = gpu::acc_type<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* op = gpu::ptr_or_null<scalar_t>(o);
+    const scalar_t* cp = gpu::ptr_or_null<scalar_t>(co);
+    gpu::SumPartials p;  // S == 0: no reduction needed
+    if (training || need_gbw || need_gbb || need_gcb) {
+      p = gpu::bwd_reduce<scalar_t>(gp, op, cp, v, mean.const_data_ptr<acc_t>(), opts);
+    }
+    gpu::launch_bwd_constants<scalar_t>(OC, p, invstd, bnw, s.N * L, training, coef, gbw, gbb,
+                                        gcb);
+    gpu::launch_bwd_apply<scalar_t>(gp, op, training ? cp : nullptr, v,
+                                    gpu::mut_ptr_or_null<scalar_t>(dconv), dv,
+                                    gpu::mut_ptr_or_null<scalar_t>(gr), coef, mean);
+  });
+  if (need_dconv) gpu::conv_backward_from_buffer(s, input, w, dconv, nhwc, gi, gw);
+
+  return {gi.defined() ? gi : not_requested(input),   gw.defined() ? gw : not_requested(input),
+          gcb.defined() ? gcb : not_requested(input), gbw.defined() ? gbw : not_requested(input),
+          gbb.defined() ? gbb : not_requested(input), gr.defined() ? gr : not_requested(input)};
+}
+
+TORCH_LIBRARY_IMPL(cnnops, CUDA, m) {
+  m.impl("conv_bn_relu", &conv_bn_relu_cuda);
+  m.impl("conv_bn_relu_backward", &conv_bn_relu_backward_cuda);
+}
+
+}  // namespace cnnops

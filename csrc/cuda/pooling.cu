@@ -1,0 +1,546 @@
+// GPU pooling kernels: max, average and adaptive average pooling over the
+// H x W planes of an [N, C, H, W] tensor, forward and backward.
+//
+// Layouts: the kernels read their inputs through arbitrary strides (no copy
+// for any layout) and write outputs dense in the layout rule of
+// cnnops::output_memory_format: NCHW-contiguous, or channels_last for a
+// channels_last input. One thread per output element (forward) or input
+// element (average backward), decoded in the output's memory order, so
+// consecutive threads touch consecutive addresses: along W for NCHW, along C
+// for NHWC.
+//
+// Backward ops are deterministic:
+//  * avg / adaptive avg: a gather; each input element sums the gradients of
+//    the windows that contain it (computed from the pooling parameters);
+//  * max: the op receives only the indices, not the window parameters, so it
+//    is a scatter. One warp owns each (n, c) plane and walks its outputs 32 at
+//    a time; lanes that hit the same input element are grouped with
+//    __match_any_sync and the lowest lane adds their sum, in lane order. No
+//    two threads ever update one element concurrently, and the order of the
+//    additions is fixed.
+//
+// Semantics and rounding follow the CPU kernels (csrc/cpu/pooling.cpp), which
+// follow aten: sums in at::acc_type, one division per output element; max
+// pooling treats padding as -inf, lets NaN win, keeps the first of equal
+// maxima, and reports index -1 for a window without any tap.
+#include <torch/library.h>
+
+#include <optional>
+
+#include "common.cuh"
+
+namespace cnnops {
+namespace gpu {
+namespace {
+
+// Strides of a 4-D tensor, passed to kernels by value.
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+inline Strides4 strides_of(const at::Tensor& t) {
+  return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// (n, c, h, w) of element `idx` of a dense [N, C, H, W] tensor in NCHW or
+// NHWC memory order.
+struct Pos {
+  int64_t n, c, h, w;
+};
+
+template <bool NHWC>
+__device__ __forceinline__ Pos decode(int64_t idx, int64_t C, int64_t H, int64_t W) {
+  Pos p;
+  if (NHWC) {
+    p.c = idx % C;
+    idx /= C;
+    p.w = idx % W;
+    idx /= W;
+    p.h = idx % H;
+    p.n = idx / H;
+  } else {
+    p.w = idx % W;
+    idx /= W;
+    p.h = idx % H;
+    idx /= H;
+    p.c = idx % C;
+    p.n = idx / C;
+  }
+  return p;
+}
+
+// A window's clamped span [begin, end) along one dimension, and (for average
+// pooling's count_include_pad) its length counting padding.
+struct Span {
+  int64_t begin, end, padded;
+};
+
+// max_pool2d: taps o*s - p + j*d (j < k) inside [0, in), as the CPU's
+// max_spans: begin is the first tap >= 0, end bounds the last tap.
+__device__ __forceinline__ Span max_span(int64_t o, int64_t in, int64_t k, int64_t s, int64_t p,
+                                         int64_t d) {
+  int64_t begin = o * s - p;
+  const int64_t end = min64(begin + (k - 1) * d + 1, in);
+  if (begin < 0) begin += (-begin + d - 1) / d * d;
+  return Span{begin, end, 0};
+}
+
+// avg_pool2d, aten's rule: count_include_pad counts the padding but not the
+// part of a ceil_mode window past it.
+__device__ __forceinline__ Span avg_span(int64_t o, int64_t in, int64_t k, int64_t s,
+                                         int64_t p) {
+  const int64_t begin = o * s - p;
+  const int64_t end = min64(begin + k, in + p);
+  return Span{max64(begin, 0), min64(end, in), end - begin};
+}
+
+// adaptive_avg_pool2d's bins [floor(o*in/out), ceil((o+1)*in/out)).
+__device__ __forceinline__ Span adaptive_span(int64_t o, int64_t in, int64_t out) {
+  const int64_t begin = (o * in) / out;
+  const int64_t end = 1 + ((o + 1) * in - 1) / out;
+  return Span{begin, end, end - begin};
+}
+
+struct PoolParams {
+  int64_t KH, KW, sh, sw, ph, pw, dh, dw;
+  bool count_include_pad;
+  int64_t divisor_override;  // 0: none
+};
+
+// ---- max pooling ----------------------------------------------------------------
+
+template <typename scalar_t, bool NHWC>
+__global__ void max_pool_kernel(const scalar_t* __restrict__ x, Strides4 xs, int64_t N,
+                                int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,
+                                PoolParams pp, scalar_t* __restrict__ y,
+                                int64_t* __restrict__ indices) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t total = N * C * OH * OW;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Pos o = decode<NHWC>(idx, C, OH, OW);
+    const Span hs = max_span(o.h, H, pp.KH, pp.sh, pp.ph, pp.dh);
+    const Span ws = max_span(o.w, W, pp.KW, pp.sw, pp.pw, pp.dw);
+    const scalar_t* plane = x + o.n * xs.n + o.c * xs.c;
+    int64_t best = (hs.begin >= hs.end || ws.begin >= ws.end) ? -1 : hs.begin * W + ws.begin;
+    acc_t maxval = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t ih = hs.begin; ih < hs.end; ih += pp.dh) {
+      for (int64_t iw = ws.begin; iw < ws.end; iw += pp.dw) {
+        const acc_t v = static_cast<acc_t>(plane[ih * xs.h + iw * xs.w]);
+        if (v > maxval || device_isnan(v)) {
+          maxval = v;
+          best = ih * W + iw;
+        }
+      }
+    }
+    y[idx] = static_cast<scalar_t>(maxval);
+    indices[idx] = best;
+  }
+}
+
+constexpr int kPoolWarps = 8;  // warps (planes in flight) per block of the max backward
+
+// grad_input (zeroed, dense; element j of plane (n, c) at n*gi_n + c*gi_c +
+// j*gi_j) += grad_output at the offsets in indices, one warp per plane.
+template <typename scalar_t>
+__global__ void max_pool_backward_kernel(const scalar_t* __restrict__ g, Strides4 gs,
+                                         const int64_t* __restrict__ ind, Strides4 is, int64_t N,
+                                         int64_t C, int64_t OH, int64_t OW, int64_t HW,
+                                         scalar_t* __restrict__ gi, int64_t gi_n, int64_t gi_c,
+                                         int64_t gi_j) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ acc_t vals[kPoolWarps][kWarp];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t P = OH * OW;
+  // The loop bounds are the same for all lanes of a warp, so every warp-wide
+  // primitive below runs with the full warp converged.
+  for (int64_t plane = static_cast<int64_t>(blockIdx.x) * kPoolWarps + warp; plane < N * C;
+       plane += static_cast<int64_t>(gridDim.x) * kPoolWarps) {
+    const int64_t n = plane / C, c = plane - n * C;
+    const scalar_t* gp = g + n * gs.n + c * gs.c;
+    const int64_t* ip = ind + n * is.n + c * is.c;
+    scalar_t* out = gi + n * gi_n + c * gi_c;
+    for (int64_t base = 0; base < P; base += kWarp) {
+      const int64_t i = base + lane;
+      int64_t j = -1;
+      acc_t v = 0;
+      if (i < P) {
+        const int64_t oh = i / OW, ow = i - oh * OW;
+        j = ip[oh * is.h + ow * is.w];
+        v = static_cast<acc_t>(gp[oh * gs.h + ow * gs.w]);
+      }
+      // -1 marks a window without a tap. Other indices outside the plane can
+      // only come from a caller's bad data; they are skipped rather than
+      // written out of bounds (raising would need a device-to-host sync).
+      const bool valid = j >= 0 && j < HW;
+      vals[warp][lane] = v;
+      __syncwarp();
+      const unsigned valid_lanes = __ballot_sync(0xffffffffu, valid);
+      if (valid) {
+        const unsigned peers =
+            __match_any_sync(valid_lanes, static_cast<unsigned long long>(j));
+        if (lane == __ffs(peers) - 1) {
+          acc_t sum = 0;
+          for (unsigned m = peers; m != 0; m &= m - 1) sum += vals[warp][__ffs(m) - 1];
+          scalar_t* dst = out + j * gi_j;
+          *dst = static_cast<scalar_t>(static_cast<acc_t>(*dst) + sum);
+        }
+      }
+      // Orders this round's updates before the next round's reads (the same
+      // element may be hit again) and protects vals from being overwritten.
+      __syncwarp();
+    }
+  }
+}
+
+// ---- average pooling ------------------------------------------------------------
+
+template <bool ADAPTIVE>
+__device__ __forceinline__ Span window(int64_t o, int64_t in, int64_t out, int64_t k, int64_t s,
+                                       int64_t p) {
+  return ADAPTIVE ? adaptive_span(o, in, out) : avg_span(o, in, k, s, p);
+}
+
+__device__ __forceinline__ int64_t avg_divisor(const PoolParams& pp, const Span& h,
+                                               const Span& w) {
+  if (pp.divisor_override != 0) return pp.divisor_override;
+  return pp.count_include_pad ? h.padded * w.padded
+                              : (h.end - h.begin) * (w.end - w.begin);
+}
+
+// avg_pool2d (ADAPTIVE = false) and adaptive_avg_pool2d (true; pp then has
+// count_include_pad = true and no override, so the divisor is the bin size).
+template <typename scalar_t, bool NHWC, bool ADAPTIVE>
+__global__ void avg_pool_kernel(const scalar_t* __restrict__ x, Strides4 xs, int64_t N,
+                                int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,
+                                PoolParams pp, scalar_t* __restrict__ y) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t total = N * C * OH * OW;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Pos o = decode<NHWC>(idx, C, OH, OW);
+    const Span hs = window<ADAPTIVE>(o.h, H, OH, pp.KH, pp.sh, pp.ph);
+    const Span ws = window<ADAPTIVE>(o.w, W, OW, pp.KW, pp.sw, pp.pw);
+    const scalar_t* plane = x + o.n * xs.n + o.c * xs.c;
+    acc_t sum = 0;
+    for (int64_t ih = hs.begin; ih < hs.end; ++ih) {
+      for (int64_t iw = ws.begin; iw < ws.end; ++iw) {
+        sum += static_cast<acc_t>(plane[ih * xs.h + iw * xs.w]);
+      }
+    }
+    // The padding rules leave no window empty; guard the division anyway.
+    y[idx] = (hs.begin >= hs.end || ws.begin >= ws.end)
+                 ? scalar_t(0)
+                 : static_cast<scalar_t>(sum / static_cast<acc_t>(avg_divisor(pp, hs, ws)));
+  }
+}
+
+// Output positions along one dimension whose window may contain input
+// position i: [lo, hi). Every candidate is re-checked against the exact
+// window, so these only need to be a superset.
+template <bool ADAPTIVE>
+__device__ __forceinline__ void candidates(int64_t i, int64_t in, int64_t out, int64_t k,
+                                           int64_t s, int64_t p, int64_t& lo, int64_t& hi) {
+  if (ADAPTIVE) {
+    lo = (i * out) / in;
+    hi = min64(((i + 1) * out + in - 1) / in, out);
+  } else {
+    // o*s - p <= i < o*s - p + k  <=>  (i + p - k) / s < o <= (i + p) / s
+    lo = (i + p < k) ? 0 : (i + p - k) / s + 1;
+    hi = min64((i + p) / s + 1, out);
+  }
+}
+
+// Gather: grad_input[n][c][ih][iw] = sum over the windows containing (ih, iw)
+// of grad_output / divisor.
+template <typename scalar_t, bool NHWC, bool ADAPTIVE>
+__global__ void avg_pool_backward_kernel(const scalar_t* __restrict__ g, Strides4 gs, int64_t N,
+                                         int64_t C, int64_t H, int64_t W, int64_t OH,
+                                         int64_t OW, PoolParams pp,
+                                         scalar_t* __restrict__ gi) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t total = N * C * H * W;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Pos p = decode<NHWC>(idx, C, H, W);
+    int64_t oh_lo, oh_hi, ow_lo, ow_hi;
+    candidates<ADAPTIVE>(p.h, H, OH, pp.KH, pp.sh, pp.ph, oh_lo, oh_hi);
+    candidates<ADAPTIVE>(p.w, W, OW, pp.KW, pp.sw, pp.pw, ow_lo, ow_hi);
+    const scalar_t* plane = g + p.n * gs.n + p.c * gs.c;
+    acc_t sum = 0;
+    for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
+      const Span hs = window<ADAPTIVE>(oh, H, OH, pp.KH, pp.sh, pp.ph);
+      if (p.h < hs.begin || p.h >= hs.end) continue;
+      for (int64_t ow = ow_lo; ow < ow_hi; ++ow) {
+        const Span ws = window<ADAPTIVE>(ow, W, OW, pp.KW, pp.sw, pp.pw);
+        if (p.w < ws.begin || p.w >= ws.end) continue;
+        sum += static_cast<acc_t>(plane[oh * gs.h + ow * gs.w]) /
+               static_cast<acc_t>(avg_divisor(pp, hs, ws));
+      }
+    }
+    gi[idx] = static_cast<scalar_t>(sum);
+  }
+}
+
+// ---- argument checks (the CPU kernels' rules and messages) -----------------------
+
+struct PoolShape {
+  int64_t N, C, H, W, OH, OW;
+};
+
+PoolShape check_pool2d(const char* op, const at::Tensor& input, at::IntArrayRef kernel_size,
+                       at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, bool ceil_mode) {
+  check_4d(input, "input");
+  check_cuda_float(input, "input");
+  check_pair(kernel_size, "kernel_size", 1);
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  const bool dilated = !dilation.empty();
+  if (dilated) check_pair(dilation, "dilation", 1);
+  TORCH_CHECK_VALUE(
+      padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, op,
+      ": expected padding to be at most half of kernel_size, i.e. <= [", kernel_size[0] / 2,
+      ", ", kernel_size[1] / 2, "] for kernel_size ", kernel_size, ", got padding ", padding);
+  TORCH_CHECK_VALUE(input.size(1) > 0 && input.size(2) > 0 && input.size(3) > 0, op,
+                    ": expected input with non-zero C, H and W (only the batch dimension may "
+                    "be 0), got shape ",
+                    input.sizes());
+  PoolShape s{input.size(0), input.size(1), input.size(2), input.size(3), 0, 0};
+  const int64_t dH = dilated ? dilation[0] : 1;
+  const int64_t dW = dilated ? dilation[1] : 1;
+  s.OH = pool_output_size(s.H, kernel_size[0], padding[0], stride[0], dH, ceil_mode);
+  s.OW = pool_output_size(s.W, kernel_size[1], padding[1], stride[1], dW, ceil_mode);
+  TORCH_CHECK_VALUE(s.OH >= 1 && s.OW >= 1, op, ": input of spatial size ", s.H, "x", s.W,
+                    " gives an output of size ", s.OH, "x", s.OW, " with kernel_size ",
+                    kernel_size, ", stride ", stride, ", padding ", padding,
+                    (dilated ? c10::str(", dilation ", dilation) : std::string()),
+                    ", ceil_mode=", (ceil_mode ? "True" : "False"),
+                    "; the output must be at least 1x1");
+  return s;
+}
+
+void check_divisor_override(const char* op, std::optional<int64_t> divisor_override) {
+  TORCH_CHECK_VALUE(!divisor_override.has_value() || *divisor_override != 0, op,
+                    ": expected divisor_override to be non-zero or None, got 0");
+}
+
+void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& input) {
+  check_4d(grad_output, "grad_output");
+  check_same(grad_output, input, "grad_output", "input");
+  TORCH_CHECK_VALUE(
+      grad_output.size(0) == input.size(0) && grad_output.size(1) == input.size(1), op,
+      ": expected grad_output to have the batch and channel sizes of input [", input.size(0),
+      ", ", input.size(1), ", *, *], got shape ", grad_output.sizes());
+}
+
+void check_adaptive_input(const char* op, const at::Tensor& input) {
+  check_4d(input, "input");
+  check_cuda_float(input, "input");
+  TORCH_CHECK_VALUE(input.size(2) > 0 && input.size(3) > 0, op,
+                    ": expected input with non-zero H and W, got shape ", input.sizes());
+}
+
+// ---- launchers ---------------------------------------------------------------------
+
+at::Tensor avg_forward(const at::Tensor& input, int64_t OH, int64_t OW, const PoolParams& pp,
+                       bool adaptive) {
+  const auto fmt = output_memory_format(input);
+  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  at::Tensor y = at::empty({N, C, OH, OW}, input.options().memory_format(fmt));
+  if (y.numel() == 0) return y;
+  const Strides4 xs = strides_of(input);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const unsigned int blocks = grid_for(y.numel(), kThreads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_avg_pool_cuda", [&] {
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if (nhwc && adaptive) {
+      avg_pool_kernel<scalar_t, true, true><<<blocks, kThreads, 0, stream>>>(xp, xs, N, C, H, W, OH, OW, pp, yp);
+    } else if (nhwc) {
+      avg_pool_kernel<scalar_t, true, false><<<blocks, kThreads, 0, stream>>>(xp, xs, N, C, H, W, OH, OW, pp, yp);
+    } else if (adaptive) {
+      avg_pool_kernel<scalar_t, false, true><<<blocks, kThreads, 0, stream>>>(xp, xs, N, C, H, W, OH, OW, pp, yp);
+    } else {
+      avg_pool_kernel<scalar_t, false, false><<<blocks, kThreads, 0, stream>>>(xp, xs, N, C, H, W, OH, OW, pp, yp);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+at::Tensor avg_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                        const PoolParams& pp, bool adaptive) {
+  const auto fmt = output_memory_format(input);
+  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t OH = grad_output.size(2), OW = grad_output.size(3);
+  at::Tensor gi = at::empty(input.sizes(), input.options().memory_format(fmt));
+  if (gi.numel() == 0) return gi;
+  if (grad_output.numel() == 0) return gi.zero_();  // adaptive pooling to a 0-sized output
+  const Strides4 gs = strides_of(grad_output);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const unsigned int blocks = grid_for(gi.numel(), kThreads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_avg_pool_backward_cuda", [&] {
+    const scalar_t* gp = grad_output.const_data_ptr<scalar_t>();
+    scalar_t* gip = gi.mutable_data_ptr<scalar_t>();
+    if (nhwc && adaptive) {
+      avg_pool_backward_kernel<scalar_t, true, true><<<blocks, kThreads, 0, stream>>>(gp, gs, N, C, H, W, OH, OW, pp, gip);
+    } else if (nhwc) {
+      avg_pool_backward_kernel<scalar_t, true, false><<<blocks, kThreads, 0, stream>>>(gp, gs, N, C, H, W, OH, OW, pp, gip);
+    } else if (adaptive) {
+      avg_pool_backward_kernel<scalar_t, false, true><<<blocks, kThreads, 0, stream>>>(gp, gs, N, C, H, W, OH, OW, pp, gip);
+    } else {
+      avg_pool_backward_kernel<scalar_t, false, false><<<blocks, kThreads, 0, stream>>>(gp, gs, N, C, H, W, OH, OW, pp, gip);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gi;
+}
+
+PoolParams avg_params(at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                      at::IntArrayRef padding, bool count_include_pad,
+                      std::optional<int64_t> divisor_override) {
+  return PoolParams{kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1],
+                    1, 1, count_include_pad, divisor_override.value_or(0)};
+}
+
+// Adaptive bins: no padding, divisor = bin size.
+PoolParams adaptive_params() { return PoolParams{1, 1, 1, 1, 0, 0, 1, 1, true, 0}; }
+
+}  // namespace
+}  // namespace gpu
+
+// input [N, C, H, W] -> (output [N, C, OH, OW], indices [N, C, OH, OW] int64,
+// flat offsets h*W + w into each input plane, -1 for a window with no tap).
+std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& input,
+                                                   at::IntArrayRef kernel_size,
+                                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                                   at::IntArrayRef dilation, bool ceil_mode) {
+  const gpu::PoolShape s =
+      gpu::check_pool2d("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode);
+  c10::cuda::CUDAGuard guard(input.device());
+  const auto fmt = output_memory_format(input);
+  at::Tensor y = at::empty({s.N, s.C, s.OH, s.OW}, input.options().memory_format(fmt));
+  at::Tensor indices =
+      at::empty({s.N, s.C, s.OH, s.OW}, input.options().dtype(at::kLong).memory_format(fmt));
+  if (y.numel() == 0) return {y, indices};
+  const gpu::PoolParams pp{kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0],
+                           padding[1],     dilation[0],    dilation[1], false,   0};
+  const gpu::Strides4 xs = gpu::strides_of(input);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const unsigned int blocks = gpu::grid_for(y.numel(), gpu::kThreads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_max_pool2d_cuda", [&] {
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    int64_t* ip = indices.mutable_data_ptr<int64_t>();
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      gpu::max_pool_kernel<scalar_t, true><<<blocks, gpu::kThreads, 0, stream>>>(
+          xp, xs, s.N, s.C, s.H, s.W, s.OH, s.OW, pp, yp, ip);
+    } else {
+      gpu::max_pool_kernel<scalar_t, false><<<blocks, gpu::kThreads, 0, stream>>>(
+          xp, xs, s.N, s.C, s.H, s.W, s.OH, s.OW, pp, yp, ip);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, indices};
+}
+
+// Adds grad_output [N, C, OH, OW] into a zero grad_input shaped like input, at
+// the offsets in indices (the max_pool2d indices).
+at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                                    const at::Tensor& indices) {
+  check_4d(input, "input");
+  gpu::check_cuda_float(input, "input");
+  gpu::check_grad_output("max_pool2d_backward", grad_output, input);
+  TORCH_CHECK_TYPE(indices.defined() && indices.scalar_type() == at::kLong,
+                   "max_pool2d_backward: expected indices of dtype int64, got ",
+                   indices.defined() ? c10::toString(indices.scalar_type()) : "None");
+  TORCH_CHECK_VALUE(indices.device() == input.device(),
+                    "max_pool2d_backward: expected indices on the device of input (",
+                    input.device(), "), got ", indices.device());
+  TORCH_CHECK_VALUE(indices.sizes() == grad_output.sizes(),
+                    "max_pool2d_backward: expected indices of the shape of grad_output ",
+                    grad_output.sizes(), ", got ", indices.sizes());
+  c10::cuda::CUDAGuard guard(input.device());
+  const auto fmt = output_memory_format(input);
+  at::Tensor gi = at::zeros(input.sizes(), input.options().memory_format(fmt));
+  if (grad_output.numel() == 0 || gi.numel() == 0) return gi;
+  const int64_t N = input.size(0), C = input.size(1), HW = input.size(2) * input.size(3);
+  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
+  // Plane (n, c), element j: NCHW n*C*HW + c*HW + j; NHWC n*HW*C + j*C + c.
+  const int64_t gi_n = C * HW, gi_c = nhwc ? 1 : HW, gi_j = nhwc ? C : 1;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const unsigned int blocks = gpu::grid_for(N * C, gpu::kPoolWarps);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_max_pool2d_backward_cuda", [&] {
+    gpu::max_pool_backward_kernel<scalar_t><<<blocks, gpu::kPoolWarps * gpu::kWarp, 0, stream>>>(
+        grad_output.const_data_ptr<scalar_t>(), gpu::strides_of(grad_output),
+        indices.const_data_ptr<int64_t>(), gpu::strides_of(indices), N, C, grad_output.size(2),
+        grad_output.size(3), HW, gi.mutable_data_ptr<scalar_t>(), gi_n, gi_c, gi_j);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gi;
+}
+
+at::Tensor avg_pool2d_cuda(const at::Tensor& input, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
+                           bool count_include_pad, std::optional<int64_t> divisor_override) {
+  const gpu::PoolShape s =
+      gpu::check_pool2d("avg_pool2d", input, kernel_size, stride, padding, {}, ceil_mode);
+  gpu::check_divisor_override("avg_pool2d", divisor_override);
+  c10::cuda::CUDAGuard guard(input.device());
+  return gpu::avg_forward(
+      input, s.OH, s.OW,
+      gpu::avg_params(kernel_size, stride, padding, count_include_pad, divisor_override),
+      /*adaptive=*/false);
+}
+
+at::Tensor avg_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, bool ceil_mode,
+                                    bool count_include_pad,
+                                    std::optional<int64_t> divisor_override) {
+  const gpu::PoolShape s = gpu::check_pool2d("avg_pool2d_backward", input, kernel_size, stride,
+                                             padding, {}, ceil_mode);
+  gpu::check_divisor_override("avg_pool2d_backward", divisor_override);
+  check_4d(grad_output, "grad_output");
+  check_same(grad_output, input, "grad_output", "input");
+  const std::vector<int64_t> expected{s.N, s.C, s.OH, s.OW};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(expected),
+                    "avg_pool2d_backward: expected grad_output of shape ",
+                    at::IntArrayRef(expected), " (the avg_pool2d output shape for input ",
+                    input.sizes(), "), got ", grad_output.sizes());
+  c10::cuda::CUDAGuard guard(input.device());
+  return gpu::avg_backward(
+      grad_output, input,
+      gpu::avg_params(kernel_size, stride, padding, count_include_pad, divisor_override),
+      /*adaptive=*/false);
+}
+
+at::Tensor adaptive_avg_pool2d_cuda(const at::Tensor& input, at::IntArrayRef output_size) {
+  gpu::check_adaptive_input("adaptive_avg_pool2d", input);
+  check_pair(output_size, "output_size", 0);
+  c10::cuda::CUDAGuard guard(input.device());
+  return gpu::avg_forward(input, output_size[0], output_size[1], gpu::adaptive_params(),
+                          /*adaptive=*/true);
+}
+
+at::Tensor adaptive_avg_pool2d_backward_cuda(const at::Tensor& grad_output,
+                                             const at::Tensor& input) {
+  gpu::check_adaptive_input("adaptive_avg_pool2d_backward", input);
+  gpu::check_grad_output("adaptive_avg_pool2d_backward", grad_output, input);
+  c10::cuda::CUDAGuard guard(input.device());
+  return gpu::avg_backward(grad_output, input, gpu::adaptive_params(), /*adaptive=*/true);
+}
+
+TORCH_LIBRARY_IMPL(cnnops, CUDA, m) {
+  m.impl("max_pool2d", &max_pool2d_cuda);
+  m.impl("max_pool2d_backward", &max_pool2d_backward_cuda);
+  m.impl("avg_pool2d", &avg_pool2d_cuda);
+  m.impl("avg_pool2d_backward", &avg_pool2d_backward_cuda);
+  m.impl("adaptive_avg_pool2d", &adaptive_avg_pool2d_cuda);
+  m.impl("adaptive_avg_pool2d_backward", &adaptive_avg_pool2d_backward_cuda);
+}
+
+}  // namespace cnnops
