@@ -1,14 +1,17 @@
 """Builds cnnops._C: the C++ CPU kernels always, the CUDA kernels when they can be built.
 
-CUDA sources (csrc/cuda/*.cu) are compiled when torch is a CUDA build and nvcc is
-found, or when CNNOPS_FORCE_CUDA=1 (a machine with nvcc but no GPU, e.g. CI compile
-checks); otherwise the build is CPU-only and says so.
+CUDA sources (csrc/cuda/*.cu, and the CUDA-only csrc/cuda/*.cpp) are compiled when torch
+is a CUDA build and nvcc is found, whether or not a GPU is visible (without one, the
+architectures torch was built for are targeted unless TORCH_CUDA_ARCH_LIST says otherwise);
+otherwise the build is CPU-only and says so. CNNOPS_FORCE_CUDA=1 makes CUDA mandatory: the
+build stops with a message saying what is missing instead of falling back to CPU-only.
 
 What was built, and against which torch, is written to cnnops/_build_info.py;
 cnnops/_ext.py compares it with the running torch before loading the extension.
 """
 import glob
 import os
+import subprocess
 import sys
 
 from setuptools import setup
@@ -33,6 +36,24 @@ def _want_cuda():
     nvcc = cpp_extension.CUDA_HOME is not None and os.path.exists(
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     if force:
+        # The CUDA kernels link against torch's CUDA libraries (libc10_cuda, libtorch_cuda),
+        # which a CPU build of torch does not ship: forcing cannot work there.
+        if torch.version.cuda is None:
+            sys.exit(
+                "\ncnnops: CNNOPS_FORCE_CUDA=1, but torch %s is a CPU build: the CUDA kernels\n"
+                "link against torch's CUDA libraries, which it does not have. Either install a\n"
+                "CUDA build of torch (https://pytorch.org/get-started/locally/) and rebuild, or\n"
+                "unset CNNOPS_FORCE_CUDA for a CPU-only build. (To only check that the CUDA\n"
+                "sources compile, run `python -m pytest tests/test_build.py -k cuda_source`.)\n"
+                % torch.__version__
+            )
+        if not nvcc:
+            sys.exit(
+                "\ncnnops: CNNOPS_FORCE_CUDA=1, but nvcc was not found (torch looked in %s).\n"
+                "Install the CUDA toolkit %s and set CUDA_HOME to it, or unset\n"
+                "CNNOPS_FORCE_CUDA for a CPU-only build.\n"
+                % (cpp_extension.CUDA_HOME or "PATH and /usr/local/cuda", torch.version.cuda)
+            )
         return True, "CNNOPS_FORCE_CUDA=1"
     if torch.version.cuda is None:
         return False, "torch %s is a CPU build" % torch.__version__
@@ -41,15 +62,44 @@ def _want_cuda():
     return True, "torch is a CUDA %s build and nvcc was found" % torch.version.cuda
 
 
+def _set_default_arch_list():
+    """Without a visible GPU (and without TORCH_CUDA_ARCH_LIST), torch.utils.cpp_extension has
+    no architecture to compile for; use the ones this torch was built for that nvcc supports."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.device_count() > 0:
+        return
+    try:
+        built = torch._C._cuda_getArchFlags().split()
+        nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+        supported = set(subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True,
+                                       check=True).stdout.split())
+    except Exception:  # an unusual torch or toolkit: leave the choice to cpp_extension
+        return
+    archs = []
+    for flag in built:  # e.g. sm_80, sm_90a, sm_120
+        digits = "".join(ch for ch in flag.split("_")[-1] if ch.isdigit())
+        if flag.startswith("sm_") and digits and "compute_" + digits in supported:
+            arch = "%d.%d" % (int(digits) // 10, int(digits) % 10)
+            if arch not in archs:
+                archs.append(arch)
+    if archs:
+        archs.sort(key=lambda a: tuple(int(x) for x in a.split(".")))
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs) + "+PTX"
+        print("cnnops: no GPU visible; compiling for TORCH_CUDA_ARCH_LIST=%s (set it to choose)"
+              % os.environ["TORCH_CUDA_ARCH_LIST"])
+
+
 def _extension():
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)
     cpp = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
               + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    # csrc/cuda holds the CUDA kernels (.cu) and CUDA-only C++ (.cpp: autocast registration).
     cu = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    cuda_cpp = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
     want_cuda, why = _want_cuda()
     with_cuda = want_cuda and bool(cu)
     if with_cuda:
         print("cnnops: building C++ CPU and CUDA kernels (%s)" % why)
+        _set_default_arch_list()
     elif want_cuda:
         print("cnnops: building C++ CPU kernels only (no CUDA sources in csrc/cuda)")
     else:
@@ -60,7 +110,7 @@ def _extension():
         cxx += ["-fopenmp"]
     args = dict(
         name="cnnops._C",
-        sources=cpp + (cu if with_cuda else []),
+        sources=cpp + (cuda_cpp + cu if with_cuda else []),
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         extra_link_args=["-fopenmp"] if sys.platform != "win32" else [],
