@@ -39,50 +39,52 @@ def _moments_kernel(x_ptr, cnt_ptr, mean_ptr, m2_ptr, R, C, HW, W, sn, sc, sh, s
     end = tl.minimum(start + ROWS, R)
     mean = zeros(BLOCK_C, FP64)
     m2 = zeros(BLOCK_C, FP64)
-    count = tl.sum(tl.zeros((1,), dtype=tl.float32), axis=0)
+    # Counts and merge weights in float64: exact integers, and weights as precise as the
+    # float64 moments they scale.
+    count = tl.sum(tl.zeros((1,), dtype=tl.float64), axis=0)
     for r0 in range(start, end, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < end
         ok = r_ok[:, None] & c_ok[None, :]
         offs = _row_offsets(rr, HW, W, sn, sh, sw)
         v = tl.load(x_ptr + offs[:, None] + c_off[None, :], mask=ok, other=0.0).to(mean.dtype)
-        nb = tl.sum(r_ok.to(tl.float32), axis=0)
-        tile_mean = tl.sum(v, axis=0) / nb
+        nb = tl.sum(r_ok.to(tl.float64), axis=0)
+        tile_mean = tl.sum(v, axis=0) / nb.to(mean.dtype)
         dev = tl.where(ok, v - tile_mean[None, :], 0.0)
         total = count + nb
         delta = tile_mean - mean
-        mean += delta * (nb / total)
-        m2 += tl.sum(dev * dev, axis=0) + delta * delta * (count * nb / total)
+        mean += delta * (nb / total).to(mean.dtype)
+        m2 += tl.sum(dev * dev, axis=0) + delta * delta * (count * nb / total).to(mean.dtype)
         count = total
-    tl.store(cnt_ptr + pid_r, count)
+    tl.store(cnt_ptr + pid_r, count.to(tl.float32))
     tl.store(mean_ptr + pid_r.to(tl.int64) * C + rc, mean, mask=c_ok)
     tl.store(m2_ptr + pid_r.to(tl.int64) * C + rc, m2, mask=c_ok)
 
 
 @triton.jit
-def _combine_kernel(cnt_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_invstd_ptr, T, C, eps,
+def _combine_kernel(cnt_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, T, C,
                     FP64: tl.constexpr, BLOCK_C: tl.constexpr):
     # Chan's merge of T partials per channel, in partial order; a zero count is skipped.
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
     mean = zeros(BLOCK_C, FP64)
     m2 = zeros(BLOCK_C, FP64)
-    count = tl.sum(tl.zeros((1,), dtype=tl.float32), axis=0)
+    count = tl.sum(tl.zeros((1,), dtype=tl.float64), axis=0)  # float64: see _moments_kernel
     for t in range(T):
-        nb = tl.load(cnt_ptr + t)
+        nb = tl.load(cnt_ptr + t).to(tl.float64)
         total = count + nb
         w = nb / tl.maximum(total, 1.0)
         mb = tl.load(mean_ptr + t * C + rc, mask=c_ok, other=0.0)
         m2b = tl.load(m2_ptr + t * C + rc, mask=c_ok, other=0.0)
         delta = mb - mean
         has = nb > 0
-        mean = tl.where(has, mean + delta * w, mean)
-        m2 = tl.where(has, m2 + m2b + delta * delta * (count * w), m2)
+        mean = tl.where(has, mean + delta * w.to(mean.dtype), mean)
+        m2 = tl.where(has, m2 + m2b + delta * delta * (count * w).to(mean.dtype), m2)
         count = total
-    var = m2 / count  # NaN for an empty batch, as PyTorch's batch statistics
+    var = m2 / count.to(mean.dtype)  # NaN for an empty batch, as PyTorch's batch statistics
     mean = tl.where(count > 0, mean, var)
     tl.store(out_mean_ptr + rc, mean, mask=c_ok)
-    tl.store(out_invstd_ptr + rc, 1.0 / tl.sqrt(var + eps), mask=c_ok)
+    tl.store(out_var_ptr + rc, var, mask=c_ok)
 
 
 @triton.jit
@@ -237,14 +239,19 @@ def combine_moments(partials, eps):
     cnt, part_mean, part_m2 = partials
     T, C = part_mean.shape
     mean = torch.empty(C, dtype=part_mean.dtype, device=part_mean.device)
-    invstd = torch.empty_like(mean)
-    if C == 0:
-        return mean, invstd
-    block_c = min(triton.next_power_of_2(C), 256)
-    wrap_triton(_combine_kernel)[(triton.cdiv(C, block_c),)](
-        cnt, part_mean, part_m2, mean, invstd, T, C, eps,
-        FP64=part_mean.dtype == torch.float64, BLOCK_C=block_c)
-    return mean, invstd
+    var = torch.empty_like(mean)
+    if C > 0:
+        block_c = min(triton.next_power_of_2(C), 256)
+        wrap_triton(_combine_kernel)[(triton.cdiv(C, block_c),)](
+            cnt, part_mean, part_m2, mean, var, T, C,
+            FP64=part_mean.dtype == torch.float64, BLOCK_C=block_c)
+    # eps added in torch, in the statistics dtype (a kernel argument would be float32).
+    return mean, invstd_of(var, eps)
+
+
+def invstd_of(var, eps):
+    """1 / sqrt(var + eps), as PyTorch's BatchNorm computes it."""
+    return torch.sqrt(var + eps).reciprocal()
 
 
 def apply(x, mean, scale, shift=None, residual=None, relu=False, out=None):

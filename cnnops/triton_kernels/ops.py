@@ -36,9 +36,7 @@ def _vec(t, dtype):
 
 def _running(running_mean, running_var, eps, dtype):
     """(mean, invstd) of the running statistics: what inference normalises with."""
-    mean = _vec(running_mean, dtype)
-    invstd = torch.rsqrt(running_var.to(dtype) + eps)
-    return mean, invstd
+    return _vec(running_mean, dtype), norm.invstd_of(running_var.to(dtype), eps)
 
 
 def _scale(invstd, weight):
