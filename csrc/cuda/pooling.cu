@@ -9,15 +9,13 @@
 // consecutive threads touch consecutive addresses: along W for NCHW, along C
 // for NHWC.
 //
-// Backward ops are deterministic:
-//  * avg / adaptive avg: a gather; each input element sums the gradients of
-//    the windows that contain it (computed from the pooling parameters);
-//  * max: the op receives only the indices, not the window parameters, so it
-//    is a scatter. One warp owns each (n, c) plane and walks its outputs 32 at
-//    a time; lanes that hit the same input element are grouped with
-//    __match_any_sync and the lowest lane adds their sum, in lane order. No
-//    two threads ever update one element concurrently, and the order of the
-//    additions is fixed.
+// Backward ops are deterministic gathers (no atomics): each input element
+// visits only the windows that can contain it, found from the window geometry,
+// and sums, in a fixed order,
+//  * avg / adaptive avg: their gradients divided by their divisors;
+//  * max: the gradients of those whose index (from the forward) points at it.
+//    An index that points anywhere else (or -1, a window without an element)
+//    is never followed, so bad indices cannot write out of bounds.
 //
 // Semantics and rounding follow the CPU kernels (csrc/cpu/pooling.cpp), which
 // follow aten: sums in at::acc_type, one division per output element; max
@@ -138,58 +136,44 @@ __global__ void max_pool_kernel(const scalar_t* __restrict__ x, Strides4 xs, int
   }
 }
 
-constexpr int kPoolWarps = 8;  // warps (planes in flight) per block of the max backward
-
-// grad_input (zeroed, dense; element j of plane (n, c) at n*gi_n + c*gi_c +
-// j*gi_j) += grad_output at the offsets in indices, one warp per plane.
-template <typename scalar_t>
+// Gather: grad_input[n][c][ih][iw] = sum of grad_output over the windows
+// (oh, ow) that contain (ih, iw) and whose max index is ih*W + iw. Tap kh of
+// window oh reads row oh*sh - ph + kh*dh, so the windows holding row ih are
+// oh = (ih + ph - kh*dh) / sh for each kh where that division is exact and
+// 0 <= oh < OH (likewise for the columns). grad_output and indices are read
+// through their strides; grad_input is dense in NCHW or NHWC order.
+template <typename scalar_t, bool NHWC>
 __global__ void max_pool_backward_kernel(const scalar_t* __restrict__ g, Strides4 gs,
-                                         const int64_t* __restrict__ ind, Strides4 is, int64_t N,
-                                         int64_t C, int64_t OH, int64_t OW, int64_t HW,
-                                         scalar_t* __restrict__ gi, int64_t gi_n, int64_t gi_c,
-                                         int64_t gi_j) {
+                                         const int64_t* __restrict__ ind, Strides4 is,
+                                         int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH,
+                                         int64_t OW, PoolParams pp, scalar_t* __restrict__ gi) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t vals[kPoolWarps][kWarp];
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t P = OH * OW;
-  // The loop bounds are the same for all lanes of a warp, so every warp-wide
-  // primitive below runs with the full warp converged.
-  for (int64_t plane = static_cast<int64_t>(blockIdx.x) * kPoolWarps + warp; plane < N * C;
-       plane += static_cast<int64_t>(gridDim.x) * kPoolWarps) {
-    const int64_t n = plane / C, c = plane - n * C;
-    const scalar_t* gp = g + n * gs.n + c * gs.c;
-    const int64_t* ip = ind + n * is.n + c * is.c;
-    scalar_t* out = gi + n * gi_n + c * gi_c;
-    for (int64_t base = 0; base < P; base += kWarp) {
-      const int64_t i = base + lane;
-      int64_t j = -1;
-      acc_t v = 0;
-      if (i < P) {
-        const int64_t oh = i / OW, ow = i - oh * OW;
-        j = ip[oh * is.h + ow * is.w];
-        v = static_cast<acc_t>(gp[oh * gs.h + ow * gs.w]);
-      }
-      // -1 marks a window without a tap. Other indices outside the plane can
-      // only come from a caller's bad data; they are skipped rather than
-      // written out of bounds (raising would need a device-to-host sync).
-      const bool valid = j >= 0 && j < HW;
-      vals[warp][lane] = v;
-      __syncwarp();
-      const unsigned valid_lanes = __ballot_sync(0xffffffffu, valid);
-      if (valid) {
-        const unsigned peers =
-            __match_any_sync(valid_lanes, static_cast<unsigned long long>(j));
-        if (lane == __ffs(peers) - 1) {
-          acc_t sum = 0;
-          for (unsigned m = peers; m != 0; m &= m - 1) sum += vals[warp][__ffs(m) - 1];
-          scalar_t* dst = out + j * gi_j;
-          *dst = static_cast<scalar_t>(static_cast<acc_t>(*dst) + sum);
+  const int64_t total = N * C * H * W;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Pos p = decode<NHWC>(idx, C, H, W);
+    const int64_t target = p.h * W + p.w;
+    const scalar_t* gp = g + p.n * gs.n + p.c * gs.c;
+    const int64_t* ip = ind + p.n * is.n + p.c * is.c;
+    acc_t sum = 0;
+    for (int64_t kh = 0; kh < pp.KH; ++kh) {
+      const int64_t h_off = p.h + pp.ph - kh * pp.dh;
+      if (h_off < 0) break;  // decreases with kh
+      if (h_off % pp.sh != 0) continue;
+      const int64_t oh = h_off / pp.sh;
+      if (oh >= OH) continue;
+      for (int64_t kw = 0; kw < pp.KW; ++kw) {
+        const int64_t w_off = p.w + pp.pw - kw * pp.dw;
+        if (w_off < 0) break;
+        if (w_off % pp.sw != 0) continue;
+        const int64_t ow = w_off / pp.sw;
+        if (ow >= OW) continue;
+        if (ip[oh * is.h + ow * is.w] == target) {
+          sum += static_cast<acc_t>(gp[oh * gs.h + ow * gs.w]);
         }
       }
-      // Orders this round's updates before the next round's reads (the same
-      // element may be hit again) and protects vals from being overwritten.
-      __syncwarp();
     }
+    gi[idx] = static_cast<scalar_t>(sum);
   }
 }
 
@@ -447,10 +431,17 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& input,
   return {y, indices};
 }
 
-// Adds grad_output [N, C, OH, OW] into a zero grad_input shaped like input, at
-// the offsets in indices (the max_pool2d indices).
+// grad_input shaped like input: grad_output [N, C, OH, OW] summed at the
+// offsets in indices (the max_pool2d indices), gathered per input element
+// over the windows of the given geometry that contain it.
 at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
-                                    const at::Tensor& indices) {
+                                    const at::Tensor& indices, at::IntArrayRef kernel_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation) {
+  check_pair(kernel_size, "kernel_size", 1);
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
   check_4d(input, "input");
   gpu::check_cuda_float(input, "input");
   gpu::check_grad_output("max_pool2d_backward", grad_output, input);
@@ -465,19 +456,27 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
                     grad_output.sizes(), ", got ", indices.sizes());
   c10::cuda::CUDAGuard guard(input.device());
   const auto fmt = output_memory_format(input);
-  at::Tensor gi = at::zeros(input.sizes(), input.options().memory_format(fmt));
-  if (grad_output.numel() == 0 || gi.numel() == 0) return gi;
-  const int64_t N = input.size(0), C = input.size(1), HW = input.size(2) * input.size(3);
-  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
-  // Plane (n, c), element j: NCHW n*C*HW + c*HW + j; NHWC n*HW*C + j*C + c.
-  const int64_t gi_n = C * HW, gi_c = nhwc ? 1 : HW, gi_j = nhwc ? C : 1;
+  at::Tensor gi = at::empty(input.sizes(), input.options().memory_format(fmt));
+  if (gi.numel() == 0) return gi;
+  if (grad_output.numel() == 0) return gi.zero_();
+  const gpu::PoolParams pp{kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0],
+                           padding[1],     dilation[0],    dilation[1], false,   0};
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t OH = grad_output.size(2), OW = grad_output.size(3);
+  const gpu::Strides4 gs = gpu::strides_of(grad_output), is = gpu::strides_of(indices);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const unsigned int blocks = gpu::grid_for(N * C, gpu::kPoolWarps);
+  const unsigned int blocks = gpu::grid_for(gi.numel(), gpu::kThreads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_max_pool2d_backward_cuda", [&] {
-    gpu::max_pool_backward_kernel<scalar_t><<<blocks, gpu::kPoolWarps * gpu::kWarp, 0, stream>>>(
-        grad_output.const_data_ptr<scalar_t>(), gpu::strides_of(grad_output),
-        indices.const_data_ptr<int64_t>(), gpu::strides_of(indices), N, C, grad_output.size(2),
-        grad_output.size(3), HW, gi.mutable_data_ptr<scalar_t>(), gi_n, gi_c, gi_j);
+    const scalar_t* gp = grad_output.const_data_ptr<scalar_t>();
+    const int64_t* ip = indices.const_data_ptr<int64_t>();
+    scalar_t* gip = gi.mutable_data_ptr<scalar_t>();
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      gpu::max_pool_backward_kernel<scalar_t, true><<<blocks, gpu::kThreads, 0, stream>>>(
+          gp, gs, ip, is, N, C, H, W, OH, OW, pp, gip);
+    } else {
+      gpu::max_pool_backward_kernel<scalar_t, false><<<blocks, gpu::kThreads, 0, stream>>>(
+          gp, gs, ip, is, N, C, H, W, OH, OW, pp, gip);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return gi;
