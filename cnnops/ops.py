@@ -119,7 +119,7 @@ if _ext.LOADED:
         return _like(input, shape, _fmt(input)), _like(input, shape, _fmt(input), torch.int64)
 
     @torch.library.register_fake("cnnops::max_pool2d_backward")
-    def _(grad_output, input, indices):
+    def _(grad_output, input, indices, kernel_size, stride, padding, dilation):
         return _like(input, input.shape, _fmt(input))
 
     @torch.library.register_fake("cnnops::avg_pool2d")
@@ -244,10 +244,11 @@ def register_autograd(ns):
     def _max_pool_setup(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(inputs[0], output[1])
+        ctx.geometry = inputs[1:5]  # kernel_size, stride, padding, dilation
 
     def _max_pool_backward(ctx, grad, _gidx):
         input, indices = ctx.saved_tensors
-        return (lib.max_pool2d_backward(grad, input, indices),) + (None,) * 5
+        return (lib.max_pool2d_backward(grad, input, indices, *ctx.geometry),) + (None,) * 5
 
     torch.library.register_autograd(ns + "::max_pool2d", _max_pool_backward,
                                     setup_context=_max_pool_setup)

@@ -83,8 +83,10 @@ TORCH_LIBRARY(cnnops, m) {
   // -> (output, indices); indices are int64 flat offsets into each H*W plane.
   m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, "
         "int[2] padding, int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)");
-  m.def("max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices) "
-        "-> Tensor");
+  // The window geometry (as in aten's max_pool2d_with_indices_backward) lets a
+  // kernel gather: each input element visits only the windows that can hold it.
+  m.def("max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
   m.def("avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, "
         "int[2] padding, bool ceil_mode, bool count_include_pad, "
         "int? divisor_override) -> Tensor");

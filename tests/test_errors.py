@@ -462,7 +462,8 @@ def _bn_back_raw(t, **kw):
 
 def _mp_back_raw(t, **kw):
     out, idx = t["mp"]
-    a = dict(grad_output=out, input=t["x"], indices=idx)
+    a = dict(grad_output=out, input=t["x"], indices=idx, kernel_size=[2, 2], stride=[2, 2],
+             padding=[0, 0], dilation=[1, 1])
     a.update(kw)
     return torch.ops.cnnops.max_pool2d_backward(*a.values())
 
@@ -848,7 +849,7 @@ def test_raw_ops_still_work_after_the_errors(t):
     assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
     g = torch.randn_like(out)
     xr = x.detach().clone().requires_grad_()
-    torch.testing.assert_close(ops.max_pool2d_backward(g, x, idx),
+    torch.testing.assert_close(ops.max_pool2d_backward(g, x, idx, [2, 2], [2, 2], [0, 0], [1, 1]),
                                torch.autograd.grad(F.max_pool2d(xr, 2), xr, g)[0])
 
 

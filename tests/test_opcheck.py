@@ -60,7 +60,7 @@ def _backward_samples():
                               [True, False, True, True])),
         ("conv_bn_relu_backward", (_t(2, 6, 6, 3), cout, x, w, None, conv_out, _t(6), cmean,
                                    cinvstd, [1, 1], [1, 1], [1, 2], 2, True, True, [True] * 6)),
-        ("max_pool2d_backward", (_t(2, 4, 3, 2), x, idx)),
+        ("max_pool2d_backward", (_t(2, 4, 3, 2), x, idx, [2, 2], [2, 2], [0, 0], [1, 1])),
         ("avg_pool2d_backward", (_t(2, 4, 3, 2), x, [2, 2], [2, 2], [0, 0], False, True, None)),
         ("adaptive_avg_pool2d_backward", (_t(2, 4, 4, 3), x)),
         ("add_relu_backward", (_t(2, 4, 6, 5), out)),

@@ -129,8 +129,7 @@ MAX_GRID = [c for c in itertools.product(KERNELS, STRIDES, PADDINGS, [1, 2], [Fa
             and not (c[0] == (1, 1) and c[3] == 2)]
 
 
-def _check_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, grad_layout="contiguous",
-                      geometry_in_backward=True):
+def _check_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, grad_layout="contiguous"):
     args = (_pair(kernel), _pair(stride), _pair(padding), _pair(dilation), ceil_mode)
     expected, expected_idx = F.max_pool2d(x, *args, return_indices=True)
     actual, idx = pool.max_pool2d(x, *args)
@@ -140,8 +139,7 @@ def _check_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, grad_layo
     assert idx.dtype == torch.int64 and torch.equal(idx, expected_idx), (idx, expected_idx)
 
     g = _make(expected.shape, grad_layout, x.dtype)
-    geometry = args[:4] if geometry_in_backward else ()
-    grad = pool.max_pool2d_backward(g, x, idx, *geometry)
+    grad = pool.max_pool2d_backward(g, x, idx, *args[:4])
     assert grad.dtype == x.dtype
     torch.testing.assert_close(grad, _grad(lambda t: F.max_pool2d(t, *args), x, g))
     _assert_layout(x, actual, idx, grad)
@@ -155,8 +153,7 @@ def test_max_pool2d_grid(config):
         pytest.skip("no size in SIZES suits this geometry")
     torch.manual_seed(i)
     x = _make((N, C) + hw, layout, dtype)
-    _check_max_pool2d(x, *config, grad_layout=LAYOUTS[(i + 1) % len(LAYOUTS)],
-                      geometry_in_backward=i % 4 != 0)
+    _check_max_pool2d(x, *config, grad_layout=LAYOUTS[(i + 1) % len(LAYOUTS)])
 
 
 # Representative geometries, each in every layout (the dtype alternating): ResNet's stem pool
@@ -228,8 +225,7 @@ def test_max_pool2d_reduced_precision_nan():
     assert torch.equal(idx, expected_idx)
 
 
-@pytest.mark.parametrize("with_geometry", [True, False])
-def test_max_pool2d_window_without_input(with_geometry):
+def test_max_pool2d_window_without_input():
     # Kernel 2, dilation 2, padding 1 on H = 1: the only window row taps rows -1 and 1. Such a
     # window's index is -1 (torch reports an offset outside the plane) and its gradient is dropped.
     x = _make((N, C, 1, 5), "contiguous", torch.float32)
@@ -238,24 +234,8 @@ def test_max_pool2d_window_without_input(with_geometry):
     assert out.shape == (N, C, 1, 5)
     assert torch.equal(idx, torch.full_like(idx, -1))
     assert torch.equal(out, torch.full_like(out, float("-inf")))
-    grad = pool.max_pool2d_backward(torch.ones_like(out), x, idx,
-                                    *(args[:4] if with_geometry else ()))
+    grad = pool.max_pool2d_backward(torch.ones_like(out), x, idx, *args[:4])
     assert torch.equal(grad, torch.zeros_like(x))
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_max_pool2d_backward_without_geometry(layout):
-    # The cnnops::max_pool2d_backward schema carries no geometry: the launcher then scatters.
-    torch.manual_seed(4)
-    x = _make((N, C, 7, 9), layout, torch.float32, values=_special("ties", (N, C, 7, 9),
-                                                                  torch.float32))
-    args = ((3, 3), (1, 1), (1, 1), (1, 1), True)
-    out, idx = pool.max_pool2d(x, *args)
-    g = _make(out.shape, layout, torch.float32)
-    grad = pool.max_pool2d_backward(g, x, idx)
-    torch.testing.assert_close(grad, pool.max_pool2d_backward(g, x, idx, *args[:4]))
-    torch.testing.assert_close(grad, _grad(lambda t: F.max_pool2d(t, *args), x, g))
-    _assert_layout(x, grad)
 
 
 # ---------------------------------------------------------------------------
@@ -388,7 +368,6 @@ def test_pooling_empty(layout):
     out, idx = pool.max_pool2d(x, (3, 3), (2, 2), (1, 1), (1, 1), True)
     assert out.shape == idx.shape == (0, C, 4, 5) and idx.dtype == torch.int64
     assert pool.max_pool2d_backward(out, x, idx, (3, 3), (2, 2), (1, 1), (1, 1)).shape == x.shape
-    assert pool.max_pool2d_backward(out, x, idx).shape == x.shape
     avg = pool.avg_pool2d(x, (3, 3), (2, 2), (1, 1), True, False, None)
     assert avg.shape == (0, C, 4, 5)
     assert pool.avg_pool2d_backward(avg, x, (3, 3), (2, 2), (1, 1), True, False, None).shape \

@@ -215,8 +215,11 @@ def max_pool2d(input: Tensor, kernel_size: list[int], stride: list[int], padding
 
 
 @triton_op(NS + "::max_pool2d_backward", mutates_args=())
-def max_pool2d_backward(grad_output: Tensor, input: Tensor, indices: Tensor) -> Tensor:
-    return pool.max_pool2d_backward(grad_output, input, indices)
+def max_pool2d_backward(grad_output: Tensor, input: Tensor, indices: Tensor,
+                        kernel_size: list[int], stride: list[int], padding: list[int],
+                        dilation: list[int]) -> Tensor:
+    return pool.max_pool2d_backward(grad_output, input, indices, kernel_size, stride, padding,
+                                    dilation)
 
 
 @triton_op(NS + "::avg_pool2d", mutates_args=())

@@ -173,21 +173,14 @@ def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     return output, indices
 
 
-def max_pool2d_backward(grad_output, input, indices, kernel_size=None, stride=None,
-                        padding=None, dilation=None):
+def max_pool2d_backward(grad_output, input, indices, kernel_size, stride, padding, dilation):
     """Gradient of max_pool2d: grad_output [N, C, OH, OW] -> grad_input [N, C, H, W].
 
-    indices [N, C, OH, OW] int64 are max_pool2d's. Each output's gradient goes to
-    the element its index names; index -1 (a window with no input element) and any
-    index outside the plane send nothing.
-
-    With the pooling geometry (kernel_size, stride, padding, dilation: the pairs
-    given to max_pool2d) the kernel gathers: each input element visits only the
-    KH*KW windows that can contain it. Without it (the cnnops::max_pool2d_backward
-    schema carries none), the windows are unknown, and the gradient is summed with
-    an accumulating index_put_: deterministic on CUDA, where aten sorts the indices
-    and reduces each run of equal ones in order, but slower, and it goes through a
-    float32 (float64) buffer and a copy into input's layout.
+    indices [N, C, OH, OW] int64 are max_pool2d's, and kernel_size, stride, padding,
+    dilation the pairs it was given. The kernel gathers: each input element visits
+    only the KH*KW windows that can contain it and adds the gradient of those whose
+    index names it; index -1 (a window with no input element) and any index outside
+    the plane send nothing.
     """
     N, C, H, W = input.shape
     cl = common.channels_last(input)
@@ -197,11 +190,6 @@ def max_pool2d_backward(grad_output, input, indices, kernel_size=None, stride=No
     if grad_output.numel() == 0:
         return grad_input.zero_()
     OH, OW = grad_output.shape[2:]
-    if kernel_size is None:
-        return _max_pool2d_backward_scatter(grad_output, input, indices, cl)
-    stride = kernel_size if stride is None else stride
-    padding = (0, 0) if padding is None else padding
-    dilation = (1, 1) if dilation is None else dilation
     total = grad_input.numel()
     _launch(_max_pool2d_bwd_kernel, total,
             grad_output, indices, grad_input, total, C, H, W, OH, OW,
@@ -211,21 +199,6 @@ def max_pool2d_backward(grad_output, input, indices, kernel_size=None, stride=No
             CHANNELS_LAST=cl, IDX64=common.needs_int64(grad_output, indices, grad_input),
             ACC_F64=common.is_fp64(input))
     return grad_input
-
-
-def _max_pool2d_backward_scatter(grad_output, input, indices, channels_last):
-    """max_pool2d_backward without the geometry, in torch ops (see max_pool2d_backward)."""
-    N, C, H, W = input.shape
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    planes, hw = N * C, H * W
-    idx = indices.reshape(planes, -1)
-    valid = (idx >= 0) & (idx < hw)
-    flat = torch.where(valid, idx, 0) + torch.arange(planes, device=idx.device)[:, None] * hw
-    values = torch.where(valid, grad_output.reshape(planes, -1).to(acc), 0)
-    buf = torch.zeros(planes * hw, dtype=acc, device=input.device)
-    buf.index_put_((flat.reshape(-1),), values.reshape(-1), accumulate=True)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return buf.view(N, C, H, W).to(input.dtype).contiguous(memory_format=fmt)
 
 
 # ---------------------------------------------------------------------------

@@ -326,10 +326,17 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(
 }
 
 // Scatter-adds grad_output [N, C, OH, OW] into a zero grad_input shaped like
-// input, at the offsets in indices (the max_pool2d indices).
+// input, at the offsets in indices (the max_pool2d indices). One thread owns a
+// plane, so the scatter needs no window geometry; it is checked, not used.
 at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output,
                                    const at::Tensor& input,
-                                   const at::Tensor& indices) {
+                                   const at::Tensor& indices,
+                                   at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_pair(kernel_size, "kernel_size", 1);
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
   check_4d(input, "input");
   check_cpu_float(input, "input");
   check_grad_output("max_pool2d_backward", grad_output, input);
