@@ -316,7 +316,13 @@ def devices(selected=None):
         unknown = [d for d in wanted if d not in ("cpu", "cuda")]
         if unknown:
             raise ValueError("unknown device(s) %s; expected cpu and/or cuda" % unknown)
-        return [d for d in wanted if d in found]
+        missing = [d for d in wanted if d not in found]
+        if missing:
+            raise ValueError("--bench-devices %s: no %s here (torch %s, "
+                             "torch.cuda.is_available() is %s)"
+                             % (selected, ", ".join(missing), torch.__version__,
+                                torch.cuda.is_available()))
+        return wanted
     return found
 
 
@@ -374,15 +380,41 @@ class Settings:
         #                    (floor, cap, budget seconds)
         self.layer_rounds = (10, 30, 4.0) if full else (3, 15, 0.6)
         self.model_rounds = (3, 10, 15.0) if full else (2, 7, 1.5)
+        # CUDA: kernels are short and asynchronous. More warm-up calls (caching allocator,
+        # cuDNN/Triton autotuning happen in the check call before them); a round is as many
+        # back-to-back calls as fill cuda_round_seconds, timed between two synchronizations
+        # (benchmark iterations), so launch and synchronize latency do not swamp a 30 us
+        # kernel; more rounds, since they are cheap.
+        self.cuda_layer_warmup, self.cuda_model_warmup = (5, 3) if full else (3, 2)
+        self.cuda_layer_rounds = (20, 100, 2.0) if full else (10, 50, 0.5)
+        self.cuda_model_rounds = (10, 30, 10.0) if full else (5, 20, 4.0)
+        self.cuda_round_seconds = 2e-3
+        self.cuda_max_iterations = 200
         self._sgemm = {}
         self.start_info = machine_info()  # before the run: the load average says if it was quiet
         self.results = []  # (group, impl, median seconds, extra_info) of each finished benchmark
 
-    def rounds_for(self, seconds_per_call, model=False):
+    def warmup_calls(self, device, model=False):
+        if str(device).startswith("cuda"):
+            return self.cuda_model_warmup if model else self.cuda_layer_warmup
+        return self.model_warmup if model else self.layer_warmup
+
+    def rounds_for(self, seconds_per_call, model=False, device="cpu", iterations=1):
         if self.fixed_rounds:
             return self.fixed_rounds
-        floor, cap, budget = self.model_rounds if model else self.layer_rounds
-        return int(max(floor, min(cap, math.ceil(budget / max(seconds_per_call, 1e-6)))))
+        if str(device).startswith("cuda"):
+            floor, cap, budget = self.cuda_model_rounds if model else self.cuda_layer_rounds
+        else:
+            floor, cap, budget = self.model_rounds if model else self.layer_rounds
+        per_round = max(seconds_per_call, 1e-6) * iterations
+        return int(max(floor, min(cap, math.ceil(budget / per_round))))
+
+    def iterations_for(self, seconds_per_call, device="cpu"):
+        """Calls per timed round: 1 on CPU; on CUDA enough to fill cuda_round_seconds."""
+        if not str(device).startswith("cuda"):
+            return 1
+        return int(max(1, min(self.cuda_max_iterations,
+                              math.ceil(self.cuda_round_seconds / max(seconds_per_call, 1e-7)))))
 
     def backends_for(self, device):
         return [b for b in self.backends if backend_runs_on(b, device)]
@@ -474,6 +506,12 @@ def machine_info():
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cudnn"] = torch.backends.cudnn.version()
+        info["cuda"] = torch.version.cuda
+        try:
+            import triton
+            info["triton"] = triton.__version__
+        except ImportError:
+            info["triton"] = None
     return info
 
 
@@ -516,8 +554,14 @@ def randomize_bn(model, seed=1):
 
 
 def randn(shape, device, seed, scale=1.0, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    t = (torch.randn(shape, generator=g) * scale).to(device)
+    """Seeded float32 normal values on ``device`` (drawn on the device itself on CUDA:
+    batch-32 activations are slow to draw on the CPU)."""
+    if str(device).startswith("cuda"):
+        g = torch.Generator(device=device).manual_seed(seed)
+        t = torch.randn(shape, generator=g, device=device) * scale
+    else:
+        g = torch.Generator().manual_seed(seed)
+        t = (torch.randn(shape, generator=g) * scale).to(device)
     return t.requires_grad_(requires_grad)
 
 
@@ -557,26 +601,57 @@ def assert_close(actual, expected, what, rtol=1e-3, norm=False):
 # ---------------------------------------------------------------------------
 # timing
 
-def time_it(benchmark, settings, fn, device, model=False):
-    """benchmark.pedantic over ``fn``: one call per round, after untimed warm-up calls.
+class _SyncTimer:
+    """perf_counter after a torch.cuda.synchronize(): a round of asynchronous CUDA calls is
+    timed from an idle GPU to an idle GPU."""
 
-    The number of rounds comes from the last warm-up call's duration (Settings.rounds_for).
-    Returns fn's result of the last timed round, for the caller to check.
+    def __call__(self):
+        torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def time_it(benchmark, settings, fn, device, model=False):
+    """benchmark.pedantic over ``fn``: untimed warm-up calls, then the timed rounds.
+
+    CPU: one call per round. CUDA: a round is ``iterations`` back-to-back calls (enough to
+    fill Settings.cuda_round_seconds) between two synchronizations, and pytest-benchmark
+    reports the time per call; the rounds' and iterations' counts come from the last
+    warm-up call's duration (Settings.rounds_for / iterations_for).
+    Returns fn's result of the last call (timed or, with iterations, one more), for the
+    caller to check.
     """
-    if str(device).startswith("cuda"):
+    cuda = str(device).startswith("cuda")
+    if cuda:
         inner = fn
 
-        def fn():
+        def synced():
             out = inner()
             torch.cuda.synchronize()
             return out
     seconds = None
-    for _ in range(max(1, settings.model_warmup if model else settings.layer_warmup)):
+    for _ in range(max(1, settings.warmup_calls(device, model))):
         start = time.perf_counter()
-        fn()
+        (synced if cuda else fn)()
         seconds = time.perf_counter() - start
-    rounds = settings.rounds_for(seconds, model)
-    return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+    iterations = settings.iterations_for(seconds, device)
+    # the round's synchronizations come from the timer; without access to pytest-benchmark's
+    # timer, each call synchronizes (one call per round)
+    if iterations > 1 and not hasattr(benchmark, "_timer"):
+        iterations = 1
+    rounds = settings.rounds_for(seconds, model, device, iterations)
+    benchmark.extra_info["iterations"] = iterations
+    if not cuda:
+        return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+    if iterations == 1:
+        return benchmark.pedantic(synced, rounds=rounds, warmup_rounds=0, iterations=1)
+    timer = benchmark._timer
+    benchmark._timer = _SyncTimer()
+    try:
+        result = benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=iterations)
+    finally:
+        benchmark._timer = timer
+    torch.cuda.synchronize()
+    return result
 
 
 def median_seconds(benchmark):
