@@ -17,7 +17,17 @@ FLOPs count convolution multiply-adds only (2 * MACs): BatchNorm, ReLU and adds 
 left out, so a fused op and its unfused twin have the same FLOPs. A training
 forward + backward counts the forward convolution, the weight gradient and (unless
 the layer reads the network input) the input gradient: 3x (or 2x) the forward.
-The sgemm fraction is (FLOPs / median time) / (this machine's measured sgemm rate).
+The sgemm fraction is (FLOPs / median time) / (this machine's measured GEMM rate in the
+run's dtype: float32 sgemm by default, the float16 / bfloat16 GEMM for a half run).
+
+Precision and layout (Variant, from --bench-dtype, --bench-channels-last, --bench-amp):
+tensors are made in float32 from fixed seeds and then cast to the run's dtype and laid
+out NCHW or channels_last, so every implementation of a group sees the same values.
+Modules are cast except their BatchNorms, whose parameters and statistics stay float32
+(mixed-precision BatchNorm, as under torch.autocast and as cuDNN's half BatchNorm takes
+them). With --bench-amp the models instead keep float32 weights and float32 input and run
+their forward under torch.autocast(device, dtype); the per-op groups always run in the
+dtype. Group labels and extra_info record dtype, layout and amp.
 """
 import contextlib
 import dataclasses
@@ -29,8 +39,10 @@ import time
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import cnnops
+from cnnops import triton_kernels
 
 EAGER = "torch eager"
 COMPILE = "torch.compile"
@@ -58,6 +70,133 @@ def impl_id(impl):
     """A short pytest id for an implementation."""
     return (impl.replace("torch eager", "eager").replace("torch.compile", "compile")
             .replace("cnnops.fuse", "fuse").replace(" + ", "+").replace(" ", "-"))
+
+
+# ---------------------------------------------------------------------------
+# precision and layout
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HALF = (torch.float16, torch.bfloat16)
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How a group's tensors are made: dtype, memory layout and (models) autocast.
+
+    dtype: the dtype the tensors are cast to or, with amp, the autocast dtype;
+    channels_last: inputs, gradients and 4-D weights in torch.channels_last;
+    amp: models keep float32 weights and input and run under torch.autocast(device, dtype).
+    """
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+    amp: bool = False
+
+    @property
+    def layout(self):
+        return "channels_last" if self.channels_last else "nchw"
+
+    @property
+    def default(self):
+        return self == Variant()
+
+    @property
+    def label(self):
+        """Group-label suffix: "float32 nchw", "float16 channels_last", "amp-float16 nchw"."""
+        return "%s%s %s" % ("amp-" if self.amp else "", dtype_name(self.dtype), self.layout)
+
+    def info(self):
+        return dict(dtype=dtype_name(self.dtype), layout=self.layout, amp=self.amp)
+
+    def tensor(self, t):
+        """t (float32) cast to the dtype (kept float32 under amp) and laid out."""
+        if not self.amp and t.is_floating_point() and t.dtype != self.dtype:
+            t = t.to(self.dtype)
+        if self.channels_last and t.dim() == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    def module(self, module, device):
+        """module on device, cast to the dtype except BatchNorms (float32 statistics and
+        affine parameters, mixed precision as cuDNN and autocast take them); under amp
+        nothing is cast. channels_last moves 4-D weights to that layout."""
+        module = module.to(device)
+        if not self.amp and self.dtype != torch.float32:
+            cast = lambda t: t.to(self.dtype) if t.is_floating_point() else t  # noqa: E731
+            for m in module.modules():
+                if not isinstance(m, _BatchNorm):
+                    m._apply(cast, recurse=False)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+    def autocast(self, device):
+        """torch.autocast(device, dtype) under amp, else a no-op context."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(str(device).split(":")[0], dtype=self.dtype)
+
+    @property
+    def compute_dtype(self):
+        """The dtype cnnops's kernels see (under autocast: the autocast dtype)."""
+        return self.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Tol:
+    """A check's tolerance; each bound that is set is checked:
+    max |a - e| <= max_rtol * max(1, max |e|); ||a - e|| <= norm_rtol * ||e||; and
+    1/ratio <= ||a|| / ||e|| <= ratio (finite), a sanity bound for results whose values are
+    mostly rounding noise in a half dtype but whose size is not."""
+    max_rtol: float = None
+    norm_rtol: float = None
+    ratio: float = None
+
+    def __str__(self):
+        parts = []
+        if self.max_rtol is not None:
+            parts.append("max %g" % self.max_rtol)
+        if self.norm_rtol is not None:
+            parts.append("norm %g" % self.norm_rtol)
+        if self.ratio is not None:
+            parts.append("norm ratio %g" % self.ratio)
+        return ", ".join(parts)
+
+
+def tolerances(dtype, device):
+    """The checks' tolerances for a run in ``dtype`` on ``device``: {kind: Tol}.
+
+    kinds: "op" (per-op outputs), "op_grad" (per-op gradients), "model" (logits), "loss",
+    "grad" (a model's classifier weight gradient), "grad_deep" (its first and middle
+    convolutions' weight gradients). float32 on CPU keeps the suite's float32 bounds.
+    float32 on CUDA: cuDNN convolutions run in TF32 by default (10-bit mantissa, like
+    float16), so it gets float16's.
+
+    Half types are compared in float64 with relative-norm bounds several times above what
+    separates two correct implementations and below a wrong kernel's error (~0.1 and up, or
+    NaN); the elementwise bound only catches gross errors. Eager in float16 / bfloat16 itself
+    differs from a float64 computation on the same inputs, at the ResNet-50 conv_bn_relu
+    shapes, by up to ~4e-4 / 3e-3 (relative norm) in the forward output, and by up to ~1.2% /
+    3.8% in the gradients (the conv output is rounded before BatchNorm, and elements near the
+    ReLU threshold change side), with elementwise errors up to 0.12 / 0.19 of the largest
+    value: a fused kernel that does not round there differs from eager by as much.
+    In a half dtype the first and middle weight gradients of a deep BatchNorm network are
+    mostly rounding noise (two correct float16 ResNet-50s differ by 50% and more there,
+    bfloat16 ones by 100%), so they get a norm-ratio sanity bound (zero, NaN or exploding
+    gradients fail) and the classifier's gradient the relative-norm one.
+    """
+    tf32 = dtype == torch.float32 and str(device).startswith("cuda")
+    if dtype == torch.float32 and not tf32:
+        return {"op": Tol(1e-3), "op_grad": Tol(1e-3), "model": Tol(1e-3), "loss": Tol(1e-3),
+                "grad": Tol(norm_rtol=0.05), "grad_deep": Tol(norm_rtol=0.05)}
+    if dtype == torch.bfloat16:
+        return {"op": Tol(0.1, 0.03), "op_grad": Tol(1.0, 0.15), "model": Tol(0.3, 0.1),
+                "loss": Tol(0.03), "grad": Tol(norm_rtol=0.5), "grad_deep": Tol(ratio=3.0)}
+    return {"op": Tol(0.05, 0.01), "op_grad": Tol(0.5, 0.05), "model": Tol(0.1, 0.03),
+            "loss": Tol(0.01), "grad": Tol(norm_rtol=0.15), "grad_deep": Tol(ratio=2.0)}
 
 
 # ---------------------------------------------------------------------------
@@ -327,7 +466,10 @@ def devices(selected=None):
 
 
 def backend_runs_on(name, device):
-    """Whether cnnops backend ``name`` can run a float32 call on ``device`` here."""
+    """Whether cnnops backend ``name`` can run a float32 call on ``device`` here (Triton's
+    interpreter, TRITON_INTERPRET=1, does not count: interpreted kernels are never timed)."""
+    if name == "triton" and triton_kernels.INTERPRET:
+        return False
     try:
         with cnnops.use_backend(name):
             cnnops.backends.resolve(torch.empty(0, device=device))
@@ -336,17 +478,59 @@ def backend_runs_on(name, device):
         return False
 
 
+def not_timed_reason(impl, device, dtype):
+    """Why a cnnops implementation is not timed for ``dtype`` tensors on ``device`` (None
+    when it is): its backend cannot run them (the cpu backend takes float32/float64 only),
+    or ``auto`` (cnnops.fuse) would resolve to the reference backend (plain PyTorch, no
+    fused kernel) or to interpreted Triton. Returns (reason or None, resolved backend)."""
+    backend = impl_backend(impl)
+    if backend is None:
+        return None, None
+    probe = torch.empty(0, device=device, dtype=dtype)
+    try:
+        with cnnops.use_backend(backend):
+            resolved = cnnops.backends.resolve(probe)
+    except RuntimeError as e:
+        return "%s does not run %s tensors on %s: %s" % (impl, dtype_name(dtype), device, e), None
+    if backend == "auto" and resolved == "reference":
+        return ("%s would run cnnops's reference backend (plain PyTorch, no fused kernel) for "
+                "%s tensors on %s: not timed as a fast path"
+                % (impl, dtype_name(dtype), device)), resolved
+    if resolved == "triton" and triton_kernels.INTERPRET:
+        return ("%s would run Triton's interpreter (TRITON_INTERPRET=1): not timed"
+                % impl), resolved
+    return None, resolved
+
+
 class Settings:
     """What a run measures: from --full, --bench-* options (see conftest.py)."""
 
     def __init__(self, full=False, backends="default", compile="auto", nets=None, models=None,
-                 batch=8, devices_=None, rounds=None):
+                 batch=8, devices_=None, rounds=None, dtype="float32", channels_last=False,
+                 amp=False, model_batch=None, model_size=None, cudnn_benchmark=False):
         self.full = full
         self.compile = compile
         self.batch = batch
         self.devices = devices(devices_)
         self.requested_backends = backends
+        if dtype not in DTYPES:
+            raise ValueError("unknown --bench-dtype %r; expected one of %s"
+                             % (dtype, ", ".join(DTYPES)))
+        if amp and DTYPES[dtype] not in HALF:
+            raise ValueError("--bench-amp runs the models under torch.autocast in the "
+                             "--bench-dtype: give --bench-dtype float16 or bfloat16")
+        # per-op groups run in the dtype (cast inputs and weights); models too, or under
+        # autocast with float32 weights when amp is set
+        self.variant = Variant(DTYPES[dtype], channels_last, False)
+        self.model_variant = Variant(DTYPES[dtype], channels_last, amp)
+        self.cudnn_benchmark = cudnn_benchmark
+        self.notes = []  # header lines about what this run leaves out
         available = cnnops.available_backends()
+        if triton_kernels.INTERPRET and "triton" in available:
+            available = [b for b in available if b != "triton"]
+            self.notes.append("TRITON_INTERPRET=1 is set: the triton backend would run in "
+                              "Triton's interpreter and gets no rows (unset it to time Triton "
+                              "on CUDA)")
         if backends in ("default", "all"):
             wanted = [b for b in available if b != "reference" or full or backends == "all"]
         else:
@@ -357,8 +541,10 @@ class Settings:
                                  % (bad, ", ".join(cnnops.backends.NAMES[1:])))
             missing = [b for b in wanted if b not in available]
             if missing:
-                raise ValueError("cnnops backend(s) %s not available here (available: %s)"
-                                 % (missing, ", ".join(available)))
+                raise ValueError("cnnops backend(s) %s not available here (available: %s)%s"
+                                 % (missing, ", ".join(available),
+                                    "; TRITON_INTERPRET=1 is set" if triton_kernels.INTERPRET
+                                    else ""))
         self.backends = wanted
         self.nets = [n.strip() for n in nets.split(",")] if nets else (
             list(NETS) if full else ["resnet18"])
@@ -367,10 +553,17 @@ class Settings:
             raise ValueError("unknown net(s) %s for --bench-nets; expected some of %s"
                              % (bad, ", ".join(NETS)))
         self.models = [m.strip() for m in models.split(",")] if models else None
+        if self.models == ["none"]:
+            self.models = []
         known = {c.name for cases in FULL_MODELS.values() for c in cases}
         if self.models and not set(self.models) <= known:
             raise ValueError("unknown model(s) %s for --bench-models; expected some of %s"
                              % (sorted(set(self.models) - known), ", ".join(sorted(known))))
+        for value, option in ((model_batch, "--bench-model-batch"),
+                              (model_size, "--bench-model-size")):
+            if value is not None and value < 1:
+                raise ValueError("%s must be a positive integer, got %d" % (option, value))
+        self.model_batch, self.model_size = model_batch, model_size
         # Timed rounds per implementation: as many as fit a time budget (estimated from a
         # warm-up call), between a floor and a cap, so a loaded machine stays within the
         # run's time; --bench-rounds fixes the number. Warm-up calls are untimed and follow
@@ -450,22 +643,32 @@ class Settings:
         cases = (FULL_MODELS if self.full else QUICK_MODELS)[mode]
         if self.models is not None:
             cases = [c for c in cases if c.name in self.models]
+        if self.model_batch or self.model_size:
+            cases = [dataclasses.replace(c, batch=self.model_batch or c.batch,
+                                         size=self.model_size or c.size) for c in cases]
+            cases = list({c: None for c in cases})  # each (name, batch, size) once, in order
         return cases
 
+    def tol(self, kind, device, model=False):
+        """The check tolerance (a Tol) of a kind of result in this run on ``device``."""
+        variant = self.model_variant if model else self.variant
+        return tolerances(variant.compute_dtype, device)[kind]
+
     def sgemm_gflops(self, device):
-        """This machine's float32 GEMM rate (GFLOP/s), measured once per session and device."""
+        """This machine's GEMM rate (GFLOP/s) in the run's dtype (float32 by default), measured
+        once per session and device."""
         if device not in self._sgemm:
-            self._sgemm[device] = measure_sgemm(device)
+            self._sgemm[device] = measure_sgemm(device, dtype=self.variant.dtype)
         return self._sgemm[device]
 
 
-def measure_sgemm(device, n=None, repeat=7):
-    """Best-of-``repeat`` GFLOP/s of an n x n x n float32 torch.mm (n: 1024 CPU, 4096 GPU)."""
+def measure_sgemm(device, n=None, repeat=7, dtype=torch.float32):
+    """Best-of-``repeat`` GFLOP/s of an n x n x n torch.mm in ``dtype`` (n: 1024 CPU, 4096 GPU)."""
     n = n or (4096 if device == "cuda" else 1024)
     g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device)
-    b = torch.randn(n, n, generator=g).to(device)
-    out = torch.empty(n, n, device=device)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
     best = float("inf")
     for i in range(repeat + 2):
         sync(device)
@@ -553,15 +756,17 @@ def randomize_bn(model, seed=1):
                 m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
 
 
-def randn(shape, device, seed, scale=1.0, requires_grad=False):
-    """Seeded float32 normal values on ``device`` (drawn on the device itself on CUDA:
-    batch-32 activations are slow to draw on the CPU)."""
+def randn(shape, device, seed, scale=1.0, requires_grad=False, variant=None):
+    """Seeded float32 normal values on ``device``, cast and laid out as ``variant`` says
+    (drawn on the device itself on CUDA: batch-32 activations are slow to draw on the CPU)."""
     if str(device).startswith("cuda"):
         g = torch.Generator(device=device).manual_seed(seed)
         t = torch.randn(shape, generator=g, device=device) * scale
     else:
         g = torch.Generator().manual_seed(seed)
         t = (torch.randn(shape, generator=g) * scale).to(device)
+    if variant is not None:
+        t = variant.tensor(t)
     return t.requires_grad_(requires_grad)
 
 
@@ -573,29 +778,41 @@ def named_params(module):
 # ---------------------------------------------------------------------------
 # checks: a broken kernel must not look fast
 
-def assert_close(actual, expected, what, rtol=1e-3, norm=False):
+def assert_close(actual, expected, what, rtol=1e-3, norm=False, tol=None):
     """max |actual - expected| <= rtol * max(1, max |expected|), NaN failing; with norm=True,
     ||actual - expected|| <= rtol * ||expected|| instead (for gradients deep in a float32
-    network, whose elementwise error eager itself does not keep small)."""
+    network, whose elementwise error eager itself does not keep small). ``tol`` (a Tol)
+    replaces rtol/norm: both of its bounds are checked. Compared in float64, whatever the
+    tensors' dtype (half types are upcast first)."""
+    if tol is None:
+        tol = Tol(norm_rtol=rtol) if norm else Tol(rtol)
     if isinstance(expected, (tuple, list)):
         assert len(actual) == len(expected), "%s: %d results, expected %d" % (
             what, len(actual), len(expected))
         for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_close(a, e, "%s[%d]" % (what, i), rtol, norm)
+            if a is None and e is None:
+                continue
+            assert_close(a, e, "%s[%d]" % (what, i), tol=tol)
         return
     assert tuple(actual.shape) == tuple(expected.shape), "%s: shape %s, expected %s" % (
         what, tuple(actual.shape), tuple(expected.shape))
     a, e = actual.detach().double(), expected.detach().double()
     if not e.numel():
         return
-    if norm:
-        err, bound = (a - e).norm().item(), rtol * e.norm().item()
-        assert err <= bound, "%s: ||impl - eager|| = %.3g > %.3g (rtol %g)" % (what, err, bound,
-                                                                                rtol)
-    else:
-        bound = rtol * max(1.0, e.abs().max().item())
+    if tol.norm_rtol is not None:
+        err, bound = (a - e).norm().item(), tol.norm_rtol * e.norm().item()
+        assert err <= bound, "%s: ||impl - eager|| = %.3g > %.3g (rtol %g)" % (
+            what, err, bound, tol.norm_rtol)
+    if tol.max_rtol is not None:
+        bound = tol.max_rtol * max(1.0, e.abs().max().item())
         err = (a - e).abs().max().item()
         assert err <= bound, "%s: max |impl - eager| = %.3g > %.3g" % (what, err, bound)
+    if tol.ratio is not None:
+        na, ne = a.norm().item(), e.norm().item()
+        ok = (na == ne == 0.0) or (ne > 0 and na > 0 and math.isfinite(na)
+                                   and 1 / tol.ratio <= na / ne <= tol.ratio)
+        assert ok, "%s: ||impl|| = %.3g, ||eager|| = %.3g: not within a factor %g" % (
+            what, na, ne, tol.ratio)
 
 
 # ---------------------------------------------------------------------------
@@ -668,6 +885,7 @@ def finish(benchmark, settings, device, flops=None, nbytes=None):
     if flops is not None:
         info["flops"] = flops
         info["sgemm_gflops"] = round(settings.sgemm_gflops(device), 2)
+        info["gemm_dtype"] = dtype_name(settings.variant.dtype)
     if nbytes is not None:
         info["bytes"] = nbytes
     if median:

@@ -19,9 +19,23 @@ Options (besides pytest-benchmark's --benchmark-*):
     --bench-devices LIST    cpu and/or cuda (default: cpu, and cuda when available)
     --bench-rounds N        timed rounds per implementation (default: as many as fit a small
                             time budget, between a floor and a cap; see benchlib.Settings)
+    --bench-dtype DTYPE     float32 (default), float16 or bfloat16: inputs and weights cast to
+                            it (BatchNorm parameters and statistics stay float32)
+    --bench-channels-last   inputs, gradients and models in torch.channels_last
+    --bench-amp             models keep float32 weights and input and run forward (and the
+                            loss) under torch.autocast(device, --bench-dtype); per-op groups
+                            still run cast to the dtype
+    --bench-model-batch N   batch of every model case (default: each case's own)
+    --bench-model-size N    input size of every model case (default: each case's own)
+    --bench-cudnn-benchmark torch.backends.cudnn.benchmark = True for the run (eager and
+                            torch.compile pick cuDNN's fastest algorithm per shape)
+
+The cpu backend takes float32/float64 only: with a half dtype its rows (and cnnops.fuse
+rows, which would fall back to the reference backend) are skipped with the reason.
 
 Benchmarks are parametrized by (device, case, impl); each test sets ``benchmark.group`` to
-"<op> <mode> | <shape> | b<batch> <device>" so that one group is one comparison.
+"<op> <mode> | <shape> | b<batch> <device> <dtype> <layout>" (dtype "amp-float16" for models
+under autocast) so that one group is one comparison.
 """
 
 import os
@@ -64,6 +78,19 @@ def pytest_addoption(parser):
     group.addoption("--bench-devices", default=None, help="cnnops bench: cpu and/or cuda")
     group.addoption("--bench-rounds", type=int, default=None,
                     help="cnnops bench: timed rounds per implementation")
+    group.addoption("--bench-dtype", default="float32", choices=list(benchlib.DTYPES),
+                    help="cnnops bench: dtype of inputs and weights (BatchNorm stays float32)")
+    group.addoption("--bench-channels-last", action="store_true", default=False,
+                    help="cnnops bench: inputs and models in torch.channels_last")
+    group.addoption("--bench-amp", action="store_true", default=False,
+                    help="cnnops bench: models under torch.autocast(device, --bench-dtype) "
+                         "with float32 weights instead of cast to the dtype")
+    group.addoption("--bench-model-batch", type=int, default=None,
+                    help="cnnops bench: batch of every model case")
+    group.addoption("--bench-model-size", type=int, default=None,
+                    help="cnnops bench: input size (pixels) of every model case")
+    group.addoption("--bench-cudnn-benchmark", action="store_true", default=False,
+                    help="cnnops bench: torch.backends.cudnn.benchmark = True")
 
 
 def pytest_configure(config):
@@ -72,10 +99,18 @@ def pytest_configure(config):
             full=config.getoption("--full"), backends=config.getoption("--bench-backends"),
             compile=config.getoption("--bench-compile"), nets=config.getoption("--bench-nets"),
             models=config.getoption("--bench-models"), batch=config.getoption("--bench-batch"),
-            devices_=config.getoption("--bench-devices"), rounds=config.getoption("--bench-rounds"))
+            devices_=config.getoption("--bench-devices"), rounds=config.getoption("--bench-rounds"),
+            dtype=config.getoption("--bench-dtype"),
+            channels_last=config.getoption("--bench-channels-last"),
+            amp=config.getoption("--bench-amp"),
+            model_batch=config.getoption("--bench-model-batch"),
+            model_size=config.getoption("--bench-model-size"),
+            cudnn_benchmark=config.getoption("--bench-cudnn-benchmark"))
     except ValueError as e:
         raise pytest.UsageError(str(e))
     config.stash[_SETTINGS] = settings
+    if settings.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     # torch.compile's import of torch.jit warns on every compile; nothing to act on here
     config.addinivalue_line("filterwarnings",
                             "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -140,6 +175,18 @@ def pytest_report_header(config):
                  "layer sets %s; per-op batch %d"
                  % ("full" if s.full else "quick", ",".join(s.devices),
                     ",".join(s.backends) or "none", compile_rows, ",".join(s.nets), s.batch))
+    lines.append("cnnops bench: per-op groups %s; models %s%s%s"
+                 % (s.variant.label, s.model_variant.label,
+                    " (autocast, float32 weights)" if s.model_variant.amp else "",
+                    "; model cases at%s%s" % (
+                        " batch %d" % s.model_batch if s.model_batch else "",
+                        " size %d" % s.model_size if s.model_size else "")
+                    if s.model_batch or s.model_size else ""))
+    if "cuda" in s.devices:
+        lines.append("cnnops bench: %s; cudnn.benchmark %s; cuDNN TF32 %s"
+                     % (info.get("gpu", "?"), torch.backends.cudnn.benchmark,
+                        torch.backends.cudnn.allow_tf32))
+    lines += ["cnnops bench: " + note for note in s.notes]
     lines.append("cnnops bench: %s, %s cores, torch %s with %d threads, cnnops.fuse %s"
                  % (info["cpu_model"], info["cpu_count"], info["torch"], info["torch_threads"],
                     "available" if info["cnnops_fuse"] else "not available (those rows skip)"))
@@ -154,7 +201,12 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         end, loadavg_start=s.start_info.get("loadavg"), loadavg_end=end.get("loadavg"),
         mode="full" if s.full else "quick", devices=s.devices,
         backends=s.backends, batch=s.batch, nets=s.nets,
-        sgemm_gflops={d: round(v, 2) for d, v in s._sgemm.items()})
+        sgemm_gflops={d: round(v, 2) for d, v in s._sgemm.items()},
+        dtype=benchlib.dtype_name(s.variant.dtype), layout=s.variant.layout,
+        amp=s.model_variant.amp, gemm_dtype=benchlib.dtype_name(s.variant.dtype),
+        model_batch=s.model_batch, model_size=s.model_size,
+        cudnn_benchmark=torch.backends.cudnn.benchmark,
+        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

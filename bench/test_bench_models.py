@@ -15,6 +15,13 @@ arithmetic is done but the weights stay put, so every round computes the same lo
 which is checked against the eager twin's after timing; before timing, the loss and
 three parameters' gradients are checked. Memory (extra_info, see
 benchlib.training_memory): bytes saved for backward and the step's peak allocation.
+
+Precision and layout follow the run's model Variant: cast to --bench-dtype (BatchNorm
+kept float32) or, with --bench-amp, float32 weights and input with the forward and the
+loss under torch.autocast(device, dtype) (backward and the SGD step outside it, no
+GradScaler); --bench-channels-last puts the input and the 4-D weights in channels_last.
+A cnnops row that would not run a fused kernel for that dtype on the device (the cpu
+backend with half types; cnnops.fuse falling back to the reference backend) is skipped.
 """
 import functools
 
@@ -26,7 +33,8 @@ import cnnops
 import cnnops.models as M
 import plain_models as P
 from benchlib import (COMPILE, EAGER, FUSE, assert_close, compiled, finish, impl_backend,
-                      impl_id, randn, randomize_bn, running, time_it, training_memory)
+                      impl_id, not_timed_reason, randn, randomize_bn, running, time_it,
+                      training_memory)
 
 
 def cases(mode):
@@ -60,23 +68,23 @@ def _materialize(build, name, device):
     return model.to(device)
 
 
-def _twin(name, device):
-    return _materialize(P.TWINS[name][0], name, device)
+def _twin(name, device, variant):
+    return variant.module(_materialize(P.TWINS[name][0], name, device), device)
 
 
-def _cnnops_model(name, device):
-    return _materialize(getattr(M, P.TWINS[name][1]), name, device)
+def _cnnops_model(name, device, variant):
+    return variant.module(_materialize(getattr(M, P.TWINS[name][1]), name, device), device)
 
 
-def _build(name, impl, device, train):
+def _build(name, impl, device, train, variant):
     """The module that implementation ``impl`` runs, in train or eval mode."""
     if impl in (EAGER, COMPILE):
-        model = _twin(name, device).train(train)
+        model = _twin(name, device, variant).train(train)
         return compiled(model) if impl == COMPILE else model
     if impl == FUSE:
         if not hasattr(cnnops, "fuse"):
             pytest.skip("cnnops.fuse is not available in this version of cnnops")
-        twin = _twin(name, device).train(train)
+        twin = _twin(name, device, variant).train(train)
         try:
             fused = cnnops.fuse(twin)
         except Exception as e:  # noqa: BLE001  (an unsupported mode is a skip, not a result)
@@ -84,7 +92,7 @@ def _build(name, impl, device, train):
                 pytest.skip("cnnops.fuse does not support a model in training mode: %s" % e)
             raise
         return (twin if fused is None else fused).train(train)
-    model = _cnnops_model(name, device).train(train)
+    model = _cnnops_model(name, device, variant).train(train)
     return compiled(model) if impl.endswith("+ torch.compile") else model
 
 
@@ -105,19 +113,33 @@ def _flops(name, batch, size, train):
     return counter.get_total_flops()
 
 
-def _inputs(case, device, num_classes):
-    x = randn((case.batch, P.TWINS[case.name][2], case.size, case.size), device, 0)
+def _inputs(case, device, num_classes, variant):
+    x = randn((case.batch, P.TWINS[case.name][2], case.size, case.size), device, 0,
+              variant=variant)
     g = torch.Generator().manual_seed(1)
     y = torch.randint(0, num_classes, (case.batch,), generator=g).to(device)
     return x, y
 
 
-def _describe(benchmark, case, mode, impl, device):
+def _describe(benchmark, bench, case, mode, impl, device):
+    """Names the group and fills extra_info; skips a cnnops row that would not run a fused
+    kernel for the run's dtype on this device. Returns the run's model Variant."""
+    variant = bench.model_variant
     shape = "%dx%dx%d" % (P.TWINS[case.name][2], case.size, case.size)
-    benchmark.group = "%s %s | %s | b%d %s" % (case.name, mode, shape, case.batch, device)
+    benchmark.group = "%s %s | %s | b%d %s %s" % (case.name, mode, shape, case.batch, device,
+                                                 variant.label)
     benchmark.extra_info.update(dict(op="model", model=case.name, mode=mode, shape=shape,
                                      impl=impl, device=device, batch=case.batch, size=case.size,
-                                     backend=impl_backend(impl), sets=[case.name]))
+                                     backend=impl_backend(impl), sets=[case.name],
+                                     **variant.info()))
+    benchmark.extra_info["weights_dtype"] = "float32" if variant.amp else variant.info()["dtype"]
+    benchmark.extra_info["bn_dtype"] = "float32"
+    reason, resolved = not_timed_reason(impl, device, variant.compute_dtype)
+    if resolved:
+        benchmark.extra_info["backend_resolved"] = resolved
+    if reason:
+        pytest.skip(reason)
+    return variant
 
 
 _REFERENCE = {}
@@ -134,85 +156,94 @@ def _checked_params(model):
     return [names[0], names[len(names) // 2], names[-1]]
 
 
-def _probe(model, x, y):
-    """Forward + backward without an optimizer: (loss, {name: grad})."""
+def _probe(model, x, y, amp):
+    """Forward + backward without an optimizer: (loss, {name: grad}); ``amp()`` is the
+    context of forward and loss (torch.autocast or a no-op)."""
     for p in model.parameters():
         p.grad = None
-    loss = F.cross_entropy(model(x), y)
+    with amp():
+        loss = F.cross_entropy(model(x), y)
     loss.backward()
     return loss.detach(), {n.replace("_orig_mod.", ""): p.grad for n, p in model.named_parameters()}
 
 
-def _instrumented_probe(model, x, y, device):
+def _instrumented_probe(model, x, y, device, amp):
     """_probe under benchlib.training_memory: ((loss, grads), memory info)."""
     try:
-        return training_memory(lambda: _probe(model, x, y), model, device)
+        return training_memory(lambda: _probe(model, x, y, amp), model, device)
     except Exception as e:  # noqa: BLE001  (e.g. hooks a compiled graph cannot take)
-        return _probe(model, x, y), {"memory_error": "%s: %s" % (type(e).__name__, e)}
+        return _probe(model, x, y, amp), {"memory_error": "%s: %s" % (type(e).__name__, e)}
 
 
 @cases("eval")
 def test_model_eval(benchmark, bench, device, case, impl):
-    _describe(benchmark, case, "eval", impl, device)
+    v = _describe(benchmark, bench, case, "eval", impl, device)
     key = ("eval", case, device)
-    with running(impl), torch.no_grad():
-        model = _build(case.name, impl, device, train=False)
-        x, _ = _inputs(case, device, _num_classes(model))
+    tol = bench.tol("model", device, model=True)
+    with running(impl), torch.no_grad(), v.autocast(device):
+        model = _build(case.name, impl, device, False, v)
+        x, _ = _inputs(case, device, _num_classes(model), v)
         out = model(x)  # the first call (for torch.compile: compiles)
         if impl == EAGER and key not in _REFERENCE:
             _REFERENCE[key] = out
         if key not in _REFERENCE:
-            _REFERENCE[key] = _twin(case.name, device).eval()(x)
+            _REFERENCE[key] = _twin(case.name, device, v).eval()(x)
         expected = _REFERENCE[key]
-        assert_close(out, expected, impl)
+        assert_close(out, expected, impl, tol=tol)
         result = time_it(benchmark, bench, lambda: model(x), device, model=True)
-    assert_close(result, expected, impl + " (timed)")
+    assert_close(result, expected, impl + " (timed)", tol=tol)
     finish(benchmark, bench, device, flops=_flops(case.name, case.batch, case.size, False))
 
 
 @cases("train")
 def test_model_train(benchmark, bench, device, case, impl):
-    _describe(benchmark, case, "train", impl, device)
+    v = _describe(benchmark, bench, case, "train", impl, device)
     key = ("train", case, device)
     compiling = impl.endswith("torch.compile")
+    amp = lambda: v.autocast(device)  # noqa: E731  (forward and loss only)
     with running(impl):
-        model = _build(case.name, impl, device, train=True)
-        x, y = _inputs(case, device, _num_classes(model))
+        model = _build(case.name, impl, device, True, v)
+        x, y = _inputs(case, device, _num_classes(model), v)
         # The first call checks against eager and, except under torch.compile (which compiles
         # in it), measures the activation memory; torch.compile's is measured after timing.
         if compiling:
-            (loss, grads), memory = _probe(model, x, y), None
+            (loss, grads), memory = _probe(model, x, y, amp), None
         else:
-            (loss, grads), memory = _instrumented_probe(model, x, y, device)
+            (loss, grads), memory = _instrumented_probe(model, x, y, device, amp)
         if impl == EAGER and key not in _REFERENCE:
             _REFERENCE[key] = (loss, {n: grads[n] for n in _checked_params(model)})
         if key not in _REFERENCE:
-            twin = _twin(case.name, device).train()
-            ref_loss, ref_grads = _probe(twin, x, y)
+            twin = _twin(case.name, device, v).train()
+            ref_loss, ref_grads = _probe(twin, x, y, amp)
             _REFERENCE[key] = (ref_loss, {n: ref_grads[n] for n in _checked_params(twin)})
         expected_loss, expected_grads = _REFERENCE[key]
-        assert_close(loss, expected_loss, impl + " loss")
+        loss_tol = bench.tol("loss", device, model=True)
+        assert_close(loss, expected_loss, impl + " loss", tol=loss_tol)
+        last = list(expected_grads)[-1]  # the classifier's
         for name, grad in expected_grads.items():
             if name in grads:
                 # float32 gradients of the first layers of a deep BN network differ from a
                 # float64 computation by up to ~2% for eager itself; a broken kernel: ~100%
-                assert_close(grads[name], grad, "%s grad of %s" % (impl, name), rtol=0.05,
-                             norm=True)
+                # (half types: benchlib.tolerances)
+                kind = "grad" if name == last else "grad_deep"
+                assert_close(grads[name], grad, "%s grad of %s" % (impl, name),
+                             tol=bench.tol(kind, device, model=True))
             else:
                 raise AssertionError("%s has no parameter %s" % (impl, name))
         opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            with amp():
+                loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
             return loss.detach()
 
         result = time_it(benchmark, bench, step, device, model=True)
-        assert_close(result, expected_loss, impl + " loss (timed)")
+        assert_close(result, expected_loss, impl + " loss (timed)", tol=loss_tol)
         if memory is None:
             opt.zero_grad(set_to_none=True)
-            _, memory = _instrumented_probe(model, x, y, device)
+            _, memory = _instrumented_probe(model, x, y, device, amp)
     benchmark.extra_info.update(memory)
     finish(benchmark, bench, device, flops=_flops(case.name, case.batch, case.size, True))
