@@ -621,7 +621,17 @@ class Settings:
             return True
         return op == "conv_bn_relu eval"
 
+    def op_runs(self, op, device):
+        """Per-op groups beyond the quick CPU set: conv_bn_relu train-fwd (the training
+        forward without backward, a GPU target) runs in quick mode on CUDA only, everywhere
+        with --full."""
+        if op == "conv_bn_relu train-fwd":
+            return self.full or str(device).startswith("cuda")
+        return True
+
     def layer_impls(self, device, op):
+        if not self.op_runs(op, device):
+            return []
         impls = [EAGER]
         if self.compile_for(op):
             impls.append(COMPILE)

@@ -7,7 +7,9 @@ group sees the same values; each implementation's result is checked against the 
 one, before timing and again on the last timed round's output.
 Inference runs under torch.no_grad(); training rounds are forward + backward of the
 same block via torch.autograd.grad with a fixed output gradient (so nothing
-accumulates in .grad and nothing needs zeroing).
+accumulates in .grad and nothing needs zeroing). conv_bn_relu also has a training
+forward without backward ("train-fwd": BatchNorm in training mode, batch statistics,
+autograd recording as in a training step; quick mode: CUDA only).
 
 Tensors and modules follow the run's Variant (--bench-dtype, --bench-channels-last):
 made in float32 from the seeds, then cast and laid out; BatchNorm parameters and
@@ -199,6 +201,11 @@ def test_conv_bn_relu_eval(benchmark, bench, device, case, impl):
 @cases("conv_bn_relu train", _convs)
 def test_conv_bn_relu_train(benchmark, bench, device, case, impl):
     _conv_bn_relu_timed(benchmark, bench, device, case, impl, "train")
+
+
+@cases("conv_bn_relu train-fwd", _convs)
+def test_conv_bn_relu_train_fwd(benchmark, bench, device, case, impl):
+    _conv_bn_relu_timed(benchmark, bench, device, case, impl, "train-fwd")
 
 
 # ---------------------------------------------------------------------------
