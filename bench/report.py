@@ -2,10 +2,17 @@
 
     pytest bench/ --benchmark-only --benchmark-json=bench/results/cpu.json
     python bench/report.py bench/results/cpu.json [--out-dir bench/results] [--name cpu]
+    python bench/report.py ops.json models.json --name h100     # several runs, one report
 
 writes <out-dir>/<name>.md (machine, targets, overview tables of speed-ups vs torch eager,
 models, activation memory, then one table per benchmark group) and <out-dir>/<name>.png
-(speed-up bars per group). <name> defaults to the JSON file's stem.
+(speed-up bars per group). <name> defaults to the (first) JSON file's stem.
+
+Rows carry their precision and layout (extra_info dtype, layout, amp; rows of older JSONs
+without them are float32 NCHW): sections and their headings are split by it, the headings
+say it when it is not float32 NCHW. The CPU targets count float32 NCHW rows only; the GPU
+targets (shown when there are cuda rows) float16 channels_last ones at batch 32 over the
+ResNet-50 layer set, and the ResNet-50 training step under autocast float16.
 
 Speed-up = torch eager's median / the implementation's median (--stat min: minima), within
 one group (same op, shape, inputs and device, measured in the same run): > 1 means faster.
@@ -16,12 +23,14 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 
 EAGER = "torch eager"
 IMPL_ORDER = ["torch eager", "torch.compile", "cnnops cpu", "cnnops cuda", "cnnops triton",
               "cnnops reference", "cnnops.fuse", "cnnops cpu + torch.compile",
-              "cnnops cuda + torch.compile"]
+              "cnnops cuda + torch.compile", "cnnops triton + torch.compile"]
+DEFAULT_VARIANT = ("float32", "nchw", False)
 
 # (op, mode, goal, what) of the CPU targets over the ResNet-18 layer set at batch 8
 LAYER_TARGETS = [("conv_bn_relu", "eval", 1.10,
@@ -30,6 +39,24 @@ LAYER_TARGETS = [("conv_bn_relu", "eval", 1.10,
                   "FusedConvBNReLU training forward+backward vs eager")]
 RESNET18_LAYER_COUNT = 11  # benchlib.RESNET18_LAYERS
 MODEL_TARGETS = [("resnet_classifier", 1.05), ("resnet50", 1.05)]  # cnnops.fuse, eval, 128, b8
+
+# GPU targets: float16 channels_last, batch 32, over the ResNet-50 layer set (geo-mean of the
+# speed-ups vs torch eager, i.e. cuDNN), and the ResNet-50 training step under autocast.
+# (op, mode, implementations, kernel size or None, goal, what)
+GPU_LAYER_TARGETS = [
+    ("conv_bn_relu", "eval", ("cnnops cuda", "cnnops triton"), None, 1.20,
+     "FusedConvBNReLU inference vs cuDNN Conv2d -> BatchNorm2d -> ReLU"),
+    ("conv_bn_relu", "train", ("cnnops cuda", "cnnops triton"), None, 1.00,
+     "FusedConvBNReLU training forward+backward vs eager"),
+    ("conv2d", "eval", ("cnnops triton",), 3, 0.80, "Triton conv2d vs cuDNN, 3x3 layers"),
+    ("conv2d", "eval", ("cnnops triton",), 1, 0.80, "Triton conv2d vs cuDNN, 1x1 layers"),
+    ("conv_bn_relu", "train-fwd", ("cnnops triton",), None, 1.10,
+     "Triton FusedConvBNReLU training forward (batch statistics, no backward) vs eager"),
+]
+GPU_BATCH, GPU_DTYPE, GPU_LAYOUT = 32, "float16", "channels_last"
+# benchlib.layer_set("resnet50"): 23 unique convolutions, 7 of them 3x3, 15 1x1 (and the stem)
+RESNET50_LAYER_COUNT = {None: 23, 3: 7, 1: 15}
+GPU_MODEL_TARGETS = [("resnet50", "train", "cnnops.fuse", 1.00)]  # under autocast float16
 
 
 class Row:
@@ -53,6 +80,18 @@ class Row:
     op = property(lambda self: self.info.get("op"))
     mode = property(lambda self: self.info.get("mode"))
     device = property(lambda self: self.info.get("device"))
+
+    @property
+    def variant(self):
+        """(dtype, layout, amp); float32 NCHW for rows of runs that did not record them."""
+        return (self.info.get("dtype", "float32"), self.info.get("layout", "nchw"),
+                bool(self.info.get("amp", False)))
+
+    @property
+    def kernel(self):
+        """The kernel size of a convolution row, from its shape label ("... k3 s1 -> 64")."""
+        m = re.search(r"\bk(\d+)\b", self.info.get("shape", ""))
+        return int(m.group(1)) if m else None
 
     @property
     def gflops(self):
@@ -99,13 +138,22 @@ def _by_group(rows):
     return groups
 
 
+def variant_label(variant):
+    """"float16 channels_last", "amp-float16 nchw"; "" for float32 NCHW."""
+    dtype, layout, amp = variant
+    if variant == DEFAULT_VARIANT:
+        return ""
+    return "%s%s %s" % ("amp-" if amp else "", dtype, layout)
+
+
 def _sections(rows):
-    """Groups gathered by (kind, mode, device): op tables and model tables, in run order."""
+    """Groups gathered by (kind, mode, device, batch, variant): op tables and model tables,
+    in run order."""
     sections = {}
     for r in rows:
         kind = "model" if r.op == "model" else r.op
         sections.setdefault((kind, r.mode, r.device, r.info.get("batch") if kind != "model"
-                             else None), []).append(r)
+                             else None, r.variant), []).append(r)
     return sections
 
 
@@ -118,7 +166,7 @@ def target_results(rows):
     for op, mode, goal, what in LAYER_TARGETS:
         sel = [r for r in rows if r.op == op and r.mode == mode and r.device == "cpu"
                and r.info.get("batch") == 8 and "resnet18" in r.info.get("sets", [])
-               and r.impl == "cnnops cpu" and r.speedup]
+               and r.impl == "cnnops cpu" and r.speedup and r.variant == DEFAULT_VARIANT]
         g = geomean([r.speedup for r in sel])
         if g is None:
             out.append((what, "not measured", goal, "–"))
@@ -136,7 +184,7 @@ def target_results(rows):
         what = "cnnops.fuse(%s) inference, 3x128x128, batch 8, vs eager" % model
         sel = [r for r in rows if r.op == "model" and r.info.get("model") == model
                and r.mode == "eval" and r.device == "cpu" and r.info.get("size") == 128
-               and r.info.get("batch") == 8]
+               and r.info.get("batch") == 8 and r.variant == DEFAULT_VARIANT]
         fused = [r for r in sel if r.impl == "cnnops.fuse" and r.speedup]
         builtin = [r for r in sel if r.impl == "cnnops cpu" and r.speedup]
         note = (" (cnnops.models.%s: %.2fx)" % (model, builtin[0].speedup)) if builtin else ""
@@ -151,28 +199,115 @@ def target_results(rows):
     return out
 
 
+def _gpu_layer_rows(rows, op, mode, impl, kernel):
+    return [r for r in rows if r.op == op and r.mode == mode and r.device == "cuda"
+            and r.impl == impl and r.speedup and r.info.get("batch") == GPU_BATCH
+            and r.variant == (GPU_DTYPE, GPU_LAYOUT, False)
+            and "resnet50" in r.info.get("sets", []) and (kernel is None or r.kernel == kernel)]
+
+
+def gpu_target_results(rows):
+    """[(what, measured text, goal, status)] for the GPU targets."""
+    out = []
+    for op, mode, impls, kernel, goal, what in GPU_LAYER_TARGETS:
+        expected = RESNET50_LAYER_COUNT[kernel]
+        for impl in impls:
+            sel = _gpu_layer_rows(rows, op, mode, impl, kernel)
+            label = "%s: %s (%s %s, batch %d, ResNet-50 layers)" % (
+                impl, what, GPU_DTYPE, GPU_LAYOUT, GPU_BATCH)
+            g = geomean([r.speedup for r in sel])
+            if g is None:
+                out.append((label, "not measured", goal, "–"))
+                continue
+            worst = min(sel, key=lambda r: r.speedup)
+            out.append(("%s, geo-mean over %d of %d" % (label, len(sel), expected),
+                        "%.2fx (range %.2fx at %s .. %.2fx)" % (
+                            g, worst.speedup, worst.info.get("shape"),
+                            max(r.speedup for r in sel)),
+                        goal, ("met" if g >= goal else "NOT met")
+                        + ("" if len(sel) >= expected else " (incomplete run)")))
+    for model, mode, impl, goal in GPU_MODEL_TARGETS:
+        what = "%s(%s) training step under autocast %s vs eager under the same autocast" % (
+            impl, model, GPU_DTYPE)
+        sel = [r for r in rows if r.op == "model" and r.info.get("model") == model
+               and r.mode == mode and r.device == "cuda" and r.variant[0] == GPU_DTYPE
+               and r.variant[2]]
+        found = [r for r in sel if r.impl == impl and r.speedup]
+        if not found:
+            out.append((what, "not measured%s" % (" (no %s row)" % impl if sel else ""),
+                        goal, "–"))
+            continue
+        for r in found:
+            builtin = [b for b in sel if b.group == r.group and b.impl == "cnnops cuda"
+                       and b.speedup]
+            note = (" (cnnops.models.%s on cuda: %.2fx)" % (model, builtin[0].speedup)
+                    if builtin else "")
+            out.append(("%s, batch %s, %s, %s" % (what, r.info.get("batch"), r.info.get("shape"),
+                                                  r.variant[1]),
+                        "%.2fx%s" % (r.speedup, note), goal,
+                        "met" if r.speedup >= goal else "NOT met"))
+    return out
+
+
+def _has_cuda(rows):
+    return any(r.device == "cuda" for r in rows)
+
+
+def _shows_cpu_targets(rows):
+    return any(r.device == "cpu" for r in rows) or not _has_cuda(rows)
+
+
 def summary_lines(rows, sgemm=None):
     """Plain-text summary for the terminal: targets, then geo-mean speed-ups per op."""
     link(rows)
     lines = []
     if sgemm:
         lines.append("sgemm: " + ", ".join("%s %.1f GFLOP/s" % (d, v) for d, v in sgemm.items()))
-    for what, measured, goal, status in target_results(rows):
+    targets = target_results(rows) if _shows_cpu_targets(rows) else []
+    if _has_cuda(rows):
+        targets += gpu_target_results(rows)
+    for what, measured, goal, status in targets:
         lines.append("target  %-95s %s (goal >= %.2fx) %s" % (what, measured, goal, status))
     lines.append("geo-mean speed-up vs torch eager per op (groups):")
-    for (kind, mode, device, batch), sec in _sections(rows).items():
+    for (kind, mode, device, batch, variant), sec in _sections(rows).items():
         impls = sorted({r.impl for r in sec if r.impl != EAGER}, key=impl_key)
         parts = []
         for impl in impls:
             vals = [r.speedup for r in sec if r.impl == impl]
             g = geomean(vals)
             parts.append("%s %s (%d)" % (impl, _fmt(g, ".2f") + "x", len([v for v in vals if v])))
-        lines.append("  %-30s %s" % ("%s %s %s" % (kind, mode, device), "; ".join(parts)))
+        name = " ".join(p for p in (kind, mode, device, variant_label(variant)) if p)
+        lines.append("  %-30s %s" % (name, "; ".join(parts)))
     return lines
 
 
 # ---------------------------------------------------------------------------
 # markdown
+
+def _suffix(variant):
+    label = variant_label(variant)
+    return ", " + label if label else ""
+
+
+def _suite_text(cb):
+    text = "%s mode; per-op batch %s; layer sets %s" % (
+        cb.get("mode", "?"), cb.get("batch", "?"), ", ".join(cb.get("nets", [])))
+    if "dtype" in cb:  # runs that record precision and layout
+        op = (cb["dtype"], cb.get("layout", "nchw"), False)
+        model = (cb["dtype"], cb.get("layout", "nchw"), bool(cb.get("amp")))
+        text += "; per-op groups %s; models %s%s" % (
+            variant_label(op) or "float32 nchw", variant_label(model) or "float32 nchw",
+            " (torch.autocast, float32 weights)" if model[2] else "")
+        if cb.get("model_batch") or cb.get("model_size"):
+            text += "; model cases at%s%s" % (
+                " batch %s" % cb["model_batch"] if cb.get("model_batch") else "",
+                " size %s" % cb["model_size"] if cb.get("model_size") else "")
+        if cb.get("gpu"):
+            text += "; cudnn.benchmark %s, cuDNN TF32 %s" % (
+                "on" if cb.get("cudnn_benchmark") else "off",
+                "on" if cb.get("cudnn_allow_tf32") else "off")
+    return text
+
 
 def _machine_lines(data):
     mi = data.get("machine_info", {})
@@ -183,14 +318,17 @@ def _machine_lines(data):
                  cb.get("cpu_model", mi.get("processor", "?")), cb.get("cpu_count", "?"),
                  cb.get("torch", "?"), cb.get("torch_threads", "?"),
                  "yes" if cb.get("mkldnn") else "no", "yes" if cb.get("mkl") else "no",
-                 ("; GPU %s (cuDNN %s)" % (cb["gpu"], cb.get("cudnn"))) if cb.get("gpu") else ""),
+                 ("; GPU %s (cuDNN %s%s)" % (cb["gpu"], cb.get("cudnn"), "".join(
+                     ", %s %s" % (k, cb[v]) for k, v in (("CUDA", "cuda"), ("Triton", "triton"))
+                     if cb.get(v)))) if cb.get("gpu") else ""),
              "- cnnops %s; backends available: %s; timed: %s; cnnops.fuse: %s" % (
                  cb.get("cnnops", "?"), ", ".join(cb.get("cnnops_backends", [])),
                  ", ".join(cb.get("backends", [])),
                  "available" if cb.get("cnnops_fuse") else "not available"),
-             "- Suite: %s mode; per-op batch %s; layer sets %s" % (
-                 cb.get("mode", "?"), cb.get("batch", "?"), ", ".join(cb.get("nets", []))),
-             "- sgemm (float32 torch.mm, best of 7): %s" % (
+             "- Suite: %s" % _suite_text(cb),
+             "- %s (%s torch.mm, best of 7): %s" % (
+                 "sgemm" if cb.get("gemm_dtype", "float32") == "float32" else "GEMM rate",
+                 cb.get("gemm_dtype", "float32"),
                  ", ".join("%s %.1f GFLOP/s" % (d, v) for d, v in cb.get("sgemm_gflops",
                                                                            {}).items()) or "?")]
     start, end = cb.get("loadavg_start"), cb.get("loadavg_end")
@@ -264,15 +402,16 @@ def _memory_table(rows):
     mb = lambda v: None if v is None else v / 2 ** 20  # noqa: E731
     for r in sorted(train, key=lambda r: (r.group, impl_key(r.impl))):
         base = eager.get(r.group, {})
+        device = " ".join(p for p in (r.device, variant_label(r.variant)) if p)
         if "memory_error" in r.info:
             lines.append("| %s | b%s %s | %s | %s | n/a (%s) | | | | |" % (
-                r.info.get("model"), r.info.get("batch"), r.info.get("shape"), r.device, r.impl,
+                r.info.get("model"), r.info.get("batch"), r.info.get("shape"), device, r.impl,
                 r.info["memory_error"][:60].replace("|", "/")))
             continue
         saved, peak = r.info.get("saved_bytes"), r.info.get("peak_bytes")
         rel = lambda v, b: (_fmt(v / b, ".2f") + "x") if v is not None and b else "–"  # noqa
         lines.append("| %s | b%s %s | %s | %s | %s | %s | %s | %s | %s |" % (
-            r.info.get("model"), r.info.get("batch"), r.info.get("shape"), r.device, r.impl,
+            r.info.get("model"), r.info.get("batch"), r.info.get("shape"), device, r.impl,
             _fmt(mb(saved), ".1f"), rel(saved, base.get("saved_bytes")),
             _fmt(mb(r.info.get("saved_bytes_with_params")), ".1f"), _fmt(mb(peak), ".1f"),
             rel(peak, base.get("peak_bytes"))))
@@ -293,38 +432,57 @@ def _group_table(members):
     return lines
 
 
-def markdown(data, rows, chart_name=None, stat="median"):
+def markdown(data, rows, chart_name=None, stat="median", others=()):
+    """others: [(file name, data)] of further JSONs merged into this report."""
     link(rows)
     out = ["# cnnops benchmark results", ""]
     out += _machine_lines(data)
+    for name, other in others:
+        cb = other.get("machine_info", {}).get("cnnops_bench", {})
+        out.append("- Also from %s (%s): %s" % (
+            name, other.get("datetime", "unknown date").replace("T", " ")[:19],
+            _suite_text(cb)))
+    gemm = sorted({r.info.get("gemm_dtype", "float32") for r in rows if r.info.get("flops")})
     out += ["",
             "Speed-up = torch eager %s / implementation %s within one group (same op, "
             "shape, inputs, device, one run); > 1 is faster than eager. torch eager is PyTorch's "
             "native kernels (oneDNN/MKL on CPU, cuDNN on GPU) in unfused torch.nn modules. "
             "GFLOP/s count convolution and Linear FLOPs only (2 x MACs; training: forward + "
-            "input and weight gradients); sgemm = fraction of this machine's measured float32 "
+            "input and weight gradients); sgemm = fraction of this machine's measured %s "
             "GEMM rate. Times (ms) are the %ss of the timed rounds; every implementation's output "
-            "is checked against eager's." % (stat, stat, stat), ""]
+            "is checked against eager's." % (stat, stat, "/".join(gemm) or "float32", stat), ""]
     if chart_name:
         out += ["![speed-up vs torch eager](%s)" % chart_name, ""]
-    out += ["## Targets (CPU)", "", "| target | measured | goal | status |", "|---|---|---|---|"]
-    for what, measured, goal, status in target_results(rows):
-        out.append("| %s | %s | >= %.2fx | %s |" % (what, measured, goal, status))
-    out.append("")
+    if _shows_cpu_targets(rows):
+        out += ["## Targets (CPU)", "", "| target | measured | goal | status |",
+                "|---|---|---|---|"]
+        for what, measured, goal, status in target_results(rows):
+            out.append("| %s | %s | >= %.2fx | %s |" % (what, measured, goal, status))
+        out.append("")
+    if _has_cuda(rows):
+        out += ["## Targets (GPU)", "",
+                "Per-op targets: %s %s at batch %d over the ResNet-50 layer set (geo-mean of the "
+                "speed-ups vs torch eager, one row per cnnops backend); the ResNet-50 training "
+                "step under torch.autocast(%s)." % (GPU_DTYPE, GPU_LAYOUT, GPU_BATCH, GPU_DTYPE),
+                "", "| target | measured | goal | status |", "|---|---|---|---|"]
+        for what, measured, goal, status in gpu_target_results(rows):
+            out.append("| %s | %s | >= %.2fx | %s |" % (what, measured, goal, status))
+        out.append("")
     sections = _sections(rows)
     op_secs = [(k, v) for k, v in sections.items() if k[0] != "model"]
     model_secs = [(k, v) for k, v in sections.items() if k[0] == "model"]
     if op_secs:
         out += ["## Ops", ""]
-        for (op, mode, device, batch), sec in op_secs:
+        for (op, mode, device, batch, variant), sec in op_secs:
             conv = any(r.info.get("flops") for r in sec)
-            out += ["### %s %s (%s, batch %s)" % (op, mode, device, batch), ""]
+            out += ["### %s %s (%s, batch %s%s)" % (op, mode, device, batch,
+                                                    _suffix(variant)), ""]
             out += _op_overview(sec, conv) + [""]
     if model_secs:
         out += ["## Models", ""]
-        for (kind, mode, device, _), sec in model_secs:
-            out += ["### %s (%s)" % ("inference" if mode == "eval" else "training step", device),
-                    ""]
+        for (kind, mode, device, _, variant), sec in model_secs:
+            out += ["### %s (%s%s)" % ("inference" if mode == "eval" else "training step",
+                                       device, _suffix(variant)), ""]
             out += _op_overview(sec, True, model=True) + [""]
     mem = _memory_table(rows)
     if mem:
@@ -361,7 +519,7 @@ def chart(rows, path):
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     colors = {}
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, ((kind, mode, device, batch), sec) in zip(axes[:, 0], sections):
+    for ax, ((kind, mode, device, batch, variant), sec) in zip(axes[:, 0], sections):
         groups = _by_group(sec)
         impls = sorted({r.impl for r in sec if r.impl != EAGER}, key=impl_key)
         width = 0.8 / max(1, len(impls))
@@ -390,16 +548,24 @@ def chart(rows, path):
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: "%.2gx" % v))
         ax.axvline(1.0, color="black", linewidth=0.8)
-        for op, tmode, goal, _ in LAYER_TARGETS:
-            if kind == op and mode == tmode and device == "cpu":
-                ax.axvline(goal, color="red", linestyle="--", linewidth=0.8,
-                           label="target %.2fx" % goal)
+        goals = set()
+        if device == "cpu" and variant == DEFAULT_VARIANT:
+            goals |= {goal for op, tmode, goal, _ in LAYER_TARGETS
+                      if kind == op and mode == tmode}
+        if device == "cuda" and variant == (GPU_DTYPE, GPU_LAYOUT, False) and batch == GPU_BATCH:
+            goals |= {goal for op, tmode, _, _, goal, _ in GPU_LAYER_TARGETS
+                      if kind == op and mode == tmode}
+        if device == "cuda" and kind == "model" and variant[0] == GPU_DTYPE and variant[2]:
+            goals |= {goal for _, tmode, _, goal in GPU_MODEL_TARGETS if mode == tmode}
+        for goal in sorted(goals):
+            ax.axvline(goal, color="red", linestyle="--", linewidth=0.8,
+                       label="target %.2fx" % goal)
         ax.set_yticks(range(len(labels)))
         ax.set_yticklabels(labels, fontsize=7)
         ax.invert_yaxis()
-        ax.set_title("%s %s (%s%s): speed-up vs torch eager" % (
+        ax.set_title("%s %s (%s%s%s): speed-up vs torch eager" % (
             "models" if kind == "model" else kind, mode, device,
-            ", batch %s" % batch if batch else ""), fontsize=9)
+            ", batch %s" % batch if batch else "", _suffix(variant)), fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(axis="x", alpha=0.3)
         handles, names = ax.get_legend_handles_labels()
@@ -413,7 +579,8 @@ def chart(rows, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json=FILE)")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json=FILE); "
+                        "several are merged into one report (machine details from the first)")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(
         __file__)), "results"))
     parser.add_argument("--name", default=None, help="output file stem (default: the JSON's)")
@@ -422,13 +589,22 @@ def main(argv=None):
                              "is more robust on a machine shared with other work)")
     parser.add_argument("--no-chart", action="store_true")
     args = parser.parse_args(argv)
-    with open(args.json) as f:
-        data = json.load(f)
-    rows = [Row.from_json(b, args.stat) for b in data.get("benchmarks", [])]
+    datas = []
+    for path in args.json:
+        with open(path) as f:
+            datas.append(json.load(f))
+    data = datas[0]
+    rows = [Row.from_json(b, args.stat) for d in datas for b in d.get("benchmarks", [])]
     if not rows:
-        print("no benchmarks in %s" % args.json, file=sys.stderr)
+        print("no benchmarks in %s" % ", ".join(args.json), file=sys.stderr)
         return 1
-    name = args.name or os.path.splitext(os.path.basename(args.json))[0]
+    groups = [r.group for r in rows]
+    twice = sorted({g for g in groups if groups.count(g) > len({
+        r.impl for r in rows if r.group == g})})
+    if twice:
+        print("warning: groups measured in more than one of the files (their rows are mixed): "
+              "%s" % ", ".join(twice[:5]), file=sys.stderr)
+    name = args.name or os.path.splitext(os.path.basename(args.json[0]))[0]
     os.makedirs(args.out_dir, exist_ok=True)
     png = os.path.join(args.out_dir, name + ".png")
     has_chart = False
@@ -437,7 +613,8 @@ def main(argv=None):
             has_chart = chart(rows, png)
         except ImportError as e:
             print("no chart (%s)" % e, file=sys.stderr)
-    md = markdown(data, rows, os.path.basename(png) if has_chart else None, args.stat)
+    md = markdown(data, rows, os.path.basename(png) if has_chart else None, args.stat,
+                  [(os.path.basename(p), d) for p, d in zip(args.json[1:], datas[1:])])
     md_path = os.path.join(args.out_dir, name + ".md")
     with open(md_path, "w") as f:
         f.write(md + "\n")
