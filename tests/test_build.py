@@ -89,7 +89,10 @@ def test_version_mismatch_disables_the_extension_with_a_warning():
     assert report["loaded"] is False
     assert "0.0.0" in report["error"] and torch.__version__ in report["error"]
     assert report["C_imported"] is False  # the mismatched library was never dlopen'ed
-    assert report["available"] == ["reference"]
+    # the C++ backends are off; reference remains (and triton, where Triton can run: on a GPU,
+    # or on CPU tensors under TRITON_INTERPRET=1, which tests/conftest.py sets)
+    assert "cpu" not in report["available"] and "cuda" not in report["available"]
+    assert "reference" in report["available"]
     assert report["resolved"] == "reference"
     assert report["matches_torch"] is True
     # asking for the disabled backend says why instead of running the reference one
