@@ -796,7 +796,7 @@ def test_autocast_kernels_of_the_cuda_ops(cuda_ops, amp_dtype):
 # ---------------------------------------------------------------------------
 # opcheck and argument errors of the C++ CUDA ops
 
-def _opcheck_samples(dtype):
+def _opcheck_samples(dtype, lib=torch.ops.cnnops):
     def t(*shape, grad=False, positive=False, layout=None):
         v = make(shape, dtype, layout or "contiguous", positive=positive)
         return v.requires_grad_(grad)
@@ -828,9 +828,9 @@ def _opcheck_samples(dtype):
         samples.append(("adaptive_avg_pool2d", (x, [4, 3])))
         samples.append(("add_relu", (x, t(2, 4, 6, 5, grad=True, layout=layout))))
     x, w = t(2, 4, 6, 5), t(6, 2, 3, 3)
-    idx = torch.ops.cnnops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)[1]
+    idx = lib.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)[1]
     out = t(2, 4, 6, 5).relu()
-    cout, conv_out, mean, invstd = torch.ops.cnnops.conv_bn_relu(
+    cout, conv_out, mean, invstd = lib.conv_bn_relu(
         x, w, None, p(6), p(6), None, None, None, [1, 1], [1, 1], [1, 2], 2, True, 1e-5, True)
     samples += [
         ("conv2d_backward", (t(2, 6, 6, 3), x, w, [1, 1], [1, 1], [1, 2], 2, [True] * 3)),
@@ -858,6 +858,21 @@ def test_opcheck_cuda_ops(cuda_ops, dtype):
     torch.manual_seed(17)
     for name, args in _opcheck_samples(dtype):
         torch.library.opcheck(getattr(cuda_ops, name).default, args)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck_triton_ops(dtype):
+    """The same opcheck for the Triton ops (torch.ops.cnnops_triton), compiled on the GPU: their
+    fake kernels are the triton_op functions themselves, traced with wrap_triton."""
+    if "triton" not in cnnops.available_backends():
+        pytest.skip("the triton backend is not available here")
+    from cnnops.triton_kernels import ops as triton_ops  # registers torch.ops.cnnops_triton
+
+    lib = getattr(torch.ops, triton_ops.NS)
+    torch.manual_seed(17)
+    for name, args in _opcheck_samples(dtype, lib):
+        torch.library.opcheck(getattr(lib, name).default, args)
 
 
 @needs_cuda
