@@ -6,7 +6,6 @@ import triton.language as tl
 from . import INTERPRET
 
 _HALF = (torch.float16, torch.bfloat16)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def channels_last(t):

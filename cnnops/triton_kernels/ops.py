@@ -13,7 +13,6 @@ parameter's.
 """
 from typing import Optional
 
-import torch
 from torch import Tensor
 from torch.library import triton_op
 
