@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import cnnops
 import cnnops.functional as CF
-from conftest import DTYPES, LAYOUTS, assert_close, expected_memory_format, grads, make_input
+from conftest import CPU_BACKENDS, DTYPES, TILE_CONFIGS, LAYOUTS, assert_close, expected_memory_format, grads, make_input
 
 # (in_channels, out_channels, kernel, stride, padding, dilation, groups, H, W)
 CONFIGS = [
@@ -96,6 +96,22 @@ def test_conv2d_batch_larger_than_threads(backend):
     g = torch.randn_like(ref)
     assert_close(out, ref)
     assert_close_all(grads(out, (x, w), g), grads(ref, (x, w), g))
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension")
+@pytest.mark.parametrize("config", TILE_CONFIGS, ids=lambda c: "N%s-C%s-OC%s-k%s-s%s-p%s-g%s-%sx%s" % c)
+def test_cpu_conv_tiles_match_torch(config):
+    N, C, OC, k, stride, padding, groups, H, W = config
+    torch.manual_seed(0)
+    x = torch.randn(N, C, H, W, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(OC, C // groups, k, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(OC, dtype=torch.float64, requires_grad=True)
+    with cnnops.use_backend("cpu"):
+        out = CF.conv2d(x, w, b, stride, padding, 1, groups)
+    ref = F.conv2d(x, w, b, stride, padding, 1, groups)
+    assert_close(out, ref)
+    g = torch.randn_like(ref)
+    assert_close_all(grads(out, (x, w, b), g), grads(ref, (x, w, b), g))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

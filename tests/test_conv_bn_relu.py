@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import cnnops
 import cnnops.functional as CF
-from conftest import DTYPES, LAYOUTS, assert_close, expected_memory_format, grads, make_input
+from conftest import CPU_BACKENDS, DTYPES, TILE_CONFIGS, LAYOUTS, assert_close, expected_memory_format, grads, make_input
 
 # (in_channels, out_channels, kernel, stride, padding, dilation, groups, H, W)
 CONFIGS = [
@@ -62,6 +62,35 @@ def test_conv_bn_relu_matches_torch(backend, config, variant, training, layout, 
     g = torch.randn_like(expected)
     wrt = (x, w, cb, bw, bb, r)
     for a, e in zip(grads(actual, wrt, g), grads(expected, wrt, g)):
+        assert_close(a, e)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension")
+@pytest.mark.parametrize("config", [c for c in TILE_CONFIGS if c[6] == 1],
+                         ids=lambda c: "N%s-C%s-OC%s-k%s-s%s-p%s-g%s-%sx%s" % c)
+def test_cpu_tiles_merge_batch_statistics(config):
+    # Batch statistics are merged over the CPU kernel's position tiles and image chunks, and the
+    # backward's BN gradient is formed tile by tile: both must match torch at any tiling.
+    N, C, OC, k, stride, padding, _, H, W = config
+    torch.manual_seed(0)
+    x = torch.randn(N, C, H, W, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(OC, C, k, k, dtype=torch.float64, requires_grad=True)
+    bw = torch.rand(OC, dtype=torch.float64, requires_grad=True)
+    bb = torch.randn(OC, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(F.conv2d(x, w, None, stride, padding).shape, dtype=torch.float64,
+                    requires_grad=True)
+    rm, rv = torch.zeros(OC, dtype=torch.float64), torch.ones(OC, dtype=torch.float64)
+    rm2, rv2 = rm.clone(), rv.clone()
+    with cnnops.use_backend("cpu"):
+        out = CF.conv_bn_relu(x, w, None, bw, bb, rm, rv, residual=r, stride=stride,
+                              padding=padding, training=True)
+    ref = _torch_cbr(x, w, None, bw, bb, rm2, rv2, stride, padding, 1, 1, True, 1e-5, True, r)
+    assert_close(out, ref)
+    assert_close(rm, rm2)
+    assert_close(rv, rv2)
+    g = torch.randn_like(ref)
+    leaves = (x, w, bw, bb, r)
+    for a, e in zip(grads(out, leaves, g), grads(ref, leaves, g)):
         assert_close(a, e)
 
 

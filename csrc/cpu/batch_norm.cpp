@@ -154,9 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
             cpu::bn_backward_apply_plane(gp + off, opl, xp + off, gip + off, P, coef[c],
                                          static_cast<double>(mean.const_data_ptr<T>()[c]));
           }
-          if (grp) {
-            for (int64_t i = 0; i < P; ++i) grp[off + i] = cpu::relu_grad(gp + off, opl, i);
-          }
+          if (grp) cpu::relu_grad_plane(gp + off, opl, grp + off, P);
         }
       });
     }

@@ -2,6 +2,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "bn_kernels.h"
 #include "cnnops/conv_shape.h"
 #include "conv_kernels.h"
@@ -20,8 +22,11 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_cpu", [&] {
     using T = scalar_t;
     const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
-    cpu::conv_forward<T>(s, x, w, out,
-                         [&](int64_t, T* y) { cpu::add_channel_bias(y, bp, s.OC, s.L()); });
+    T* op = out.mutable_data_ptr<T>();
+    const int64_t L = s.L();
+    cpu::conv_forward<T>(s, x, w, [&](int64_t n, int64_t la, int64_t lb, const T* y, int64_t ld) {
+      cpu::copy_channel_bias(y, ld, op + n * s.OC * L + la, L, bp, s.OC, lb - la);
+    });
   });
   return out.contiguous(output_memory_format(input));
 }
@@ -41,12 +46,14 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
     using T = scalar_t;
     const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
     const T* rp = residual.defined() ? residual.const_data_ptr<T>() : nullptr;
+    T* op = out.mutable_data_ptr<T>();
     const int64_t L = s.L();
-    // Bias, residual and ReLU in one pass over each image's hot GEMM output.
-    cpu::conv_forward<T>(s, x, w, out, [&](int64_t n, T* y) {
+    // Bias, residual and ReLU in one pass over each hot GEMM output tile.
+    cpu::conv_forward<T>(s, x, w, [&](int64_t n, int64_t la, int64_t lb, const T* y, int64_t ld) {
       for (int64_t c = 0; c < s.OC; ++c) {
-        cpu::bn_forward_plane(y + c * L, rp ? rp + (n * s.OC + c) * L : nullptr, y + c * L, L,
-                              T(1), bp ? bp[c] : T(0), /*relu=*/true);
+        const int64_t off = (n * s.OC + c) * L + la;
+        cpu::bn_forward_plane(y + c * ld, rp ? rp + off : nullptr, op + off, lb - la, T(1),
+                              bp ? bp[c] : T(0), /*relu=*/true);
       }
     });
   });
@@ -73,8 +80,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_backward_cpu", [&] {
     using T = scalar_t;
     const T* gp = g.const_data_ptr<T>();
-    const int64_t image = s.OC * s.L();
-    cpu::conv_backward<T>(s, x, w, [&](int64_t n, T*) { return gp + n * image; }, gi, gw, gb);
+    const int64_t L = s.L();
+    auto grad_of = [&](int64_t n, int64_t la, int64_t lb, T* dst, int64_t ld) {
+      for (int64_t c = 0; c < s.OC; ++c) {
+        const T* src = gp + (n * s.OC + c) * L + la;
+        std::copy(src, src + (lb - la), dst + c * ld);
+      }
+    };
+    cpu::conv_backward<T>(s, x, w, grad_of, gi, gw, gb);
   });
   return {gi.defined() ? gi.contiguous(output_memory_format(input)) : not_requested(input),
           gw.defined() ? gw : not_requested(input), gb.defined() ? gb : not_requested(input)};

@@ -1,11 +1,11 @@
 // conv -> BatchNorm -> (+ residual) -> ReLU in one op on the CPU.
 //
 // Inference: BN is a per-channel scale and shift, applied (with residual and
-// ReLU) to each image's GEMM output while it is still in cache.
-// Training: each image's conv output tile also yields its per-channel mean and
+// ReLU) to each GEMM output tile while it is still in cache.
+// Training: each conv output tile also yields its per-channel mean and
 // squared deviations in the GEMM epilogue, so batch statistics cost no extra
 // pass over memory; one more pass normalises. The backward computes the BN
-// gradient of each image tile on the fly (the conv-output gradient is never
+// gradient of each output tile on the fly (the conv-output gradient is never
 // materialised for the whole batch) and feeds it straight to the conv backward.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -69,9 +69,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
       }
       std::vector<T> scale(OC), shift(OC);
       for (int64_t c = 0; c < OC; ++c) scale_shift(c, scale[c], shift[c]);
-      cpu::conv_forward<T>(s, x, w, out, [&](int64_t n, T* y) {
+      T* op = out.mutable_data_ptr<T>();
+      cpu::conv_forward<T>(s, x, w, [&](int64_t n, int64_t la, int64_t lb, const T* y,
+                                        int64_t ld) {
         for (int64_t c = 0; c < OC; ++c) {
-          cpu::bn_forward_plane(y + c * L, rp ? rp + (n * OC + c) * L : nullptr, y + c * L, L,
+          const int64_t off = (n * OC + c) * L + la;
+          cpu::bn_forward_plane(y + c * ld, rp ? rp + off : nullptr, op + off, lb - la,
                                 scale[c], shift[c], relu);
         }
       });
@@ -80,11 +83,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
       return;
     }
 
-    // Training: moments of each (image, channel) tile, taken while it is hot.
+    // Training: moments of each (image, channel) pair, merged tile by tile in
+    // position order while each tile is hot.
     std::vector<cpu::Moments> tile(s.N * OC);
-    cpu::conv_forward<T>(s, x, w, conv_out, [&](int64_t n, T* y) {
-      cpu::add_channel_bias(y, cbp, OC, L);
-      for (int64_t c = 0; c < OC; ++c) tile[n * OC + c] = cpu::plane_moments(y + c * L, L);
+    T* cop = conv_out.mutable_data_ptr<T>();
+    cpu::conv_forward<T>(s, x, w, [&](int64_t n, int64_t la, int64_t lb, const T* y,
+                                      int64_t ld) {
+      T* dst = cop + n * OC * L + la;
+      cpu::copy_channel_bias(y, ld, dst, L, cbp, OC, lb - la);
+      for (int64_t c = 0; c < OC; ++c) {
+        tile[n * OC + c].merge(cpu::plane_moments(dst + c * L, lb - la));
+      }
     });
     for (int64_t c = 0; c < OC; ++c) {
       cpu::Moments m;
@@ -165,8 +174,11 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
     using T = scalar_t;
     if (!training && need_gbw) {
       const T* cbp = cbias.defined() ? cbias.const_data_ptr<T>() : nullptr;
-      cpu::conv_forward<T>(s, x, w, co,
-                           [&](int64_t, T* y) { cpu::add_channel_bias(y, cbp, OC, L); });
+      T* cop = co.mutable_data_ptr<T>();
+      cpu::conv_forward<T>(s, x, w, [&](int64_t n, int64_t la, int64_t lb, const T* y,
+                                        int64_t ld) {
+        cpu::copy_channel_bias(y, ld, cop + n * OC * L + la, L, cbp, OC, lb - la);
+      });
     }
     const T* gp = g.const_data_ptr<T>();
     const T* op = o.defined() ? o.const_data_ptr<T>() : nullptr;
@@ -195,19 +207,18 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
     if (need_gr) {
       T* grp = gr.mutable_data_ptr<T>();
       at::parallel_for(0, s.N * OC * L, 4096, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) grp[i] = cpu::relu_grad(gp, op, i);
+        cpu::relu_grad_plane(gp + b, op ? op + b : nullptr, grp + b, e - b);
       });
     }
     if (need_gi || need_gw || need_gcb) {
       // The conv-output gradient of image n, computed per tile into scratch.
-      auto grad_of = [&](int64_t n, T* scratch) -> const T* {
+      auto grad_of = [&](int64_t n, int64_t la, int64_t lb, T* dst, int64_t ld) {
         for (int64_t c = 0; c < OC; ++c) {
-          const int64_t off = (n * OC + c) * L;
+          const int64_t off = (n * OC + c) * L + la;
           cpu::bn_backward_apply_plane(gp + off, op ? op + off : nullptr,
-                                       training ? cp + off : nullptr, scratch + c * L, L,
+                                       training ? cp + off : nullptr, dst + c * ld, lb - la,
                                        coef[c], mean_d[c]);
         }
-        return scratch;
       };
       cpu::conv_backward<T>(s, x, w, grad_of, gi, gw, gcb);
     }

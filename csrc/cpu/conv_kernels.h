@@ -1,13 +1,24 @@
-// CPU convolution as im2col + GEMM, with pluggable epilogues and prologues.
+// CPU convolution as im2col + GEMM on tiles of output positions, with
+// pluggable epilogues and prologues.
 //
 // Layout assumed: input, output and gradients NCHW-contiguous; weight
 // [OC, C/groups, KH, KW] contiguous. Callers convert other layouts.
 //
-// Work is split into contiguous chunks of images, one chunk per thread, each
-// with its own column buffer (reused across its images, so it stays in cache)
-// and its own weight-gradient accumulator (summed at the end in chunk order,
-// so results do not depend on scheduling). With fewer images than threads the
-// single chunk runs on the calling thread and the BLAS GEMM uses all threads.
+// The batch is split into contiguous chunks of images, one per thread. Each
+// chunk's output positions are cut into tiles (see Tile) of about P positions,
+// where P keeps the [K, P] column buffer near the size of a core's L2 cache but
+// gives the GEMM at least 512 columns: a large image is cut into several tiles,
+// and small images (7x7, 14x14) are grouped several to a tile so the GEMM is not
+// starved. Per tile: im2col into the thread's column buffer, one GEMM per group
+// into the thread's [OC, P] output tile, then the caller's epilogue while that
+// tile is still in cache. The backward runs the same tiles in reverse: the
+// caller's prologue writes the [OC, P] output-gradient tile, which feeds the
+// weight-gradient GEMM and the input-gradient GEMM + col2im.
+//
+// Each chunk has its own buffers and weight-gradient accumulator (summed at the
+// end in chunk order), so results do not depend on scheduling. With fewer
+// images than threads the single chunk runs on the calling thread and the BLAS
+// GEMM uses all threads.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,12 +26,21 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
+#include "bn_kernels.h"
 #include "cnnops/conv_shape.h"
 
 namespace cnnops {
 namespace cpu {
+
+// n uninitialised values: scratch that is always written before it is read
+// (a std::vector would zero it first, a pass over memory for nothing).
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
+}
 
 // Number of image chunks: one per thread, never more than images.
 inline int64_t num_chunks(int64_t images) {
@@ -37,6 +57,39 @@ void for_each_chunk(int64_t images, int64_t chunks, const F& fn) {
   });
 }
 
+// A tile: output positions [la, lb) of each of `images` consecutive images
+// from n0 (images > 1 only with la = 0, lb = L). Its columns are image-major:
+// column i * seg() + j is position la + j of image n0 + i.
+struct Tile {
+  int64_t n0, images, la, lb;
+  int64_t seg() const { return lb - la; }
+  int64_t width() const { return images * seg(); }
+};
+
+// Target tile width P for a shape: a [K, P] column buffer of about 512 KiB,
+// between 512 and 2048 positions.
+inline int64_t tile_width(const ConvShape& s, int64_t elem_size) {
+  constexpr int64_t kColBytes = 512 * 1024;
+  return std::clamp<int64_t>(kColBytes / (elem_size * s.K()), 512, 2048);
+}
+
+// Calls fn(tile) for the tiles of images [nb, ne), in order: each image cut into
+// ceil(L / P) near-equal ranges when L >= P, else floor(P / L) whole images a
+// tile.
+template <typename F>
+void for_each_tile(const ConvShape& s, int64_t P, int64_t nb, int64_t ne, const F& fn) {
+  const int64_t L = s.L();
+  if (L >= P) {
+    const int64_t parts = (L + P - 1) / P;
+    for (int64_t n = nb; n < ne; ++n) {
+      for (int64_t t = 0; t < parts; ++t) fn(Tile{n, 1, L * t / parts, L * (t + 1) / parts});
+    }
+  } else {
+    const int64_t per = std::max<int64_t>(1, P / L);
+    for (int64_t n = nb; n < ne; n += per) fn(Tile{n, std::min(per, ne - n), 0, L});
+  }
+}
+
 // Output positions ow in [lo, hi) read input columns inside [0, W) for the tap
 // at offset `off` (= k*d - p): iw = ow*s + off.
 inline void valid_range(int64_t off, int64_t s, int64_t W, int64_t OW,
@@ -49,34 +102,113 @@ inline void valid_range(int64_t off, int64_t s, int64_t W, int64_t OW,
   hi = std::max(lo, std::min(hi, OW));
 }
 
-// cols[(c*KH + kh)*KW + kw][oh*OW + ow] = x[c][oh*sh - ph + kh*dh][ow*sw - pw + kw*dw]
-// (zero outside the input), for one image and one group: x is [Cg, H, W].
+// A strided conv reads every sh-th row and sw-th column of its input. Split
+// into its sh*sw stride phases, phase (py, px) holding x[c][i*sh + py][j*sw + px]
+// at row i, column j of a [Hp, Wp] plane, each tap reads contiguous runs of one
+// phase: im2col copies instead of gathering. The split is one gather over the
+// input, worth it when the kernel has more taps than the stride has phases
+// (3x3 or 7x7 stride 2, not 1x1 stride 2).
+struct Phases {
+  int64_t sh, sw, Hp, Wp;
+  explicit Phases(const ConvShape& s)
+      : sh(s.sh), sw(s.sw), Hp((s.H + s.sh - 1) / s.sh), Wp((s.W + s.sw - 1) / s.sw) {}
+  static bool worth_it(const ConvShape& s) {
+    return (s.sh > 1 || s.sw > 1) && s.KH * s.KW > s.sh * s.sw;
+  }
+  int64_t plane() const { return Hp * Wp; }
+  int64_t channel() const { return sh * sw * plane(); }
+  // The plane of channel c, phase (py, px).
+  template <typename T>
+  T* at(T* base, int64_t c, int64_t py, int64_t px) const {
+    return base + ((c * sh + py) * sw + px) * plane();
+  }
+};
+
+// Splits one image's channels x ([C, H, W]) into phases (C * ph.channel()
+// values); entries past the input's edge are left unset and never read.
 template <typename T>
-void im2col(const ConvShape& s, const T* x, T* cols) {
-  const int64_t L = s.L();
+void split_phases(const ConvShape& s, const Phases& ph, const T* x, int64_t C, T* out) {
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t py = 0; py < ph.sh; ++py) {
+      for (int64_t i = 0; i * ph.sh + py < s.H; ++i) {
+        const T* row = x + (c * s.H + i * ph.sh + py) * s.W;
+        if (ph.sw == 2) {
+          // Both phases in one pass over the row (a vectorised de-interleave).
+          T* d0 = ph.at(out, c, py, 0) + i * ph.Wp;
+          T* d1 = ph.at(out, c, py, 1) + i * ph.Wp;
+          const int64_t pairs = s.W / 2;
+          for (int64_t j = 0; j < pairs; ++j) {
+            d0[j] = row[2 * j];
+            d1[j] = row[2 * j + 1];
+          }
+          if (s.W % 2) d0[pairs] = row[s.W - 1];
+          continue;
+        }
+        for (int64_t px = 0; px < ph.sw; ++px) {
+          T* dst = ph.at(out, c, py, px) + i * ph.Wp;
+          for (int64_t j = 0; j * ph.sw + px < s.W; ++j) dst[j] = row[j * ph.sw + px];
+        }
+      }
+    }
+  }
+}
+
+// a mod b in [0, b) for b > 0.
+inline int64_t pmod(int64_t a, int64_t b) { return ((a % b) + b) % b; }
+
+// Calls fn(row, ow0, ow1, ih) for each output row segment covering positions
+// [la, lb) for kernel row kh: positions oh*OW + [ow0, ow1), with `row` the
+// offset of position oh*OW relative to la (so column (l - la) = row + ow), and
+// ih the input row the tap reads (possibly outside [0, H)).
+template <typename F>
+inline void for_each_row_segment(const ConvShape& s, int64_t la, int64_t lb, int64_t kh,
+                                 const F& fn) {
+  for (int64_t l = la; l < lb;) {
+    const int64_t oh = l / s.OW, ow0 = l - oh * s.OW;
+    const int64_t ow1 = std::min(s.OW, ow0 + (lb - l));
+    fn(l - la - ow0, ow0, ow1, oh * s.sh - s.ph + kh * s.dh);
+    l += ow1 - ow0;
+  }
+}
+
+// cols[(c*KH + kh)*KW + kw][l - la] = x[c][oh*sh - ph + kh*dh][ow*sw - pw + kw*dw]
+// for positions l = oh*OW + ow in [la, lb) (zero outside the input), for one
+// image and one group: x is [Cg, H, W]; cols has row stride ld. With `phases`
+// (the image's group split by split_phases), runs are copied from those.
+template <typename T>
+void im2col(const ConvShape& s, const T* x, int64_t la, int64_t lb, T* cols, int64_t ld,
+            const T* phases = nullptr) {
+  const Phases ph(s);
   for (int64_t c = 0; c < s.Cg(); ++c) {
     for (int64_t kh = 0; kh < s.KH; ++kh) {
+      const int64_t hoff = kh * s.dh - s.ph, py = pmod(hoff, s.sh);
       for (int64_t kw = 0; kw < s.KW; ++kw) {
-        T* row = cols + ((c * s.KH + kh) * s.KW + kw) * L;
-        const int64_t woff = kw * s.dw - s.pw;
+        T* crow = cols + ((c * s.KH + kh) * s.KW + kw) * ld;
+        const int64_t woff = kw * s.dw - s.pw, px = pmod(woff, s.sw);
         int64_t lo, hi;
         valid_range(woff, s.sw, s.W, s.OW, lo, hi);
-        for (int64_t oh = 0; oh < s.OH; ++oh) {
-          T* dst = row + oh * s.OW;
-          const int64_t ih = oh * s.sh - s.ph + kh * s.dh;
+        for_each_row_segment(s, la, lb, kh, [&](int64_t row, int64_t ow0, int64_t ow1,
+                                                int64_t ih) {
+          T* dst = crow + row;
           if (ih < 0 || ih >= s.H) {
-            std::fill(dst, dst + s.OW, T(0));
-            continue;
+            std::fill(dst + ow0, dst + ow1, T(0));
+            return;
           }
-          const T* src = x + (c * s.H + ih) * s.W + woff;
-          std::fill(dst, dst + lo, T(0));
-          if (s.sw == 1) {
-            std::memcpy(dst + lo, src + lo, sizeof(T) * (hi - lo));
+          const int64_t a = std::clamp(lo, ow0, ow1), b = std::clamp(hi, a, ow1);
+          std::fill(dst + ow0, dst + a, T(0));
+          if (phases) {
+            // Input column ow*sw + woff is column ow + (woff - px)/sw of phase px.
+            const T* src = ph.at(phases, c, py, px) + (ih - py) / s.sh * ph.Wp +
+                           (woff - px) / s.sw;
+            std::memcpy(dst + a, src + a, sizeof(T) * (b - a));
+          } else if (s.sw == 1) {
+            std::memcpy(dst + a, x + (c * s.H + ih) * s.W + woff + a, sizeof(T) * (b - a));
           } else {
-            for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * s.sw];
+            const T* src = x + (c * s.H + ih) * s.W + woff;
+            for (int64_t ow = a; ow < b; ++ow) dst[ow] = src[ow * s.sw];
           }
-          std::fill(dst + hi, dst + s.OW, T(0));
-        }
+          std::fill(dst + b, dst + ow1, T(0));
+        });
       }
     }
   }
@@ -84,103 +216,157 @@ void im2col(const ConvShape& s, const T* x, T* cols) {
 
 // The adjoint of im2col: x[c][ih][iw] += cols[...] for one image and group.
 template <typename T>
-void col2im(const ConvShape& s, const T* cols, T* x) {
-  const int64_t L = s.L();
+void col2im(const ConvShape& s, const T* cols, int64_t ld, int64_t la, int64_t lb, T* x) {
   for (int64_t c = 0; c < s.Cg(); ++c) {
     for (int64_t kh = 0; kh < s.KH; ++kh) {
       for (int64_t kw = 0; kw < s.KW; ++kw) {
-        const T* row = cols + ((c * s.KH + kh) * s.KW + kw) * L;
+        const T* crow = cols + ((c * s.KH + kh) * s.KW + kw) * ld;
         const int64_t woff = kw * s.dw - s.pw;
         int64_t lo, hi;
         valid_range(woff, s.sw, s.W, s.OW, lo, hi);
-        for (int64_t oh = 0; oh < s.OH; ++oh) {
-          const int64_t ih = oh * s.sh - s.ph + kh * s.dh;
-          if (ih < 0 || ih >= s.H) continue;
-          const T* src = row + oh * s.OW;
+        for_each_row_segment(s, la, lb, kh, [&](int64_t row, int64_t ow0, int64_t ow1,
+                                                int64_t ih) {
+          if (ih < 0 || ih >= s.H) return;
+          const int64_t a = std::clamp(lo, ow0, ow1), b = std::clamp(hi, a, ow1);
+          const T* src = crow + row;
           T* dst = x + (c * s.H + ih) * s.W + woff;
-          for (int64_t ow = lo; ow < hi; ++ow) dst[ow * s.sw] += src[ow];
-        }
+          for (int64_t ow = a; ow < b; ++ow) dst[ow * s.sw] += src[ow];
+        });
       }
     }
   }
 }
 
-// y[c][l] += bias[c] over one image's [channels, L] output (bias may be null).
+// out[c][j] = y[c][j] + bias[c] for `channels` rows of `len` values; y has row
+// stride ld, out row stride out_ld (bias may be null).
 template <typename T>
-void add_channel_bias(T* y, const T* bias, int64_t channels, int64_t L) {
-  if (!bias) return;
+void copy_channel_bias(const T* y, int64_t ld, T* out, int64_t out_ld, const T* bias,
+                       int64_t channels, int64_t len) {
   for (int64_t c = 0; c < channels; ++c) {
-    T* row = y + c * L;
-    for (int64_t l = 0; l < L; ++l) row[l] += bias[c];
+    const T b = bias ? bias[c] : T(0);
+    const T* src = y + c * ld;
+    T* dst = out + c * out_ld;
+    for (int64_t j = 0; j < len; ++j) dst[j] = src[j] + b;
   }
 }
 
-// A [rows, cols] row-major matrix at `data`, as a tensor that aliases it.
+// A [rows, cols] matrix at `data` with row stride ld, as a tensor that aliases it.
 template <typename T>
-at::Tensor matrix(T* data, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
-  return at::from_blob(data, {rows, cols}, opts);
+at::Tensor matrix(T* data, int64_t rows, int64_t cols, int64_t ld,
+                  const at::TensorOptions& opts) {
+  return at::from_blob(data, {rows, cols}, {ld, 1}, opts);
 }
 
-// out = conv(x, w) for every image, then epilogue(n, out_n) on each image's
-// [OC, L] output while it is still in cache.
-//   x: [N, C, H, W], w: [OC, Cg, KH, KW], out: [N, OC, OH, OW], all contiguous.
+// The stride phases of the images a chunk works on (see Phases): split when
+// a tile starts a new image, reused by that image's later tiles.
+template <typename T>
+class PhaseBuffer {
+ public:
+  PhaseBuffer(const ConvShape& s, int64_t max_images)
+      : s_(s), ph_(s), on_(Phases::worth_it(s)),
+        data_(scratch<T>(on_ ? max_images * s.C * ph_.channel() : 0)) {}
+
+  // Splits the tile's images when it starts them (la == 0).
+  void prepare(const T* x, const Tile& t) {
+    if (!on_ || t.la != 0) return;
+    for (int64_t i = 0; i < t.images; ++i) {
+      split_phases(s_, ph_, x + (t.n0 + i) * s_.C * s_.H * s_.W, s_.C,
+                   data_.get() + i * s_.C * ph_.channel());
+    }
+  }
+  // The phases of the tile's i-th image, group g (null when not split).
+  const T* get(int64_t i, int64_t g) const {
+    return on_ ? data_.get() + (i * s_.C + g * s_.Cg()) * ph_.channel() : nullptr;
+  }
+
+ private:
+  const ConvShape& s_;
+  Phases ph_;
+  bool on_;
+  std::unique_ptr<T[]> data_;
+};
+
+// The most images one tile holds.
+inline int64_t max_tile_images(const ConvShape& s, int64_t P) {
+  return s.L() >= P ? 1 : std::max<int64_t>(1, P / s.L());
+}
+
+// The GEMM operand holding a tile's input columns for group g: a view of the
+// input itself for a 1x1 stride-1 unpadded conv over one image, else the
+// tile's im2col in `cols` ([K, width], row stride width).
+template <typename T>
+at::Tensor tile_columns(const ConvShape& s, const T* x, const Tile& t, int64_t g, T* cols,
+                        const PhaseBuffer<T>& phases, const at::TensorOptions& opts) {
+  const int64_t L = s.L(), seg = t.seg(), width = t.width();
+  const T* image0 = x + (t.n0 * s.C + g * s.Cg()) * s.H * s.W;
+  if (s.pointwise() && t.images == 1) {
+    return matrix(const_cast<T*>(image0) + t.la, s.K(), seg, L, opts);
+  }
+  for (int64_t i = 0; i < t.images; ++i) {
+    im2col(s, image0 + i * s.C * s.H * s.W, t.la, t.lb, cols + i * seg, width,
+           phases.get(i, g));
+  }
+  return matrix(cols, s.K(), width, width, opts);
+}
+
+// out = conv(x, w) tile by tile; epilogue(n, la, lb, y, ld) receives the
+// conv output of image n at positions [la, lb), channel c at y[c*ld + j], in
+// a cache-resident tile it must consume (y is overwritten by the next tile).
+//   x: [N, C, H, W], w: [OC, Cg, KH, KW], both contiguous.
 template <typename T, typename Epilogue>
 void conv_forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
-                  at::Tensor& out, const Epilogue& epilogue) {
+                  const Epilogue& epilogue) {
   // The GEMMs below are implementation details, not autograd-visible ops.
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const int64_t K = s.K(), L = s.L(), OCg = s.OCg();
+  const int64_t K = s.K(), OCg = s.OCg();
+  const int64_t P = tile_width(s, sizeof(T));
   const auto opts = x.options();
   const at::Tensor w3 = w.view({s.groups, OCg, K});
   const T* xp = x.const_data_ptr<T>();
-  T* op = out.mutable_data_ptr<T>();
-  const int64_t chunks = num_chunks(s.N);
-  for_each_chunk(s.N, chunks, [&](int64_t, int64_t nb, int64_t ne) {
-    at::Tensor cols = s.pointwise() ? at::Tensor() : at::empty({K, L}, opts);
-    for (int64_t n = nb; n < ne; ++n) {
+  for_each_chunk(s.N, num_chunks(s.N), [&](int64_t, int64_t nb, int64_t ne) {
+    const auto cols = scratch<T>(s.pointwise() && s.L() >= P ? 0 : K * P);
+    const auto y = scratch<T>(s.OC * P);
+    PhaseBuffer<T> phases(s, max_tile_images(s, P));
+    for_each_tile(s, P, nb, ne, [&](const Tile& t) {
+      const int64_t width = t.width();
+      phases.prepare(xp, t);
       for (int64_t g = 0; g < s.groups; ++g) {
-        const T* xg = xp + (n * s.C + g * s.Cg()) * s.H * s.W;
-        at::Tensor colg;
-        if (s.pointwise()) {
-          colg = matrix(const_cast<T*>(xg), K, L, opts);
-        } else {
-          im2col(s, xg, cols.mutable_data_ptr<T>());
-          colg = cols;
-        }
-        at::Tensor outg = matrix(op + (n * s.OC + g * OCg) * L, OCg, L, opts);
-        at::mm_out(outg, w3[g], colg);
+        at::Tensor yg = matrix(y.get() + g * OCg * width, OCg, width, width, opts);
+        at::mm_out(yg, w3[g], tile_columns(s, xp, t, g, cols.get(), phases, opts));
       }
-      epilogue(n, op + n * s.OC * L);
-    }
+      for (int64_t i = 0; i < t.images; ++i) {
+        epilogue(t.n0 + i, t.la, t.lb, y.get() + i * t.seg(), width);
+      }
+    });
   });
 }
 
-// Backward of conv for every image. grad_of(n, scratch) returns the [OC, L]
-// output gradient of image n: either a pointer into an existing tensor, or
-// `scratch` (a per-chunk [OC, L] buffer) filled by the caller's prologue.
-// Writes grad_input (zero-initialised here) and grad_weight / grad_bias when
-// defined; grad_bias is accumulated in double and cast at the end.
+// Backward of conv, tile by tile. grad_of(n, la, lb, dst, ld) writes the
+// output gradient of image n at positions [la, lb), channel c to
+// dst[c*ld + j]. Writes grad_input and grad_weight / grad_bias when defined;
+// grad_bias is accumulated in double and cast at the end.
 template <typename T, typename GradOf>
 void conv_backward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
                    const GradOf& grad_of, at::Tensor grad_input,
                    at::Tensor grad_weight, at::Tensor grad_bias) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const int64_t K = s.K(), L = s.L(), OCg = s.OCg();
+  const int64_t P = tile_width(s, sizeof(T));
   const auto opts = x.options();
   const bool need_gi = grad_input.defined(), need_gw = grad_weight.defined(),
              need_gb = grad_bias.defined();
   const at::Tensor w3 = w.view({s.groups, OCg, K});
   const T* xp = x.const_data_ptr<T>();
   T* gip = need_gi ? grad_input.mutable_data_ptr<T>() : nullptr;
-  if (need_gi && !s.pointwise()) grad_input.zero_();
+  const int64_t image = s.C * s.H * s.W;
 
   const int64_t chunks = num_chunks(s.N);
   // Per-chunk partial sums; chunk 0 writes straight into the result.
   std::vector<at::Tensor> gw_part(chunks);
   std::vector<std::vector<double>> gb_part(chunks);
   for_each_chunk(s.N, chunks, [&](int64_t chunk, int64_t nb, int64_t ne) {
-    at::Tensor scratch = at::empty({s.OC, L}, opts);
-    at::Tensor cols = s.pointwise() ? at::Tensor() : at::empty({K, L}, opts);
+    const auto cols = scratch<T>(K * P), gy = scratch<T>(s.OC * P);
+    PhaseBuffer<T> phases(s, need_gw ? max_tile_images(s, P) : 0);
     at::Tensor gw3;
     if (need_gw) {
       gw3 = chunk == 0 ? grad_weight.view({s.groups, OCg, K})
@@ -189,41 +375,43 @@ void conv_backward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
       gw_part[chunk] = gw3;
     }
     if (need_gb) gb_part[chunk].assign(s.OC, 0.0);
-    for (int64_t n = nb; n < ne; ++n) {
-      const T* gy = grad_of(n, scratch.mutable_data_ptr<T>());
-      for (int64_t g = 0; g < s.groups; ++g) {
-        at::Tensor gyg = matrix(const_cast<T*>(gy) + g * OCg * L, OCg, L, opts);
-        const T* xg = xp + (n * s.C + g * s.Cg()) * s.H * s.W;
-        if (need_gi) {
-          T* gig = gip + (n * s.C + g * s.Cg()) * s.H * s.W;
-          if (s.pointwise()) {
-            at::Tensor gi_mat = matrix(gig, K, L, opts);
-            at::mm_out(gi_mat, w3[g].t(), gyg);
-          } else {
-            at::mm_out(cols, w3[g].t(), gyg);
-            col2im(s, cols.const_data_ptr<T>(), gig);
-          }
-        }
-        if (need_gw) {
-          at::Tensor colg;
-          if (s.pointwise()) {
-            colg = matrix(const_cast<T*>(xg), K, L, opts);
-          } else {
-            im2col(s, xg, cols.mutable_data_ptr<T>());
-            colg = cols;
-          }
-          gw3[g].addmm_(gyg, colg.t());
-        }
+    for_each_tile(s, P, nb, ne, [&](const Tile& t) {
+      const int64_t seg = t.seg(), width = t.width();
+      if (need_gw) phases.prepare(xp, t);
+      for (int64_t i = 0; i < t.images; ++i) {
+        grad_of(t.n0 + i, t.la, t.lb, gy.get() + i * seg, width);
       }
       if (need_gb) {
         for (int64_t oc = 0; oc < s.OC; ++oc) {
-          double acc = 0;
-          const T* row = gy + oc * L;
-          for (int64_t l = 0; l < L; ++l) acc += row[l];
-          gb_part[chunk][oc] += acc;
+          const T* row = gy.get() + oc * width;
+          gb_part[chunk][oc] +=
+              blocked_sums<T>(width, [&](int64_t j) { return std::pair<T, T>(row[j], T(0)); })
+                  .first;
         }
       }
-    }
+      const bool direct = s.pointwise() && t.images == 1;
+      if (need_gi && !direct && t.la == 0) {
+        std::fill(gip + t.n0 * image, gip + (t.n0 + t.images) * image, T(0));
+      }
+      for (int64_t g = 0; g < s.groups; ++g) {
+        at::Tensor gyg = matrix(gy.get() + g * OCg * width, OCg, width, width, opts);
+        if (need_gw) {
+          gw3[g].addmm_(gyg, tile_columns(s, xp, t, g, cols.get(), phases, opts).t());
+        }
+        if (!need_gi) continue;
+        T* gi0 = gip + t.n0 * image + g * s.Cg() * s.H * s.W;
+        if (direct) {
+          at::Tensor gig = matrix(gi0 + t.la, K, seg, L, opts);
+          at::mm_out(gig, w3[g].t(), gyg);
+        } else {
+          at::Tensor gcols = matrix(cols.get(), K, width, width, opts);
+          at::mm_out(gcols, w3[g].t(), gyg);
+          for (int64_t i = 0; i < t.images; ++i) {
+            col2im(s, cols.get() + i * seg, width, t.la, t.lb, gi0 + i * image);
+          }
+        }
+      }
+    });
   });
   if (need_gw) {
     for (int64_t c = 1; c < chunks; ++c) gw_part[0].add_(gw_part[c]);
