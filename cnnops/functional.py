@@ -76,6 +76,12 @@ def _check_like(t, input, name, shape=None, same_dtype=True):
 
 def _pair(value, name, min_value):
     """An int or a sequence of two ints, each >= min_value, as a tuple of two ints."""
+    # Fast path for the common plain ints (the checks below cost microseconds per call).
+    if type(value) is int and value >= min_value:
+        return (value, value)
+    if (type(value) in (tuple, list) and len(value) == 2 and type(value[0]) is int
+            and type(value[1]) is int and value[0] >= min_value and value[1] >= min_value):
+        return tuple(value)
     items = (value, value) if isinstance(value, numbers.Integral) else value
     try:
         items = tuple(items)
@@ -430,11 +436,15 @@ def add_relu(input, other):
     if not dtype.is_floating_point:
         raise TypeError("add_relu expects floating-point input or other, got input of dtype %s "
                         "and other of dtype %s" % (input.dtype, other.dtype))
-    try:
-        shape = torch.broadcast_shapes(input.shape, other.shape)
-    except RuntimeError:
-        raise ValueError("input of shape %s and other of shape %s do not broadcast"
-                         % (tuple(input.shape), tuple(other.shape))) from None
-    input, other = input.to(dtype).expand(shape), other.to(dtype).expand(shape)
+    # Cast before broadcasting, as torch.add does (a broadcast operand's gradient is then
+    # summed in the result dtype).
+    input, other = input.to(dtype), other.to(dtype)
+    if input.shape != other.shape:  # (torch.broadcast_shapes costs ~50 us a call)
+        try:
+            shape = torch.broadcast_shapes(input.shape, other.shape)
+        except RuntimeError:
+            raise ValueError("input of shape %s and other of shape %s do not broadcast"
+                             % (tuple(input.shape), tuple(other.shape))) from None
+        input, other = input.expand(shape), other.expand(shape)
     impl = backends.implementation(input)
     return impl.add_relu(input, other)

@@ -42,7 +42,9 @@ std::unique_ptr<T[]> scratch(int64_t n) {
   return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
 }
 
-// Number of image chunks: one per thread, never more than images.
+// Number of image chunks: one per thread, never more than images. (Even for
+// batches of small images, one single-threaded GEMM a thread beats one
+// multi-threaded GEMM over the batch.)
 inline int64_t num_chunks(int64_t images) {
   return std::max<int64_t>(1, std::min<int64_t>(images, at::get_num_threads()));
 }

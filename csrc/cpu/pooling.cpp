@@ -98,33 +98,44 @@ struct AvgDivisor {
   }
 };
 
+// One plane, scanned output row by output row and, within a row, tap by tap:
+// tap (ih, kw) compares one input value for every output column whose window
+// holds it, a branch-free select the compiler vectorises. Each window still
+// sees its taps in scan order (ih, then iw), so ties and NaNs resolve as in a
+// window-by-window scan and in aten.
 template <typename scalar_t>
-void max_pool_plane(const scalar_t* in, scalar_t* out, int64_t* indices,
-                    int64_t W, const std::vector<Span>& rows,
-                    const std::vector<Span>& cols, int64_t dH, int64_t dW) {
+void max_pool_plane(const scalar_t* in, scalar_t* out, int64_t* indices, int64_t W,
+                    int64_t OW, const std::vector<Span>& rows, const std::vector<Span>& cols,
+                    int64_t kW, int64_t sW, int64_t pW, int64_t dH, int64_t dW) {
   for (const Span& h : rows) {
-    for (const Span& w : cols) {
-      // Like aten, a window whose taps are all -inf reports its first tap. A
-      // window with no tap at all (dilation larger than the input) gets -1,
-      // the "no maximum" marker the backward skips; aten reports an offset
-      // outside the plane there, and its backward writes out of bounds.
-      int64_t best = (h.empty() || w.empty()) ? -1 : h.begin * W + w.begin;
-      scalar_t maxval = -std::numeric_limits<scalar_t>::infinity();
-      for (int64_t ih = h.begin; ih < h.end; ih += dH) {
-        for (int64_t iw = w.begin; iw < w.end; iw += dW) {
-          const int64_t idx = ih * W + iw;
-          const scalar_t v = in[idx];
-          // Strict '>' keeps the first of equal maxima in scan order; a NaN
-          // replaces anything (so the last NaN wins), exactly as in aten.
-          if (v > maxval || std::isnan(v)) {
-            maxval = v;
-            best = idx;
-          }
+    // Like aten, a window whose taps are all -inf reports its first tap. A
+    // window with no tap at all (dilation larger than the input) gets -1,
+    // the "no maximum" marker the backward skips; aten reports an offset
+    // outside the plane there, and its backward writes out of bounds.
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      out[ow] = -std::numeric_limits<scalar_t>::infinity();
+      indices[ow] = (h.empty() || cols[ow].empty()) ? -1 : h.begin * W + cols[ow].begin;
+    }
+    for (int64_t ih = h.begin; ih < h.end; ih += dH) {
+      for (int64_t kw = 0; kw < kW; ++kw) {
+        // Output columns ow in [lo, hi) read input column ow*sW + off in [0, W).
+        const int64_t off = kw * dW - pW;
+        const int64_t lo = std::min(OW, off >= 0 ? 0 : (-off + sW - 1) / sW);
+        const int64_t hi = std::max(lo, std::min(OW, W - off <= 0 ? 0 : (W - off + sW - 1) / sW));
+        const int64_t base = ih * W + off;
+        const scalar_t* src = in + base;
+        for (int64_t ow = lo; ow < hi; ++ow) {
+          const scalar_t v = src[ow * sW];
+          // Strict '>' keeps the first of equal maxima; a NaN replaces
+          // anything (so the last NaN wins), exactly as in aten.
+          const bool take = v > out[ow] || std::isnan(v);
+          out[ow] = take ? v : out[ow];
+          indices[ow] = take ? base + ow * sW : indices[ow];
         }
       }
-      *out++ = maxval;
-      *indices++ = best;
     }
+    out += OW;
+    indices += OW;
   }
 }
 
@@ -135,9 +146,16 @@ void avg_pool_plane(const scalar_t* in, scalar_t* out, int64_t W,
   using acc_t = at::opmath_type<scalar_t>;
   for (const Span& h : rows) {
     for (const Span& w : cols) {
+      // Lanes of partial sums (omp simd): a window sum is one long dependent
+      // chain otherwise. A window spanning whole rows (global pooling) is one
+      // contiguous run.
       acc_t sum = 0;
-      for (int64_t ih = h.begin; ih < h.end; ++ih) {
-        for (int64_t iw = w.begin; iw < w.end; ++iw) sum += in[ih * W + iw];
+      const bool whole_rows = w.begin == 0 && w.end == W;
+      for (int64_t ih = h.begin; ih < h.end; ih += whole_rows ? h.count() : 1) {
+        const scalar_t* run = in + ih * W + w.begin;
+        const int64_t len = whole_rows ? h.count() * W : w.count();
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < len; ++i) sum += run[i];
       }
       // The padding rules leave no window empty; guard the division anyway.
       *out++ = (h.empty() || w.empty())
@@ -318,8 +336,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(
     const int64_t plane_out = s.OH * s.OW;
     for_each_plane(s.N * s.C, plane_out * kernel_size[0] * kernel_size[1], [&](int64_t p) {
       max_pool_plane(in_data + p * s.H * s.W, out_data + p * plane_out,
-                     idx_data + p * plane_out, s.W, rows, cols, dilation[0],
-                     dilation[1]);
+                     idx_data + p * plane_out, s.W, s.OW, rows, cols, kernel_size[1],
+                     stride[1], padding[1], dilation[0], dilation[1]);
     });
   });
   return std::make_tuple(output.contiguous(fmt), indices.contiguous(fmt));
