@@ -35,6 +35,7 @@ import functools
 import math
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -742,6 +743,12 @@ def running(impl):
             yield
 
 
+def paired(impl, eager_call):
+    """The baseline time_it alternates with ``impl``'s rounds: torch eager's call, for every
+    implementation but eager itself (see time_it)."""
+    return None if impl == EAGER else eager_call
+
+
 def compiled(fn):
     """torch.compile(fn) on a fresh dynamo state, fullgraph and static shapes.
 
@@ -837,13 +844,18 @@ class _SyncTimer:
         return time.perf_counter()
 
 
-def time_it(benchmark, settings, fn, device, model=False):
+def time_it(benchmark, settings, fn, device, model=False, baseline=None):
     """benchmark.pedantic over ``fn``: untimed warm-up calls, then the timed rounds.
 
-    CPU: one call per round. CUDA: a round is ``iterations`` back-to-back calls (enough to
-    fill Settings.cuda_round_seconds) between two synchronizations, and pytest-benchmark
-    reports the time per call; the rounds' and iterations' counts come from the last
-    warm-up call's duration (Settings.rounds_for / iterations_for).
+    CPU: one call per round. With ``baseline`` (torch eager's version of the same work), each
+    round first times one baseline call, so the two alternate round by round and a slow
+    spell of the machine hits both alike; the baseline's median and minimum go to
+    extra_info (paired_eager_median / paired_eager_min, seconds), and report.py takes the
+    speed-up from them rather than from the group's separately timed eager row.
+    CUDA: a round is ``iterations`` back-to-back calls (enough to fill
+    Settings.cuda_round_seconds) between two synchronizations, and pytest-benchmark reports
+    the time per call; the rounds' and iterations' counts come from the last warm-up call's
+    duration (Settings.rounds_for / iterations_for). No pairing on CUDA.
     Returns fn's result of the last call (timed or, with iterations, one more), for the
     caller to check.
     """
@@ -868,7 +880,21 @@ def time_it(benchmark, settings, fn, device, model=False):
     rounds = settings.rounds_for(seconds, model, device, iterations)
     benchmark.extra_info["iterations"] = iterations
     if not cuda:
-        return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+        if baseline is None:
+            return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+        baseline()  # warm
+        paired = []
+
+        def time_baseline():  # pytest-benchmark runs setup untimed before each round
+            start = time.perf_counter()
+            baseline()
+            paired.append(time.perf_counter() - start)
+
+        result = benchmark.pedantic(fn, setup=time_baseline, rounds=rounds, warmup_rounds=0,
+                                    iterations=1)
+        benchmark.extra_info["paired_eager_median"] = statistics.median(paired)
+        benchmark.extra_info["paired_eager_min"] = min(paired)
+        return result
     if iterations == 1:
         return benchmark.pedantic(synced, rounds=rounds, warmup_rounds=0, iterations=1)
     timer = benchmark._timer

@@ -16,6 +16,9 @@ ResNet-50 layer set, and the ResNet-50 training step under autocast float16.
 
 Speed-up = torch eager's median / the implementation's median (--stat min: minima), within
 one group (same op, shape, inputs and device, measured in the same run): > 1 means faster.
+On the CPU the eager time is that of eager rounds alternated with the implementation's own
+(benchlib.time_it's baseline), so a slow spell of a shared machine hits both alike; the
+model training steps and CUDA rows use the group's separately timed eager row.
 GFLOP/s count convolution (and Linear) FLOPs only; sgemm fraction = GFLOP/s / this
 machine's float32 sgemm rate measured in the same session.
 """
@@ -62,9 +65,12 @@ GPU_MODEL_TARGETS = [("resnet50", "train", "cnnops.fuse", 1.00)]  # under autoca
 class Row:
     """One benchmark: its group, implementation, median seconds and extra_info."""
 
-    def __init__(self, group, impl, median, info, stats=None):
+    def __init__(self, group, impl, median, info, stats=None, stat="median"):
         self.group, self.impl, self.median, self.info = group, impl, median, info
         self.stats = stats or {}
+        # torch eager timed in alternation with this row's rounds (benchlib.time_it), in the
+        # same statistic; None for eager rows, CUDA rows and older JSONs.
+        self.paired_eager = info.get("paired_eager_" + stat)
         self.speedup = None  # filled by link()
 
     @classmethod
@@ -75,7 +81,7 @@ class Row:
     def from_json(cls, bench, stat="median"):
         info = bench.get("extra_info", {})
         return cls(bench["group"], info.get("impl", bench["name"]), bench["stats"][stat],
-                   info, bench["stats"])
+                   info, bench["stats"], stat)
 
     op = property(lambda self: self.info.get("op"))
     mode = property(lambda self: self.info.get("mode"))
@@ -110,10 +116,11 @@ class Row:
 
 
 def link(rows):
-    """Sets each row's speed-up against its group's torch eager row."""
+    """Sets each row's speed-up against torch eager: the eager rounds timed in alternation
+    with the row's own when it has them, else its group's separately timed eager row."""
     eager = {r.group: r.median for r in rows if r.impl == EAGER}
     for r in rows:
-        base = eager.get(r.group)
+        base = r.paired_eager or eager.get(r.group)
         r.speedup = base / r.median if base and r.median else None
     return rows
 
@@ -419,13 +426,14 @@ def _memory_table(rows):
 
 
 def _group_table(members):
-    lines = ["| implementation | ms | IQR ms | rounds | speed-up vs eager | GFLOP/s | "
-             "sgemm fraction | GB/s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| implementation | ms | IQR ms | rounds | alternated eager ms | speed-up vs eager "
+             "| GFLOP/s | sgemm fraction | GB/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(members, key=lambda r: impl_key(r.impl)):
-        lines.append("| %s | %.3f | %s | %s | %s | %s | %s | %s |" % (
+        lines.append("| %s | %.3f | %s | %s | %s | %s | %s | %s | %s |" % (
             r.impl, r.median * 1e3, _fmt(r.stats.get("iqr", 0) * 1e3 if r.stats else None,
                                           ".3f"),
             r.stats.get("rounds", "–") if r.stats else "–",
+            _fmt(r.paired_eager * 1e3 if r.paired_eager else None, ".3f"),
             (_fmt(r.speedup, ".2f") + "x") if r.speedup else "–", _fmt(r.gflops, ".1f"),
             (_fmt(r.sgemm_fraction * 100, ".1f") + "%") if r.sgemm_fraction else "–",
             _fmt(r.gbytes, ".1f")))
@@ -445,7 +453,9 @@ def markdown(data, rows, chart_name=None, stat="median", others=()):
     gemm = sorted({r.info.get("gemm_dtype", "float32") for r in rows if r.info.get("flops")})
     out += ["",
             "Speed-up = torch eager %s / implementation %s within one group (same op, "
-            "shape, inputs, device, one run); > 1 is faster than eager. torch eager is PyTorch's "
+            "shape, inputs, device, one run; on the CPU the eager rounds alternate with the "
+            "implementation's, except in the model training steps); > 1 is faster than eager. "
+            "torch eager is PyTorch's "
             "native kernels (oneDNN/MKL on CPU, cuDNN on GPU) in unfused torch.nn modules. "
             "GFLOP/s count convolution and Linear FLOPs only (2 x MACs; training: forward + "
             "input and weight gradients); sgemm = fraction of this machine's measured %s "

@@ -33,7 +33,7 @@ import cnnops
 import cnnops.models as M
 import plain_models as P
 from benchlib import (COMPILE, EAGER, FUSE, assert_close, compiled, finish, impl_backend,
-                      impl_id, not_timed_reason, randn, randomize_bn, running, time_it,
+                      impl_id, not_timed_reason, paired, randn, randomize_bn, running, time_it,
                       training_memory)
 
 
@@ -190,7 +190,9 @@ def test_model_eval(benchmark, bench, device, case, impl):
             _REFERENCE[key] = _twin(case.name, device, v).eval()(x)
         expected = _REFERENCE[key]
         assert_close(out, expected, impl, tol=tol)
-        result = time_it(benchmark, bench, lambda: model(x), device, model=True)
+        twin = None if impl == EAGER else _twin(case.name, device, v).eval()
+        result = time_it(benchmark, bench, lambda: model(x), device, model=True,
+                         baseline=paired(impl, lambda: twin(x)))
     assert_close(result, expected, impl + " (timed)", tol=tol)
     finish(benchmark, bench, device, flops=_flops(case.name, case.batch, case.size, False))
 

@@ -26,7 +26,8 @@ import cnnops.functional as CF
 import cnnops.nn as cnn
 from benchlib import (COMPILE, EAGER, FULL_ACTS, FULL_POOLS, HALF, QUICK_POOLS, RESNET18_ACTS,
                       assert_close, compiled, conv_layers, finish, impl_backend, impl_id,
-                      named_params, not_timed_reason, randn, randomize_bn, running, time_it)
+                      named_params, not_timed_reason, paired, randn, randomize_bn, running,
+                      time_it)
 
 
 def cases(op, items):
@@ -112,7 +113,8 @@ def _conv2d_timed(benchmark, bench, device, layer, impl, train):
     with torch.set_grad_enabled(train), running(impl):
         expected = run(eager)
         assert_close(run(fn), expected, impl, tol=tol)
-        result = time_it(benchmark, bench, lambda: run(fn), device)
+        result = time_it(benchmark, bench, lambda: run(fn), device,
+                         baseline=paired(impl, lambda: run(eager)))
     assert_close(result, expected, impl + " (timed)", tol=tol)
     finish(benchmark, bench, device,
            flops=layer.train_flops(N) if train else layer.flops(N))
@@ -187,7 +189,8 @@ def _conv_bn_relu_timed(benchmark, bench, device, layer, impl, mode):
     with torch.set_grad_enabled(train), running(impl):
         expected = checked(run(plain))
         assert_close(checked(run(module)), expected, impl, tol=tol)  # torch.compile compiles
-        result = time_it(benchmark, bench, lambda: run(module), device)
+        result = time_it(benchmark, bench, lambda: run(module), device,
+                         baseline=paired(impl, lambda: run(plain)))
     assert_close(checked(result), expected, impl + " (timed)", tol=tol)
     finish(benchmark, bench, device,
            flops=layer.train_flops(N) if backward else layer.flops(N))
@@ -265,7 +268,8 @@ def _bn_relu_timed(benchmark, bench, device, act, impl, train):
     with torch.set_grad_enabled(train), running(impl):
         expected = run(plain)
         assert_close(run(module), expected, impl, tol=tol)
-        result = time_it(benchmark, bench, lambda: run(module), device)
+        result = time_it(benchmark, bench, lambda: run(module), device,
+                         baseline=paired(impl, lambda: run(plain)))
     assert_close(result, expected, impl + " (timed)", tol=tol)
     tensors = (3 if act.residual else 2) * (2 if train else 1)  # read x (, r), write out; x2 train
     finish(benchmark, bench, device, nbytes=tensors * act.numel(N) * x.element_size())
@@ -306,7 +310,8 @@ def _functional_timed(benchmark, bench, device, op, label, nets, impl, train, ea
     with torch.set_grad_enabled(train), running(impl):
         expected = run(eager)
         assert_close(run(fn), expected, impl, tol=tol)
-        result = time_it(benchmark, bench, lambda: run(fn), device)
+        result = time_it(benchmark, bench, lambda: run(fn), device,
+                         baseline=paired(impl, lambda: run(eager)))
     assert_close(result, expected, impl + " (timed)", tol=tol)
     finish(benchmark, bench, device, nbytes=nbytes * (2 if train else 1))
 

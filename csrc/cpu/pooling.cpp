@@ -100,13 +100,14 @@ struct AvgDivisor {
 
 // One plane, scanned output row by output row and, within a row, tap by tap:
 // tap (ih, kw) compares one input value for every output column whose window
-// holds it, a branch-free select the compiler vectorises. Each window still
-// sees its taps in scan order (ih, then iw), so ties and NaNs resolve as in a
-// window-by-window scan and in aten.
-template <typename scalar_t>
+// holds it, a branch-free select the compiler vectorises (with the row's
+// indices held as Idx, int32_t when the plane allows, so they share the value
+// lanes' width). Each window still sees its taps in scan order (ih, then iw),
+// so ties and NaNs resolve as in a window-by-window scan and in aten.
+template <typename scalar_t, typename Idx>
 void max_pool_plane(const scalar_t* in, scalar_t* out, int64_t* indices, int64_t W,
                     int64_t OW, const std::vector<Span>& rows, const std::vector<Span>& cols,
-                    int64_t kW, int64_t sW, int64_t pW, int64_t dH, int64_t dW) {
+                    int64_t kW, int64_t sW, int64_t pW, int64_t dH, int64_t dW, Idx* best) {
   for (const Span& h : rows) {
     // Like aten, a window whose taps are all -inf reports its first tap. A
     // window with no tap at all (dilation larger than the input) gets -1,
@@ -114,7 +115,8 @@ void max_pool_plane(const scalar_t* in, scalar_t* out, int64_t* indices, int64_t
     // outside the plane there, and its backward writes out of bounds.
     for (int64_t ow = 0; ow < OW; ++ow) {
       out[ow] = -std::numeric_limits<scalar_t>::infinity();
-      indices[ow] = (h.empty() || cols[ow].empty()) ? -1 : h.begin * W + cols[ow].begin;
+      best[ow] = static_cast<Idx>((h.empty() || cols[ow].empty()) ? -1
+                                                                  : h.begin * W + cols[ow].begin);
     }
     for (int64_t ih = h.begin; ih < h.end; ih += dH) {
       for (int64_t kw = 0; kw < kW; ++kw) {
@@ -122,18 +124,20 @@ void max_pool_plane(const scalar_t* in, scalar_t* out, int64_t* indices, int64_t
         const int64_t off = kw * dW - pW;
         const int64_t lo = std::min(OW, off >= 0 ? 0 : (-off + sW - 1) / sW);
         const int64_t hi = std::max(lo, std::min(OW, W - off <= 0 ? 0 : (W - off + sW - 1) / sW));
-        const int64_t base = ih * W + off;
-        const scalar_t* src = in + base;
+        const Idx base = static_cast<Idx>(ih * W + off);
+        const Idx step = static_cast<Idx>(sW);
+        const scalar_t* src = in + ih * W + off;
         for (int64_t ow = lo; ow < hi; ++ow) {
           const scalar_t v = src[ow * sW];
           // Strict '>' keeps the first of equal maxima; a NaN replaces
           // anything (so the last NaN wins), exactly as in aten.
-          const bool take = v > out[ow] || std::isnan(v);
+          const bool take = v > out[ow] || v != v;
           out[ow] = take ? v : out[ow];
-          indices[ow] = take ? base + ow * sW : indices[ow];
+          best[ow] = take ? static_cast<Idx>(base + static_cast<Idx>(ow) * step) : best[ow];
         }
       }
     }
+    for (int64_t ow = 0; ow < OW; ++ow) indices[ow] = best[ow];
     out += OW;
     indices += OW;
   }
@@ -334,10 +338,23 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(
     scalar_t* out_data = output.mutable_data_ptr<scalar_t>();
     int64_t* idx_data = indices.mutable_data_ptr<int64_t>();
     const int64_t plane_out = s.OH * s.OW;
+    const bool small = s.H * s.W <= std::numeric_limits<int32_t>::max();
     for_each_plane(s.N * s.C, plane_out * kernel_size[0] * kernel_size[1], [&](int64_t p) {
-      max_pool_plane(in_data + p * s.H * s.W, out_data + p * plane_out,
-                     idx_data + p * plane_out, s.W, s.OW, rows, cols, kernel_size[1],
-                     stride[1], padding[1], dilation[0], dilation[1]);
+      const auto run = [&](auto* best) {
+        max_pool_plane(in_data + p * s.H * s.W, out_data + p * plane_out,
+                       idx_data + p * plane_out, s.W, s.OW, rows, cols, kernel_size[1],
+                       stride[1], padding[1], dilation[0], dilation[1], best);
+      };
+      // A row of indices per call (thread-local scratch, no allocation per plane).
+      thread_local std::vector<int32_t> best32;
+      thread_local std::vector<int64_t> best64;
+      if (small) {
+        best32.resize(s.OW);
+        run(best32.data());
+      } else {
+        best64.resize(s.OW);
+        run(best64.data());
+      }
     });
   });
   return std::make_tuple(output.contiguous(fmt), indices.contiguous(fmt));
