@@ -173,14 +173,24 @@ inline void for_each_row_segment(const ConvShape& s, int64_t la, int64_t lb, int
   }
 }
 
+// ceil(a / b) for b > 0 and any a.
+inline int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
+
 // cols[(c*KH + kh)*KW + kw][l - la] = x[c][oh*sh - ph + kh*dh][ow*sw - pw + kw*dw]
 // for positions l = oh*OW + ow in [la, lb) (zero outside the input), for one
 // image and one group: x is [Cg, H, W]; cols has row stride ld. With `phases`
 // (the image's group split by split_phases), runs are copied from those.
+//
+// When consecutive output rows read source rows exactly OW apart (stride 1 with
+// "same" padding, or a stride phase of the same width: ResNet's 3x3 convs), the
+// tile's whole rows of one tap are a single run of the source: one copy, then
+// the padding columns are zeroed. Otherwise (and for partial rows) each output
+// row is copied on its own.
 template <typename T>
 void im2col(const ConvShape& s, const T* x, int64_t la, int64_t lb, T* cols, int64_t ld,
             const T* phases = nullptr) {
   const Phases ph(s);
+  const int64_t OW = s.OW;
   for (int64_t c = 0; c < s.Cg(); ++c) {
     for (int64_t kh = 0; kh < s.KH; ++kh) {
       const int64_t hoff = kh * s.dh - s.ph, py = pmod(hoff, s.sh);
@@ -188,9 +198,15 @@ void im2col(const ConvShape& s, const T* x, int64_t la, int64_t lb, T* cols, int
         T* crow = cols + ((c * s.KH + kh) * s.KW + kw) * ld;
         const int64_t woff = kw * s.dw - s.pw, px = pmod(woff, s.sw);
         int64_t lo, hi;
-        valid_range(woff, s.sw, s.W, s.OW, lo, hi);
-        for_each_row_segment(s, la, lb, kh, [&](int64_t row, int64_t ow0, int64_t ow1,
-                                                int64_t ih) {
+        valid_range(woff, s.sw, s.W, OW, lo, hi);
+        // With contiguous sources, output row oh copies src_of(ih)[ow] for ow in [lo, hi).
+        const bool contiguous = phases || s.sw == 1;
+        const auto src_of = [&](int64_t ih) -> const T* {
+          // Input column ow*sw + woff is column ow + (woff - px)/sw of phase px.
+          return phases ? ph.at(phases, c, py, px) + (ih - py) / s.sh * ph.Wp + (woff - px) / s.sw
+                        : x + (c * s.H + ih) * s.W + woff;
+        };
+        const auto one_row = [&](int64_t row, int64_t ow0, int64_t ow1, int64_t ih) {
           T* dst = crow + row;
           if (ih < 0 || ih >= s.H) {
             std::fill(dst + ow0, dst + ow1, T(0));
@@ -198,18 +214,45 @@ void im2col(const ConvShape& s, const T* x, int64_t la, int64_t lb, T* cols, int
           }
           const int64_t a = std::clamp(lo, ow0, ow1), b = std::clamp(hi, a, ow1);
           std::fill(dst + ow0, dst + a, T(0));
-          if (phases) {
-            // Input column ow*sw + woff is column ow + (woff - px)/sw of phase px.
-            const T* src = ph.at(phases, c, py, px) + (ih - py) / s.sh * ph.Wp +
-                           (woff - px) / s.sw;
-            std::memcpy(dst + a, src + a, sizeof(T) * (b - a));
-          } else if (s.sw == 1) {
-            std::memcpy(dst + a, x + (c * s.H + ih) * s.W + woff + a, sizeof(T) * (b - a));
+          if (contiguous) {
+            std::memcpy(dst + a, src_of(ih) + a, sizeof(T) * (b - a));
           } else {
             const T* src = x + (c * s.H + ih) * s.W + woff;
             for (int64_t ow = a; ow < b; ++ow) dst[ow] = src[ow * s.sw];
           }
           std::fill(dst + b, dst + ow1, T(0));
+        };
+        const int64_t src_stride = phases ? ph.Wp : s.sh * s.W;
+        const int64_t ohA = ceil_div(la, OW), ohB = lb / OW;  // the tile's whole rows
+        if (!contiguous || src_stride != OW || ohA >= ohB) {
+          for_each_row_segment(s, la, lb, kh, one_row);
+          continue;
+        }
+        for_each_row_segment(s, la, ohA * OW, kh, one_row);
+        // Whole rows [ohA, ohB): those with ih = oh*sh + hoff inside [0, H) are one run.
+        const int64_t vA = std::clamp(ceil_div(-hoff, s.sh), ohA, ohB);
+        const int64_t vB = std::clamp(ceil_div(s.H - hoff, s.sh), vA, ohB);
+        T* rows = crow + (ohA * OW - la);
+        std::fill(rows, rows + (vA - ohA) * OW, T(0));
+        std::fill(rows + (vB - ohA) * OW, rows + (ohB - ohA) * OW, T(0));
+        if (vB > vA) {
+          T* dst = rows + (vA - ohA) * OW;
+          if (hi > lo) {
+            std::memcpy(dst + lo, src_of(vA * s.sh + hoff) + lo,
+                        sizeof(T) * ((vB - vA - 1) * OW + hi - lo));
+          }
+          if (lo > 0 || hi < OW) {
+            for (int64_t r = 0; r < vB - vA; ++r) {
+              std::fill(dst + r * OW, dst + r * OW + lo, T(0));
+              std::fill(dst + r * OW + hi, dst + (r + 1) * OW, T(0));
+            }
+          }
+        }
+        // (for_each_row_segment's row offsets count from the start it is given)
+        const int64_t tail = std::max(la, ohB * OW);
+        for_each_row_segment(s, tail, lb, kh, [&](int64_t row, int64_t ow0, int64_t ow1,
+                                                  int64_t ih) {
+          one_row(row + (tail - la), ow0, ow1, ih);
         });
       }
     }
