@@ -343,22 +343,67 @@ class PhaseBuffer {
   std::unique_ptr<T[]> data_;
 };
 
-// The GEMM operand holding a tile's input columns for group g: a view of the
-// input itself for a 1x1 stride-1 unpadded conv over one image, else the
-// tile's im2col in `cols` ([K, width], row stride width).
+// Per-group [rows, width] matrices over a scratch buffer (group g at
+// data + g*rows*width), and their transposes, re-made only when the tile width
+// changes: making a tensor costs about a microsecond, and a small layer runs
+// thousands of tiles.
 template <typename T>
-at::Tensor tile_columns(const ConvShape& s, const T* x, const Tile& t, int64_t g, T* cols,
-                        const PhaseBuffer<T>& phases, const at::TensorOptions& opts) {
+class GroupMatrices {
+ public:
+  GroupMatrices(T* data, int64_t groups, int64_t rows, const at::TensorOptions& opts)
+      : data_(data), rows_(rows), opts_(opts), views_(groups), transposed_(groups) {}
+
+  const at::Tensor& get(int64_t g, int64_t width) {
+    update(width);
+    return views_[g];
+  }
+  const at::Tensor& transposed(int64_t g, int64_t width) {
+    update(width);
+    return transposed_[g];
+  }
+  T* data() const { return data_; }
+
+ private:
+  void update(int64_t width) {
+    if (width == width_) return;
+    for (size_t g = 0; g < views_.size(); ++g) {
+      views_[g] = matrix(data_ + g * rows_ * width, rows_, width, width, opts_);
+      transposed_[g] = views_[g].t();
+    }
+    width_ = width;
+  }
+  T* data_;
+  int64_t rows_, width_ = -1;
+  at::TensorOptions opts_;
+  std::vector<at::Tensor> views_, transposed_;
+};
+
+// The GEMM operand holding a tile's input columns for group g, as a [K, width]
+// matrix (transposed: [width, K]): a view of the input itself for a 1x1
+// stride-1 unpadded conv over one image, else the tile's im2col in `cols`.
+template <typename T>
+at::Tensor tile_columns(const ConvShape& s, const T* x, const Tile& t, int64_t g,
+                        GroupMatrices<T>& cols, const PhaseBuffer<T>& phases,
+                        const at::TensorOptions& opts, bool transposed = false) {
   const int64_t L = s.L(), seg = t.seg(), width = t.width();
   const T* image0 = x + (t.n0 * s.C + g * s.Cg()) * s.H * s.W;
   if (s.pointwise() && t.images == 1) {
-    return matrix(const_cast<T*>(image0) + t.la, s.K(), seg, L, opts);
+    at::Tensor m = matrix(const_cast<T*>(image0) + t.la, s.K(), seg, L, opts);
+    return transposed ? m.t() : m;
   }
   for (int64_t i = 0; i < t.images; ++i) {
-    im2col(s, image0 + i * s.C * s.H * s.W, t.la, t.lb, cols + i * seg, width,
+    im2col(s, image0 + i * s.C * s.H * s.W, t.la, t.lb, cols.data() + i * seg, width,
            phases.get(i, g));
   }
-  return matrix(cols, s.K(), width, width, opts);
+  return transposed ? cols.transposed(0, width) : cols.get(0, width);
+}
+
+// The per-group weight matrices [OCg, K] of w ([OC, Cg, KH, KW], contiguous).
+inline std::vector<at::Tensor> group_weights(const ConvShape& s, const at::Tensor& w) {
+  const at::Tensor w3 = w.view({s.groups, s.OCg(), s.K()});
+  std::vector<at::Tensor> out(s.groups);
+  for (int64_t g = 0; g < s.groups; ++g) out[g] = w3[g];
+  return out;
 }
 
 // out = conv(x, w) tile by tile; epilogue(n, la, lb, y, ld) receives the
@@ -373,22 +418,23 @@ void conv_forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
   const int64_t K = s.K(), OCg = s.OCg();
   const int64_t P = tile_width(s, sizeof(T));
   const auto opts = x.options();
-  const at::Tensor w3 = w.view({s.groups, OCg, K});
+  const std::vector<at::Tensor> wg = group_weights(s, w);
   const T* xp = x.const_data_ptr<T>();
   for_each_chunk(s.N, num_chunks(s.N), [&](int64_t, int64_t nb, int64_t ne) {
     const int64_t max_width = max_tile_width(s, P);
-    const auto cols = scratch<T>(s.pointwise() && s.L() >= P ? 0 : K * max_width);
-    const auto y = scratch<T>(s.OC * max_width);
+    const auto cols_buf = scratch<T>(s.pointwise() && s.L() >= P ? 0 : K * max_width);
+    const auto y_buf = scratch<T>(s.OC * max_width);
+    GroupMatrices<T> cols(cols_buf.get(), 1, K, opts), y(y_buf.get(), s.groups, OCg, opts);
     PhaseBuffer<T> phases(s, max_tile_images(s, P));
     for_each_tile(s, P, nb, ne, [&](const Tile& t) {
       const int64_t width = t.width();
       phases.prepare(xp, t);
       for (int64_t g = 0; g < s.groups; ++g) {
-        at::Tensor yg = matrix(y.get() + g * OCg * width, OCg, width, width, opts);
-        at::mm_out(yg, w3[g], tile_columns(s, xp, t, g, cols.get(), phases, opts));
+        at::Tensor yg = y.get(g, width);
+        at::mm_out(yg, wg[g], tile_columns(s, xp, t, g, cols, phases, opts));
       }
       for (int64_t i = 0; i < t.images; ++i) {
-        epilogue(t.n0 + i, t.la, t.lb, y.get() + i * t.seg(), width);
+        epilogue(t.n0 + i, t.la, t.lb, y.data() + i * t.seg(), width);
       }
     });
   });
@@ -408,7 +454,8 @@ void conv_backward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
   const auto opts = x.options();
   const bool need_gi = grad_input.defined(), need_gw = grad_weight.defined(),
              need_gb = grad_bias.defined();
-  const at::Tensor w3 = w.view({s.groups, OCg, K});
+  std::vector<at::Tensor> wgt = group_weights(s, w);  // transposed below: [K, OCg]
+  for (at::Tensor& m : wgt) m = m.t();
   const T* xp = x.const_data_ptr<T>();
   T* gip = need_gi ? grad_input.mutable_data_ptr<T>() : nullptr;
   const int64_t image = s.C * s.H * s.W;
@@ -419,25 +466,27 @@ void conv_backward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
   std::vector<std::vector<double>> gb_part(chunks);
   for_each_chunk(s.N, chunks, [&](int64_t chunk, int64_t nb, int64_t ne) {
     const int64_t max_width = max_tile_width(s, P);
-    const auto cols = scratch<T>(K * max_width), gy = scratch<T>(s.OC * max_width);
+    const auto cols_buf = scratch<T>(K * max_width), gy_buf = scratch<T>(s.OC * max_width);
+    GroupMatrices<T> cols(cols_buf.get(), 1, K, opts), gy(gy_buf.get(), s.groups, OCg, opts);
     PhaseBuffer<T> phases(s, need_gw ? max_tile_images(s, P) : 0);
-    at::Tensor gw3;
+    std::vector<at::Tensor> gwg;
     if (need_gw) {
-      gw3 = chunk == 0 ? grad_weight.view({s.groups, OCg, K})
-                       : at::empty({s.groups, OCg, K}, opts);
+      at::Tensor gw3 = chunk == 0 ? grad_weight.view({s.groups, OCg, K})
+                                  : at::empty({s.groups, OCg, K}, opts);
       gw3.zero_();
       gw_part[chunk] = gw3;
+      for (int64_t g = 0; g < s.groups; ++g) gwg.push_back(gw3[g]);
     }
     if (need_gb) gb_part[chunk].assign(s.OC, 0.0);
     for_each_tile(s, P, nb, ne, [&](const Tile& t) {
       const int64_t seg = t.seg(), width = t.width();
       if (need_gw) phases.prepare(xp, t);
       for (int64_t i = 0; i < t.images; ++i) {
-        grad_of(t.n0 + i, t.la, t.lb, gy.get() + i * seg, width);
+        grad_of(t.n0 + i, t.la, t.lb, gy.data() + i * seg, width);
       }
       if (need_gb) {
         for (int64_t oc = 0; oc < s.OC; ++oc) {
-          const T* row = gy.get() + oc * width;
+          const T* row = gy.data() + oc * width;
           gb_part[chunk][oc] +=
               blocked_sums<T>(width, [&](int64_t j) { return std::pair<T, T>(row[j], T(0)); })
                   .first;
@@ -448,20 +497,20 @@ void conv_backward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
         std::fill(gip + t.n0 * image, gip + (t.n0 + t.images) * image, T(0));
       }
       for (int64_t g = 0; g < s.groups; ++g) {
-        at::Tensor gyg = matrix(gy.get() + g * OCg * width, OCg, width, width, opts);
+        const at::Tensor& gyg = gy.get(g, width);
         if (need_gw) {
-          gw3[g].addmm_(gyg, tile_columns(s, xp, t, g, cols.get(), phases, opts).t());
+          gwg[g].addmm_(gyg, tile_columns(s, xp, t, g, cols, phases, opts, /*transposed=*/true));
         }
         if (!need_gi) continue;
         T* gi0 = gip + t.n0 * image + g * s.Cg() * s.H * s.W;
         if (direct) {
           at::Tensor gig = matrix(gi0 + t.la, K, seg, L, opts);
-          at::mm_out(gig, w3[g].t(), gyg);
+          at::mm_out(gig, wgt[g], gyg);
         } else {
-          at::Tensor gcols = matrix(cols.get(), K, width, width, opts);
-          at::mm_out(gcols, w3[g].t(), gyg);
+          at::Tensor gcols = cols.get(0, width);
+          at::mm_out(gcols, wgt[g], gyg);
           for (int64_t i = 0; i < t.images; ++i) {
-            col2im(s, cols.get() + i * seg, width, t.la, t.lb, gi0 + i * image);
+            col2im(s, cols.data() + i * seg, width, t.la, t.lb, gi0 + i * image);
           }
         }
       }
