@@ -8,8 +8,8 @@
 // chunk's output positions are cut into tiles (see Tile) of about P positions,
 // where P keeps the [K, P] column buffer near the size of a core's L2 cache but
 // gives the GEMM at least 512 columns: a large image is cut into several tiles,
-// and small images (7x7, 14x14) are grouped several to a tile so the GEMM is not
-// starved. Per tile: im2col into the thread's column buffer, one GEMM per group
+// and small images (7x7, 14x14) are grouped several to a tile so a GEMM of many
+// output channels is not starved. Per tile: im2col into the thread's column buffer, one GEMM per group
 // into the thread's [OC, P] output tile, then the caller's epilogue while that
 // tile is still in cache. The backward runs the same tiles in reverse: the
 // caller's prologue writes the [OC, P] output-gradient tile, which feeds the
@@ -87,7 +87,9 @@ inline int64_t max_tile_images(const ConvShape& s, int64_t P) {
 // The widest tile of a shape (what the tile buffers need).
 inline int64_t max_tile_width(const ConvShape& s, int64_t P) {
   const int64_t L = s.L();
-  return L >= P ? (L + (L + P - 1) / P - 1) / ((L + P - 1) / P) : max_tile_images(s, P) * L;
+  if (L < P) return max_tile_images(s, P) * L;
+  const int64_t parts = (L + P - 1) / P;  // as for_each_tile cuts an image
+  return (L + parts - 1) / parts;
 }
 
 // Calls fn(tile) for the tiles of images [nb, ne), in order: each image cut into
@@ -142,7 +144,8 @@ struct Phases {
 };
 
 // Splits one image's channels x ([C, H, W]) into phases (C * ph.channel()
-// values); entries past the input's edge are left unset and never read.
+// values). Entries past the input's edge are left unset: im2col copies them at
+// most into padding columns, which it then zeroes.
 template <typename T>
 void split_phases(const ConvShape& s, const Phases& ph, const T* x, int64_t C, T* out) {
   for (int64_t c = 0; c < C; ++c) {
