@@ -76,10 +76,10 @@ if _ext.LOADED:
         return (_like(input, input.shape, _fmt(input)),) + _bn_stats(input)
 
     def _bn_param_grads(input, weight, output_mask):
+        """BN weight / bias gradients: in the statistics dtype, as aten's batch norm."""
         C = input.shape[1]
-        gw = _like(input, (C,)) if output_mask[1] and weight is not None else _none(input)
-        gb = _like(input, (C,)) if output_mask[2] else _none(input)
-        return gw, gb
+        vec = lambda wanted: _like(input, (C,), dtype=_stat_dtype(input)) if wanted else _none(input)
+        return vec(output_mask[1] and weight is not None), vec(output_mask[2])
 
     @torch.library.register_fake("cnnops::batch_norm_backward")
     def _(grad_output, input, weight, save_mean, save_invstd, training, output_mask):
@@ -105,12 +105,12 @@ if _ext.LOADED:
     def _(grad_output, output, input, weight, conv_bias, conv_output, bn_weight, save_mean,
           save_invstd, stride, padding, dilation, groups, training, relu, output_mask):
         OC = weight.shape[0]
-        vec = lambda wanted: _like(input, (OC,)) if wanted else _none(input)
+        vec = lambda wanted, dtype=None: _like(input, (OC,), dtype=dtype) if wanted else _none(input)
         return (_like(input, input.shape, _fmt(input)) if output_mask[0] else _none(input),
                 _like(weight, weight.shape) if output_mask[1] else _none(input),
                 vec(output_mask[2]),
-                vec(output_mask[3] and bn_weight is not None),
-                vec(output_mask[4]),
+                vec(output_mask[3] and bn_weight is not None, _stat_dtype(input)),
+                vec(output_mask[4], _stat_dtype(input)),
                 _like(input, grad_output.shape, _fmt(input)) if output_mask[5] else _none(input))
 
     @torch.library.register_fake("cnnops::max_pool2d")

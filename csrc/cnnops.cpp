@@ -14,6 +14,8 @@
 //    contiguous), NCHW-contiguous otherwise: see cnnops::output_memory_format.
 //  * save_mean / save_invstd are float32 for half/bfloat16 inputs, else the
 //    input dtype. In inference they hold running_mean and 1/sqrt(running_var+eps).
+//    The BN weight and bias gradients have that dtype too (as aten's batch
+//    norm); a conv bias gradient has the input's.
 
 #include <Python.h>
 #include <torch/library.h>

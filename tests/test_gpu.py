@@ -367,6 +367,33 @@ def test_bn_relu(gpu_backend, case, layout, training, residual, relu):
     check(rv, rv_ref, dtype, "running_var")
 
 
+@needs_cuda
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_bn_parameter_gradients_are_float32_for_half_inputs(cuda_ops, dtype):
+    """As aten's batch norm: the BN weight/bias gradients of a half input are float32 (the
+    statistics dtype). Their sums over N*H*W values would overflow float16 otherwise: here
+    grad_bias = 2 * 64 * 32 * 32 = 131072 > 65504. A conv bias gradient stays in the input's
+    dtype, as aten's convolution's."""
+    x = make((64, 4, 32, 32), dtype)
+    g = torch.full_like(x, 2.0)
+    w = torch.ones(4, device=DEVICE)
+    mean, invstd = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    _, gw, gb = cuda_ops.batch_norm_backward(g, x, w, mean, invstd, False, [False, True, True])
+    assert gw.dtype == gb.dtype == torch.float32
+    torch.testing.assert_close(gb, torch.full((4,), 131072.0, device=DEVICE))
+
+    cw = make((4, 4, 1, 1), dtype)
+    cb = torch.zeros(4, device=DEVICE, dtype=dtype)
+    out, conv_out, mean, invstd = cuda_ops.conv_bn_relu(
+        x, cw, cb, w, None, mean, torch.ones(4, device=DEVICE), None, [1, 1], [0, 0], [1, 1], 1,
+        False, 1e-5, False)
+    grads = cuda_ops.conv_bn_relu_backward(
+        torch.full_like(out, 2.0), out, x, cw, cb, conv_out, w, mean, invstd, [1, 1], [0, 0],
+        [1, 1], 1, False, False, [False, False, False, True, True, False])
+    assert grads[3].dtype == grads[4].dtype == torch.float32
+    torch.testing.assert_close(grads[4], torch.full((4,), 131072.0, device=DEVICE))
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_batch_norm_statistics_are_stable_for_large_means(gpu_backend, layout):
     """Mean 100, standard deviation 0.1, float32: E[x^2] - E[x]^2 would lose every digit of

@@ -103,10 +103,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda
   const at::Tensor x = input.contiguous(fmt);
   const auto opts = input.options();
   at::Tensor gi = need_gi ? at::empty(input.sizes(), opts.memory_format(fmt)) : at::Tensor();
-  at::Tensor gw = need_gw ? at::empty({C}, opts) : at::Tensor();
-  at::Tensor gb = need_gb ? at::empty({C}, opts) : at::Tensor();
+  // BN parameter gradients in the statistics dtype (float32 for half inputs), as aten's.
+  const auto acc_opts = opts.dtype(gpu::acc_dtype(input.scalar_type()));
+  at::Tensor gw = need_gw ? at::empty({C}, acc_opts) : at::Tensor();
+  at::Tensor gb = need_gb ? at::empty({C}, acc_opts) : at::Tensor();
   at::Tensor gr = need_gr ? at::empty(input.sizes(), opts.memory_format(fmt)) : at::Tensor();
-  at::Tensor coef = at::empty({3 * C}, opts.dtype(gpu::acc_dtype(input.scalar_type())));
+  at::Tensor coef = at::empty({3 * C}, acc_opts);
   const gpu::ActView v = nhwc ? gpu::rows_view(N, C, L) : gpu::nchw_view(N, C, L);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_bn_relu_backward_cuda", [&] {

@@ -390,8 +390,8 @@ __global__ void bwd_constants_kernel(int64_t C, int64_t S, const acc_t* __restri
                                      const acc_t* __restrict__ invstd,
                                      const acc_t* __restrict__ weight, int64_t count,
                                      bool training, acc_t* __restrict__ coef,
-                                     scalar_t* __restrict__ grad_weight,
-                                     scalar_t* __restrict__ grad_bias,
+                                     acc_t* __restrict__ grad_weight,
+                                     acc_t* __restrict__ grad_bias,
                                      scalar_t* __restrict__ grad_conv_bias) {
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -414,8 +414,8 @@ __global__ void bwd_constants_kernel(int64_t C, int64_t S, const acc_t* __restri
     coef[c] = a;
     coef[C + c] = b;
     coef[2 * C + c] = k;
-    if (grad_weight != nullptr) grad_weight[c] = static_cast<scalar_t>(dot * is);
-    if (grad_bias != nullptr) grad_bias[c] = static_cast<scalar_t>(sum);
+    if (grad_weight != nullptr) grad_weight[c] = dot * is;
+    if (grad_bias != nullptr) grad_bias[c] = sum;
     if (grad_conv_bias != nullptr) grad_conv_bias[c] = static_cast<scalar_t>(a * sum + k * m);
   }
 }
@@ -667,7 +667,7 @@ void launch_bwd_constants(int64_t C, const SumPartials& p, const at::Tensor& inv
       C, p.S, reduced ? p.sum.const_data_ptr<acc_t>() : nullptr,
       reduced ? p.dot.const_data_ptr<acc_t>() : nullptr, invstd.const_data_ptr<acc_t>(),
       ptr_or_null<acc_t>(weight), count, training, coef.mutable_data_ptr<acc_t>(),
-      mut_ptr_or_null<scalar_t>(grad_weight), mut_ptr_or_null<scalar_t>(grad_bias),
+      mut_ptr_or_null<acc_t>(grad_weight), mut_ptr_or_null<acc_t>(grad_bias),
       mut_ptr_or_null<scalar_t>(grad_conv_bias));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -136,11 +136,14 @@ conv_bn_relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& outp
   at::Tensor gi = need_gi ? at::empty(input.sizes(), opts.memory_format(fmt)) : at::Tensor();
   at::Tensor gw = need_gw ? at::empty(weight.sizes(), opts) : at::Tensor();
   at::Tensor gcb = need_gcb ? at::empty({OC}, opts) : at::Tensor();
-  at::Tensor gbw = need_gbw ? at::empty({OC}, opts) : at::Tensor();
-  at::Tensor gbb = need_gbb ? at::empty({OC}, opts) : at::Tensor();
+  // BN parameter gradients in the statistics dtype (float32 for half inputs), as
+  // aten's; the conv bias gradient in the input's, as aten's conv.
+  const auto acc_opts = opts.dtype(gpu::acc_dtype(input.scalar_type()));
+  at::Tensor gbw = need_gbw ? at::empty({OC}, acc_opts) : at::Tensor();
+  at::Tensor gbb = need_gbb ? at::empty({OC}, acc_opts) : at::Tensor();
   at::Tensor gr = need_gr ? at::empty({s.N, OC, s.OH, s.OW}, opts.memory_format(fmt))
                           : at::Tensor();
-  at::Tensor coef = at::empty({3 * OC}, opts.dtype(gpu::acc_dtype(input.scalar_type())));
+  at::Tensor coef = at::empty({3 * OC}, acc_opts);
   // The conv output's gradient, in the layout the conv backward reads:
   // channel-major [OC, N*L] (NCHW path) or rows [N*L, OC] (NHWC path).
   const bool need_dconv = need_gi || need_gw;
