@@ -45,11 +45,14 @@ namespace gpu {
 // ResNet layer.
 constexpr int64_t kWorkspaceBytes = int64_t{256} << 20;
 
-// Images per chunk when each image needs `per_image` elements of workspace.
-inline int64_t images_per_chunk(int64_t N, int64_t per_image, int64_t elem_size) {
+// Images per chunk when each image has L output positions and needs
+// `per_image` elements of workspace (0: none). B*L is a dimension of every
+// GEMM, and cuBLAS takes 32-bit sizes: a chunk never has more than INT_MAX
+// output positions.
+inline int64_t images_per_chunk(int64_t N, int64_t L, int64_t per_image, int64_t elem_size) {
   if (N <= 0) return 1;
-  if (per_image <= 0) return N;
-  const int64_t fit = kWorkspaceBytes / (per_image * elem_size);
+  int64_t fit = std::numeric_limits<int32_t>::max() / std::max<int64_t>(L, 1);
+  if (per_image > 0) fit = std::min<int64_t>(fit, kWorkspaceBytes / (per_image * elem_size));
   return std::max<int64_t>(1, std::min<int64_t>(fit, N));
 }
 
@@ -333,7 +336,7 @@ template <typename Epilogue>
 void conv_forward_nchw(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
                        const Epilogue& epilogue) {
   const int64_t K = s.K(), L = s.L(), OCg = s.OCg(), CKK = s.C * s.KH * s.KW;
-  const int64_t chunk = images_per_chunk(s.N, (CKK + s.OC) * L, x.element_size());
+  const int64_t chunk = images_per_chunk(s.N, L, (CKK + s.OC) * L, x.element_size());
   at::Tensor ws_cols = at::empty({CKK * chunk * L}, x.options());
   at::Tensor ws_out = at::empty({s.OC * chunk * L}, x.options());
   const at::Tensor w3 = w.view({s.groups, OCg, K});
@@ -356,8 +359,7 @@ void conv_forward_nhwc(const ConvShape& s, const at::Tensor& x, const at::Tensor
                        const at::Tensor& out2d, const Epilogue& epilogue) {
   const int64_t K = s.K(), L = s.L(), OCg = s.OCg(), CKK = s.C * s.KH * s.KW;
   const bool direct = s.pointwise();
-  const int64_t chunk = direct ? std::max<int64_t>(s.N, 1)
-                               : images_per_chunk(s.N, CKK * L, x.element_size());
+  const int64_t chunk = images_per_chunk(s.N, L, direct ? 0 : CKK * L, x.element_size());
   at::Tensor ws_rows = direct ? at::Tensor() : at::empty({chunk * L * CKK}, x.options());
   const at::Tensor x2d = direct ? x.permute({0, 2, 3, 1}).reshape({s.N * s.H * s.W, s.C})
                                 : at::Tensor();
@@ -436,7 +438,7 @@ template <typename DyOf>
 void conv_backward_nchw(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
                         const DyOf& dy_of, const at::Tensor& gi, const at::Tensor& gw) {
   const int64_t K = s.K(), L = s.L(), OCg = s.OCg(), CKK = s.C * s.KH * s.KW;
-  const int64_t chunk = images_per_chunk(s.N, (CKK + s.OC) * L, x.element_size());
+  const int64_t chunk = images_per_chunk(s.N, L, (CKK + s.OC) * L, x.element_size());
   const int64_t chunks = ceil_div(s.N, chunk);
   at::Tensor ws_cols = at::empty({CKK * chunk * L}, x.options());
   const at::Tensor w3 = w.view({s.groups, OCg, K});
@@ -465,8 +467,7 @@ inline void conv_backward_nhwc(const ConvShape& s, const at::Tensor& x, const at
                                const at::Tensor& gw2) {
   const int64_t K = s.K(), L = s.L(), OCg = s.OCg(), CKK = s.C * s.KH * s.KW;
   const bool direct = s.pointwise();
-  const int64_t chunk = direct ? std::max<int64_t>(s.N, 1)
-                               : images_per_chunk(s.N, CKK * L, x.element_size());
+  const int64_t chunk = images_per_chunk(s.N, L, direct ? 0 : CKK * L, x.element_size());
   const int64_t chunks = ceil_div(s.N, chunk);
   at::Tensor ws_rows = direct ? at::Tensor() : at::empty({chunk * L * CKK}, x.options());
   const at::Tensor x2d = (direct && gw2.defined())

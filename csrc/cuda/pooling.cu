@@ -140,8 +140,11 @@ __global__ void max_pool_kernel(const scalar_t* __restrict__ x, Strides4 xs, int
 // (oh, ow) that contain (ih, iw) and whose max index is ih*W + iw. Tap kh of
 // window oh reads row oh*sh - ph + kh*dh, so the windows holding row ih are
 // oh = (ih + ph - kh*dh) / sh for each kh where that division is exact and
-// 0 <= oh < OH (likewise for the columns). grad_output and indices are read
-// through their strides; grad_input is dense in NCHW or NHWC order.
+// 0 <= oh < OH (likewise for the columns). The taps scanned start at the
+// first kh with oh < OH and stop at the last with oh >= 0, so the work per
+// element is bounded by the windows, not by the kernel size. grad_output and
+// indices are read through their strides; grad_input is dense in NCHW or
+// NHWC order.
 template <typename scalar_t, bool NHWC>
 __global__ void max_pool_backward_kernel(const scalar_t* __restrict__ g, Strides4 gs,
                                          const int64_t* __restrict__ ind, Strides4 is,
@@ -155,19 +158,22 @@ __global__ void max_pool_backward_kernel(const scalar_t* __restrict__ g, Strides
     const int64_t target = p.h * W + p.w;
     const scalar_t* gp = g + p.n * gs.n + p.c * gs.c;
     const int64_t* ip = ind + p.n * is.n + p.c * is.c;
+    // oh < OH  <=>  kh*dh >= ih + ph - (OH - 1)*sh (for exact divisions).
+    const int64_t h_excess = p.h + pp.ph - (OH - 1) * pp.sh;
+    const int64_t w_excess = p.w + pp.pw - (OW - 1) * pp.sw;
+    const int64_t kh_first = h_excess > 0 ? (h_excess + pp.dh - 1) / pp.dh : 0;
+    const int64_t kw_first = w_excess > 0 ? (w_excess + pp.dw - 1) / pp.dw : 0;
     acc_t sum = 0;
-    for (int64_t kh = 0; kh < pp.KH; ++kh) {
+    for (int64_t kh = kh_first; kh < pp.KH; ++kh) {
       const int64_t h_off = p.h + pp.ph - kh * pp.dh;
       if (h_off < 0) break;  // decreases with kh
       if (h_off % pp.sh != 0) continue;
       const int64_t oh = h_off / pp.sh;
-      if (oh >= OH) continue;
-      for (int64_t kw = 0; kw < pp.KW; ++kw) {
+      for (int64_t kw = kw_first; kw < pp.KW; ++kw) {
         const int64_t w_off = p.w + pp.pw - kw * pp.dw;
         if (w_off < 0) break;
         if (w_off % pp.sw != 0) continue;
         const int64_t ow = w_off / pp.sw;
-        if (ow >= OW) continue;
         if (ip[oh * is.h + ow * is.w] == target) {
           sum += static_cast<acc_t>(gp[oh * gs.h + ow * gs.w]);
         }
