@@ -1,10 +1,12 @@
 """The compiled ops (torch.ops.cnnops.*): Python entry points, fake kernels, autograd.
 
 The schemas live in csrc/cnnops.cpp; the CPU and CUDA kernels register there by
-device. This module registers, for every op:
+device, and their autograd kernels in csrc/autograd.cpp. This module registers:
 
-* a fake (meta) kernel, so torch.compile / torch.export can trace shapes;
-* an autograd formula for each forward op, which calls its backward op.
+* a fake (meta) kernel for every op, so torch.compile / torch.export can trace shapes;
+* ``register_autograd(ns)``: the same autograd formulas in Python, for the Triton ops
+  (torch.ops.cnnops_triton, whose kernels are Python too). The compiled ops keep theirs
+  in C++ because torch.library.register_autograd's glue costs 60-250 us a call.
 
 It also exposes the ops with the same normalised signatures as cnnops.reference,
 which is how cnnops.functional calls a backend.
@@ -150,8 +152,8 @@ if _ext.LOADED:
 
 # ---------------------------------------------------------------------------
 # Autograd: each forward op saves what its backward op reads; statistics and
-# indices are outputs without gradients. Shared by every namespace with these
-# schemas (cnnops, and cnnops_triton for the Triton kernels).
+# indices are outputs without gradients. The formulas of csrc/autograd.cpp, for
+# the Triton ops (cnnops_triton); tests compare both backends' gradients with torch.
 
 def _grads(ctx, values, n_inputs):
     """Gradients for autograd: None where an input needs none (or is not a tensor)."""
@@ -285,10 +287,6 @@ def register_autograd(ns):
     torch.library.register_autograd(ns + "::add_relu", _add_relu_backward,
                                     setup_context=_add_relu_setup)
 
-
-
-if _ext.LOADED:
-    register_autograd("cnnops")
 
 
 # ---------------------------------------------------------------------------

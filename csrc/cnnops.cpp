@@ -1,8 +1,9 @@
 // The one operator library of cnnops: every schema, forward and backward.
 //
 // Device files (csrc/cpu/*.cpp, csrc/cuda/*.cu) only implement these with
-// TORCH_LIBRARY_IMPL. Autograd and fake (meta) kernels are registered from
-// Python (cnnops/ops.py), as in PyTorch's extension-cpp example.
+// TORCH_LIBRARY_IMPL; csrc/autograd.cpp registers the autograd kernels (one
+// torch::autograd::Function per forward op, calling its backward op). Fake
+// (meta) kernels are registered from Python (cnnops/ops.py).
 //
 // Conventions shared by every op:
 //  * Ops never mutate their inputs. Training-mode BatchNorm returns the batch

@@ -175,7 +175,7 @@ _REPORT = """
     out = CF.conv2d(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3, requires_grad=True))
     print(json.dumps({"backend": cnnops.get_backend(),
                       "resolved": backends.resolve(torch.zeros(1)),
-                      "compiled_op_ran": "cnnops_conv2d" in out.grad_fn.name()}))
+                      "compiled_op_ran": "cnnops::Conv2dBackward" in out.grad_fn.name()}))
     """
 
 
