@@ -21,18 +21,17 @@
 namespace cnnops {
 namespace {
 
+using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using at::Tensor;
 using OptTensor = c10::optional<at::Tensor>;
 
 // The typed dispatcher handle of each op, looked up once: `name_op()`.
-#define CNNOPS_OP(fn, name, ...)                                                  \
-  const c10::TypedOperatorHandle<__VA_ARGS__>& fn() {                             \
-    static const auto handle = c10::Dispatcher::singleton()                       \
-                                   .findSchemaOrThrow("cnnops::" name, "")         \
-                                   .typed<__VA_ARGS__>();                          \
-    return handle;                                                                \
+#define CNNOPS_OP(fn, name, ...)                                                                  \
+  const c10::TypedOperatorHandle<__VA_ARGS__>& fn() {                                             \
+    static const auto handle =                                                                    \
+        c10::Dispatcher::singleton().findSchemaOrThrow("cnnops::" name, "").typed<__VA_ARGS__>(); \
+    return handle;                                                                                \
   }
 
 using Ints = at::IntArrayRef;
@@ -45,8 +44,8 @@ CNNOPS_OP(conv2d_backward_op, "conv2d_backward",
           std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, Ints,
                                              Ints, Ints, int64_t, Mask<3>))
 CNNOPS_OP(conv2d_relu_op, "conv2d_relu",
-          Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, Ints, Ints,
-                 Ints, int64_t))
+          Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, Ints, Ints, Ints,
+                 int64_t))
 CNNOPS_OP(batch_norm_op, "batch_norm",
           std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
                                              const OptTensor&, const OptTensor&, bool, double))
@@ -55,18 +54,18 @@ CNNOPS_OP(batch_norm_backward_op, "batch_norm_backward",
                                              const Tensor&, const Tensor&, bool, Mask<3>))
 CNNOPS_OP(bn_relu_op, "bn_relu",
           std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
-                                             const OptTensor&, const OptTensor&,
-                                             const OptTensor&, bool, double, bool))
+                                             const OptTensor&, const OptTensor&, const OptTensor&,
+                                             bool, double, bool))
 CNNOPS_OP(bn_relu_backward_op, "bn_relu_backward",
-          std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&,
-                                                     const Tensor&, const OptTensor&,
-                                                     const Tensor&, const Tensor&, bool, bool,
-                                                     Mask<4>))
+          std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&,
+                                                     const OptTensor&, const Tensor&, const Tensor&,
+                                                     bool, bool, Mask<4>))
 CNNOPS_OP(conv_bn_relu_op, "conv_bn_relu",
-          std::tuple<Tensor, Tensor, Tensor, Tensor>(
-              const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-              const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, Ints, Ints,
-              Ints, int64_t, bool, double, bool))
+          std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
+                                                     const OptTensor&, const OptTensor&,
+                                                     const OptTensor&, const OptTensor&,
+                                                     const OptTensor&, Ints, Ints, Ints, int64_t,
+                                                     bool, double, bool))
 CNNOPS_OP(conv_bn_relu_backward_op, "conv_bn_relu_backward",
           std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
               const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
@@ -104,7 +103,9 @@ struct TensorArgs {
   void operator()(const Tensor&) { add(true); }
   void operator()(const OptTensor& t) { add(t.has_value() && t->defined()); }
   template <typename T>
-  void operator()(const T&) { add(false); }
+  void operator()(const T&) {
+    add(false);
+  }
 };
 
 template <typename... Args>
@@ -123,7 +124,6 @@ class NeedsGrad {
       needs_[arg] = ((mask >> arg) & 1) && ctx->needs_input_grad(edge++);
     }
   }
-  bool operator[](size_t arg) const { return needs_[arg]; }
   // The output_mask of a backward op whose gradients are those of `args`.
   template <size_t n>
   std::array<bool, n> mask(std::array<size_t, n> args) const {
@@ -158,16 +158,6 @@ variable_list pad_grads(variable_list grads, size_t n_args) {
   return grads;
 }
 
-}  // namespace
-
-// The Functions are named after the graph node they make (out.grad_fn prints
-// as torch::autograd::CppNode<cnnops::Conv2dBackward>), hence outside the
-// anonymous namespace.
-
-// ---- convolution --------------------------------------------------------------
-
-namespace {
-
 // conv2d_backward of a saved conv, for the gradient `grad` of its output.
 std::tuple<Tensor, Tensor, Tensor> conv_backward(AutogradContext* ctx, const NeedsGrad& needs,
                                                  const Tensor& grad, const Tensor& input,
@@ -178,6 +168,12 @@ std::tuple<Tensor, Tensor, Tensor> conv_backward(AutogradContext* ctx, const Nee
 }
 
 }  // namespace
+
+// The Functions are named after the graph node they make (out.grad_fn prints
+// as torch::autograd::CppNode<cnnops::Conv2dBackward>), hence outside the
+// anonymous namespace.
+
+// ---- convolution --------------------------------------------------------------
 
 struct Conv2dBackward : torch::autograd::Function<Conv2dBackward> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
@@ -192,17 +188,16 @@ struct Conv2dBackward : torch::autograd::Function<Conv2dBackward> {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
     auto [gi, gw, gb] = conv_backward(ctx, needs, grads[0], s[0], s[1]);
-    return pad_grads({needs(0, gi), needs(1, gw),
-                      needs(2, gb)}, 7);
+    return pad_grads({needs(0, gi), needs(1, gw), needs(2, gb)}, 7);
   }
 };
 
 struct Conv2dReluBackward : torch::autograd::Function<Conv2dReluBackward> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
-                        const OptTensor& bias, const OptTensor& residual, Ints stride,
-                        Ints padding, Ints dilation, int64_t groups) {
-    Tensor out = below_autograd(conv2d_relu_op(), input, weight, bias, residual, stride,
-                                padding, dilation, groups);
+                        const OptTensor& bias, const OptTensor& residual, Ints stride, Ints padding,
+                        Ints dilation, int64_t groups) {
+    Tensor out = below_autograd(conv2d_relu_op(), input, weight, bias, residual, stride, padding,
+                                dilation, groups);
     ctx->save_for_backward({input, weight, out});
     save_tensor_args(ctx, input, weight, bias, residual, stride, padding, dilation, groups);
     save_conv(ctx, stride, padding, dilation, groups);
@@ -214,8 +209,7 @@ struct Conv2dReluBackward : torch::autograd::Function<Conv2dReluBackward> {
     // Through the ReLU: also the residual's gradient.
     const Tensor g = below_autograd(add_relu_backward_op(), grads[0], s[2]);
     auto [gi, gw, gb] = conv_backward(ctx, needs, g, s[0], s[1]);
-    return pad_grads({needs(0, gi), needs(1, gw),
-                      needs(2, gb), needs(3, g)}, 8);
+    return pad_grads({needs(0, gi), needs(1, gw), needs(2, gb), needs(3, g)}, 8);
   }
 };
 
@@ -229,12 +223,11 @@ variable_list with_stats(AutogradContext* ctx, const std::tuple<Tensor, Tensor, 
 }
 
 struct BatchNormBackward : torch::autograd::Function<BatchNormBackward> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input,
-                               const OptTensor& weight, const OptTensor& bias,
-                               const OptTensor& running_mean, const OptTensor& running_var,
-                               bool training, double eps) {
-    const auto r = below_autograd(batch_norm_op(), input, weight, bias, running_mean,
-                                  running_var, training, eps);
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
+                               const OptTensor& bias, const OptTensor& running_mean,
+                               const OptTensor& running_var, bool training, double eps) {
+    const auto r = below_autograd(batch_norm_op(), input, weight, bias, running_mean, running_var,
+                                  training, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), std::get<1>(r), std::get<2>(r)});
     save_tensor_args(ctx, input, weight, bias, running_mean, running_var, training, eps);
     ctx->saved_data["training"] = training;
@@ -243,20 +236,18 @@ struct BatchNormBackward : torch::autograd::Function<BatchNormBackward> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
-    auto [gi, gw, gb] = below_autograd(batch_norm_backward_op(), grads[0], s[0], s[1], s[2],
-                                       s[3], ctx->saved_data["training"].toBool(),
-                                       needs.mask<3>({0, 1, 2}));
-    return pad_grads({needs(0, gi), needs(1, gw),
-                      needs(2, gb)}, 7);
+    auto [gi, gw, gb] =
+        below_autograd(batch_norm_backward_op(), grads[0], s[0], s[1], s[2], s[3],
+                       ctx->saved_data["training"].toBool(), needs.mask<3>({0, 1, 2}));
+    return pad_grads({needs(0, gi), needs(1, gw), needs(2, gb)}, 7);
   }
 };
 
 struct BnReluBackward : torch::autograd::Function<BnReluBackward> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input,
-                               const OptTensor& weight, const OptTensor& bias,
-                               const OptTensor& running_mean, const OptTensor& running_var,
-                               const OptTensor& residual, bool training, double eps,
-                               bool relu) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
+                               const OptTensor& bias, const OptTensor& running_mean,
+                               const OptTensor& running_var, const OptTensor& residual,
+                               bool training, double eps, bool relu) {
     const auto r = below_autograd(bn_relu_op(), input, weight, bias, running_mean, running_var,
                                   residual, training, eps, relu);
     ctx->save_for_backward({input, weight.value_or(Tensor()), std::get<1>(r), std::get<2>(r),
@@ -270,12 +261,11 @@ struct BnReluBackward : torch::autograd::Function<BnReluBackward> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
-    auto [gi, gw, gb, gr] = below_autograd(
-        bn_relu_backward_op(), grads[0], s[4], s[0], s[1], s[2], s[3],
-        ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool(),
-        needs.mask<4>({0, 1, 2, 5}));
-    return pad_grads({needs(0, gi), needs(1, gw),
-                      needs(2, gb), Tensor(), Tensor(), needs(5, gr)},
+    auto [gi, gw, gb, gr] =
+        below_autograd(bn_relu_backward_op(), grads[0], s[4], s[0], s[1], s[2], s[3],
+                       ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool(),
+                       needs.mask<4>({0, 1, 2, 5}));
+    return pad_grads({needs(0, gi), needs(1, gw), needs(2, gb), Tensor(), Tensor(), needs(5, gr)},
                      9);
   }
 };
@@ -284,12 +274,12 @@ struct ConvBnReluBackward : torch::autograd::Function<ConvBnReluBackward> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
                                const OptTensor& conv_bias, const OptTensor& bn_weight,
                                const OptTensor& bn_bias, const OptTensor& running_mean,
-                               const OptTensor& running_var, const OptTensor& residual,
-                               Ints stride, Ints padding, Ints dilation, int64_t groups,
-                               bool training, double eps, bool relu) {
+                               const OptTensor& running_var, const OptTensor& residual, Ints stride,
+                               Ints padding, Ints dilation, int64_t groups, bool training,
+                               double eps, bool relu) {
     auto [out, conv_out, mean, invstd] = below_autograd(
-        conv_bn_relu_op(), input, weight, conv_bias, bn_weight, bn_bias, running_mean,
-        running_var, residual, stride, padding, dilation, groups, training, eps, relu);
+        conv_bn_relu_op(), input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+        residual, stride, padding, dilation, groups, training, eps, relu);
     ctx->mark_non_differentiable({conv_out, mean, invstd});
     ctx->save_for_backward({input, weight, conv_bias.value_or(Tensor()),
                             bn_weight.value_or(Tensor()), out, conv_out, mean, invstd});
@@ -303,14 +293,13 @@ struct ConvBnReluBackward : torch::autograd::Function<ConvBnReluBackward> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
-    auto [gi, gw, gcb, gbw, gbb, gr] = below_autograd(
-        conv_bn_relu_backward_op(), grads[0], s[4], s[0], s[1], s[2], s[5], s[3], s[6], s[7],
-        ints(ctx, "stride"), ints(ctx, "padding"), ints(ctx, "dilation"),
-        ctx->saved_data["groups"].toInt(), ctx->saved_data["training"].toBool(),
-        ctx->saved_data["relu"].toBool(), needs.mask<6>({0, 1, 2, 3, 4, 7}));
-    return pad_grads({needs(0, gi), needs(1, gw),
-                      needs(2, gcb), needs(3, gbw),
-                      needs(4, gbb), Tensor(), Tensor(), needs(7, gr)},
+    auto [gi, gw, gcb, gbw, gbb, gr] =
+        below_autograd(conv_bn_relu_backward_op(), grads[0], s[4], s[0], s[1], s[2], s[5], s[3],
+                       s[6], s[7], ints(ctx, "stride"), ints(ctx, "padding"), ints(ctx, "dilation"),
+                       ctx->saved_data["groups"].toInt(), ctx->saved_data["training"].toBool(),
+                       ctx->saved_data["relu"].toBool(), needs.mask<6>({0, 1, 2, 3, 4, 7}));
+    return pad_grads({needs(0, gi), needs(1, gw), needs(2, gcb), needs(3, gbw), needs(4, gbb),
+                      Tensor(), Tensor(), needs(7, gr)},
                      15);
   }
 };
@@ -320,8 +309,8 @@ struct ConvBnReluBackward : torch::autograd::Function<ConvBnReluBackward> {
 struct MaxPool2dBackward : torch::autograd::Function<MaxPool2dBackward> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, Ints kernel_size,
                                Ints stride, Ints padding, Ints dilation, bool ceil_mode) {
-    auto [out, indices] = below_autograd(max_pool2d_op(), input, kernel_size, stride, padding,
-                                         dilation, ceil_mode);
+    auto [out, indices] =
+        below_autograd(max_pool2d_op(), input, kernel_size, stride, padding, dilation, ceil_mode);
     ctx->mark_non_differentiable({indices});
     ctx->save_for_backward({input, indices});
     ctx->saved_data["kernel_size"] = kernel_size;
@@ -332,10 +321,10 @@ struct MaxPool2dBackward : torch::autograd::Function<MaxPool2dBackward> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    return pad_grads({below_autograd(max_pool2d_backward_op(), grads[0], s[0], s[1],
-                                     ints(ctx, "kernel_size"), ints(ctx, "stride"),
-                                     ints(ctx, "padding"), ints(ctx, "dilation"))},
-                     6);
+    return pad_grads(
+        {below_autograd(max_pool2d_backward_op(), grads[0], s[0], s[1], ints(ctx, "kernel_size"),
+                        ints(ctx, "stride"), ints(ctx, "padding"), ints(ctx, "dilation"))},
+        6);
   }
 };
 
@@ -357,12 +346,12 @@ struct AvgPool2dBackward : torch::autograd::Function<AvgPool2dBackward> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     auto& d = ctx->saved_data;
-    return pad_grads({below_autograd(avg_pool2d_backward_op(), grads[0], s[0],
-                                     ints(ctx, "kernel_size"), ints(ctx, "stride"),
-                                     ints(ctx, "padding"), d["ceil_mode"].toBool(),
-                                     d["count_include_pad"].toBool(),
-                                     d["divisor_override"].toOptional<int64_t>())},
-                     7);
+    return pad_grads(
+        {below_autograd(avg_pool2d_backward_op(), grads[0], s[0], ints(ctx, "kernel_size"),
+                        ints(ctx, "stride"), ints(ctx, "padding"), d["ceil_mode"].toBool(),
+                        d["count_include_pad"].toBool(),
+                        d["divisor_override"].toOptional<int64_t>())},
+        7);
   }
 };
 
@@ -399,56 +388,59 @@ namespace {
 // ---- the Autograd kernels (the ops' own signatures) -------------------------------
 
 Tensor conv2d_autograd(const Tensor& input, const Tensor& weight, const OptTensor& bias,
-                       Ints stride, Ints padding, Ints dilation,
-                       int64_t groups) {
+                       Ints stride, Ints padding, Ints dilation, int64_t groups) {
   return Conv2dBackward::apply(input, weight, bias, stride, padding, dilation, groups);
 }
 
 Tensor conv2d_relu_autograd(const Tensor& input, const Tensor& weight, const OptTensor& bias,
-                            const OptTensor& residual, Ints stride,
-                            Ints padding, Ints dilation, int64_t groups) {
-  return Conv2dReluBackward::apply(input, weight, bias, residual, stride, padding, dilation, groups);
+                            const OptTensor& residual, Ints stride, Ints padding, Ints dilation,
+                            int64_t groups) {
+  return Conv2dReluBackward::apply(input, weight, bias, residual, stride, padding, dilation,
+                                   groups);
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                          const OptTensor& running_mean, const OptTensor& running_var,
-                          bool training, double eps) {
+std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(const Tensor& input, const OptTensor& weight,
+                                                       const OptTensor& bias,
+                                                       const OptTensor& running_mean,
+                                                       const OptTensor& running_var, bool training,
+                                                       double eps) {
   auto r = BatchNormBackward::apply(input, weight, bias, running_mean, running_var, training, eps);
   return {r[0], r[1], r[2]};
 }
 
-std::tuple<Tensor, Tensor, Tensor> bn_relu_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                       const OptTensor& running_mean, const OptTensor& running_var,
-                       const OptTensor& residual, bool training, double eps, bool relu) {
+std::tuple<Tensor, Tensor, Tensor> bn_relu_autograd(const Tensor& input, const OptTensor& weight,
+                                                    const OptTensor& bias,
+                                                    const OptTensor& running_mean,
+                                                    const OptTensor& running_var,
+                                                    const OptTensor& residual, bool training,
+                                                    double eps, bool relu) {
   auto r = BnReluBackward::apply(input, weight, bias, running_mean, running_var, residual, training,
-                           eps, relu);
+                                 eps, relu);
   return {r[0], r[1], r[2]};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_relu_autograd(
     const Tensor& input, const Tensor& weight, const OptTensor& conv_bias,
     const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
-    const OptTensor& running_var, const OptTensor& residual, Ints stride,
-    Ints padding, Ints dilation, int64_t groups, bool training,
-    double eps, bool relu) {
+    const OptTensor& running_var, const OptTensor& residual, Ints stride, Ints padding,
+    Ints dilation, int64_t groups, bool training, double eps, bool relu) {
   auto r = ConvBnReluBackward::apply(input, weight, conv_bias, bn_weight, bn_bias, running_mean,
-                               running_var, residual, stride, padding, dilation, groups,
-                               training, eps, relu);
+                                     running_var, residual, stride, padding, dilation, groups,
+                                     training, eps, relu);
   return {r[0], r[1], r[2], r[3]};
 }
 
-std::tuple<Tensor, Tensor> max_pool2d_autograd(const Tensor& input, Ints kernel_size,
-                                               Ints stride, Ints padding,
-                                               Ints dilation, bool ceil_mode) {
+std::tuple<Tensor, Tensor> max_pool2d_autograd(const Tensor& input, Ints kernel_size, Ints stride,
+                                               Ints padding, Ints dilation, bool ceil_mode) {
   auto r = MaxPool2dBackward::apply(input, kernel_size, stride, padding, dilation, ceil_mode);
   return {r[0], r[1]};
 }
 
-Tensor avg_pool2d_autograd(const Tensor& input, Ints kernel_size,
-                           Ints stride, Ints padding, bool ceil_mode,
-                           bool count_include_pad, c10::optional<int64_t> divisor_override) {
+Tensor avg_pool2d_autograd(const Tensor& input, Ints kernel_size, Ints stride, Ints padding,
+                           bool ceil_mode, bool count_include_pad,
+                           c10::optional<int64_t> divisor_override) {
   return AvgPool2dBackward::apply(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                          divisor_override);
+                                  divisor_override);
 }
 
 Tensor adaptive_avg_pool2d_autograd(const Tensor& input, Ints output_size) {
