@@ -53,8 +53,8 @@ DTYPES = [torch.float32, torch.float64]
 
 # Shapes that exercise the CPU kernel's tiling (csrc/cpu/conv_kernels.h): images cut into
 # several position tiles (output larger than a tile), several small images to a tile and chunk,
-# the stride-phase im2col, im2col's whole-row runs with tiles ending mid-row, and the direct 1x1
-# path over a cut image.
+# the stride-phase im2col, im2col's whole-row runs with tiles ending mid-row, the direct 1x1
+# path over a cut image, and both ways of summing the weight gradient.
 # (N, in_channels, out_channels, kernel, stride, padding, groups, H, W)
 TILE_CONFIGS = [
     (2, 32, 8, 3, 1, 1, 1, 27, 27),    # 729 positions a 3x3 image: 2 tiles, split mid-row
@@ -63,6 +63,9 @@ TILE_CONFIGS = [
     (2, 8, 4, 1, 1, 0, 1, 48, 47),     # 1x1 on 2256 positions: the direct path, 2 tiles
     (7, 40, 6, 3, 1, 1, 1, 5, 5),      # 25 positions: several images a tile, 7 images
     (5, 16, 6, 1, 2, 0, 1, 9, 9),      # 1x1 stride 2: im2col of a small image, several a tile
+    (3, 8, 6, 5, 1, 0, 1, 12, 12),     # valid 5x5: im2col / col2im row by row (rows 8 apart)
+    (2, 64, 72, 3, 1, 1, 1, 6, 6),     # 72 output channels, K = 576: the weight gradient
+    (3, 64, 16, 3, 1, 1, 1, 5, 5),     # summed untransposed (the others: transposed)
 ]
 
 

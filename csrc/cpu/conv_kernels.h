@@ -234,6 +234,27 @@ void im2col(const ConvShape& s, const T* x, int64_t la, int64_t lb, T* cols, int
         const bool runs = contiguous && src_stride == OW && ohA < ohB;
         const int64_t vA = runs ? std::clamp(ceil_div(-hoff, s.sh), ohA, ohB) : 0;
         const int64_t vB = runs ? std::clamp(ceil_div(s.H - hoff, s.sh), vA, ohB) : 0;
+        if (!runs && contiguous && la % OW == 0 && lb % OW == 0) {
+          // Whole rows, each its own run: rows whose input row is outside
+          // [0, H) are zero, the others copy [lo, hi) and zero the rest. No
+          // per-row index arithmetic (valid 5x5 convs of 8-wide outputs copy
+          // thousands of 8-value rows per image).
+          const int64_t r0 = la / OW, r1 = lb / OW;
+          const int64_t rA = std::clamp(ceil_div(-hoff, s.sh), r0, r1);
+          const int64_t rB = std::clamp(ceil_div(s.H - hoff, s.sh), rA, r1);
+          std::fill(crow, crow + (rA - r0) * OW, T(0));
+          std::fill(crow + (rB - r0) * OW, crow + (r1 - r0) * OW, T(0));
+          const int64_t step = phases ? ph.Wp : s.sh * s.W;
+          const T* src = rB > rA ? row_src(rA * s.sh + hoff) : nullptr;
+          T* dst = crow + (rA - r0) * OW;
+          for (int64_t r = rA; r < rB; ++r, src += step, dst += OW) {
+            for (int64_t ow = 0; ow < lo; ++ow) dst[ow] = T(0);
+#pragma omp simd
+            for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow];
+            for (int64_t ow = hi; ow < OW; ++ow) dst[ow] = T(0);
+          }
+          continue;
+        }
         for (int64_t l = la; l < lb;) {
           const int64_t oh = l / OW, ow0 = l - oh * OW;
           if (vA < vB && oh == vA && ow0 == 0) {  // the run
@@ -277,13 +298,30 @@ void im2col(const ConvShape& s, const T* x, int64_t la, int64_t lb, T* cols, int
 // The adjoint of im2col: x[c][ih][iw] += cols[...] for one image and group.
 template <typename T>
 void col2im(const ConvShape& s, const T* cols, int64_t ld, int64_t la, int64_t lb, T* x) {
+  const int64_t OW = s.OW;
+  const bool whole_rows = la % OW == 0 && lb % OW == 0;
   for (int64_t c = 0; c < s.Cg(); ++c) {
     for (int64_t kh = 0; kh < s.KH; ++kh) {
+      const int64_t hoff = kh * s.dh - s.ph;
       for (int64_t kw = 0; kw < s.KW; ++kw) {
         const T* crow = cols + ((c * s.KH + kh) * s.KW + kw) * ld;
         const int64_t woff = kw * s.dw - s.pw;
         int64_t lo, hi;
-        valid_range(woff, s.sw, s.W, s.OW, lo, hi);
+        valid_range(woff, s.sw, s.W, OW, lo, hi);
+        if (whole_rows) {
+          // Output rows [rA, rB) read input rows inside [0, H): step through
+          // them without per-row index arithmetic.
+          const int64_t r0 = la / OW, r1 = lb / OW;
+          const int64_t rA = std::clamp(ceil_div(-hoff, s.sh), r0, r1);
+          const int64_t rB = std::clamp(ceil_div(s.H - hoff, s.sh), rA, r1);
+          const T* src = crow + (rA - r0) * OW;
+          T* dst = rB > rA ? x + (c * s.H + rA * s.sh + hoff) * s.W + woff : nullptr;
+          for (int64_t r = rA; r < rB; ++r, src += OW, dst += s.sh * s.W) {
+#pragma omp simd
+            for (int64_t ow = lo; ow < hi; ++ow) dst[ow * s.sw] += src[ow];
+          }
+          continue;
+        }
         for_each_row_segment(s, la, lb, kh, [&](int64_t row, int64_t ow0, int64_t ow1,
                                                 int64_t ih) {
           if (ih < 0 || ih >= s.H) return;
@@ -347,22 +385,20 @@ class PhaseBuffer {
 };
 
 // Per-group [rows, width] matrices over a scratch buffer (group g at
-// data + g*rows*width), and their transposes, re-made only when the tile width
+// data + g*rows*width), re-made only when the tile width
 // changes: making a tensor costs about a microsecond, and a small layer runs
-// thousands of tiles.
+// thousands of tiles. With `width_major` each group is stored [width, rows]
+// instead.
 template <typename T>
 class GroupMatrices {
  public:
-  GroupMatrices(T* data, int64_t groups, int64_t rows, const at::TensorOptions& opts)
-      : data_(data), rows_(rows), opts_(opts), views_(groups), transposed_(groups) {}
+  GroupMatrices(T* data, int64_t groups, int64_t rows, const at::TensorOptions& opts,
+                bool width_major = false)
+      : data_(data), rows_(rows), width_major_(width_major), opts_(opts), views_(groups) {}
 
   const at::Tensor& get(int64_t g, int64_t width) {
     update(width);
     return views_[g];
-  }
-  const at::Tensor& transposed(int64_t g, int64_t width) {
-    update(width);
-    return transposed_[g];
   }
   T* data() const { return data_; }
 
@@ -370,35 +406,51 @@ class GroupMatrices {
   void update(int64_t width) {
     if (width == width_) return;
     for (size_t g = 0; g < views_.size(); ++g) {
-      views_[g] = matrix(data_ + g * rows_ * width, rows_, width, width, opts_);
-      transposed_[g] = views_[g].t();
+      T* data = data_ + g * rows_ * width;
+      views_[g] = width_major_ ? matrix(data, width, rows_, rows_, opts_)
+                               : matrix(data, rows_, width, width, opts_);
     }
     width_ = width;
   }
   T* data_;
   int64_t rows_, width_ = -1;
+  bool width_major_;
   at::TensorOptions opts_;
-  std::vector<at::Tensor> views_, transposed_;
+  std::vector<at::Tensor> views_;
 };
 
 // The GEMM operand holding a tile's input columns for group g, as a [K, width]
-// matrix (transposed: [width, K]): a view of the input itself for a 1x1
-// stride-1 unpadded conv over one image, else the tile's im2col in `cols`.
+// matrix: a view of the input itself for a 1x1 stride-1 unpadded conv over one
+// image, else the tile's im2col in `cols`.
 template <typename T>
 at::Tensor tile_columns(const ConvShape& s, const T* x, const Tile& t, int64_t g,
                         GroupMatrices<T>& cols, const PhaseBuffer<T>& phases,
-                        const at::TensorOptions& opts, bool transposed = false) {
+                        const at::TensorOptions& opts) {
   const int64_t L = s.L(), seg = t.seg(), width = t.width();
   const T* image0 = x + (t.n0 * s.C + g * s.Cg()) * s.H * s.W;
   if (s.pointwise() && t.images == 1) {
-    at::Tensor m = matrix(const_cast<T*>(image0) + t.la, s.K(), seg, L, opts);
-    return transposed ? m.t() : m;
+    return matrix(const_cast<T*>(image0) + t.la, s.K(), seg, L, opts);
   }
   for (int64_t i = 0; i < t.images; ++i) {
     im2col(s, image0 + i * s.C * s.H * s.W, t.la, t.lb, cols.data() + i * seg, width,
            phases.get(i, g));
   }
-  return transposed ? cols.transposed(0, width) : cols.get(0, width);
+  return cols.get(0, width);
+}
+
+// dst[j * rows + i] = src[i * cols + j]: a [rows, cols] matrix transposed, in
+// 16 x 16 blocks so that reads and writes both stay within cached lines.
+template <typename T>
+void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
+    for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+      const int64_t i1 = std::min(rows, i0 + kBlock), j1 = std::min(cols, j0 + kBlock);
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t i = i0; i < i1; ++i) dst[j * rows + i] = src[i * cols + j];
+      }
+    }
+  }
 }
 
 // The per-group weight matrices [OCg, K] of w ([OC, Cg, KH, KW], contiguous).
@@ -464,21 +516,35 @@ void conv_backward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
   const int64_t image = s.C * s.H * s.W;
 
   const int64_t chunks = num_chunks(s.N);
-  // Per-chunk partial sums; chunk 0 writes straight into the result.
+  // Each tile adds gw_g [OCg, K] += gy_g [OCg, P] @ cols^T. MKL runs that GEMM
+  // (a transposed operand contracted over its long side) 2-4x slower than the
+  // same product as gw_g^T [K, OCg] += cols [K, P] @ gy_g^T [P, OCg] for the
+  // narrow GEMMs of small layers and of the stem (16x25x576: 40 -> 11 us;
+  // 64x147x2048: 750 -> 367 us). There, gw^T is summed from a transposed copy
+  // of the gradient tile; for wider GEMMs the copy costs what it saves.
+  const bool sum_transposed = need_gw && OCg <= 64 && K <= 512;
+  // Per-chunk partial sums ([groups, OCg, K], or [groups, K, OCg] summed
+  // transposed), added in chunk order at the end; chunk 0's untransposed sum is
+  // the result itself.
   std::vector<at::Tensor> gw_part(chunks);
   std::vector<std::vector<double>> gb_part(chunks);
   for_each_chunk(s.N, chunks, [&](int64_t chunk, int64_t nb, int64_t ne) {
     const int64_t max_width = max_tile_width(s, P);
     const auto cols_buf = scratch<T>(K * max_width), gy_buf = scratch<T>(s.OC * max_width);
+    const auto gyt_buf = scratch<T>(sum_transposed ? s.OC * max_width : 0);
     GroupMatrices<T> cols(cols_buf.get(), 1, K, opts), gy(gy_buf.get(), s.groups, OCg, opts);
+    GroupMatrices<T> gyt(gyt_buf.get(), s.groups, OCg, opts, /*width_major=*/true);
     PhaseBuffer<T> phases(s, need_gw ? max_tile_images(s, P) : 0);
     std::vector<at::Tensor> gwg;
     if (need_gw) {
-      at::Tensor gw3 = chunk == 0 ? grad_weight.view({s.groups, OCg, K})
-                                  : at::empty({s.groups, OCg, K}, opts);
-      gw3.zero_();
-      gw_part[chunk] = gw3;
-      for (int64_t g = 0; g < s.groups; ++g) gwg.push_back(gw3[g]);
+      if (sum_transposed) {
+        gw_part[chunk] = at::zeros({s.groups, K, OCg}, opts);
+      } else {
+        gw_part[chunk] = chunk == 0 ? grad_weight.view({s.groups, OCg, K})
+                                    : at::empty({s.groups, OCg, K}, opts);
+        gw_part[chunk].zero_();
+      }
+      for (int64_t g = 0; g < s.groups; ++g) gwg.push_back(gw_part[chunk][g]);
     }
     if (need_gb) gb_part[chunk].assign(s.OC, 0.0);
     for_each_tile(s, P, nb, ne, [&](const Tile& t) {
@@ -502,7 +568,13 @@ void conv_backward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
       for (int64_t g = 0; g < s.groups; ++g) {
         const at::Tensor& gyg = gy.get(g, width);
         if (need_gw) {
-          gwg[g].addmm_(gyg, tile_columns(s, xp, t, g, cols, phases, opts, /*transposed=*/true));
+          const at::Tensor c = tile_columns(s, xp, t, g, cols, phases, opts);
+          if (sum_transposed) {
+            transpose(gy.data() + g * OCg * width, OCg, width, gyt.data() + g * OCg * width);
+            gwg[g].addmm_(c, gyt.get(g, width));
+          } else {
+            gwg[g].addmm_(gyg, c.t());
+          }
         }
         if (!need_gi) continue;
         T* gi0 = gip + t.n0 * image + g * s.Cg() * s.H * s.W;
@@ -521,6 +593,7 @@ void conv_backward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
   });
   if (need_gw) {
     for (int64_t c = 1; c < chunks; ++c) gw_part[0].add_(gw_part[c]);
+    if (sum_transposed) grad_weight.view({s.groups, OCg, K}).copy_(gw_part[0].transpose(1, 2));
   }
   if (need_gb) {
     std::vector<double> total(s.OC, 0.0);
