@@ -96,6 +96,8 @@ def _pair(value, name, min_value):
 
 
 def _check_positive_int(value, name):
+    if type(value) is int and value >= 1:
+        return value
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError("expected %s to be a positive int, got %r" % (name, value))
     return int(value)
@@ -207,10 +209,11 @@ def _bn_args(input, running_mean, running_var, weight, bias, training, momentum,
                             % (name, input.dtype, t.dtype))
     if not training and (running_mean is None or running_var is None):
         raise ValueError("batch_norm with training=False needs running_mean and running_var")
-    if momentum is None or not isinstance(momentum, numbers.Real):
+    if type(momentum) is not float and (momentum is None
+                                        or not isinstance(momentum, numbers.Real)):
         raise TypeError("expected momentum to be a float (for a cumulative average pass "
                         "1/num_batches_tracked, as torch.nn.BatchNorm2d does), got %r" % (momentum,))
-    if not isinstance(eps, numbers.Real) or eps < 0:
+    if (type(eps) is not float and not isinstance(eps, numbers.Real)) or eps < 0:
         raise ValueError("expected eps to be a float >= 0, got %r" % (eps,))
 
 
