@@ -136,10 +136,84 @@ def _write_build_info(with_cuda):
         f.write("BUILD_INFO = %r\n" % (info,))
 
 
-ext, with_cuda = _extension()
-_write_build_info(with_cuda)
+# Symbols that only libstdc++ itself defines. An extension that defines them carries its own
+# static copy of libstdc++ (e.g. linked with -static-libstdc++) beside the shared one that torch
+# loads. The two copies' locale state disagrees: streaming an integer into a TORCH_CHECK message
+# then truncates the message or, with a newer g++, segfaults (as on a GPU machine, where every
+# bad-argument error that named a number killed the process).
+_LIBSTDCXX_OWN_SYMBOLS = ("_ZNSt6locale7classicEv", "_ZNSt8ios_base4InitC1Ev")
 
-setup(
-    ext_modules=[ext],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+# Run in a child process on the freshly linked library: a bad argument must come back as a
+# Python exception whose message has its numbers in it.
+_ERROR_PATH_PROBE = r"""
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+try:
+    torch.ops.cnnops.conv2d(torch.zeros(1, 4, 3, 3), torch.zeros(6, 4, 1, 1), None, [1, 1],
+                            [0, 0], [1, 1], 3)
+except ValueError as e:
+    print(str(e).splitlines()[0])
+"""
+_PROBE_EXPECTED = "in_channels (4) must be divisible by groups (3)"
+
+
+def _link_flags(compiler):
+    """Where the link line comes from, for the error message."""
+    import sysconfig
+
+    return "linker: %s; LDSHARED=%r; LDFLAGS=%r" % (
+        " ".join(getattr(compiler, "linker_so", []) or []), sysconfig.get_config_var("LDSHARED"),
+        os.environ.get("LDFLAGS"))
+
+
+def _check_built_extension(path, compiler):
+    """Stops the build when the linked library would crash or mangle its own error messages."""
+    problems = []
+    if sys.platform.startswith("linux"):
+        try:
+            symbols = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True,
+                                     text=True, check=True).stdout.split()
+            needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True,
+                                    check=True).stdout
+        except (OSError, subprocess.CalledProcessError) as e:
+            print("cnnops: could not inspect %s (%s); relying on the run-time check" % (path, e))
+        else:
+            own = [s for s in _LIBSTDCXX_OWN_SYMBOLS if s in symbols]
+            if own or "libstdc++.so" not in needed:
+                problems.append(
+                    "it carries a static copy of libstdc++ (%s) instead of loading libstdc++.so "
+                    "as torch does; remove -static-libstdc++ (or the equivalent) from the link "
+                    "flags (%s)" % (", ".join(own) or "no libstdc++.so among its NEEDED entries",
+                                    _link_flags(compiler)))
+    probe = subprocess.run([sys.executable, "-c", _ERROR_PATH_PROBE, path], capture_output=True,
+                           text=True)
+    if probe.returncode != 0 or probe.stdout.strip() != _PROBE_EXPECTED:
+        problems.append(
+            "a bad-argument check did not raise its message cleanly: expected %r, got exit "
+            "status %d, output %r%s" % (_PROBE_EXPECTED, probe.returncode, probe.stdout.strip(),
+                                        (", stderr " + probe.stderr.strip()[-600:])
+                                        if probe.stderr.strip() else ""))
+    if problems:
+        os.remove(path)  # a broken library must not be installed or loaded later
+        sys.exit("\ncnnops: the built extension %s is unusable:\n  - %s\n"
+                 "Fix the toolchain (a g++ whose libstdc++ is the one torch runs with, no static "
+                 "libstdc++) and build again.\n" % (path, "\n  - ".join(problems)))
+    print("cnnops: checked %s: libstdc++ is shared and error messages raise cleanly" % path)
+
+
+class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    def build_extension(self, ext):
+        # -static-libstdc++ can only break a torch extension (see _LIBSTDCXX_OWN_SYMBOLS).
+        linker = getattr(self.compiler, "linker_so", None)
+        if linker and "-static-libstdc++" in linker:
+            print("cnnops: dropping -static-libstdc++ from the link line (%s)"
+                  % _link_flags(self.compiler))
+            self.compiler.linker_so = [a for a in linker if a != "-static-libstdc++"]
+        super().build_extension(ext)
+        _check_built_extension(self.get_ext_fullpath(ext.name), self.compiler)
+
+
+if __name__ == "__main__":  # (tests import this file for _check_built_extension)
+    ext, with_cuda = _extension()
+    _write_build_info(with_cuda)
+    setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})

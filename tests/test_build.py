@@ -122,6 +122,81 @@ def test_setup_without_torch_stops_with_instructions():
 
 
 # ---------------------------------------------------------------------------
+# (b2) a library that would crash in its own error messages is not installed
+
+_PROBE_LIBRARY = r"""
+#include <torch/library.h>
+#include "cnnops/conv_shape.h"
+
+// cnnops::conv2d's argument checks, and nothing else: what setup.py's probe calls.
+at::Tensor conv2d_checks(const at::Tensor& input, const at::Tensor& weight,
+                         const std::optional<at::Tensor>&, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  cnnops::conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
+  return input.clone();
+}
+
+TORCH_LIBRARY(cnnops, m) {
+  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> Tensor", &conv2d_checks);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def probe_libraries(tmp_path_factory):
+    """The same object linked twice: as setup.py links cnnops._C, and with -static-libstdc++
+    (what put a second libstdc++ into cnnops._C on the first GPU machine)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs g++ on Linux")
+    from torch.utils import cpp_extension
+
+    d = tmp_path_factory.mktemp("probe")
+    (d / "probe.cpp").write_text(_PROBE_LIBRARY)
+    includes = ["-I" + p for p in cpp_extension.include_paths()]
+    includes.append("-I" + os.path.join(ROOT, "csrc", "include"))
+    abi = "-D_GLIBCXX_USE_CXX11_ABI=%d" % int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-fPIC", abi, *includes, "-c", str(d / "probe.cpp"),
+                    "-o", str(d / "probe.o")], check=True, capture_output=True, timeout=600)
+    libs = ["-L" + p for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu"]
+    out = {}
+    for name, extra in (("shared", []), ("static", ["-static-libstdc++"])):
+        out[name] = str(d / ("%s.so" % name))
+        subprocess.run([cxx, "-shared", str(d / "probe.o"), "-o", out[name], *libs, *extra],
+                       check=True, capture_output=True, timeout=300)
+    return out
+
+
+def _setup_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cnnops_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines the build helpers; runs setup() only as __main__
+    return module
+
+
+def test_build_check_accepts_a_normally_linked_library(probe_libraries, capsys):
+    _setup_module()._check_built_extension(probe_libraries["shared"], None)
+    assert "error messages raise cleanly" in capsys.readouterr().out
+    assert os.path.exists(probe_libraries["shared"])
+
+
+def test_build_check_stops_on_a_static_libstdcxx(probe_libraries):
+    """A second libstdc++ in the extension breaks every error message that streams a number
+    (truncated here; a segfault with g++ 13 on the GPU machine): the build must stop and say so,
+    and must not leave the library behind."""
+    with pytest.raises(SystemExit) as stop:
+        _setup_module()._check_built_extension(probe_libraries["static"], None)
+    message = str(stop.value.code)
+    assert "static copy of libstdc++" in message
+    assert "_ZNSt6locale7classicEv" in message
+    assert "did not raise its message cleanly" in message  # the run-time probe saw it too
+    assert not os.path.exists(probe_libraries["static"])
+
+
+# ---------------------------------------------------------------------------
 # (c) what the build recorded
 
 def test_build_info_matches_the_running_torch():
