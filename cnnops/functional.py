@@ -50,11 +50,14 @@ def _check_tensor(t, name, optional=False):
         raise TypeError("expected %s to be a torch.Tensor, got %s" % (name, type(t).__name__))
 
 
-def _check_input(input, name="input"):
+def _check_input(input, name="input", unbatched=False):
+    """A floating-point [N, C, H, W] tensor. unbatched: the function also takes [C, H, W] (and
+    has already turned it into a batch of one), so the message names both."""
     _check_tensor(input, name)
     if input.dim() != 4:
-        raise ValueError("expected %s to be 4-D [N, C, H, W], got %d-D with shape %s"
-                         % (name, input.dim(), tuple(input.shape)))
+        raise ValueError("expected %s to be %s4-D [N, C, H, W], got %d-D with shape %s"
+                         % (name, "3-D [C, H, W] or " if unbatched else "", input.dim(),
+                            tuple(input.shape)))
     if not input.is_floating_point():
         raise TypeError("expected %s to be a floating-point tensor, got %s" % (name, input.dtype))
 
@@ -95,6 +98,12 @@ def _pair(value, name, min_value):
     return tuple(int(v) for v in items)
 
 
+def _is_unbatched(input):
+    """[C, H, W]: torch.nn.functional's convolution and pooling take it as a batch of one and
+    return the result without the batch dimension; so do cnnops'."""
+    return isinstance(input, torch.Tensor) and input.dim() == 3
+
+
 def _check_positive_int(value, name):
     if type(value) is int and value >= 1:
         return value
@@ -106,13 +115,20 @@ def _check_positive_int(value, name):
 # ---------------------------------------------------------------------------
 # convolution
 
-def _conv_args(input, weight, bias, stride, padding, dilation, groups):
+# The kernels' geometry arguments are int32 (csrc/include/cnnops/common.h, check_pair).
+_MAX_GEOMETRY = 2 ** 31 - 1
+
+
+def _conv_args(input, weight, bias, stride, padding, dilation, groups, unbatched=False):
     """Validates a conv2d call; returns (input, stride, padding, dilation, groups).
 
     padding='same' with an odd total padding pads the extra row/column on the
     bottom/right first, as PyTorch does, so the returned input may be padded.
+    A stride past the last window start (output size 1) and the dilation of a one-tap kernel
+    change nothing: they come back reduced to the smallest equivalent value, so that any call
+    PyTorch answers stays within the kernels' int32 range.
     """
-    _check_input(input)
+    _check_input(input, unbatched=unbatched)
     _check_tensor(weight, "weight")
     if weight.dim() != 4:
         raise ValueError("expected weight to be 4-D [out_channels, in_channels/groups, kH, kW], "
@@ -153,11 +169,18 @@ def _conv_args(input, weight, bias, stride, padding, dilation, groups):
     else:
         padding = _pair(padding, "padding", 0)
     H, W = input.shape[2], input.shape[3]
-    for size, k, p, d, dim in ((H, KH, padding[0], dilation[0], "height"),
-                               (W, KW, padding[1], dilation[1], "width")):
-        if size + 2 * p < d * (k - 1) + 1:
+    equivalent = []
+    for size, k, p, s, d, dim in ((H, KH, padding[0], stride[0], dilation[0], "height"),
+                                  (W, KW, padding[1], stride[1], dilation[1], "width")):
+        span = size + 2 * p - d * (k - 1) - 1  # the last valid window start
+        if span < 0:
             raise ValueError("input %s %d with padding %d is smaller than the dilated kernel "
                              "(%d): the output would be empty" % (dim, size, p, d * (k - 1) + 1))
+        equivalent.append((min(s, span + 1), 1 if k == 1 else d))
+    stride, dilation = tuple(e[0] for e in equivalent), tuple(e[1] for e in equivalent)
+    if max(padding) > _MAX_GEOMETRY:
+        raise ValueError("expected padding <= 2**31 - 1, got %s (the output would have more "
+                         "than 2**31 rows or columns)" % (padding,))
     return input, stride, padding, dilation, groups
 
 
@@ -167,11 +190,15 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     input [N, C, H, W], weight [OC, C/groups, KH, KW], bias [OC] or None
     -> [N, OC, OH, OW] with OH = floor((H + 2*padding - dilation*(KH-1) - 1) / stride) + 1.
     padding: int, pair, 'valid' or 'same' (stride 1 only).
+    An unbatched input [C, H, W] gives [OC, OH, OW].
     Under torch.autocast, runs in the autocast dtype as aten's convolution does.
     """
+    if _is_unbatched(input):
+        return conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation,
+                      groups).squeeze(0)
     input, weight, bias = _autocast(input, weight, bias)
     input, stride, padding, dilation, groups = _conv_args(input, weight, bias, stride, padding,
-                                                          dilation, groups)
+                                                          dilation, groups, unbatched=True)
     impl = backends.implementation(input)
     return impl.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
@@ -181,10 +208,16 @@ def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, group
     """relu(conv2d(input) + residual) in one op: conv -> ReLU in networks without BatchNorm.
 
     Arguments as conv2d; residual [N, OC, OH, OW] or None. -> [N, OC, OH, OW]
+    (unbatched: input [C, H, W], residual [OC, OH, OW] -> [OC, OH, OW])
     """
+    if _is_unbatched(input):
+        if isinstance(residual, torch.Tensor):
+            residual = residual.unsqueeze(0)
+        return conv2d_relu(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
+                           residual).squeeze(0)
     input, weight, bias, residual = _autocast(input, weight, bias, residual)
     input, stride, padding, dilation, groups = _conv_args(input, weight, bias, stride, padding,
-                                                          dilation, groups)
+                                                          dilation, groups, unbatched=True)
     _check_like(residual, input, "residual", conv_output_shape(input, weight, stride, padding,
                                                              dilation))
     impl = backends.implementation(input)
@@ -329,7 +362,7 @@ def _check_nonempty_planes(input, first_dim):
 
 
 def _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode):
-    _check_input(input)
+    _check_input(input, unbatched=True)
     _check_nonempty_planes(input, 1)
     kernel_size = _pair(kernel_size, "kernel_size", 1)
     stride = kernel_size if stride is None or (not isinstance(stride, numbers.Integral)
@@ -357,8 +390,12 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     """Max pooling, as torch.nn.functional.max_pool2d (padding counts as -inf).
 
     input [N, C, H, W] -> [N, C, OH, OW] (and int64 indices into each H*W plane
-    when return_indices). stride defaults to kernel_size.
+    when return_indices); [C, H, W] -> [C, OH, OW]. stride defaults to kernel_size.
     """
+    if _is_unbatched(input):
+        out = max_pool2d(input.unsqueeze(0), kernel_size, stride, padding, dilation, ceil_mode,
+                         return_indices)
+        return tuple(t.squeeze(0) for t in out) if return_indices else out.squeeze(0)
     kernel_size, stride, padding, dilation = _pool_args(input, kernel_size, stride, padding,
                                                         dilation, ceil_mode)
     impl = backends.implementation(input)
@@ -370,9 +407,12 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
                count_include_pad=True, divisor_override=None):
     """Average pooling, as torch.nn.functional.avg_pool2d.
 
-    input [N, C, H, W] -> [N, C, OH, OW]. count_include_pad counts zero padding
-    in the divisor; divisor_override (a non-zero int) replaces the divisor.
+    input [N, C, H, W] -> [N, C, OH, OW]; [C, H, W] -> [C, OH, OW]. count_include_pad
+    counts zero padding in the divisor; divisor_override (a non-zero int) replaces the divisor.
     """
+    if _is_unbatched(input):
+        return avg_pool2d(input.unsqueeze(0), kernel_size, stride, padding, ceil_mode,
+                          count_include_pad, divisor_override).squeeze(0)
     kernel_size, stride, padding, _ = _pool_args(input, kernel_size, stride, padding, 1,
                                                  ceil_mode)
     if divisor_override is not None:
@@ -389,11 +429,13 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
 def adaptive_avg_pool2d(input, output_size):
     """Adaptive average pooling, as torch.nn.functional.adaptive_avg_pool2d.
 
-    input [N, C, H, W] -> [N, C, OH, OW]; output_size an int or a pair whose
-    entries may be None (keep that input size). Bin i covers
+    input [N, C, H, W] -> [N, C, OH, OW] ([C, H, W] -> [C, OH, OW]); output_size an int
+    or a pair whose entries may be None (keep that input size). Bin i covers
     [floor(i*H/OH), ceil((i+1)*H/OH)).
     """
-    _check_input(input)
+    if _is_unbatched(input):
+        return adaptive_avg_pool2d(input.unsqueeze(0), output_size).squeeze(0)
+    _check_input(input, unbatched=True)
     _check_nonempty_planes(input, 2)  # adaptive pooling allows C == 0
     if isinstance(output_size, numbers.Integral):
         output_size = (output_size, output_size)

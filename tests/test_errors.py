@@ -108,26 +108,37 @@ def add_relu(**kw):
     return lambda: CF.add_relu(**args)
 
 
-# Bad input tensors, shared by every function that takes a 4-D input.
-INPUT_CASES = [
-    ("input-list", dict(input=[[1.0]]), TypeError,
-     r"expected input to be a torch\.Tensor, got list"),
-    ("input-float", dict(input=1.5), TypeError,
-     r"expected input to be a torch\.Tensor, got float"),
-    ("input-3d", dict(input=_x(C, H, W)), ValueError,
-     r"expected input to be 4-D \[N, C, H, W\], got 3-D with shape \(4, 6, 6\)"),
-    ("input-5d", dict(input=_x(1, N, C, H, W)), ValueError,
-     r"expected input to be 4-D \[N, C, H, W\], got 5-D with shape \(1, 2, 4, 6, 6\)"),
-    ("input-int64", dict(input=torch.ones(N, C, H, W, dtype=torch.int64)), TypeError,
-     r"expected input to be a floating-point tensor, got torch\.int64"),
-    ("input-uint8", dict(input=torch.ones(N, C, H, W, dtype=torch.uint8)), TypeError,
-     r"expected input to be a floating-point tensor, got torch\.uint8"),
-    ("input-bool", dict(input=torch.ones(N, C, H, W, dtype=torch.bool)), TypeError,
-     r"expected input to be a floating-point tensor, got torch\.bool"),
-]
+def _input_cases(unbatched):
+    """Bad input tensors, shared by every function that takes a 4-D input. unbatched: the
+    function also takes [C, H, W], as torch.nn.functional's convolution and pooling do."""
+    dims = r"3-D \[C, H, W\] or 4-D" if unbatched else "4-D"
+    return [
+        ("input-list", dict(input=[[1.0]]), TypeError,
+         r"expected input to be a torch\.Tensor, got list"),
+        ("input-float", dict(input=1.5), TypeError,
+         r"expected input to be a torch\.Tensor, got float"),
+        ("input-2d", dict(input=_x(H, W)), ValueError,
+         r"expected input to be %s \[N, C, H, W\], got 2-D with shape \(6, 6\)" % dims),
+        ("input-5d", dict(input=_x(1, N, C, H, W)), ValueError,
+         r"expected input to be %s \[N, C, H, W\], got 5-D with shape \(1, 2, 4, 6, 6\)"
+         % dims),
+        ("input-int64", dict(input=torch.ones(N, C, H, W, dtype=torch.int64)), TypeError,
+         r"expected input to be a floating-point tensor, got torch\.int64"),
+        ("input-uint8", dict(input=torch.ones(N, C, H, W, dtype=torch.uint8)), TypeError,
+         r"expected input to be a floating-point tensor, got torch\.uint8"),
+        ("input-bool", dict(input=torch.ones(N, C, H, W, dtype=torch.bool)), TypeError,
+         r"expected input to be a floating-point tensor, got torch\.bool"),
+    ] + ([] if unbatched else [
+        ("input-3d", dict(input=_x(C, H, W)), ValueError,
+         r"expected input to be 4-D \[N, C, H, W\], got 3-D with shape \(4, 6, 6\)"),
+    ])
 
-# Convolution arguments, shared by conv2d and conv_bn_relu.
-CONV_CASES = INPUT_CASES + [
+
+INPUT_CASES = _input_cases(unbatched=False)
+UNBATCHED_INPUT_CASES = _input_cases(unbatched=True)
+
+# Convolution arguments, shared by conv2d, conv2d_relu and conv_bn_relu.
+CONV_CASES = [
     ("weight-int", dict(weight=3), TypeError, r"expected weight to be a torch\.Tensor, got int"),
     ("weight-dtype", dict(weight=_w(dtype=torch.float64)), TypeError,
      r"expected weight to have dtype torch\.float32 \(the dtype of input\), got torch\.float64"),
@@ -247,7 +258,7 @@ def _re_tuple(t):
 
 
 # Pooling window arguments, shared by max_pool2d and avg_pool2d.
-POOL_CASES = INPUT_CASES + [
+POOL_CASES = UNBATCHED_INPUT_CASES + [
     ("kernel_size-0", dict(kernel_size=0), ValueError, r"expected kernel_size >= 1, got 0"),
     ("kernel_size-negative", dict(kernel_size=(2, -1)), ValueError,
      r"expected kernel_size >= 1, got \(2, -1\)"),
@@ -289,7 +300,7 @@ AVG_POOL_CASES = POOL_CASES + [
      r"expected divisor_override to be a non-zero int or None, got 2\.5"),
 ]
 
-ADAPTIVE_CASES = INPUT_CASES + [
+ADAPTIVE_CASES = UNBATCHED_INPUT_CASES + [
     ("output_size-negative", dict(output_size=(2, -1)), ValueError,
      r"expected output_size >= 0, got \(2, -1\)"),
     ("output_size-string", dict(output_size="2"), TypeError,
@@ -331,9 +342,9 @@ def _params(prefix, make, cases):
 
 
 FUNCTIONAL_CASES = (
-    _params("conv2d", conv2d, CONV_CASES)
+    _params("conv2d", conv2d, UNBATCHED_INPUT_CASES + CONV_CASES)
     + _params("conv_bn_relu", conv_bn_relu,
-              CONV_CASES + _bn_cases(OC, False, "bn_weight", "bn_bias", CBR_OUT))
+              INPUT_CASES + CONV_CASES + _bn_cases(OC, False, "bn_weight", "bn_bias", CBR_OUT))
     + _params("batch_norm", batch_norm, INPUT_CASES + _bn_cases(C, True, "weight", "bias", None))
     + _params("bn_relu", bn_relu,
               INPUT_CASES + _bn_cases(C, True, "weight", "bias", (N, C, H, W)))
@@ -341,9 +352,9 @@ FUNCTIONAL_CASES = (
     + _params("avg_pool2d", avg_pool2d, AVG_POOL_CASES)
     + _params("adaptive_avg_pool2d", adaptive_avg_pool2d, ADAPTIVE_CASES)
     + _params("add_relu", add_relu, ADD_RELU_CASES)
-    # conv2d_relu (being added): conv2d's arguments plus a residual
-    + (_params("conv2d_relu", conv2d_relu, CONV_CASES + _residual_cases(CBR_OUT))
-       if hasattr(CF, "conv2d_relu") else [])
+    # conv2d_relu: conv2d's arguments plus a residual
+    + _params("conv2d_relu", conv2d_relu,
+              UNBATCHED_INPUT_CASES + CONV_CASES + _residual_cases(CBR_OUT))
 )
 
 
@@ -363,7 +374,7 @@ def test_every_public_function_is_covered():
 def test_valid_calls_used_as_the_base_run(backend):
     """The cases above differ from these calls only by the bad argument."""
     makers = [conv2d, conv_bn_relu, batch_norm, bn_relu, max_pool2d, avg_pool2d,
-              adaptive_avg_pool2d, add_relu] + ([conv2d_relu] if hasattr(CF, "conv2d_relu") else [])
+              adaptive_avg_pool2d, add_relu, conv2d_relu]
     for make in makers:
         out = make()()
         assert isinstance(out, torch.Tensor) and out.dim() == 4
