@@ -14,6 +14,8 @@ which is how cnnops.functional calls a backend.
 Shapes in the docstrings: input [N, C, H, W], weight [OC, C/groups, KH, KW],
 per-channel vectors [C] (or [OC]), output [N, OC, OH, OW].
 """
+import functools
+
 import torch
 
 from . import _ext
@@ -161,9 +163,55 @@ def _grads(ctx, values, n_inputs):
     return tuple(out) + (None,) * (n_inputs - len(out))
 
 
+class _SecondDerivativeError(torch.autograd.Function):
+    """The identity on a backward's gradients, whose own backward (a second derivative) raises.
+
+    forward(message, n, *tensors): the first n tensors are the gradients; the rest are what they
+    depend on (saved tensors, incoming gradients), so a second backward towards any of those
+    reaches this node."""
+
+    @staticmethod
+    def forward(ctx, message, n, *tensors):
+        ctx.message = message
+        return tuple(t.detach() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def _once_differentiable(name, backward):
+    """``backward`` for autograd: the backward ops have no derivatives of their own, so under
+    create_graph=True the gradients it returns raise, naming the op, when a second backward
+    reaches them, instead of silently dropping out of second derivatives. As backward_result
+    in csrc/autograd.cpp."""
+    message = ("cnnops::%s: double backward (differentiating its gradient, as create_graph=True "
+               "allows) is not supported; compute second derivatives through "
+               "torch.nn.functional instead" % name)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        out = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return out
+        sources = [t for t in ctx.saved_tensors + grads
+                   if isinstance(t, torch.Tensor) and t.requires_grad]
+        results = [t for t in out if isinstance(t, torch.Tensor)]
+        if not sources or not results:
+            return out
+        wrapped = iter(_SecondDerivativeError.apply(message, len(results), *results, *sources))
+        return tuple(next(wrapped) if isinstance(t, torch.Tensor) else t for t in out)
+
+    return wrapper
+
+
 def register_autograd(ns):
     """Registers the autograd formulas of the ops in namespace ``ns``."""
     lib = getattr(torch.ops, ns)
+
+    def register(name, backward, setup_context):
+        torch.library.register_autograd(ns + "::" + name, _once_differentiable(name, backward),
+                                        setup_context=setup_context)
 
     def _conv2d_setup(ctx, inputs, output):
         input, weight, bias, stride, padding, dilation, groups = inputs
@@ -175,7 +223,7 @@ def register_autograd(ns):
         mask = list(ctx.needs_input_grad[:3])
         return _grads(ctx, lib.conv2d_backward(grad, input, weight, *ctx.conv, mask), 7)
 
-    torch.library.register_autograd(ns + "::conv2d", _conv2d_backward, setup_context=_conv2d_setup)
+    register("conv2d", _conv2d_backward, _conv2d_setup)
 
     def _conv2d_relu_setup(ctx, inputs, output):
         input, weight, bias, residual, stride, padding, dilation, groups = inputs
@@ -189,8 +237,7 @@ def register_autograd(ns):
         gi, gw, gb = lib.conv2d_backward(grad, input, weight, *ctx.conv, [n[0], n[1], n[2]])
         return _grads(ctx, (gi, gw, gb, grad), 8)
 
-    torch.library.register_autograd(ns + "::conv2d_relu", _conv2d_relu_backward,
-                                    setup_context=_conv2d_relu_setup)
+    register("conv2d_relu", _conv2d_relu_backward, _conv2d_relu_setup)
 
     def _bn_setup(ctx, inputs, output):
         input, weight, bias, running_mean, running_var, training, eps = inputs
@@ -204,8 +251,7 @@ def register_autograd(ns):
         return _grads(ctx, lib.batch_norm_backward(grad, input, weight, mean, invstd,
                                                    ctx.training, mask), 7)
 
-    torch.library.register_autograd(ns + "::batch_norm", _batch_norm_backward,
-                                    setup_context=_bn_setup)
+    register("batch_norm", _batch_norm_backward, _bn_setup)
 
     def _bn_relu_setup(ctx, inputs, output):
         input, weight, bias, running_mean, running_var, residual, training, eps, relu = inputs
@@ -220,8 +266,7 @@ def register_autograd(ns):
                                               ctx.relu, [n[0], n[1], n[2], n[5]])
         return _grads(ctx, (gi, gw, gb, None, None, gr), 9)
 
-    torch.library.register_autograd(ns + "::bn_relu", _bn_relu_backward,
-                                    setup_context=_bn_relu_setup)
+    register("bn_relu", _bn_relu_backward, _bn_relu_setup)
 
     def _cbr_setup(ctx, inputs, output):
         (input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
@@ -240,8 +285,7 @@ def register_autograd(ns):
             ctx.training, ctx.relu, [n[0], n[1], n[2], n[3], n[4], n[7]])
         return _grads(ctx, (gi, gw, gcb, gbw, gbb, None, None, gr), 15)
 
-    torch.library.register_autograd(ns + "::conv_bn_relu", _cbr_backward,
-                                    setup_context=_cbr_setup)
+    register("conv_bn_relu", _cbr_backward, _cbr_setup)
 
     def _max_pool_setup(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
@@ -252,8 +296,7 @@ def register_autograd(ns):
         input, indices = ctx.saved_tensors
         return (lib.max_pool2d_backward(grad, input, indices, *ctx.geometry),) + (None,) * 5
 
-    torch.library.register_autograd(ns + "::max_pool2d", _max_pool_backward,
-                                    setup_context=_max_pool_setup)
+    register("max_pool2d", _max_pool_backward, _max_pool_setup)
 
     def _avg_pool_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
@@ -263,8 +306,7 @@ def register_autograd(ns):
         (input,) = ctx.saved_tensors
         return (lib.avg_pool2d_backward(grad, input, *ctx.args),) + (None,) * 6
 
-    torch.library.register_autograd(ns + "::avg_pool2d", _avg_pool_backward,
-                                    setup_context=_avg_pool_setup)
+    register("avg_pool2d", _avg_pool_backward, _avg_pool_setup)
 
     def _adaptive_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
@@ -273,8 +315,7 @@ def register_autograd(ns):
         (input,) = ctx.saved_tensors
         return lib.adaptive_avg_pool2d_backward(grad, input), None
 
-    torch.library.register_autograd(ns + "::adaptive_avg_pool2d", _adaptive_backward,
-                                    setup_context=_adaptive_setup)
+    register("adaptive_avg_pool2d", _adaptive_backward, _adaptive_setup)
 
     def _add_relu_setup(ctx, inputs, output):
         ctx.save_for_backward(output)
@@ -284,8 +325,7 @@ def register_autograd(ns):
         g = lib.add_relu_backward(grad, out)
         return _grads(ctx, (g, g), 2)
 
-    torch.library.register_autograd(ns + "::add_relu", _add_relu_backward,
-                                    setup_context=_add_relu_setup)
+    register("add_relu", _add_relu_backward, _add_relu_setup)
 
 
 

@@ -14,9 +14,14 @@
 // cnnops/ops.py, register_autograd.
 
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <array>
+#include <memory>
+#include <string>
+#include <type_traits>
 
 namespace cnnops {
 namespace {
@@ -151,10 +156,44 @@ std::vector<int64_t> ints(AutogradContext* ctx, const char* key) {
   return ctx->saved_data[key].toIntVector();
 }
 
-// The gradients of a forward with `n_args` arguments: `grads` for the first
-// ones, undefined for the rest (non-tensor arguments included).
-variable_list pad_grads(variable_list grads, size_t n_args) {
+// A new autograd node, held as this torch's Edge holds nodes (std::shared_ptr
+// before torch 2.13, c10::intrusive_ptr since).
+template <typename T, typename... Args>
+auto make_node(Args&&... args) {
+  using Ptr = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+}
+
+// What a backward returns for the op `name` with `n_args` arguments: `grads`
+// for the first ones, undefined for the rest (non-tensor arguments included).
+//
+// The backward ops have no derivatives of their own. Under create_graph=True
+// (grad mode on during backward), when the gradients depend on something that
+// requires grad (the backward's `incoming` gradients or its saved tensors),
+// they are attached to a node that raises, naming the op, when a second
+// backward reaches it, rather than coming back as constants that silently
+// drop out of second derivatives.
+variable_list backward_result(const char* name, AutogradContext* ctx, const variable_list& incoming,
+                              variable_list grads, size_t n_args) {
   grads.resize(n_args);
+  if (!at::GradMode::is_enabled()) return grads;
+  variable_list sources = ctx->get_saved_variables();
+  sources.insert(sources.end(), incoming.begin(), incoming.end());
+  if (!torch::autograd::compute_requires_grad(sources)) return grads;
+  const auto error = make_node<torch::autograd::Error>(
+      std::string("cnnops::") + name +
+          ": double backward (differentiating its gradient, as create_graph=True allows) is "
+          "not supported; compute second derivatives through torch.nn.functional instead",
+      torch::autograd::collect_next_edges(sources));
+  for (Tensor& g : grads) {
+    if (!g.defined()) continue;
+    g = g.detach();
+    torch::autograd::set_history(g, error);
+  }
   return grads;
 }
 
@@ -188,7 +227,7 @@ struct Conv2dBackward : torch::autograd::Function<Conv2dBackward> {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
     auto [gi, gw, gb] = conv_backward(ctx, needs, grads[0], s[0], s[1]);
-    return pad_grads({needs(0, gi), needs(1, gw), needs(2, gb)}, 7);
+    return backward_result("conv2d", ctx, grads, {needs(0, gi), needs(1, gw), needs(2, gb)}, 7);
   }
 };
 
@@ -209,7 +248,8 @@ struct Conv2dReluBackward : torch::autograd::Function<Conv2dReluBackward> {
     // Through the ReLU: also the residual's gradient.
     const Tensor g = below_autograd(add_relu_backward_op(), grads[0], s[2]);
     auto [gi, gw, gb] = conv_backward(ctx, needs, g, s[0], s[1]);
-    return pad_grads({needs(0, gi), needs(1, gw), needs(2, gb), needs(3, g)}, 8);
+    return backward_result("conv2d_relu", ctx, grads,
+                           {needs(0, gi), needs(1, gw), needs(2, gb), needs(3, g)}, 8);
   }
 };
 
@@ -239,7 +279,7 @@ struct BatchNormBackward : torch::autograd::Function<BatchNormBackward> {
     auto [gi, gw, gb] =
         below_autograd(batch_norm_backward_op(), grads[0], s[0], s[1], s[2], s[3],
                        ctx->saved_data["training"].toBool(), needs.mask<3>({0, 1, 2}));
-    return pad_grads({needs(0, gi), needs(1, gw), needs(2, gb)}, 7);
+    return backward_result("batch_norm", ctx, grads, {needs(0, gi), needs(1, gw), needs(2, gb)}, 7);
   }
 };
 
@@ -265,8 +305,9 @@ struct BnReluBackward : torch::autograd::Function<BnReluBackward> {
         below_autograd(bn_relu_backward_op(), grads[0], s[4], s[0], s[1], s[2], s[3],
                        ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool(),
                        needs.mask<4>({0, 1, 2, 5}));
-    return pad_grads({needs(0, gi), needs(1, gw), needs(2, gb), Tensor(), Tensor(), needs(5, gr)},
-                     9);
+    return backward_result(
+        "bn_relu", ctx, grads,
+        {needs(0, gi), needs(1, gw), needs(2, gb), Tensor(), Tensor(), needs(5, gr)}, 9);
   }
 };
 
@@ -298,9 +339,10 @@ struct ConvBnReluBackward : torch::autograd::Function<ConvBnReluBackward> {
                        s[6], s[7], ints(ctx, "stride"), ints(ctx, "padding"), ints(ctx, "dilation"),
                        ctx->saved_data["groups"].toInt(), ctx->saved_data["training"].toBool(),
                        ctx->saved_data["relu"].toBool(), needs.mask<6>({0, 1, 2, 3, 4, 7}));
-    return pad_grads({needs(0, gi), needs(1, gw), needs(2, gcb), needs(3, gbw), needs(4, gbb),
-                      Tensor(), Tensor(), needs(7, gr)},
-                     15);
+    return backward_result("conv_bn_relu", ctx, grads,
+                           {needs(0, gi), needs(1, gw), needs(2, gcb), needs(3, gbw), needs(4, gbb),
+                            Tensor(), Tensor(), needs(7, gr)},
+                           15);
   }
 };
 
@@ -321,7 +363,8 @@ struct MaxPool2dBackward : torch::autograd::Function<MaxPool2dBackward> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    return pad_grads(
+    return backward_result(
+        "max_pool2d", ctx, grads,
         {below_autograd(max_pool2d_backward_op(), grads[0], s[0], s[1], ints(ctx, "kernel_size"),
                         ints(ctx, "stride"), ints(ctx, "padding"), ints(ctx, "dilation"))},
         6);
@@ -346,7 +389,8 @@ struct AvgPool2dBackward : torch::autograd::Function<AvgPool2dBackward> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     auto& d = ctx->saved_data;
-    return pad_grads(
+    return backward_result(
+        "avg_pool2d", ctx, grads,
         {below_autograd(avg_pool2d_backward_op(), grads[0], s[0], ints(ctx, "kernel_size"),
                         ints(ctx, "stride"), ints(ctx, "padding"), d["ceil_mode"].toBool(),
                         d["count_include_pad"].toBool(),
@@ -362,7 +406,8 @@ struct AdaptiveAvgPool2dBackward : torch::autograd::Function<AdaptiveAvgPool2dBa
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    return {below_autograd(adaptive_avg_pool2d_backward_op(), grads[0], s[0]), Tensor()};
+    return backward_result("adaptive_avg_pool2d", ctx, grads,
+                           {below_autograd(adaptive_avg_pool2d_backward_op(), grads[0], s[0])}, 2);
   }
 };
 
@@ -379,7 +424,7 @@ struct AddReluBackward : torch::autograd::Function<AddReluBackward> {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
     const Tensor g = below_autograd(add_relu_backward_op(), grads[0], s[0]);
-    return {needs(0, g), needs(1, g)};
+    return backward_result("add_relu", ctx, grads, {needs(0, g), needs(1, g)}, 2);
   }
 };
 

@@ -1,4 +1,4 @@
-"""Calls that torch.nn.functional answers, answered the same way.
+"""Calls that torch.nn.functional answers, answered the same way; and double backward refused.
 
 * Unbatched input: torch's convolution and pooling (functions and modules) take [C, H, W] as a
   batch of one and drop the batch dimension from the result.
@@ -6,6 +6,9 @@
   start (the output is 1 wide) and the dilation of a one-tap kernel. torch returns an answer
   for these; so must cnnops. Padding that would make an output of 2**31 rows stays an error
   (torch fails to allocate it).
+* create_graph=True through a cnnops op gives correct first derivatives; differentiating them
+  again raises an error that names the op instead of silently dropping the op's contribution
+  (the `reference` backend, plain PyTorch, computes second derivatives).
 """
 import pytest
 import torch
@@ -128,3 +131,46 @@ def test_conv2d_padding_past_int32_is_a_clear_error(backend):
     x, w = torch.randn(1, 1, 2, 2), torch.randn(1, 1, 1, 1)
     with pytest.raises(ValueError, match=r"expected padding <= 2\*\*31 - 1, got \(1099511627776"):
         CF.conv2d(x, w, padding=2 ** 40)
+
+
+# ---------------------------------------------------------------------------
+# double backward
+
+C = 4
+
+
+def _bn_args():
+    return torch.zeros(C), torch.ones(C)
+
+
+DOUBLE = [
+    ("conv2d", lambda x, w: CF.conv2d(x, w, None, 1, 1)),
+    ("conv2d_relu", lambda x, w: CF.conv2d_relu(x, w, None, 1, 1)),
+    ("conv_bn_relu", lambda x, w: CF.conv_bn_relu(x, w, None, None, None, *_bn_args(),
+                                                  padding=1, training=True)),
+    ("batch_norm", lambda x, w: CF.batch_norm(x, *_bn_args(), training=True) * w.sum()),
+    ("bn_relu", lambda x, w: CF.bn_relu(x, *_bn_args(), None, None, training=True) * w.sum()),
+    ("max_pool2d", lambda x, w: CF.max_pool2d(x, 2) * w.sum()),
+    ("avg_pool2d", lambda x, w: CF.avg_pool2d(x, 2) * w.sum()),
+    ("adaptive_avg_pool2d", lambda x, w: CF.adaptive_avg_pool2d(x, 3) * w.sum()),
+    ("add_relu", lambda x, w: CF.add_relu(x, x * w.sum())),
+]
+
+
+@pytest.mark.parametrize("name, fn", DOUBLE, ids=[c[0] for c in DOUBLE])
+def test_double_backward_raises_naming_the_op(backend, name, fn):
+    torch.manual_seed(4)
+    x = torch.randn(2, C, 6, 6, requires_grad=True)
+    w = torch.randn(C, C, 3, 3, requires_grad=True)
+    # first derivatives under create_graph=True are still right
+    (gx,) = torch.autograd.grad(fn(x, w).square().sum(), x, create_graph=True)
+    with cnnops.use_backend("reference"):
+        (expected,) = torch.autograd.grad(fn(x, w).square().sum(), x)
+    assert_close(gx, expected)
+    if backend == "reference":  # plain PyTorch: second derivatives exist
+        torch.autograd.grad(gx.square().sum(), w)
+        return
+    with pytest.raises(RuntimeError, match=r"cnnops::%s: double backward" % name):
+        torch.autograd.grad(gx.square().sum(), w)
+    with pytest.raises(RuntimeError, match=r"cnnops::%s: double backward" % name):
+        torch.autograd.grad(fn(x, w).square().sum(), x, create_graph=True)[0].sum().backward()
