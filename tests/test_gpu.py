@@ -410,6 +410,32 @@ def test_batch_norm_statistics_are_stable_for_large_means(gpu_backend, layout):
     torch.testing.assert_close(rm.double(), rm64, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("spread", [1.0, 1e-4], ids=["spread1", "spread1e-4"])
+def test_batch_norm_input_gradient_with_two_values_per_channel(gpu_backend, spread):
+    """Training BN over two values per channel (N=2, H=W=1): the input gradient is what is left
+    after terms of size w*invstd*|gy| (up to 1/sqrt(eps)) nearly cancel. cnnops must be about as
+    accurate as torch's own float32 kernel, measured against float64. (The cuda backend once
+    scaled each term before they cancelled, and was off by ~2e-3.)"""
+    torch.manual_seed(7)
+    C = 4096
+    x = make((2, C, 1, 1), torch.float32, scale=spread)
+    g = make((2, C, 1, 1), torch.float32)
+    w = make((C,), torch.float32, positive=True)
+
+    def grad_input(fn, x, w):
+        x = x.detach().clone().requires_grad_()
+        return torch.autograd.grad(fn(x, None, None, w, None, True), x, g.to(x.dtype))[0]
+
+    truth = grad_input(F.batch_norm, x.double(), w.double())
+    floor = 1e-3 * truth.abs().max()
+
+    def error(got):  # the worst elementwise error, relative to the element (or 1e-3 of the max)
+        return ((got.double() - truth).abs() / (truth.abs() + floor)).max().item()
+
+    ours, torchs = error(grad_input(CF.batch_norm, x, w)), error(grad_input(F.batch_norm, x, w))
+    assert ours <= 2 * torchs + 2e-6, (ours, torchs)
+
+
 # ---------------------------------------------------------------------------
 # conv -> BN -> (+ residual) -> ReLU
 
@@ -557,8 +583,11 @@ def test_avg_pool2d(gpu_backend, config, shape, dtype, layout):
     k, s, p, ceil, include_pad, divisor = config
     torch.manual_seed(10)
     x = make(shape, dtype, layout, grad=True)
+    # The reference pools an NCHW copy: torch's own CUDA avg_pool2d backward is wrong for
+    # channels_last input with padding > 0 (pytorch/pytorch#188344, seen with torch 2.11).
     out, _ = run_pair(lambda x: CF.avg_pool2d(x, k, s, p, ceil, include_pad, divisor),
-                      lambda x: F.avg_pool2d(x, k, s, p, ceil, include_pad, divisor), [x], dtype)
+                      lambda x: F.avg_pool2d(x.contiguous(), k, s, p, ceil, include_pad, divisor),
+                      [x], dtype)
     assert out.dtype == dtype
     assert out.is_contiguous(memory_format=expected_format(x))
 
@@ -731,7 +760,12 @@ def test_ops_run_on_the_inputs_device(gpu_backend):
 def test_autocast_conv_bn_relu(gpu_backend, amp_dtype, training, layout):
     """Under torch.autocast the convolution runs in the autocast dtype (input, weight, conv
     bias and residual cast) and BN keeps its float32 parameters and statistics, as
-    conv2d -> batch_norm -> add -> relu do in torch; gradients reach the float32 leaves."""
+    conv2d -> batch_norm -> add -> relu do in torch; gradients reach the float32 leaves.
+
+    The reference is torch in float32 on the values autocast rounds (this file's rule for half
+    types), not torch under autocast: in training, the conv bias gradient is zero up to
+    rounding, and torch's bfloat16 sum of bfloat16-rounded terms is ~0.05 of noise where
+    cnnops' float32 sums give ~1e-7, so an autocast reference failed the more exact result."""
     torch.manual_seed(16)
     x = make((4, 8, 10, 10), torch.float32, layout, grad=True)
     w = make((12, 8, 3, 3), torch.float32, grad=True, scale=0.12)
@@ -743,20 +777,24 @@ def test_autocast_conv_bn_relu(gpu_backend, amp_dtype, training, layout):
     ref_leaves = [to_ref(t, torch.float32) for t in leaves]
     with torch.autocast("cuda", dtype=amp_dtype):
         out = CF.conv_bn_relu(x, w, cb, bw, bb, rm, rv, 1, 1, training=training, residual=r)
-        xr, wr, cbr, bwr, bbr, rr = ref_leaves
-        # cnnops casts the residual with the convolution's tensors; torch would promote
-        # half + float32 to float32, so cast it here too
-        pre = F.batch_norm(F.conv2d(xr, wr, cbr, 1, 1), rm_ref, rv_ref, bwr, bbr,
-                           training) + rr.to(amp_dtype)
-        exp = F.relu(pre)
-    assert out.dtype == amp_dtype == exp.dtype
-    check(out, exp.float(), amp_dtype)
+
+    def rounded(t):  # autocast's cast of the value; the gradient passes in float32
+        return t + (t.to(amp_dtype).float() - t).detach()
+
+    xr, wr, cbr, bwr, bbr, rr = ref_leaves
+    # cnnops casts the residual with the convolution's tensors (torch would promote
+    # half + float32 to float32), so it is rounded here too
+    pre = F.batch_norm(F.conv2d(rounded(xr), rounded(wr), rounded(cbr), 1, 1), rm_ref, rv_ref,
+                       bwr, bbr, training) + rounded(rr)
+    exp = F.relu(pre)
+    assert out.dtype == amp_dtype
+    check(out, exp, amp_dtype)
     check(rm, rm_ref, amp_dtype, "running_mean")
     check(rv, rv_ref, amp_dtype, "running_var")
     g = torch.randn(tuple(out.shape), device=DEVICE)
     got = torch.autograd.grad((out.float() * g).sum(), leaves)
     # through our output's ReLU mask (see run_pair)
-    want = torch.autograd.grad((pre.float() * (out > 0) * g).sum(), ref_leaves)
+    want = torch.autograd.grad((pre * (out > 0) * g).sum(), ref_leaves)
     for name, a, b in zip(["input", "weight", "conv_bias", "bn_weight", "bn_bias", "residual"],
                           got, want):
         assert a.dtype == torch.float32, name
@@ -1023,21 +1061,39 @@ def test_resnet_training_step_matches_torch(gpu_backend, dtype, layout):
 @needs_cuda
 @pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_resnet_training_step_under_autocast(gpu_backend, amp_dtype):
-    """The same step under torch.autocast, against torch under autocast (loose: both round
-    differently in the low-precision dtype)."""
+    """The same step under torch.autocast. Gradients are judged against the float32 step: cnnops
+    under autocast must be about as accurate as torch under autocast.
+
+    Comparing the two autocast runs with each other tests noise: in bfloat16 torch's own
+    gradients of this net are 20-50% off the float32 step (relative L2 over all parameters
+    0.19-0.33 over 4 seeds, bn1.bias 0.22-0.50; measured on the CPU), so a fused-vs-eager
+    difference of 0.30 (the first GPU run) says nothing about either. A wrong gradient is off
+    by ~1 or more and still fails."""
+    import copy
+
     plain, fused = _twin_resnet(torch.float32, "channels_last")
+    exact = copy.deepcopy(plain)
     x = make((6, 3, 32, 32), torch.float32, "channels_last")
     y = torch.randint(0, 10, (6,)).to(DEVICE)
+    _, _, grads_e = _train_step(exact, x, y)
     with torch.autocast("cuda", dtype=amp_dtype):
         out_p, loss_p, grads_p = _train_step(plain, x, y)
         out_f, loss_f, grads_f = _train_step(fused, x, y)
     assert out_f.dtype == out_p.dtype
     check(out_f, out_p.float(), amp_dtype, "logits")
     assert abs(loss_f.item() - loss_p.item()) < 0.02 * abs(loss_p.item())
-    for name in grads_p:
-        a, b = grads_f[name].double(), grads_p[name].double()
-        rel = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-        assert rel < (0.1 if amp_dtype == torch.float16 else 0.3), (name, rel)
+
+    def error(grads, names):
+        a = torch.cat([grads[n].double().flatten() for n in names])
+        b = torch.cat([grads_e[n].double().flatten() for n in names])
+        return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+    names = list(grads_e)
+    assert error(grads_f, names) <= 1.25 * error(grads_p, names) + 0.02, (
+        error(grads_f, names), error(grads_p, names))
+    for name in names:
+        assert error(grads_f, [name]) <= 2 * error(grads_p, [name]) + 0.05, (
+            name, error(grads_f, [name]), error(grads_p, [name]))
 
 
 @needs_cuda

@@ -377,13 +377,18 @@ __global__ void bwd_reduce_rows_kernel(const scalar_t* __restrict__ g,
 
 // Per-channel BN backward constants from the S partial sums of each channel
 // (p_sum may be null: no reduction ran, both sums are zero). The input
-// gradient is one affine map per channel:
-//   gx = a * gy + b * (x - mean) + c
-// training: a = w*invstd, b = -w*invstd^3 * sum(gy*(x-mean)) / M,
-//           c = -w*invstd * sum(gy) / M;  inference: a = w*invstd, b = c = 0.
+// gradient is, per channel,
+//   gx = a * ((gy - c) - b * (x - mean))
+// training: a = w*invstd, b = invstd^2 * sum(gy*(x-mean)) / M, c = sum(gy) / M;
+// inference: a = w*invstd, b = c = 0.
+// gy is centred before it is scaled, as aten's CUDA kernel does: with few
+// values per channel (two, say) the terms nearly cancel, and scaling each one
+// by w*invstd first (up to 1/sqrt(eps)) before they cancel lost three digits.
 // coef holds a, b, c as [3, C]. Also writes, when non-null, the weight and
 // bias gradients (sum(gy*(x-mean)) * invstd, sum(gy)) and the gradient of a
-// conv bias feeding BN (the sum of gx over the channel: a*sum(gy) + c*M).
+// conv bias feeding BN (the sum of gx over the channel: a * (sum(gy) - c*M),
+// zero up to rounding in training), all from the float sums, before any
+// rounding to a half type.
 template <typename scalar_t, typename acc_t>
 __global__ void bwd_constants_kernel(int64_t C, int64_t S, const acc_t* __restrict__ p_sum,
                                      const acc_t* __restrict__ p_dot,
@@ -408,19 +413,19 @@ __global__ void bwd_constants_kernel(int64_t C, int64_t S, const acc_t* __restri
     acc_t b = 0, k = 0;
     const acc_t m = static_cast<acc_t>(count);
     if (training && count > 0) {
-      b = -w * is * is * is * dot / m;
-      k = -a * sum / m;
+      b = is * is * dot / m;
+      k = sum / m;
     }
     coef[c] = a;
     coef[C + c] = b;
     coef[2 * C + c] = k;
     if (grad_weight != nullptr) grad_weight[c] = dot * is;
     if (grad_bias != nullptr) grad_bias[c] = sum;
-    if (grad_conv_bias != nullptr) grad_conv_bias[c] = static_cast<scalar_t>(a * sum + k * m);
+    if (grad_conv_bias != nullptr) grad_conv_bias[c] = static_cast<scalar_t>(a * (sum - k * m));
   }
 }
 
-// gx = a*gy + b*(x - mean) + c (gx may be null) and gr = gy (gr may be null)
+// gx = a*((gy - c) - b*(x - mean)) (gx may be null) and gr = gy (gr may be null)
 // over planes. g, o, x and gr share the strides sB, sC; gx has its own
 // (it may be the channel-major GEMM buffer of the conv backward).
 template <typename scalar_t, typename acc_t>
@@ -441,9 +446,9 @@ __global__ void bwd_apply_planes_kernel(const scalar_t* __restrict__ g,
     for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
       const acc_t gy = masked_grad<scalar_t, acc_t>(g, o, off + l);
       if (gxp != nullptr) {
-        acc_t v = ka * gy + kc;
-        if (centred) v += kb * (static_cast<acc_t>(x[off + l]) - mu);
-        gxp[l] = static_cast<scalar_t>(v);
+        acc_t v = gy - kc;
+        if (centred) v -= kb * (static_cast<acc_t>(x[off + l]) - mu);
+        gxp[l] = static_cast<scalar_t>(ka * v);
       }
       if (gr != nullptr) gr[off + l] = static_cast<scalar_t>(gy);
     }
@@ -464,9 +469,9 @@ __global__ void bwd_apply_rows_kernel(const scalar_t* __restrict__ g,
       const acc_t gy = masked_grad<scalar_t, acc_t>(g, o, i);
       if (gx != nullptr) {
         const acc_t kb = coef[C + c];
-        acc_t v = coef[c] * gy + coef[2 * C + c];
-        if (x != nullptr && kb != acc_t(0)) v += kb * (static_cast<acc_t>(x[i]) - mean[c]);
-        gx[i] = static_cast<scalar_t>(v);
+        acc_t v = gy - coef[2 * C + c];
+        if (x != nullptr && kb != acc_t(0)) v -= kb * (static_cast<acc_t>(x[i]) - mean[c]);
+        gx[i] = static_cast<scalar_t>(coef[c] * v);
       }
       if (gr != nullptr) gr[i] = static_cast<scalar_t>(gy);
     }
