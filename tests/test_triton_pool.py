@@ -120,6 +120,16 @@ def _grad(fn, x, g):
     return gx
 
 
+def _avg_grad(args, x, g):
+    """avg_pool2d's input gradient by torch.autograd on NCHW copies on the CPU, in x's dtype
+    (float32 for half types), returned on DEVICE. Not from x's own layout and device:
+    torch's CUDA kernel gets the channels_last gradient wrong when there is padding
+    (pytorch/pytorch#188344; the first GPU run's avg_pool2d failures match it)."""
+    dtype = torch.float32 if x.dtype in REDUCED else x.dtype
+    cpu = [t.detach().to("cpu", dtype).contiguous() for t in (x, g)]
+    return _grad(lambda t: F.avg_pool2d(t, *args), *cpu).to(DEVICE)
+
+
 # ---------------------------------------------------------------------------
 # max_pool2d
 
@@ -256,7 +266,7 @@ def _check_avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, 
     torch.testing.assert_close(actual, expected)
     g = _make(expected.shape, grad_layout, x.dtype)
     grad = pool.avg_pool2d_backward(g, x, *args)
-    torch.testing.assert_close(grad, _grad(lambda t: F.avg_pool2d(t, *args), x, g))
+    torch.testing.assert_close(grad, _avg_grad(args, x, g))
     _assert_layout(x, actual, grad)
 
 
@@ -303,8 +313,69 @@ def test_avg_pool2d_reduced_precision(config, dtype):
     _reduced_close(actual, F.avg_pool2d(x.float(), *args), dtype)
     g = _make(actual.shape, layout, dtype)
     grad = pool.avg_pool2d_backward(g, x, *args)
-    _reduced_close(grad, _grad(lambda t: F.avg_pool2d(t, *args), x.float(), g.float()), dtype)
+    _reduced_close(grad, _avg_grad(args, x, g), dtype)
     _assert_layout(x, actual, grad)
+
+
+def _avg_grad_by_definition(g, hw, kernel, stride, padding, count_include_pad, divisor):
+    """avg_pool2d's input gradient from its definition, independent of any pooling kernel:
+    each window (output element) adds its gradient / its divisor to the input elements it
+    holds. g [N, C, OH, OW] -> [N, C, H, W] float64, on the CPU."""
+    g = g.detach().to("cpu", torch.float64)
+    (H, W), (KH, KW), (SH, SW), (PH, PW) = hw, kernel, stride, padding
+    grad = torch.zeros(g.shape[:2] + (H, W), dtype=torch.float64)
+    for oh in range(g.shape[2]):
+        for ow in range(g.shape[3]):
+            h0, w0 = oh * SH - PH, ow * SW - PW
+            # The window in the padded input (a ceil-mode overhang past the padding is not
+            # part of it) and its real elements.
+            h1, w1 = min(h0 + KH, H + PH), min(w0 + KW, W + PW)
+            hs, he, ws, we = max(h0, 0), min(h1, H), max(w0, 0), min(w1, W)
+            if divisor is not None:
+                d = divisor
+            elif count_include_pad:
+                d = (h1 - h0) * (w1 - w0)
+            else:
+                d = (he - hs) * (we - ws)
+            grad[:, :, hs:he, ws:we] += g[:, :, oh:oh + 1, ow:ow + 1] / d
+    return grad
+
+
+# channels_last input with padding: where torch's CUDA backward is wrong (pytorch#188344),
+# with ceil mode (windows overhanging the padding), both count_include_pad settings and
+# divisor_override. (kernel, stride, padding, ceil_mode, count_include_pad, divisor, (H, W))
+AVG_CL_PADDED = [
+    ((2, 2), (1, 1), (1, 1), False, True, None, (4, 4)),   # the issue's own repro geometry
+    ((3, 3), (2, 2), (1, 1), True, True, None, (6, 8)),
+    ((3, 3), (2, 2), (1, 1), True, False, None, (7, 9)),
+    ((3, 3), (1, 1), (1, 1), False, False, None, (5, 5)),
+    ((3, 2), (2, 1), (1, 1), True, True, None, (7, 9)),
+    ((4, 3), (3, 2), (2, 1), True, False, None, (7, 9)),
+    ((3, 3), (2, 2), (1, 0), False, True, 3, (6, 8)),
+    ((2, 2), (2, 2), (1, 1), True, False, 2, (5, 7)),
+]
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "cl_strided"])
+@pytest.mark.parametrize("config", AVG_CL_PADDED, ids=_ids)
+def test_avg_pool2d_backward_channels_last_padded(config, layout):
+    # float64, C=5 (channels are the fastest-moving index), against both the definition and
+    # torch's CPU kernel on an NCHW copy; the gradient fed in comes in three layouts.
+    kernel, stride, padding, ceil_mode, count_include_pad, divisor, hw = config
+    args = (kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+    i = AVG_CL_PADDED.index(config)
+    torch.manual_seed(10 + i)
+    x = _make((2, 5) + hw, layout, torch.float64)
+    out = pool.avg_pool2d(x, *args)
+    torch.testing.assert_close(out, F.avg_pool2d(x.detach().cpu().contiguous(), *args).to(DEVICE))
+    for grad_layout in ("contiguous", "channels_last", "strided"):
+        g = _make(out.shape, grad_layout, torch.float64)
+        grad = pool.avg_pool2d_backward(g, x, *args)
+        expected = _avg_grad_by_definition(g, hw, kernel, stride, padding, count_include_pad,
+                                           divisor)
+        torch.testing.assert_close(grad.cpu(), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, _avg_grad(args, x, g), rtol=1e-12, atol=1e-12)
+        _assert_layout(x, out, grad)
 
 
 # ---------------------------------------------------------------------------
@@ -396,7 +467,7 @@ def test_pooling_expanded_grad_output():
     avg_args = args[:3] + (True, False, None)
     g = torch.ones((), dtype=x.dtype, device=DEVICE).expand(F.avg_pool2d(x, *avg_args).shape)
     torch.testing.assert_close(pool.avg_pool2d_backward(g, x, *avg_args),
-                               _grad(lambda t: F.avg_pool2d(t, *avg_args), x, g))
+                               _avg_grad(avg_args, x, g))
 
 
 def test_several_programs(monkeypatch):

@@ -40,18 +40,51 @@ _GEMM_CONFIGS = [
     (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3),
     (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), 4, 3),
 ]
+# float64 tiles multiply with _mma's broadcast-and-sum, which holds the whole
+# [BLOCK_M, BLOCK_K, BLOCK_N] product in registers: small tiles, a short K step, and
+# warps enough that no config spills registers (checked on sm_90 with Triton 3.6 and 3.9).
+_GEMM_CONFIGS_FP64 = [
+    (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8), 4, 2),
+    (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=8), 8, 2),
+    (dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=8), 8, 2),
+    (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=4), 8, 2),
+]
 # Each interpreted program costs the same Python overhead per tile operation whatever
 # the tile size, so the interpreter gets tiles that cover the tests' tensors in one go.
 _INTERPRETED = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=16)
 _INTERPRETED_WGRAD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128)  # M: OC, N: C, K: positions
-# The stats partials are indexed by M tile; sized for the smallest BLOCK_M tried.
-_MIN_BLOCK_M = min(min(c[0]["BLOCK_M"] for c in _GEMM_CONFIGS), _INTERPRETED["BLOCK_M"])
 
 
-@triton.autotune(configs=configs(_GEMM_CONFIGS, _INTERPRETED),
-                 key=["CG", "OCG", "KH", "KW", "M_BUCKET", "STATS"])
+def _min_block_m(gemm_configs):
+    """The smallest BLOCK_M a launch with these configs may get: the stats partials are
+    indexed by M tile, so they are sized for it."""
+    return min(min(c[0]["BLOCK_M"] for c in gemm_configs), _INTERPRETED["BLOCK_M"])
+
+
+_MIN_BLOCK_M = {False: _min_block_m(_GEMM_CONFIGS), True: _min_block_m(_GEMM_CONFIGS_FP64)}
+
+
 @triton.jit
-def _forward_kernel(
+def _mma(acc, a, b, FP64: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b for tiles a [BLOCK_M, BLOCK_K] and b [BLOCK_K, BLOCK_N].
+
+    float64 does not go through tl.dot. Triton 3.6 (the GPU run's) rejects a float64
+    accumulator there at compile time (its tl.dot defaults out_dtype to float32 and asserts
+    the accumulator has that dtype), and float64 dot support differs across the Triton
+    releases cnnops accepts (>= 3.0) and the GPUs they target. A broadcast multiply and sum
+    is plain float64 arithmetic that any Triton compiles for any target, and float64
+    convolutions are for checking, not speed. The branch is on a constexpr: the other
+    dtypes compile to tl.dot (tensor cores) alone.
+    """
+    if FP64:
+        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _forward(
         x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
         cnt_ptr, mean_ptr, m2_ptr,
         N, H, W, OH, OW, CG, OCG, OC, M_BUCKET, T_MAX,
@@ -103,7 +136,7 @@ def _forward_kernel(
                 if UPCAST:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                acc = _mma(acc, a, b, FP64, PRECISION)
 
     valid = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
@@ -138,10 +171,8 @@ def _forward_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-@triton.autotune(configs=configs(_GEMM_CONFIGS, _INTERPRETED),
-                 key=["CG", "OCG", "KH", "KW", "M_BUCKET"])
 @triton.jit
-def _input_grad_kernel(
+def _input_grad(
         go_ptr, w_ptr, gi_ptr,
         N, H, W, OH, OW, CG, OCG, M_BUCKET,
         sgn, sgc, sgh, sgw, swo, swc, swh, sww, sin, sic, sih, siw,
@@ -192,7 +223,7 @@ def _input_grad_kernel(
                 if UPCAST:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                acc = _mma(acc, a, b, FP64, PRECISION)
 
     i_row = n.to(tl.int64) * sin + ih.to(tl.int64) * sih + iw.to(tl.int64) * siw
     c = g * CG + rn
@@ -200,10 +231,8 @@ def _input_grad_kernel(
              acc.to(gi_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=configs(_GEMM_CONFIGS, _INTERPRETED_WGRAD),
-                 key=["CG", "OCG", "KH", "KW", "M_BUCKET"])
 @triton.jit
-def _weight_grad_kernel(
+def _weight_grad(
         go_ptr, x_ptr, part_ptr,
         N, H, W, OH, OW, CG, OCG, OC, M_BUCKET, CHUNK,
         sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
@@ -255,13 +284,26 @@ def _weight_grad_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _mma(acc, a, b, FP64, PRECISION)
 
     # part is contiguous [SPLIT, OC, CG, KH, KW].
     oc = g * OCG + ro
     row = (split.to(tl.int64) * OC + oc) * CG * KH * KW + tap
     tl.store(part_ptr + row[:, None] + (rc * KH * KW)[None, :], acc,
              mask=o_ok[:, None] & c_ok[None, :])
+
+
+def _autotuned(fn, interpreted, key):
+    """fn autotuned over the GEMM configs, as {fp64: kernel}: float64 gets its own, smaller
+    tiles (see _mma). Both share fn's compilations cache (FP64 is a constexpr)."""
+    return {fp64: triton.autotune(configs=configs(gemm, interpreted), key=key)(fn)
+            for fp64, gemm in ((False, _GEMM_CONFIGS), (True, _GEMM_CONFIGS_FP64))}
+
+
+_KEY = ["CG", "OCG", "KH", "KW", "M_BUCKET"]
+_FORWARD_KERNEL = _autotuned(_forward, _INTERPRETED, _KEY + ["STATS"])
+_INPUT_GRAD_KERNEL = _autotuned(_input_grad, _INTERPRETED, _KEY)
+_WEIGHT_GRAD_KERNEL = _autotuned(_weight_grad, _INTERPRETED_WGRAD, _KEY)
 
 
 def _geometry(input, weight, stride, padding, dilation, groups):
@@ -288,7 +330,8 @@ def forward(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1
     out = common.empty(input, (N, OC, OH, OW))
     M = N * OH * OW
     acc = common.stat_dtype(input.dtype)
-    T_MAX = triton.cdiv(M, _MIN_BLOCK_M) if stats else 1
+    fp64 = common.is_fp64(input)
+    T_MAX = triton.cdiv(M, _MIN_BLOCK_M[fp64]) if stats else 1
     cnt = torch.zeros(T_MAX, dtype=torch.float32, device=input.device)
     mean = torch.zeros((T_MAX, OC) if stats else (1,), dtype=acc, device=input.device)
     m2 = torch.zeros_like(mean)
@@ -298,7 +341,7 @@ def forward(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1
     dummy = out  # pointer arguments the kernel does not read
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(OCG, meta["BLOCK_N"]),
                          groups)
-    wrap_triton(_forward_kernel)[grid](
+    wrap_triton(_FORWARD_KERNEL[fp64])[grid](
         input, weight, bias if bias is not None else dummy,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
         res, out, cnt, mean, m2,
@@ -306,7 +349,7 @@ def forward(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1
         *input.stride(), *weight.stride(), *res.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=KH, KW=KW, HAS_BIAS=bias is not None, FOLD_BN=scale is not None,
-        HAS_RES=residual is not None, RELU=relu, STATS=stats, FP64=common.is_fp64(input),
+        HAS_RES=residual is not None, RELU=relu, STATS=stats, FP64=fp64,
         PRECISION=common.dot_precision(input.dtype), UPCAST=common.dot_upcast(input.dtype))
     return (out, (cnt, mean, m2)) if stats else out
 
@@ -322,12 +365,13 @@ def input_grad(grad_output, weight, input_shape, stride, padding, dilation, grou
         return gi
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(CG, meta["BLOCK_N"]),
                          groups)
-    wrap_triton(_input_grad_kernel)[grid](
+    fp64 = common.is_fp64(grad_output)
+    wrap_triton(_INPUT_GRAD_KERNEL[fp64])[grid](
         grad_output, weight, gi,
         N, H, W, OH, OW, CG, OC // groups, common.size_bucket(M),
         *grad_output.stride(), *weight.stride(), *gi.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=KH, KW=KW, FP64=common.is_fp64(grad_output),
+        KH=KH, KW=KW, FP64=fp64,
         PRECISION=common.dot_precision(grad_output.dtype),
         UPCAST=common.dot_upcast(grad_output.dtype))
     return gi
@@ -351,11 +395,12 @@ def weight_grad(grad_output, input, weight_shape, stride, padding, dilation, gro
     part = torch.empty((splits, OC, CG, KH, KW), dtype=acc, device=input.device)
     grid = lambda meta: (triton.cdiv(OC // groups, meta["BLOCK_M"]) * triton.cdiv(CG, meta["BLOCK_N"]),
                          groups * KH * KW, splits)
-    wrap_triton(_weight_grad_kernel)[grid](
+    fp64 = common.is_fp64(input)
+    wrap_triton(_WEIGHT_GRAD_KERNEL[fp64])[grid](
         grad_output, input, part,
         N, H, W, OH, OW, CG, OC // groups, OC, common.size_bucket(M), _WGRAD_CHUNK,
         *grad_output.stride(), *input.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=KH, KW=KW, FP64=common.is_fp64(input),
+        KH=KH, KW=KW, FP64=fp64,
         PRECISION=common.dot_precision(input.dtype), UPCAST=common.dot_upcast(input.dtype))
     return part.sum(0).to(input.dtype)

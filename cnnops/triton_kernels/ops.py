@@ -13,6 +13,7 @@ parameter's.
 """
 from typing import Optional
 
+import torch
 from torch import Tensor
 from torch.library import triton_op
 
@@ -59,7 +60,9 @@ def conv2d_backward(grad_output: Tensor, input: Tensor, weight: Tensor, stride: 
           if output_mask[0] else _none(input))
     gw = (conv.weight_grad(grad_output, input, weight.shape, *geometry)
           if output_mask[1] else _none(input))
-    gb = norm.backward_sums(grad_output)[0] if output_mask[2] else _none(input)
+    # Summed in float32 for half types, rounded once to the bias's (the input's) dtype.
+    gb = (norm.backward_sums(grad_output)[0].to(input.dtype) if output_mask[2]
+          else _none(input))
     return gi, gw, gb
 
 
@@ -99,18 +102,21 @@ def bn_relu(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        relu)
 
 
-def _bn_backward(grad, output, x, weight, mean, invstd, training, relu, want, like):
-    """Gradients of relu?(batch_norm(x) + residual) w.r.t. (x, weight, bias, residual).
+def _bn_backward(grad, output, x, weight, mean, invstd, training, relu, want, like,
+                 want_input_sum=False):
+    """Gradients of relu?(batch_norm(x) + residual) w.r.t. (x, weight, bias, residual), and
+    the per-channel sum of the x gradient.
 
     grad, output, x [N, C, H, W] (x: the BN input; it may be empty when neither the
     training formula nor the weight gradient reads it); want: 4 flags; like: the tensor
-    whose layout the input and residual gradients take. Returns None for a gradient not
-    wanted.
+    whose layout the input and residual gradients take; want_input_sum: also return
+    sum over (N, H, W) of grad_x [C] (a conv bias's gradient) in the statistics dtype.
+    Returns None for a gradient not wanted.
     """
     R = grad.shape[0] * grad.shape[2] * grad.shape[3]
     masked = output if relu else None
     want_weight = want[1] and weight is not None
-    need_sums = want_weight or want[2] or (training and want[0])
+    need_sums = want_weight or want[2] or (training and want[0]) or want_input_sum
     need_xhat = want_weight or (training and want[0])
     sum_g = sum_gx = None
     if need_sums:
@@ -124,7 +130,19 @@ def _bn_backward(grad, output, x, weight, mean, invstd, training, relu, want, li
                                  want_input=want[0], want_residual=want[3], like=like)
     gw = sum_gx if want_weight else None
     gb = sum_g if want[2] else None
-    return gi, gw, gb, gr
+    gi_sum = None
+    if want_input_sum:
+        # From the float sums, not from grad_x rounded to a half type (whose sum is rounding
+        # noise of grad_x's size: the true sum is zero in training). Summed over the channel,
+        # grad_x = k * (g' - mg - (x - mean) * mgx) gives k * (sum g' - R * mg), as
+        # sum (x - mean) = 0; with fixed statistics grad_x = k * g' gives k * sum g'.
+        if R == 0:
+            gi_sum = torch.zeros_like(k)
+        elif training:
+            gi_sum = k * (sum_g - (sum_g / R) * R)
+        else:
+            gi_sum = k * sum_g
+    return gi, gw, gb, gr, gi_sum
 
 
 @triton_op(NS + "::batch_norm_backward", mutates_args=())
@@ -143,7 +161,7 @@ def bn_relu_backward(grad_output: Tensor, output: Optional[Tensor], input: Tenso
                      output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grads = _bn_backward(grad_output, output, input, weight, save_mean, save_invstd, training,
                          relu, output_mask, input)
-    return tuple(g if g is not None else _none(input) for g in grads)
+    return tuple(g if g is not None else _none(input) for g in grads[:4])
 
 
 # ---- convolution + batch normalisation + ReLU -----------------------------------
@@ -192,16 +210,19 @@ def conv_bn_relu_backward(grad_output: Tensor, output: Tensor, input: Tensor, we
     if not training and output_mask[3] and bn_weight is not None:
         # The weight gradient needs the normalised conv output, not kept in inference.
         y = conv.forward(input, weight, conv_bias, *geometry)
-    gy, gbw, gbb, gr = _bn_backward(
+    gy, gbw, gbb, gr, gy_sum = _bn_backward(
         grad_output, output, y, bn_weight, save_mean, save_invstd, training, relu,
-        [want_conv, output_mask[3], output_mask[4], output_mask[5]], output)
+        [want_conv, output_mask[3], output_mask[4], output_mask[5]], output,
+        want_input_sum=output_mask[2])
     gi = gw = gcb = None
     if output_mask[0]:
         gi = conv.input_grad(gy, weight, input.shape, *geometry, like=input)
     if output_mask[1]:
         gw = conv.weight_grad(gy, input, weight.shape, *geometry)
     if output_mask[2]:
-        gcb = norm.backward_sums(gy)[0]
+        # The conv bias gradient is the sum of gy: taken from BN's float sums (see
+        # _bn_backward), in the conv bias's dtype, which is the input's.
+        gcb = gy_sum.to(input.dtype)
     return tuple(g if g is not None else _none(input) for g in (gi, gw, gcb, gbw, gbb, gr))
 
 
