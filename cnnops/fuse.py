@@ -30,7 +30,10 @@ F.relu, torch.relu, x.relu(), ``x + y``, torch.add, ``out += identity``):
 - max / avg / adaptive-avg pooling (2-D)          cnnops pooling
 
 FrozenBatchNorm-style modules (fixed weight/bias/running_mean/running_var
-buffers, torchvision detection backbones) fuse as inference-mode BN.
+buffers, torchvision detection backbones) fuse as inference-mode BN. timm's
+BatchNormAct2d (a BatchNorm2d applying its own ``drop`` and ``act``; the ``bn``
+of timm's ConvNormAct) fuses as BN -> ReLU when its act is ReLU, as a plain BN
+when it is Identity, also alone; its drop must be Identity.
 
 Exactness rules: a conv output used by anything but its BN/ReLU blocks the
 fusion, so does a BN output used twice; an in-place add may only write into a
@@ -40,6 +43,9 @@ is later modified in place (the fused op keeps its output for backward);
 activations without a cnnops kernel (ReLU6, LeakyReLU, SiLU, ...), SyncBatchNorm,
 modules with hooks and subclasses that override forward are left alone. Python
 branches on ``self.training`` are honoured by tracing train and eval separately.
+BatchNorm subclasses are not traced into (each is a site, fused or reported), and
+a forward that writes into a tensor in place while traced (a buffer's ``add_``)
+keeps its forward: tracing would run the write once, at fuse time, not each call.
 Residual adds whose operands turn out at run time to need broadcasting or type
 promotion run the original ops.
 """
@@ -54,6 +60,7 @@ import torch.fx as fx
 import torch.nn.functional as TF
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import functional as CF
 from . import nn as cnn
@@ -362,6 +369,25 @@ def _is_cnnops_module(m):
     return type(m).__module__ == cnn.__name__
 
 
+def _bn_act_like(m):
+    """timm's BatchNormAct2d (timm.layers): a BatchNorm2d whose forward is BatchNorm2d's,
+    rewritten in Python, then its ``drop`` and ``act`` submodules. Known by its class name and
+    children (timm is not a dependency); a subclass that overrides its forward is not it."""
+    if not isinstance(m, nn.BatchNorm2d) or set(m._modules) != {"drop", "act"}:
+        return False
+    for cls in type(m).__mro__:
+        if cls.__name__ == "BatchNormAct2d":
+            return type(m).forward is cls.__dict__.get("forward")
+    return False
+
+
+def _known_forward(m):
+    """Whether m's forward is torch.nn's or cnnops's (so what it reads and writes is known)."""
+    forward_module = getattr(type(m).forward, "__module__", "") or ""
+    return (type(m).__module__.startswith(_TORCH_NN) or forward_module.startswith(_TORCH_NN)
+            or _is_cnnops_module(m))
+
+
 def _conv_reason(m):
     """Why conv module m cannot be fused (None if it can)."""
     if _has_hooks(m):
@@ -375,7 +401,10 @@ def _conv_reason(m):
 
 
 def _bn_kind(m):
-    """('bn' | 'frozen' | None, reason it is not fused or None) for a module call."""
+    """('bn' | 'frozen' | 'act' | None, reason it is not fused or None) for a module call.
+
+    'act': a BatchNormAct2d whose drop is Identity and whose activation is ReLU (applied by
+    the fused op) or Identity (a plain BN)."""
     if _frozen_bn_like(m):
         if _has_hooks(m):
             return None, "%s has hooks" % type(m).__name__
@@ -389,28 +418,44 @@ def _bn_kind(m):
         return None, "%s is not a 2-D BatchNorm" % type(m).__name__
     if isinstance(m, cnn.BNReLU):
         return None, "already a cnnops BNReLU"
-    if type(m).forward not in _BN_FORWARDS:
+    act = _bn_act_like(m)
+    if act:  # the fused op replaces its drop and act too
+        if type(m.drop) is not nn.Identity:
+            return None, ("%s applies %s after the BN; cnnops has no kernel for it"
+                          % (type(m).__name__, type(m.drop).__name__))
+        if type(m.act) not in (nn.ReLU, nn.Identity):
+            return None, "%s has no cnnops kernel" % type(m.act).__name__
+        if _has_hooks(m.drop) or _has_hooks(m.act):
+            return None, "its act or drop has hooks"
+    elif type(m).forward not in _BN_FORWARDS:
         return None, "%s overrides BatchNorm2d.forward" % type(m).__name__
     if _has_hooks(m):
         return None, "BN has hooks"
     if _is_lazy(m):
         return None, "BN parameters are not initialized (lazy)"
-    return "bn", None
+    return ("act" if act else "bn"), None
 
 
 _TORCH_NN = ("torch.nn", "torch.ao.nn")
 
 
+def _bn_act_suffix(m):
+    """'-relu', '-silu', ... for a BatchNormAct2d's own activation ('' for Identity or not one)."""
+    if not _bn_act_like(m) or type(m.act) is nn.Identity:
+        return ""
+    return "-" + type(m.act).__name__.lower()
+
+
 def _is_leaf_type(m):
     """Modules tracing does not enter: torch.nn's own and subclasses that keep their forward
-    (but containers), cnnops.nn's, frozen BN."""
+    (but containers), cnnops.nn's, frozen BN, and every BatchNorm subclass (timm's
+    BatchNormAct2d, ...): a BN is a site to fuse or report, and its forward's Python is of no
+    use traced (BatchNorm's counts the batch in place, see _ForbidInplaceWrites)."""
     if isinstance(m, torch.jit.ScriptModule):
         return True
     if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         return False
-    forward_module = getattr(type(m).forward, "__module__", "") or ""
-    return (type(m).__module__.startswith(_TORCH_NN) or forward_module.startswith(_TORCH_NN)
-            or _is_cnnops_module(m) or _frozen_bn_like(m))
+    return _known_forward(m) or _frozen_bn_like(m) or isinstance(m, _BatchNorm)
 
 
 # ---------------------------------------------------------------------------
@@ -508,6 +553,25 @@ class _ForbidModeChanges:
         return False
 
 
+class _InplaceWrite(RuntimeError):
+    pass
+
+
+class _ForbidInplaceWrites(TorchDispatchMode):
+    """Tracing runs a forward's Python once, on proxies for its inputs and parameters, but
+    its buffers and other tensor attributes reach that code as the real tensors: an in-place
+    op on one (BatchNorm's ``self.num_batches_tracked.add_(1)``, ``self.count += 1``) would
+    change the model now, at fuse time, and be missing from the traced code that replaces the
+    forward. Only real tensors get here (ops on proxies are recorded, not run): refuse every
+    write, so the module doing it keeps its forward."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.is_mutable:
+            raise _InplaceWrite("forward writes into a tensor in place (%s), which tracing "
+                                "cannot keep" % func)
+        return func(*args, **(kwargs or {}))
+
+
 def _snapshot(module):
     return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
             for m in module.modules()]
@@ -549,7 +613,7 @@ def _trace(module, mode, opaque, failed):
             snapshot = _snapshot(module)
             error = None
             try:
-                with _InplaceProxyOps(), _ForbidModeChanges():
+                with _InplaceProxyOps(), _ForbidModeChanges(), _ForbidInplaceWrites():
                     graph = tracer.trace(module)
             except Exception as e:  # noqa: BLE001 - any error in user code under tracing
                 error = e
@@ -730,6 +794,8 @@ class _Rewriter:
                 return True
             if getattr(m, "inplace", False) is True:
                 return True
+            if isinstance(m, _BatchNorm) and not (_known_forward(m) or _bn_act_like(m)):
+                return True  # a BN subclass's forward of its own, not traced
             return not _is_leaf_type(m)
         return False
 
@@ -737,7 +803,9 @@ class _Rewriter:
         """Whether node's value is a new tensor no other value aliases (safe to write into)."""
         if node.op == "call_module":
             m = self.module(node)
-            if isinstance(m, (nn.Conv2d, _BatchNorm, nn.Linear, nn.MaxPool2d, nn.AvgPool2d,
+            if isinstance(m, _BatchNorm):
+                return _known_forward(m) or _bn_act_like(m)
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d,
                               nn.AdaptiveAvgPool2d)) or _frozen_bn_like(m):
                 return True
             if type(m) is nn.ReLU:
@@ -874,9 +942,10 @@ class _Rewriter:
             if act is None or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
             src = node.args[0]
-            if self.bn(src):
+            bn = self.bn(src)
+            if bn:
                 inner = src.args[0]
-                what = ("conv-bn" if self.conv(inner) else "bn")
+                what = ("conv-bn" if self.conv(inner) else "bn") + _bn_act_suffix(bn[0])
             elif self.conv(src):
                 what = "conv"
             elif self.add(src):
@@ -888,6 +957,8 @@ class _Rewriter:
                 reason += " (ReLU6 is not ReLU: it clips at 6)"
             if what.startswith("conv-bn"):
                 reason += "; conv-BN fused without it"
+            elif bn and bn[1] == "act":
+                reason += "; the BN fused without it"
             elif what == "bn":
                 reason += "; the BN stays unfused"
             self.record(self.site_names[node], "%s-%s" % (what, act.lower()), "skipped", reason)
@@ -898,8 +969,11 @@ class _Rewriter:
         src = b.args[0]
         conv_m = self.conv(src)
         if reason:
-            self.record(name, "conv-bn" if conv_m is not None else "bn", "skipped", reason)
+            self.record(name, ("conv-bn" if conv_m is not None else "bn") + _bn_act_suffix(bn_m),
+                        "skipped", reason)
             return
+        # a BatchNormAct2d applies its ReLU itself: nothing after it joins the pattern
+        own_relu = kind == "act" and type(bn_m.act) is nn.ReLU
         notes = []
         conv = None
         if conv_m is not None and src not in self.consumed:
@@ -917,8 +991,8 @@ class _Rewriter:
                 self.record(self.site_names[src], "conv-bn", "skipped", r)
                 notes.append(r)
         chain = ([conv] if conv is not None else []) + [b]
-        residual, how, relu = None, 0, False
-        users = list(b.users)
+        residual, how, relu = None, 0, own_relu
+        users = [] if own_relu else list(b.users)
         if len(users) == 1:
             u = users[0]
             add = self.add(u)
@@ -949,7 +1023,8 @@ class _Rewriter:
         elif len(users) > 1 and any(self.relu(u) or self.add(u) for u in users):
             r = "BN output used %d times" % len(users)
             notes.append(r)
-        if len(chain) == 1:
+        # alone, a BatchNormAct2d still becomes one op instead of its BN, drop and act calls
+        if len(chain) == 1 and kind != "act":
             if not notes:
                 notes.append("input is not a fusable conv output and no ReLU or add follows")
             self.record(name, "bn", "skipped", "; ".join(notes))
@@ -957,7 +1032,7 @@ class _Rewriter:
         pattern = ("conv-bn" if conv is not None else "bn") + ("-add" if residual is not None
                                                                 else "") + ("-relu" if relu else "")
         first, last = chain[0], chain[-1]
-        if not self.clear_between(first, last, set(chain), (bn_m,)):
+        if first is not last and not self.clear_between(first, last, set(chain), (bn_m,)):
             self.record(name, pattern, "skipped",
                         "an in-place op or another call of this BN runs inside the pattern")
             return
@@ -1256,6 +1331,20 @@ def _site(prefix):
     return prefix or "(root)"
 
 
+def _untraced_children(module, prefix, records):
+    """The children of a module whose forward is not traced, to be fused on their own. Its
+    BN children are sites of that forward, which calls them as they are: reported here."""
+    subs = []
+    for n, child in module.named_children():
+        name = ".".join(p for p in (prefix, n) if p)
+        kind, reason = _bn_kind(child)
+        if (kind or reason) and not isinstance(child, cnn.BNReLU):
+            records.append(FusionRecord(name, "bn" + _bn_act_suffix(child), "skipped",
+                                        reason or "in a module whose forward is not traced"))
+        subs.append((name, child))
+    return subs
+
+
 def _process(module, prefix, records, install, done):
     if id(module) in done:
         return
@@ -1267,7 +1356,7 @@ def _process(module, prefix, records, install, done):
     elif "forward" in module.__dict__:
         records.append(FusionRecord(_site(prefix), "trace", "skipped",
                                     "forward is replaced on the instance; fused inside instead"))
-        subs = [(".".join(p for p in (prefix, n) if p), c) for n, c in module.named_children()]
+        subs = _untraced_children(module, prefix, records)
     else:
         saved_forward = module.__dict__.get("forward")
         n_records = len(records)
@@ -1278,16 +1367,14 @@ def _process(module, prefix, records, install, done):
             records.append(FusionRecord(_site(prefix), "trace", "skipped",
                                         "forward cannot be traced (%s); fused inside instead"
                                         % e))
-            subs = [(".".join(p for p in (prefix, n) if p), c)
-                    for n, c in module.named_children()]
+            subs = _untraced_children(module, prefix, records)
         except Exception as e:  # noqa: BLE001 - fusing must never break a working model
             del records[n_records:]
             if saved_forward is None:
                 module.__dict__.pop("forward", None)
             records.append(FusionRecord(_site(prefix), "trace", "skipped",
                                         "not fused (%s); fused inside instead" % _short(e)))
-            subs = [(".".join(p for p in (prefix, n) if p), c)
-                    for n, c in module.named_children()]
+            subs = _untraced_children(module, prefix, records)
     for name, sub in subs:
         _process(sub, name, records, install, done)
 

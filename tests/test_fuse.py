@@ -5,9 +5,11 @@ Bottleneck ResNets, also with FrozenBatchNorm2d and with biased convolutions as
 the resnet_classifier seed, DenseNet with pre-activation dense layers,
 Inception's BasicConv2d (eps=1e-3) with ``if self.training`` aux branches,
 VGG-BN, MobileNetV2 inverted residuals with ReLU6, depthwise nets, a
-pre-activation ResNet, BN-add-ReLU), a model full of corner cases, one that
-cannot be traced as a whole, and the seed networks (plain torch.nn and
-cnnops.models). For each: the report (BNs fused, sites skipped and why);
+pre-activation ResNet, BN-add-ReLU, timm's BatchNormAct2d / ConvNormAct in
+RegNet- and DenseNet-style nets), a model full of corner cases, one that
+cannot be traced as a whole, one whose forwards write into their buffers, and
+the seed networks (plain torch.nn and cnnops.models). For each: the report
+(BNs fused, sites skipped and why, every BN present); fusing changes nothing;
 state_dict keys and values unchanged and strict loading both ways; outputs,
 every parameter's gradient, the input gradient, running statistics and
 num_batches_tracked equal to the original after a step in train and in eval
@@ -669,6 +671,260 @@ class Untraceable(nn.Module):
 
 
 # ---------------------------------------------------------------------------
+# timm-style: BatchNormAct2d (a BatchNorm2d carrying its own drop and activation, the norm
+# layer of most timm CNNs) and ConvNormAct. Written after timm.layers' norm_act.py and
+# conv_bn_act.py (timm itself needs torchvision, which cannot be a test dependency here).
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm.layers.BatchNormAct2d: BatchNorm2d (same state_dict), then ``self.drop``, then
+    ``self.act``. Its forward redoes BatchNorm2d's in Python, counting the batch with
+    ``self.num_batches_tracked.add_(1)`` on the real buffer."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, apply_act=True, act_layer=nn.ReLU, act_kwargs=None,
+                 inplace=True, drop_layer=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        act = None
+        if apply_act and act_layer is not None:
+            kwargs = {"inplace": inplace, **(act_kwargs or {})}
+            try:
+                act = act_layer(**kwargs)
+            except TypeError:              # an activation without an inplace argument
+                kwargs.pop("inplace")
+                act = act_layer(**kwargs)
+        self.act = nn.Identity() if act is None else act
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected 4D input")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:  # cumulative moving average
+                    factor = 1.0 / float(self.num_batches_tracked)
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        x = F.batch_norm(x, self.running_mean if keep else None,
+                         self.running_var if keep else None, self.weight, self.bias,
+                         batch_stats, factor, self.eps)
+        x = self.drop(x)
+        return self.act(x)
+
+
+class ConvNormAct(nn.Module):
+    """timm.layers.ConvNormAct: ``.conv`` then ``.bn`` (a BatchNormAct2d), ``.aa`` None."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, dilation=1, groups=1,
+                 bias=False, apply_act=True, act_layer=nn.ReLU, drop_layer=None,
+                 norm_kwargs=None, act_kwargs=None):
+        super().__init__()
+        padding = ((stride - 1) + dilation * (kernel_size - 1)) // 2   # timm's get_padding
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                              padding=padding, dilation=dilation, groups=groups, bias=bias)
+        self.bn = BatchNormAct2d(out_channels, apply_act=apply_act, act_layer=act_layer,
+                                 act_kwargs=act_kwargs, drop_layer=drop_layer,
+                                 **(norm_kwargs or {}))
+        self.aa = None
+
+    @property
+    def out_channels(self):
+        return self.conv.out_channels
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.bn(x)
+        aa = getattr(self, "aa", None)
+        if aa is not None:
+            x = self.aa(x)
+        return x
+
+
+class RegNetBottleneck(nn.Module):
+    """timm.models.regnet.Bottleneck without SE: the last ConvNormAct has no activation and is
+    added to the shortcut (a ConvNormAct without activation where the shape changes)."""
+
+    def __init__(self, in_chs, out_chs, stride=1, group_size=4, norm_kwargs=None):
+        super().__init__()
+        cargs = dict(norm_kwargs=norm_kwargs)
+        self.conv1 = ConvNormAct(in_chs, out_chs, 1, **cargs)
+        self.conv2 = ConvNormAct(out_chs, out_chs, 3, stride=stride, groups=out_chs // group_size,
+                                 **cargs)
+        self.se = nn.Identity()
+        self.conv3 = ConvNormAct(out_chs, out_chs, 1, apply_act=False, **cargs)
+        self.act3 = nn.ReLU()
+        self.downsample = (ConvNormAct(in_chs, out_chs, 1, stride=stride, apply_act=False, **cargs)
+                           if stride != 1 or in_chs != out_chs else nn.Identity())
+        self.drop_path = nn.Identity()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv1(x)
+        x = self.conv2(x)
+        x = self.se(x)
+        x = self.conv3(x)
+        if self.downsample is not None:
+            x = self.drop_path(x) + self.downsample(shortcut)
+        return self.act3(x)
+
+
+class RegNetLike(nn.Module):
+    def __init__(self, norm_kwargs=None, num_classes=5):
+        super().__init__()
+        self.stem = ConvNormAct(3, 8, 3, stride=2, norm_kwargs=norm_kwargs)
+        self.s1 = nn.Sequential(RegNetBottleneck(8, 16, 2, norm_kwargs=norm_kwargs),
+                                RegNetBottleneck(16, 16, norm_kwargs=norm_kwargs))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(self.s1(self.stem(x)).mean((2, 3)))
+
+
+class TimmDenseLayer(nn.Module):
+    """timm.models.densenet.DenseLayer: pre-activation BatchNormAct2d (ReLU) before each conv."""
+
+    def __init__(self, num_input_features, growth_rate, bn_size):
+        super().__init__()
+        self.norm1 = BatchNormAct2d(num_input_features)
+        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, 1, bias=False)
+        self.norm2 = BatchNormAct2d(bn_size * growth_rate)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        prev_features = [x] if isinstance(x, torch.Tensor) else x
+        bottleneck_output = self.conv1(self.norm1(torch.cat(prev_features, 1)))
+        return self.conv2(self.norm2(bottleneck_output))
+
+
+class TimmDenseNet(nn.Module):
+    def __init__(self, growth_rate=4, num_layers=2, num_init_features=8, num_classes=5):
+        super().__init__()
+        self.features = nn.Sequential(OrderedDict([
+            ("conv0", nn.Conv2d(3, num_init_features, 3, stride=2, padding=1, bias=False)),
+            ("norm0", BatchNormAct2d(num_init_features)),
+            ("pool0", nn.MaxPool2d(3, stride=2, padding=1)),
+        ]))
+        self.layers = nn.ModuleList(TimmDenseLayer(num_init_features + i * growth_rate,
+                                                   growth_rate, 2) for i in range(num_layers))
+        num_features = num_init_features + num_layers * growth_rate
+        self.transition = nn.Sequential(OrderedDict([
+            ("norm", BatchNormAct2d(num_features)),
+            ("conv", nn.Conv2d(num_features, num_features, 1, bias=False)),
+            ("pool", nn.AvgPool2d(2))]))
+        self.norm5 = BatchNormAct2d(num_features)
+        self.head = nn.Linear(num_features, num_classes)
+
+    def forward(self, x):
+        features = [self.features(x)]
+        for layer in self.layers:
+            features.append(layer(features))
+        x = self.norm5(self.transition(torch.cat(features, 1)))
+        return self.head(x.mean((2, 3)))
+
+
+class ScaledBN(nn.BatchNorm2d):
+    """A BatchNorm2d subclass with a forward of its own around BatchNorm2d's."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+class TimmMixed(nn.Module):
+    """BatchNormAct2d in every configuration: fused (ReLU in place or not, Identity; after a
+    conv or alone; momentum=None, track_running_stats=False, affine=False) or skipped (SiLU,
+    LeakyReLU, a dropout, a conv output used twice), a BatchNorm2d subclass of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.relu_inplace = ConvNormAct(3, 8, 3)
+        self.relu = ConvNormAct(8, 8, 3, act_kwargs={"inplace": False},
+                                norm_kwargs={"momentum": None})
+        self.linear = ConvNormAct(8, 8, 1, apply_act=False, norm_kwargs={"affine": False})
+        self.no_stats = ConvNormAct(8, 8, 3, norm_kwargs={"track_running_stats": False})
+        self.silu = ConvNormAct(8, 8, 1, act_layer=nn.SiLU)
+        self.leaky = ConvNormAct(8, 8, 3, act_layer=nn.LeakyReLU)
+        self.dropped = ConvNormAct(8, 8, 1, drop_layer=lambda: nn.Dropout(0.3))
+        self.conv_twice = nn.Conv2d(8, 8, 1, bias=False)
+        self.bn_twice = BatchNormAct2d(8, eps=1e-3)
+        self.alone_relu = BatchNormAct2d(8, inplace=False)
+        self.alone_linear = BatchNormAct2d(8, apply_act=False, momentum=None)
+        self.scaled = ScaledBN(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.relu_inplace(x)
+        x = self.relu(x)
+        x = self.linear(x) + x
+        x = self.leaky(self.silu(self.no_stats(x)))
+        x = self.dropped(x)
+        c = self.conv_twice(x)
+        x = self.bn_twice(c) + c
+        x = self.alone_linear(self.alone_relu(x))
+        x = self.scaled(x)
+        return self.fc(x.mean((2, 3)))
+
+
+# ---------------------------------------------------------------------------
+# Forwards that write into a module's own tensors while tracing
+
+class CountsBatches(nn.Module):
+    """Counts its training batches in a buffer. Traced, ``self.seen`` is the real buffer: the
+    count would run once at fuse time and never again. Kept as it is, fused inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = ConvBNReLU(3, 4)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.seen += 1
+        return self.body(x)
+
+
+class DriftingOffset(nn.Module):
+    """A buffer updated in place in every mode (an exponential average of its own value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("offset", torch.ones(1, 4, 1, 1))
+
+    def forward(self, x):
+        self.offset.mul_(0.9).add_(0.2)
+        return x + self.offset
+
+
+class UntracedCaller(nn.Module):
+    """Data-dependent control flow around its BNs: they run as they are, and are reported."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn_act = BatchNormAct2d(4)
+        self.bn_silu = BatchNormAct2d(4, act_layer=nn.SiLU)
+        self.block = ConvNormAct(4, 4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        if x.sum() > 0:
+            x = self.bn_act(x)
+        return self.block(self.bn_silu(x)).mean((2, 3))
+
+
+class WritesBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.counter = CountsBatches()
+        self.smooth = DriftingOffset()
+        self.head = ConvBNReLU(4, 4)
+
+    def forward(self, x):
+        return self.head(self.smooth(self.counter(x)))
+
+
+# ---------------------------------------------------------------------------
 # Cases: constructor, input shape, expected report
 
 Case = collections.namedtuple("Case", "make shape bn_fused skipped fullgraph")
@@ -723,6 +979,23 @@ CASES = {
                                    (2, 3, 32, 32), 12, {}, True),
     "seed_residual_net": Case(lambda: M.residual_net(), (2, 1, 28, 28), 0, {}, True),
     "seed_inception_net": Case(lambda: M.inception_net(), (2, 1, 28, 28), 0, {}, True),
+    "timm_regnet": Case(lambda: RegNetLike(), (2, 3, 16, 16), 8, {}, True),
+    "timm_regnet_cma": Case(lambda: RegNetLike(norm_kwargs={"momentum": None, "eps": 1e-3}),
+                            (2, 3, 16, 16), 8, {}, True),
+    "timm_densenet": Case(lambda: TimmDenseNet(), (2, 3, 16, 16), 7, {}, True),
+    "timm_mixed": Case(lambda: TimmMixed(), (2, 3, 8, 8), 7, {
+        "silu.bn": "SiLU has no cnnops kernel",
+        "leaky.bn": "LeakyReLU has no cnnops kernel",
+        "dropped.bn": "BatchNormAct2d applies Dropout after the BN",
+        "conv_twice": "conv output used 2 times",
+        "scaled": "ScaledBN overrides BatchNorm2d.forward",
+    }, True),
+    "timm_untraced": Case(lambda: UntracedCaller(), (2, 3, 8, 8), 1, {
+        "(root)": "forward cannot be traced", "bn": "forward is not traced",
+        "bn_act": "forward is not traced", "bn_silu": "SiLU has no cnnops kernel"}, False),
+    "writes_buffers": Case(lambda: WritesBuffers(), (2, 3, 8, 8), 2, {
+        "counter": "forward writes into a tensor in place",
+        "smooth": "forward writes into a tensor in place"}, True),
 }
 
 
@@ -844,6 +1117,159 @@ def test_report_contents_others():
     assert by_name["max_pool2d"].pattern == "max_pool2d"
 
 
+def test_report_contents_timm():
+    _, fused = make_pair("timm_regnet")
+    by_name = {r.name: r for r in cnnops.fusion_report(fused)}
+    assert by_name["stem.bn"].pattern == "conv-bn-relu"          # ConvNormAct, ReLU in place
+    assert by_name["s1.0.conv2.bn"].pattern == "conv-bn-relu"     # grouped
+    assert by_name["s1.0.conv3.bn"].pattern == "conv-bn"          # act Identity
+    assert by_name["s1.0.downsample.bn"].pattern == "conv-bn-add-relu"
+    assert by_name["s1.1:add"].pattern == "add-relu"
+    _, fused = make_pair("timm_densenet")
+    by_name = {r.name: r for r in cnnops.fusion_report(fused)}
+    assert by_name["features.norm0"].pattern == "conv-bn-relu"    # across the Sequential
+    assert by_name["layers.0.norm1"].pattern == "bn-relu"         # pre-activation, after a cat
+    assert by_name["layers.1.norm2"].pattern == "conv-bn-relu"
+    assert by_name["norm5"].pattern == "bn-relu"
+    _, fused = make_pair("timm_mixed")
+    by_name = {r.name: (r.pattern, r.status) for r in cnnops.fusion_report(fused)}
+    assert by_name["relu_inplace.bn"] == ("conv-bn-relu", "fused")
+    assert by_name["relu.bn"] == ("conv-bn-relu", "fused")          # momentum=None
+    assert by_name["linear.bn"] == ("conv-bn-add", "fused")         # affine=False, + x
+    assert by_name["no_stats.bn"] == ("conv-bn-relu", "fused")      # track_running_stats=False
+    assert by_name["bn_twice"] == ("bn-relu", "fused")              # its conv output used twice
+    assert by_name["alone_relu"] == ("bn-relu", "fused")
+    assert by_name["alone_linear"] == ("bn", "fused")
+    assert by_name["silu.bn"] == ("conv-bn-silu", "skipped")
+    assert by_name["leaky.bn"] == ("conv-bn-leakyrelu", "skipped")
+    assert by_name["dropped.bn"] == ("conv-bn-relu", "skipped")
+    assert by_name["scaled"] == ("bn", "skipped")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_bn_is_reported(name):
+    model, fused = make_pair(name)
+    sites = {r.name.split("@")[0] for r in cnnops.fusion_report(fused)}
+    bns = {n for n, m in model.named_modules()
+           if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))}
+    assert bns <= sites, bns - sites
+
+
+# ---------------------------------------------------------------------------
+# fuse changes nothing
+
+def _everything(model):
+    """Each module's training flag, plain attributes, and its parameters and buffers with
+    their version counters (which count in-place writes, even ones undone later)."""
+    state = {}
+    for name, m in model.named_modules():
+        attrs = {k: v for k, v in vars(m).items()
+                 if k not in ("_parameters", "_buffers", "_modules", "forward",
+                              "_cnnops_fusion_records")}
+        tensors = {k: (t.detach().clone(), t._version, t.requires_grad)
+                   for k, t in list(m._parameters.items()) + list(m._buffers.items())
+                   if t is not None}
+        state[name] = (m.training, attrs, tensors)
+    return state
+
+
+def _assert_unchanged(model, before):
+    after = _everything(model)
+    assert list(after) == list(before)
+    for name, (training, attrs, tensors) in before.items():
+        training2, attrs2, tensors2 = after[name]
+        assert training2 == training, name
+        assert attrs2 == attrs, name
+        assert list(tensors2) == list(tensors), name
+        for k, (t, version, requires_grad) in tensors.items():
+            t2, version2, requires_grad2 = tensors2[k]
+            assert torch.equal(t2, t), (name, k)
+            assert (version2, requires_grad2) == (version, requires_grad), (name, k)
+
+
+class NotCopyable(TimmMixed):
+    """fusion_report analyses a model it cannot copy in place."""
+
+    def __deepcopy__(self, memo):
+        raise TypeError("not copyable")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", ["timm_regnet", "timm_densenet", "timm_mixed", "timm_untraced",
+                                  "writes_buffers", "inception", "quirks"])
+def test_fuse_changes_nothing(name, mode):
+    """No forward runs while fusing: BatchNormAct2d's num_batches_tracked.add_(1) and a
+    module's ``self.seen += 1`` included. Parameters, buffers, attributes and training flags
+    stay as they were, in place (inplace=True) or in the copy."""
+    torch.manual_seed(0)
+    model = CASES[name].make().double()
+    _randomize_stats(model)
+    model.train(mode == "train")
+    before = _everything(model)
+    records = cnnops.fusion_report(model)        # a dry run, on a copy
+    _assert_unchanged(model, before)
+    fused = cnnops.fuse(model)
+    _assert_unchanged(model, before)
+    _assert_same_state(model, fused, rtol=0, atol=0)
+    assert [m.training for m in fused.modules()] == [m.training for m in model.modules()]
+    assert cnnops.fuse(model, inplace=True) is model
+    _assert_unchanged(model, before)
+    assert cnnops.fusion_report(model) == records
+    if name == "timm_mixed":
+        torch.manual_seed(0)
+        model = NotCopyable().double()
+        model.train(mode == "train")
+        before = _everything(model)
+        assert cnnops.fusion_report(model) == records
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        _assert_unchanged(model, before)
+
+
+def test_writes_in_forward_are_kept():
+    """A forward writing into its buffers keeps its forward: the writes happen at each call,
+    as in the original, not once at fuse time. Its children are fused."""
+    model, fused = make_pair("writes_buffers")
+    by_name = {r.name: r for r in cnnops.fusion_report(fused)}
+    assert "aten.add_" in by_name["counter"].reason and "aten.mul_" in by_name["smooth"].reason
+    assert "forward" in fused.__dict__ and "forward" not in fused.counter.__dict__
+    assert by_name["counter.body.1"].status == "fused"
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for _ in range(3):
+        _step(model, x)
+        _step(fused, x)
+    assert int(fused.counter.seen) == int(model.counter.seen) == 3
+    _assert_same_state(model, fused)
+
+
+@pytest.mark.parametrize("name", ["regnety_002", "densenet121", "cspresnet50"])
+def test_real_timm(name):
+    """Where timm can be imported: its models' BNs are all reported, every BatchNormAct2d with a
+    ReLU or no activation is fused, and nothing changes but how forward runs."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5).double()
+    _randomize_stats(model)
+    fused = cnnops.fuse(model)
+    _assert_same_state(model, fused, rtol=0, atol=0)
+    by_name = {r.name.split("@")[0]: r for r in cnnops.fusion_report(fused)}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            assert n in by_name, n
+            if (type(m).__name__ == "BatchNormAct2d" and type(m.drop) is nn.Identity
+                    and type(m.act) in (nn.ReLU, nn.Identity)):
+                assert by_name[n].status == "fused", by_name[n]
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)   # 2x2 maps at the end: BN is stable
+    for train in (True, False):
+        model.train(train), fused.train(train)
+        out_m, gx_m = _step(model, x)
+        out_f, gx_f = _step(fused, x)
+        torch.testing.assert_close(out_f[0], out_m[0], rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(gx_f, gx_m, rtol=1e-7, atol=1e-8)
+        for (k, p), (_, q) in zip(model.named_parameters(), fused.named_parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-7, atol=1e-8, msg=k)
+        _assert_same_state(model, fused)
+
+
 # ---------------------------------------------------------------------------
 # state_dict and checkpoints
 
@@ -935,7 +1361,8 @@ class OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-_OP_OF_PATTERN = {"conv-bn": "conv_bn_relu", "conv-bn-relu": "conv_bn_relu",
+_OP_OF_PATTERN = {"bn": "batch_norm",     # a BatchNormAct2d without activation, alone
+                  "conv-bn": "conv_bn_relu", "conv-bn-relu": "conv_bn_relu",
                   "conv-bn-add": "conv_bn_relu", "conv-bn-add-relu": "conv_bn_relu",
                   "bn-relu": "bn_relu", "bn-add": "bn_relu", "bn-add-relu": "bn_relu",
                   "conv-relu": "conv2d_relu", "conv-add-relu": "conv2d_relu",
