@@ -261,21 +261,15 @@ def _verify_batch_size(count, shape):
                          % (torch.Size(shape),))
 
 
-def _update_running_stats(running_mean, running_var, mean, invstd, count, momentum, eps):
-    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance.
-
-    The op returns 1/sqrt(var + eps); the variance is recovered in float64.
-    An empty batch leaves the statistics unchanged, as in PyTorch.
-    """
-    if count == 0:
+def _update_running_stats(impl, running_mean, running_var, mean, invstd, count, momentum, eps):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance
+    (the backend's update_running_stats: one kernel on the cpu and cuda backends). The op returns
+    1/sqrt(var + eps); the variance is recovered in float64. An empty batch leaves the statistics
+    unchanged, as in PyTorch."""
+    if count == 0 or (running_mean is None and running_var is None):
         return
-    with torch.no_grad():
-        if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        if running_var is not None:
-            var = (invstd.double().reciprocal().square() - eps).clamp_min(0)
-            unbiased = var * (count / (count - 1)) if count > 1 else var
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    impl.update_running_stats(running_mean, running_var, mean, invstd, count, float(momentum),
+                              float(eps))
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -313,7 +307,8 @@ def bn_relu(input, running_mean, running_var, weight, bias, training=False, mome
         out, mean, invstd = impl.bn_relu(input, weight, bias, running_mean, running_var,
                                          residual, training, eps, relu)
     if training:
-        _update_running_stats(running_mean, running_var, mean, invstd, count, momentum, eps)
+        _update_running_stats(impl, running_mean, running_var, mean, invstd, count, momentum,
+                              eps)
     return out
 
 
@@ -346,7 +341,8 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
                                           running_var, residual, stride, padding, dilation,
                                           groups, training, eps, relu)
     if training:
-        _update_running_stats(running_mean, running_var, mean, invstd, count, momentum, eps)
+        _update_running_stats(impl, running_mean, running_var, mean, invstd, count, momentum,
+                              eps)
     return out
 
 

@@ -75,6 +75,10 @@ if _ext.LOADED:
     def _(input, weight, bias, running_mean, running_var, training, eps):
         return (_like(input, input.shape, _fmt(input)),) + _bn_stats(input)
 
+    @torch.library.register_fake("cnnops::update_running_stats")
+    def _(running_mean, running_var, save_mean, save_invstd, count, momentum, eps):
+        return None
+
     @torch.library.register_fake("cnnops::bn_relu")
     def _(input, weight, bias, running_mean, running_var, residual, training, eps, relu):
         return (_like(input, input.shape, _fmt(input)),) + _bn_stats(input)
@@ -101,7 +105,10 @@ if _ext.LOADED:
           stride, padding, dilation, groups, training, eps, relu):
         shape = _conv_out(input, weight, stride, padding, dilation)
         OC = shape[1]
-        conv_output = _like(input, shape) if training else _none(input)
+        # conv_output (kept for backward) is the convolution's own output: NCHW on the CPU,
+        # in the output's layout from cuDNN.
+        conv_fmt = _fmt(input) if input.device.type == "cuda" else torch.contiguous_format
+        conv_output = _like(input, shape, conv_fmt) if training else _none(input)
         stats = _like(input, (OC,), dtype=_stat_dtype(input))
         return _like(input, shape, _fmt(input)), conv_output, stats, torch.empty_like(stats)
 
@@ -348,6 +355,11 @@ class Ops:
         self.avg_pool2d = lib.avg_pool2d
         self.adaptive_avg_pool2d = lib.adaptive_avg_pool2d
         self.add_relu = lib.add_relu
+        # The in-place running statistics update: an op of the compiled library (one kernel);
+        # the Triton backend uses the reference formula (tensor ops on the device).
+        from . import reference
+        self.update_running_stats = getattr(lib, "update_running_stats",
+                                            reference.update_running_stats)
         fused = lib.conv_bn_relu
 
         def conv_bn_relu(*args):

@@ -7,8 +7,8 @@ Gradients come from autograd, so every function is written with differentiable o
 
 Conventions: tensors are NCHW in shape (any memory layout, any device, float16/bfloat16/
 float32/float64); arguments arrive normalised: pairs are tuples of two ints; nothing is
-validated here. No function mutates its arguments: batch_norm returns the batch statistics and
-the caller updates the running ones.
+validated here. No function mutates its arguments but update_running_stats: batch_norm returns
+the batch statistics and the caller updates the running ones with it.
 """
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 __all__ = [
     "conv2d",
     "batch_norm",
+    "update_running_stats",
     "bn_relu",
     "conv_bn_relu",
     "max_pool2d",
@@ -93,6 +94,24 @@ def batch_norm(input, weight, bias, running_mean, running_var, training, eps):
     if bias is not None:
         out = out + bias.to(stat_dtype)[:, None, None]
     return out.to(input.dtype), mean, invstd
+
+
+def update_running_stats(running_mean, running_var, save_mean, save_invstd, count, momentum,
+                         eps):
+    """running = (1 - momentum) * running + momentum * batch, in place (either may be None),
+    from a training batch_norm's save_mean / save_invstd over ``count`` values per channel.
+    The batch variance is recovered in float64 as 1/save_invstd^2 - eps and made unbiased
+    (times count / (count - 1)), as torch.nn.BatchNorm2d's running_var is. count == 0 (an
+    empty batch) changes nothing, as in PyTorch."""
+    if count == 0:
+        return
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(save_mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            var = (save_invstd.double().reciprocal().square() - eps).clamp_min(0)
+            unbiased = var * (count / (count - 1)) if count > 1 else var
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
 def bn_relu(input, weight, bias, running_mean, running_var, residual, training, eps, relu):

@@ -8,7 +8,9 @@
 // Conventions shared by every op:
 //  * Ops never mutate their inputs. Training-mode BatchNorm returns the batch
 //    mean and inverse standard deviation; the Python layer updates running
-//    statistics. This keeps torch.compile and opcheck simple.
+//    statistics with the one in-place op, update_running_stats (one kernel, not
+//    a dozen small tensor ops per BN layer). This keeps torch.compile and
+//    opcheck simple.
 //  * Backward ops take `output_mask` (which gradients are wanted) and return an
 //    empty tensor (shape [0]) for each gradient that was not asked for.
 //  * Outputs are channels_last when the input is channels_last (and not also
@@ -53,6 +55,13 @@ TORCH_LIBRARY(cnnops, m) {
         "Tensor save_mean, Tensor save_invstd, bool training, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
+  // running = (1 - momentum) * running + momentum * batch, in place, from a
+  // training forward's save_mean / save_invstd over `count` values per channel:
+  // running_var takes the unbiased variance 1/save_invstd^2 - eps, times
+  // count / (count - 1). count == 0 (an empty batch) changes nothing.
+  m.def("update_running_stats(Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "Tensor save_mean, Tensor save_invstd, int count, float momentum, float eps) -> ()");
+
   // relu?(batch_norm(input) + residual?) -> (output, save_mean, save_invstd)
   m.def("bn_relu(Tensor input, Tensor? weight, Tensor? bias, "
         "Tensor? running_mean, Tensor? running_var, Tensor? residual, "
@@ -66,7 +75,7 @@ TORCH_LIBRARY(cnnops, m) {
   // relu?(batch_norm(conv2d(input)) + residual?)
   // -> (output, conv_output, save_mean, save_invstd); conv_output (the
   // pre-normalisation activations, needed by the training backward) is an
-  // empty tensor in inference, where BN is folded into the GEMM epilogue.
+  // empty tensor in inference, where BN is folded into the convolution.
   m.def("conv_bn_relu(Tensor input, Tensor weight, Tensor? conv_bias, "
         "Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, "
         "Tensor? running_var, Tensor? residual, int[2] stride, int[2] padding, "

@@ -115,3 +115,30 @@ def test_batch_norm_empty_batch(backend):
 def test_batch_norm_single_value_per_channel_raises(backend):
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         CF.batch_norm(torch.randn(1, 3, 1, 1), None, None, training=True)
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 150])
+@pytest.mark.parametrize("buffers", ["both", "mean-only", "var-only", "strided", "float16"])
+def test_update_running_stats_op(backend, buffers, count):
+    """The running statistics update each backend runs after a training forward (one kernel on
+    the compiled backends) against the formula: running = (1 - m) * running + m * batch, the
+    variance recovered from save_invstd and made unbiased; count == 0 changes nothing."""
+    from cnnops import backends, reference
+
+    torch.manual_seed(12)
+    C, momentum, eps = 6, 0.3, 1e-3
+    save_mean, save_invstd = torch.randn(C), torch.rand(C) + 0.5
+    dtype = torch.float16 if buffers == "float16" else torch.float32
+    width = 2 if buffers == "strided" else 1
+    rm = (torch.randn(C * width) * 0.1).to(dtype)[::width]
+    rv = (torch.rand(C * width) + 0.5).to(dtype)[::width]
+    rm = None if buffers == "var-only" else rm
+    rv = None if buffers == "mean-only" else rv
+    expected = [t.clone() if t is not None else None for t in (rm, rv)]
+    reference.update_running_stats(*expected, save_mean, save_invstd, count, momentum, eps)
+    impl = backends.implementation(save_mean)
+    impl.update_running_stats(rm, rv, save_mean, save_invstd, count, momentum, eps)
+    tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-6, atol=1e-7)
+    for got, want in zip((rm, rv), expected):
+        if want is not None:
+            torch.testing.assert_close(got, want, **tol)

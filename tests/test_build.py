@@ -324,7 +324,7 @@ def test_every_cuda_op_is_registered_in_the_sources():
                                 re.S):
             names = set(re.findall(r'm\.impl\("(\w+)"', block[1]))
             (registered if block[0] == "CUDA" else autocast).update(names)
-    assert len(schemas) == 17
+    assert len(schemas) == 18
     assert registered == schemas
     assert autocast == {"conv2d", "conv2d_relu", "conv_bn_relu"}
 

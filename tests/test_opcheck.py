@@ -64,6 +64,8 @@ def _backward_samples():
         ("avg_pool2d_backward", (_t(2, 4, 3, 2), x, [2, 2], [2, 2], [0, 0], False, True, None)),
         ("adaptive_avg_pool2d_backward", (_t(2, 4, 4, 3), x)),
         ("add_relu_backward", (_t(2, 4, 6, 5), out)),
+        ("update_running_stats", (_t(4), _t(4, positive=True), mean, invstd, 7, 0.1, 1e-5)),
+        ("update_running_stats", (None, _t(4, dtype=torch.float32), mean, invstd, 1, 0.5, 0.0)),
     ]
 
 

@@ -182,7 +182,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)};
 }
 
+void update_running_stats_cpu(const c10::optional<at::Tensor>& running_mean,
+                              const c10::optional<at::Tensor>& running_var,
+                              const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                              int64_t count, double momentum, double eps) {
+  const int64_t C = check_running_stats_update(running_mean, running_var, save_mean,
+                                               save_invstd, count);
+  TORCH_CHECK_VALUE(save_mean.device().is_cpu(), "expected save_mean on the CPU, got ",
+                    save_mean.device());
+  if (count == 0) return;  // an empty batch leaves the statistics alone, as in torch
+  const RunningStatsUpdate u(count, momentum, eps);
+  const at::Tensor mean = save_mean.to(at::kDouble), invstd = save_invstd.to(at::kDouble);
+  const double* mp = mean.const_data_ptr<double>();
+  const double* ip = invstd.const_data_ptr<double>();
+  // A few hundred channels: plain loops, strided as the buffers are.
+  if (running_mean.has_value() && running_mean->defined()) {
+    at::Tensor rm = *running_mean;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rm.scalar_type(), "update_mean", [&] {
+      scalar_t* p = rm.mutable_data_ptr<scalar_t>();
+      const int64_t st = rm.stride(0);
+      for (int64_t c = 0; c < C; ++c) {
+        p[c * st] = static_cast<scalar_t>(u.mean(static_cast<double>(p[c * st]), mp[c]));
+      }
+    });
+  }
+  if (running_var.has_value() && running_var->defined()) {
+    at::Tensor rv = *running_var;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rv.scalar_type(), "update_var", [&] {
+      scalar_t* p = rv.mutable_data_ptr<scalar_t>();
+      const int64_t st = rv.stride(0);
+      for (int64_t c = 0; c < C; ++c) {
+        p[c * st] = static_cast<scalar_t>(u.var(static_cast<double>(p[c * st]), ip[c]));
+      }
+    });
+  }
+}
+
 TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
+  m.impl("update_running_stats", &update_running_stats_cpu);
   m.impl("batch_norm", &batch_norm_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
   m.impl("bn_relu", &bn_relu_cpu);

@@ -150,7 +150,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)};
 }
 
+namespace gpu {
+namespace {
+
+// One thread per channel; running_mean / running_var may be null.
+template <typename stat_t, typename run_t>
+__global__ void update_running_stats_kernel(int64_t C, const stat_t* __restrict__ save_mean,
+                                            const stat_t* __restrict__ save_invstd,
+                                            run_t* running_mean, int64_t sm, run_t* running_var,
+                                            int64_t sv, RunningStatsUpdate u) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (running_mean != nullptr) {
+      running_mean[c * sm] = static_cast<run_t>(
+          u.mean(static_cast<double>(running_mean[c * sm]), static_cast<double>(save_mean[c])));
+    }
+    if (running_var != nullptr) {
+      running_var[c * sv] = static_cast<run_t>(
+          u.var(static_cast<double>(running_var[c * sv]), static_cast<double>(save_invstd[c])));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace gpu
+
+// The running statistics update of a training step in one launch (no host
+// synchronisation), instead of the dozen small tensor ops of the formula.
+void update_running_stats_cuda(const c10::optional<at::Tensor>& running_mean_opt,
+                               const c10::optional<at::Tensor>& running_var_opt,
+                               const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                               int64_t count, double momentum, double eps) {
+  const int64_t C = check_running_stats_update(running_mean_opt, running_var_opt, save_mean,
+                                               save_invstd, count);
+  TORCH_CHECK_VALUE(save_mean.is_cuda(), "expected save_mean on a CUDA device, got ",
+                    save_mean.device());
+  const at::Tensor rm = running_mean_opt.has_value() ? *running_mean_opt : at::Tensor();
+  const at::Tensor rv = running_var_opt.has_value() ? *running_var_opt : at::Tensor();
+  if (count == 0 || C == 0 || !(rm.defined() || rv.defined())) return;
+  c10::cuda::CUDAGuard guard(save_mean.device());
+  const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
+  const RunningStatsUpdate u(count, momentum, eps);
+  // One launch for both buffers (two if their dtypes differ).
+  const auto launch = [&](const at::Tensor& m, const at::Tensor& v) {
+    const auto run_type = m.defined() ? m.scalar_type() : v.scalar_type();
+    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "cnnops_update_running_stats", [&] {
+      using stat_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, run_type, "cnnops_update_running_stats", [&] {
+        gpu::update_running_stats_kernel<stat_t, scalar_t>
+            <<<gpu::grid_for(C, gpu::kThreads), gpu::kThreads, 0,
+               at::cuda::getCurrentCUDAStream()>>>(
+                C, mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(),
+                gpu::mut_ptr_or_null<scalar_t>(m), m.defined() ? m.stride(0) : 0,
+                gpu::mut_ptr_or_null<scalar_t>(v), v.defined() ? v.stride(0) : 0, u);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  };
+  if (rm.defined() && rv.defined() && rm.scalar_type() != rv.scalar_type()) {
+    launch(rm, at::Tensor());
+    launch(at::Tensor(), rv);
+  } else {
+    launch(rm, rv);
+  }
+}
+
 TORCH_LIBRARY_IMPL(cnnops, CUDA, m) {
+  m.impl("update_running_stats", &update_running_stats_cuda);
   m.impl("batch_norm", &batch_norm_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
   m.impl("bn_relu", &bn_relu_cuda);

@@ -80,6 +80,50 @@ inline void check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
   TORCH_CHECK_VALUE(v[0] <= kMax && v[1] <= kMax, "expected ", name, " <= ", kMax, ", got ", v);
 }
 
+// The arguments of update_running_stats: save_mean / save_invstd [C] of one
+// floating dtype; running_mean / running_var (each optional) [C] of any
+// floating dtype, on their device. Returns C.
+inline int64_t check_running_stats_update(const c10::optional<at::Tensor>& running_mean,
+                                          const c10::optional<at::Tensor>& running_var,
+                                          const at::Tensor& save_mean,
+                                          const at::Tensor& save_invstd, int64_t count) {
+  TORCH_CHECK_VALUE(save_mean.dim() == 1, "expected save_mean to be 1-D [C], got shape ",
+                    save_mean.sizes());
+  const int64_t C = save_mean.size(0);
+  check_channel_vector(save_invstd, C, "save_invstd");
+  check_same(save_invstd, save_mean, "save_invstd", "save_mean");
+  TORCH_CHECK_TYPE(at::isFloatingType(save_mean.scalar_type()),
+                   "expected floating-point save_mean, got ", save_mean.scalar_type());
+  TORCH_CHECK_VALUE(count >= 0, "expected count >= 0, got ", count);
+  for (const auto* t : {&running_mean, &running_var}) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    const char* name = t == &running_mean ? "running_mean" : "running_var";
+    check_channel_vector(**t, C, name);
+    TORCH_CHECK_TYPE(at::isFloatingType((*t)->scalar_type()), "expected floating-point ", name,
+                     ", got ", (*t)->scalar_type());
+    TORCH_CHECK_VALUE((*t)->device() == save_mean.device(), "expected ", name,
+                      " on the device of save_mean (", save_mean.device(), "), got ",
+                      (*t)->device());
+  }
+  return C;
+}
+
+// One channel's running statistics update (see update_running_stats in
+// csrc/cnnops.cpp), in double.
+struct RunningStatsUpdate {
+  double keep, momentum, eps, unbias;
+  RunningStatsUpdate(int64_t count, double momentum, double eps)
+      : keep(1.0 - momentum), momentum(momentum), eps(eps),
+        unbias(count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0) {}
+  C10_HOST_DEVICE double mean(double running, double batch_mean) const {
+    return keep * running + momentum * batch_mean;
+  }
+  C10_HOST_DEVICE double var(double running, double batch_invstd) const {
+    double v = 1.0 / (batch_invstd * batch_invstd) - eps;
+    return keep * running + momentum * (v > 0.0 ? v : 0.0) * unbias;
+  }
+};
+
 // Division rounding toward negative infinity (C++ '/' truncates toward zero).
 inline int64_t floor_div(int64_t a, int64_t b) {
   const int64_t q = a / b;
