@@ -278,9 +278,9 @@ def test_conv2d_relu(gpu_backend, config, dtype, layout, residual):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [d for d in (torch.float32, torch.bfloat16) if d in DTYPES],
                          ids=str)
-def test_conv2d_many_images_in_several_gemm_chunks(gpu_backend, layout, dtype):
-    """A batch whose column buffer exceeds the cuda backend's workspace runs in several chunks
-    of images (and sums the weight gradient across them): boundaries must not show."""
+def test_conv2d_large_batch(gpu_backend, layout, dtype):
+    """100 images of 64x64x64: the weight gradient sums 409600 positions (split across blocks
+    and, in the Triton kernel, across fixed chunks): the splits must not show."""
     torch.manual_seed(3)
     N = 8 if DRY_RUN else 100
     x = make((N, 64, 64, 64), dtype, layout, grad=True)
@@ -477,6 +477,42 @@ def test_conv_bn_relu(gpu_backend, config, case, layout, training, variant):
     assert out.is_contiguous(memory_format=expected_format(x))
     check(rm, rm_ref, dtype, "running_mean")
     check(rv, rv_ref, dtype, "running_var")
+
+
+@needs_cuda
+@pytest.mark.parametrize("fusion", ["cudnn-fused", "fallback"])
+@pytest.mark.parametrize("residual", [False, True], ids=["no-residual", "residual"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", [CONV_CONFIGS[i] for i in (0, 1, 3)], ids=_conv_id)
+def test_cuda_inference_paths(cuda_ops, monkeypatch, config, dtype, layout, residual, fusion):
+    """The cuda backend's two inference paths for conv -> BN (-> + residual) -> ReLU and for
+    conv2d_relu: BN folded into one fused cuDNN conv + bias (+ add) + ReLU call, and the
+    fallback, cuDNN's convolution and one cnnops epilogue pass (CNNOPS_CUDNN_FUSION=0; also
+    what float64, relu=False and configurations cuDNN refuses take)."""
+    if fusion == "fallback":
+        monkeypatch.setenv("CNNOPS_CUDNN_FUSION", "0")
+    torch.manual_seed(19)
+    x, w, cb, args = _conv_tensors(config, dtype, layout, True)
+    OC = w.shape[0]
+    bw, bb, rm, rv = _bn_tensors(OC, dtype, True, dtype in HALF)
+    shape = F.conv2d(x.detach().float(), w.detach().float(), None, *args).shape
+    r = make(shape, dtype, layout, grad=True) if residual else None
+    with cnnops.use_backend("cuda"):
+        out, _ = run_pair(
+            lambda x, w, cb, r: CF.conv_bn_relu(x, w, cb, bw, bb, rm, rv, *args, residual=r),
+            lambda x, w, cb, r: (F.batch_norm(F.conv2d(x, w, cb, *args), rm.to(x.dtype),
+                                              rv.to(x.dtype), bw.to(x.dtype), bb.to(x.dtype))
+                                 + (r if r is not None else 0)),
+            [x, w, cb, r], dtype, relu=True, names=grad_names(input=x, weight=w, conv_bias=cb,
+                                                               residual=r))
+        assert out.is_contiguous(memory_format=expected_format(x))
+        out, _ = run_pair(lambda x, w, cb, r: CF.conv2d_relu(x, w, cb, *args, residual=r),
+                          lambda x, w, cb, r: F.conv2d(x, w, cb, *args) + (r if r is not None
+                                                                           else 0),
+                          [x, w, cb, r], dtype, relu=True,
+                          names=grad_names(input=x, weight=w, bias=cb, residual=r))
+        assert out.is_contiguous(memory_format=expected_format(x))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -684,9 +720,12 @@ def _backward_run(fn, inputs):
 
 @needs_cuda
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cuda_backward_is_deterministic(cuda_ops, layout):
+def test_cuda_backward_is_deterministic(cuda_ops, monkeypatch, layout):
     """The cuda backend's reductions and scatters have a fixed order: two runs agree bit for
-    bit (overlapping max-pool windows included)."""
+    bit (overlapping max-pool windows included). The convolutions are cuDNN's, deterministic
+    when torch.backends.cudnn.deterministic says so, as in eager PyTorch."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     torch.manual_seed(13)
     x = make((8, 24, 15, 15), torch.float32, layout, grad=True)
     w = make((32, 24, 3, 3), torch.float32, grad=True, scale=0.1)

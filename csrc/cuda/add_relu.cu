@@ -37,53 +37,41 @@ struct ReLUBackward {
   }
 };
 
-constexpr int kVecBytes = 16;
-
-template <typename scalar_t, int V>
-struct alignas(kVecBytes) Vec {
-  scalar_t v[V];
-};
-
 // out[i] = op(a[i], b[i]) for i < n; vectorised over V-element chunks, the
 // tail (n % V elements) done element-wise.
-template <typename scalar_t, int V, typename Op>
+template <typename scalar_t, bool VEC, typename Op>
 __global__ void binary_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
                               scalar_t* __restrict__ out, int64_t n, Op op) {
+  constexpr int V = VEC ? kVec<scalar_t> : 1;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t chunks = n / V;
-  if constexpr (V > 1) {
-    using VecT = Vec<scalar_t, V>;
-    const VecT* va = reinterpret_cast<const VecT*>(a);
-    const VecT* vb = reinterpret_cast<const VecT*>(b);
-    VecT* vo = reinterpret_cast<VecT*>(out);
+  if constexpr (VEC) {
     for (int64_t i = first; i < chunks; i += stride) {
-      const VecT x = va[i], y = vb[i];
-      VecT r;
+      const Vec16<scalar_t> x = load16(a + i * V), y = load16(b + i * V);
+      Vec16<scalar_t> r;
 #pragma unroll
       for (int k = 0; k < V; ++k) r.v[k] = op(x.v[k], y.v[k]);
-      vo[i] = r;
+      store16(out + i * V, r);
     }
   }
-  for (int64_t i = (V > 1 ? chunks * V : 0) + first; i < n; i += stride) out[i] = op(a[i], b[i]);
+  for (int64_t i = (VEC ? chunks * V : 0) + first; i < n; i += stride) out[i] = op(a[i], b[i]);
 }
-
-bool aligned(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % kVecBytes == 0; }
 
 template <typename scalar_t, typename Op>
 void launch_binary(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, Op op) {
-  constexpr int V = kVecBytes / sizeof(scalar_t);
   const int64_t n = out.numel();
   const scalar_t* pa = a.const_data_ptr<scalar_t>();
   const scalar_t* pb = b.const_data_ptr<scalar_t>();
   scalar_t* po = out.mutable_data_ptr<scalar_t>();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  if (V > 1 && aligned(pa) && aligned(pb) && aligned(po)) {
-    binary_kernel<scalar_t, V, Op>
-        <<<grid_for(ceil_div(n, V), kThreads), kThreads, 0, stream>>>(pa, pb, po, n, op);
-  } else {
-    binary_kernel<scalar_t, 1, Op><<<grid_for(n, kThreads), kThreads, 0, stream>>>(pa, pb, po, n,
+  if (aligned16({pa, pb, po})) {
+    binary_kernel<scalar_t, true, Op>
+        <<<grid_for(ceil_div(n, kVec<scalar_t>), kThreads), kThreads, 0, stream>>>(pa, pb, po, n,
                                                                                    op);
+  } else {
+    binary_kernel<scalar_t, false, Op><<<grid_for(n, kThreads), kThreads, 0, stream>>>(pa, pb, po,
+                                                                                       n, op);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

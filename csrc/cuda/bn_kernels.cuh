@@ -3,8 +3,7 @@
 //
 // Two layouts of an activation tensor [B, C, L] (L = H*W) are supported:
 //  * "planes": the L values of each (image b, channel c) pair are contiguous,
-//    at b*sB + c*sC. NCHW-contiguous is sB = C*L, sC = L; the channel-major
-//    GEMM buffer of the conv kernels ([C, B*L]) is sB = L, sC = B*L.
+//    at b*sB + c*sC. NCHW-contiguous is sB = C*L, sC = L.
 //  * "rows": NHWC, a dense [M = B*L, C] matrix, channels contiguous.
 // Planes kernels give each thread block one (b, c) plane at a time, so the
 // per-channel constants are loaded once per plane; rows kernels use 2-D
@@ -301,6 +300,35 @@ __global__ void apply_rows_kernel(const scalar_t* x, const scalar_t* res, scalar
   }
 }
 
+// apply_rows_kernel 16 bytes at a time: the dense [M, C] rows walked as flat
+// vectors of kVec channels (rows_vectorizable), one division per vector.
+template <typename scalar_t, typename acc_t>
+__global__ void apply_rows_vec_kernel(const scalar_t* x, const scalar_t* res, scalar_t* y,
+                                      const acc_t* __restrict__ center,
+                                      const acc_t* __restrict__ scale,
+                                      const acc_t* __restrict__ shift, int64_t vectors,
+                                      int64_t C, bool relu) {
+  constexpr int V = kVec<scalar_t>;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < vectors;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = t * V, c0 = i % C;
+    const Vec16<scalar_t> xv = load16(x + i);
+    Vec16<scalar_t> rv{}, out{};
+    if (res != nullptr) rv = load16(res + i);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t c = c0 + j;
+      acc_t v = static_cast<acc_t>(xv.v[j]);
+      if (center != nullptr) v -= center[c];
+      if (scale != nullptr) v *= scale[c];
+      if (shift != nullptr) v += shift[c];
+      if (res != nullptr) v += static_cast<acc_t>(rv.v[j]);
+      out.v[j] = static_cast<scalar_t>(relu ? relu_keep_nan(v) : v);
+    }
+    store16(y + i, out);
+  }
+}
+
 // The gradient reaching BN's output: grad, masked by the ReLU when the
 // forward output is given (zero where output <= 0, as the CPU kernels).
 template <typename scalar_t, typename acc_t>
@@ -426,8 +454,7 @@ __global__ void bwd_constants_kernel(int64_t C, int64_t S, const acc_t* __restri
 }
 
 // gx = a*((gy - c) - b*(x - mean)) (gx may be null) and gr = gy (gr may be null)
-// over planes. g, o, x and gr share the strides sB, sC; gx has its own
-// (it may be the channel-major GEMM buffer of the conv backward).
+// over planes. g, o, x and gr share the strides sB, sC; gx has its own.
 template <typename scalar_t, typename acc_t>
 __global__ void bwd_apply_planes_kernel(const scalar_t* __restrict__ g,
                                         const scalar_t* __restrict__ o,
@@ -475,6 +502,42 @@ __global__ void bwd_apply_rows_kernel(const scalar_t* __restrict__ g,
       }
       if (gr != nullptr) gr[i] = static_cast<scalar_t>(gy);
     }
+  }
+}
+
+// bwd_apply_rows_kernel 16 bytes at a time (see apply_rows_vec_kernel).
+template <typename scalar_t, typename acc_t>
+__global__ void bwd_apply_rows_vec_kernel(const scalar_t* __restrict__ g,
+                                          const scalar_t* __restrict__ o,
+                                          const scalar_t* __restrict__ x,
+                                          scalar_t* __restrict__ gx, scalar_t* __restrict__ gr,
+                                          const acc_t* __restrict__ coef,
+                                          const acc_t* __restrict__ mean, int64_t vectors,
+                                          int64_t C) {
+  constexpr int V = kVec<scalar_t>;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < vectors;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = t * V, c0 = i % C;
+    const Vec16<scalar_t> gv = load16(g + i);
+    Vec16<scalar_t> ov{}, xv{}, gxv{}, grv{};
+    if (o != nullptr) ov = load16(o + i);
+    if (gx != nullptr && x != nullptr) xv = load16(x + i);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t c = c0 + j;
+      const acc_t gy = (o == nullptr || static_cast<acc_t>(ov.v[j]) > acc_t(0))
+                           ? static_cast<acc_t>(gv.v[j])
+                           : acc_t(0);
+      if (gx != nullptr) {
+        const acc_t kb = coef[C + c];
+        acc_t v = gy - coef[2 * C + c];
+        if (x != nullptr && kb != acc_t(0)) v -= kb * (static_cast<acc_t>(xv.v[j]) - mean[c]);
+        gxv.v[j] = static_cast<scalar_t>(coef[c] * v);
+      }
+      grv.v[j] = static_cast<scalar_t>(gy);
+    }
+    if (gx != nullptr) store16(gx + i, gxv);
+    if (gr != nullptr) store16(gr + i, grv);
   }
 }
 
@@ -600,9 +663,16 @@ void launch_apply(const scalar_t* x, const ActView& xv, const scalar_t* res, con
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (yv.rows) {
     TORCH_INTERNAL_ASSERT(xv.rows && (res == nullptr || rv.rows));
-    const dim3 block = rows_block(C);
-    apply_rows_kernel<scalar_t, acc_t><<<grid_for(B * L, block.y), block, 0, stream>>>(
-        x, res, y, center, scale, shift, B * L, C, relu);
+    if (rows_vectorizable<scalar_t>(C, {x, res, y})) {
+      const int64_t vectors = B * L * C / kVec<scalar_t>;
+      apply_rows_vec_kernel<scalar_t, acc_t><<<grid_for(vectors, kThreads), kThreads, 0,
+                                               stream>>>(x, res, y, center, scale, shift,
+                                                         vectors, C, relu);
+    } else {
+      const dim3 block = rows_block(C);
+      apply_rows_kernel<scalar_t, acc_t><<<grid_for(B * L, block.y), block, 0, stream>>>(
+          x, res, y, center, scale, shift, B * L, C, relu);
+    }
   } else {
     TORCH_INTERNAL_ASSERT(!xv.rows && (res == nullptr || !rv.rows));
     const int threads = pow2_clamp(L, 64, kThreads);
@@ -688,9 +758,18 @@ void launch_bwd_apply(const scalar_t* g, const scalar_t* o, const scalar_t* x, c
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (v.rows) {
     TORCH_INTERNAL_ASSERT(gx == nullptr || gxv.rows);
-    const dim3 block = rows_block(C);
-    bwd_apply_rows_kernel<scalar_t, acc_t><<<grid_for(B * L, block.y), block, 0, stream>>>(
-        g, o, x, gx, gr, coef.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(), B * L, C);
+    if (rows_vectorizable<scalar_t>(C, {g, o, x, gx, gr})) {
+      const int64_t vectors = B * L * C / kVec<scalar_t>;
+      bwd_apply_rows_vec_kernel<scalar_t, acc_t>
+          <<<grid_for(vectors, kThreads), kThreads, 0, stream>>>(
+              g, o, x, gx, gr, coef.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
+              vectors, C);
+    } else {
+      const dim3 block = rows_block(C);
+      bwd_apply_rows_kernel<scalar_t, acc_t><<<grid_for(B * L, block.y), block, 0, stream>>>(
+          g, o, x, gx, gr, coef.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(), B * L,
+          C);
+    }
   } else {
     TORCH_INTERNAL_ASSERT(gx == nullptr || !gxv.rows);
     const int threads = pow2_clamp(L, 64, kThreads);
@@ -698,30 +777,6 @@ void launch_bwd_apply(const scalar_t* g, const scalar_t* o, const scalar_t* x, c
         g, o, x, v.sB, v.sC, gx, gxv.sB, gxv.sC, gr, coef.const_data_ptr<acc_t>(),
         mean.const_data_ptr<acc_t>(), B, C, L);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void sum_partials_kernel(int64_t C, int64_t S, const acc_t* __restrict__ p,
-                                    scalar_t* __restrict__ out) {
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    acc_t sum = 0;
-    for (int64_t s = 0; s < S; ++s) sum += p[c * S + s];
-    out[c] = static_cast<scalar_t>(sum);
-  }
-}
-
-// out[c] = the sum of g over channel c (g in view v; out [C] of g's dtype):
-// a conv bias gradient.
-template <typename scalar_t>
-void channel_sum(const scalar_t* g, const ActView& v, const at::Tensor& out) {
-  using acc_t = acc_type<scalar_t>;
-  if (v.C == 0) return;
-  const SumPartials p = bwd_reduce<scalar_t>(g, nullptr, nullptr, v, nullptr, out.options());
-  sum_partials_kernel<scalar_t, acc_t><<<grid_for(v.C, kThreads), kThreads, 0,
-                                         at::cuda::getCurrentCUDAStream()>>>(
-      v.C, p.S, p.sum.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -744,22 +799,6 @@ inline at::Tensor bn_channel_param(const c10::optional<at::Tensor>& t, const at:
                     input.device(), "), got ", t->device());
   check_channel_vector(*t, channels, name);
   return t->to(acc_dtype(in_type)).contiguous();
-}
-
-// A per-channel tensor of input's dtype (a conv bias), as acc dtype.
-inline at::Tensor same_dtype_channel_param(const c10::optional<at::Tensor>& t,
-                                           const at::Tensor& input, int64_t channels,
-                                           const char* name) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  check_same(*t, input, name, "input");
-  check_channel_vector(*t, channels, name);
-  return t->to(acc_dtype(input.scalar_type())).contiguous();
-}
-
-// A [N, C, H, W] tensor viewed as rows of channels ([N*H*W, C]); `t` must be
-// dense channels_last (a view then, never a copy).
-inline at::Tensor as_rows(const at::Tensor& t) {
-  return t.permute({0, 2, 3, 1}).view({t.size(0) * t.size(2) * t.size(3), t.size(1)});
 }
 
 }  // namespace gpu

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 
 #include "cnnops/common.h"
@@ -93,6 +94,44 @@ inline int reduction_splits(int64_t channel_blocks, int64_t rows) {
   int64_t s = ceil_div(target, std::max<int64_t>(channel_blocks, 1));
   s = std::min<int64_t>(s, std::max<int64_t>(rows, 1));
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(s, 1024)));
+}
+
+// ---- vectorised access ----------------------------------------------------
+
+// kVec<scalar_t> values moved as one 16-byte access (8 float16 / bfloat16, 4
+// float32, 2 float64): memory-bound kernels reach the bandwidth with these,
+// not with 2-byte loads.
+template <typename scalar_t>
+constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+
+template <typename scalar_t>
+struct alignas(16) Vec16 {
+  scalar_t v[kVec<scalar_t>];
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ Vec16<scalar_t> load16(const scalar_t* p) {
+  return *reinterpret_cast<const Vec16<scalar_t>*>(p);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store16(scalar_t* p, const Vec16<scalar_t>& v) {
+  *reinterpret_cast<Vec16<scalar_t>*>(p) = v;
+}
+
+// Whether every pointer (null ones aside) is 16-byte aligned.
+inline bool aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs) {
+    if (p != nullptr && reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// Whether dense [M, C] rows (NHWC) can be walked 16 bytes at a time: C a
+// multiple of kVec (so a vector never straddles two rows), pointers aligned.
+template <typename scalar_t>
+inline bool rows_vectorizable(int64_t C, std::initializer_list<const void*> ptrs) {
+  return C % kVec<scalar_t> == 0 && aligned16(ptrs);
 }
 
 // ---- device arithmetic ---------------------------------------------------

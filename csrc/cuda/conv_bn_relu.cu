@@ -1,24 +1,24 @@
-// conv -> BatchNorm -> (+ residual) -> ReLU in one op on the GPU.
+// conv -> BatchNorm -> (+ residual) -> ReLU in one op on the GPU: cuDNN's
+// convolution (conv_cudnn.cuh) with cnnops' BN kernels (bn_kernels.cuh) around it.
 //
-// Inference: BN is a per-channel affine map, (x - center) * scale + shift
-// (running statistics; the conv bias folded into the center), applied with
-// the residual and the ReLU by the conv's GEMM epilogue: one pass over the
-// GEMM output writes the result.
-// Training: the conv (+ conv bias) writes conv_output, the pre-normalisation
-// activations the backward needs; one reduction gives the batch statistics
-// (Welford / Chan, deterministic) and one elementwise pass normalises, adds
-// the residual and applies the ReLU.
+// Inference: BN folded into the weight and bias (one small kernel), then one
+// fused cuDNN conv + bias (+ residual) + ReLU call, or cuDNN's convolution and
+// one epilogue pass where cuDNN does not fuse (no ReLU, float64, a refused
+// configuration).
+// Training: cuDNN's convolution (+ conv bias) writes conv_output, the
+// pre-normalisation activations the backward reads; one reduction gives the
+// batch statistics (Welford / Chan, deterministic) and one elementwise pass
+// normalises, adds the residual and applies the ReLU.
 // Backward: one reduction (sum of gy and of gy * (conv_output - mean), gy the
 // ReLU-masked gradient) and one elementwise pass producing the conv output's
-// gradient (directly in the layout the conv backward's GEMMs read) and
-// grad_residual; then the conv backward (conv_kernels.cuh).
+// gradient and grad_residual; then cuDNN's dgrad and wgrad.
 //
-// conv_output is NCHW-contiguous in every case (the schema's fake kernel says
-// so); with a channels_last input the forward computes in NHWC and stores one
-// transposed copy, and the training backward reads an NHWC copy of it.
+// Every activation (output, conv_output, gradients) is dense in the layout of
+// cnnops::output_memory_format(input): NHWC for channels_last input, NCHW
+// otherwise.
 #include <torch/library.h>
 
-#include "conv_kernels.cuh"
+#include "conv_cudnn.cuh"
 
 namespace cnnops {
 
@@ -35,7 +35,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cuda(
   const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
   gpu::check_cuda_float(input, "input");
   const int64_t OC = s.OC, L = s.L();
-  const at::Tensor cbias = gpu::same_dtype_channel_param(conv_bias_opt, input, OC, "conv_bias");
   const at::Tensor bnw = gpu::bn_channel_param(bn_weight_opt, input, OC, "bn_weight");
   const at::Tensor bnb = gpu::bn_channel_param(bn_bias_opt, input, OC, "bn_bias");
   const at::Tensor rmean = gpu::bn_channel_param(running_mean_opt, input, OC, "running_mean");
@@ -45,41 +44,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cuda(
                     "and running_var");
   TORCH_CHECK_VALUE(eps >= 0, "expected eps >= 0, got ", eps);
   const auto fmt = output_memory_format(input);
-  const bool nhwc = gpu::uses_nhwc(input);
-  const at::Tensor residual = gpu::conv_residual_cuda(residual_opt, input, s, fmt);
+  const at::Tensor residual = conv_residual(residual_opt, input, s, fmt);
   c10::cuda::CUDAGuard guard(input.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-
+  const gpu::ConvArgs args{stride, padding, dilation, groups};
   const auto opts = input.options();
-  const auto acc_opts = opts.dtype(gpu::acc_dtype(input.scalar_type()));
-  at::Tensor out = at::empty({s.N, OC, s.OH, s.OW}, opts.memory_format(fmt));
-  at::Tensor conv_out = training ? at::empty({s.N, OC, s.OH, s.OW}, opts) : at::empty({0}, opts);
-  const at::Tensor w = weight.contiguous();
 
   if (!training) {
-    const gpu::BNConstants k = AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_conv_bn_constants", [&] {
-          return gpu::bn_constants<gpu::acc_type<scalar_t>>(OC, gpu::Partials{}, rmean, rvar, bnw,
-                                                            bnb, cbias, eps, acc_opts);
-        });
-    gpu::conv_forward_fused(s, input, w, nhwc, out, k.center, k.scale, k.shift, residual, relu);
-    return {out, conv_out, k.save_mean, k.save_invstd};
+    at::Tensor cbias = optional_channel(conv_bias_opt, input, OC, "conv_bias");
+    if (cbias.defined()) cbias = cbias.to(gpu::acc_dtype(input.scalar_type()));
+    const gpu::FoldedBN f = gpu::fold_bn(weight, fmt, rmean, rvar, bnw, bnb, cbias, eps);
+    at::Tensor out = gpu::conv_bias_relu(input, f.weight, f.bias, f.shift, residual, relu, args,
+                                         fmt);
+    return {out, at::empty({0}, opts), f.save_mean, f.save_invstd};
   }
 
-  // Training. The raw conv (+ conv bias) goes to conv_output (NCHW path) or,
-  // on the NHWC path, to `out` first, then is copied to conv_output.
-  gpu::conv_forward_fused(s, input, w, nhwc, nhwc ? out : conv_out, at::Tensor(), at::Tensor(),
-                          cbias, at::Tensor(), /*relu=*/false);
-  if (nhwc) conv_out.copy_(out);
-  const gpu::ActView v = nhwc ? gpu::rows_view(s.N, OC, L) : gpu::nchw_view(s.N, OC, L);
+  // Training: the convolution adds the conv bias, in the input's dtype.
+  const at::Tensor cbias = optional_channel(conv_bias_opt, input, OC, "conv_bias");
+  const at::Tensor conv_out = gpu::cudnn_conv(input, weight, cbias, args, fmt);
+  at::Tensor out = at::empty({s.N, OC, s.OH, s.OW}, opts.memory_format(fmt));
+  const gpu::ActView v = fmt == at::MemoryFormat::ChannelsLast ? gpu::rows_view(s.N, OC, L)
+                                                               : gpu::nchw_view(s.N, OC, L);
+  const auto acc_opts = opts.dtype(gpu::acc_dtype(input.scalar_type()));
   gpu::BNConstants k;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_conv_bn_relu_cuda", [&] {
     using acc_t = gpu::acc_type<scalar_t>;
-    const scalar_t* src = nhwc ? out.const_data_ptr<scalar_t>() : conv_out.const_data_ptr<scalar_t>();
+    const scalar_t* src = conv_out.const_data_ptr<scalar_t>();
     const gpu::Partials p = gpu::batch_moments<scalar_t>(src, v, opts);
     k = gpu::bn_constants<acc_t>(OC, p, at::Tensor(), at::Tensor(), bnw, bnb, at::Tensor(), eps,
                                  acc_opts);
-    // In place on the NHWC path (src is out).
     gpu::launch_apply<scalar_t>(src, v, gpu::ptr_or_null<scalar_t>(residual), v,
                                 out.mutable_data_ptr<scalar_t>(), v,
                                 k.center.const_data_ptr<acc_t>(), k.scale.const_data_ptr<acc_t>(),
@@ -105,7 +98,7 @@ conv_bn_relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& outp
   gpu::check_shape(grad_output, out_shape, "grad_output", input, "input");
   gpu::check_shape(output, out_shape, "output", input, "input");
   if (training) gpu::check_shape(conv_output, out_shape, "conv_output", input, "input");
-  const at::Tensor cbias = gpu::same_dtype_channel_param(conv_bias_opt, input, OC, "conv_bias");
+  const at::Tensor cbias = optional_channel(conv_bias_opt, input, OC, "conv_bias");
   const at::Tensor bnw = gpu::bn_channel_param(bn_weight_opt, input, OC, "bn_weight");
   const at::Tensor mean = gpu::bn_channel_param(save_mean, input, OC, "save_mean");
   const at::Tensor invstd = gpu::bn_channel_param(save_invstd, input, OC, "save_invstd");
@@ -117,24 +110,19 @@ conv_bn_relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& outp
              need_gbw = output_mask[3] && bnw.defined(), need_gbb = output_mask[4],
              need_gr = output_mask[5];
   const auto fmt = output_memory_format(input);
-  const bool nhwc = gpu::uses_nhwc(input);
+  const gpu::ConvArgs args{stride, padding, dilation, groups};
   const auto opts = input.options();
-  const at::Tensor w = weight.contiguous();
   const at::Tensor g = grad_output.contiguous(fmt);
   const at::Tensor o = relu ? output.contiguous(fmt) : at::Tensor();
-  // The normalised activations' source, in the working layout: saved in
-  // training; recomputed in inference only when the BN weight gradient needs it.
+  // The normalised activations' source: saved in training; recomputed in
+  // inference only when the BN weight gradient needs it.
   at::Tensor co;
   if (training) {
     co = conv_output.contiguous(fmt);
   } else if (need_gbw) {
-    co = at::empty({s.N, OC, s.OH, s.OW}, opts.memory_format(fmt));
-    gpu::conv_forward_fused(s, input, w, nhwc, co, at::Tensor(), at::Tensor(), cbias,
-                            at::Tensor(), false);
+    co = gpu::cudnn_conv(input, weight, cbias, args, fmt);
   }
 
-  at::Tensor gi = need_gi ? at::empty(input.sizes(), opts.memory_format(fmt)) : at::Tensor();
-  at::Tensor gw = need_gw ? at::empty(weight.sizes(), opts) : at::Tensor();
   at::Tensor gcb = need_gcb ? at::empty({OC}, opts) : at::Tensor();
   // BN parameter gradients in the statistics dtype (float32 for half inputs), as
   // aten's; the conv bias gradient in the input's, as aten's conv.
@@ -144,13 +132,11 @@ conv_bn_relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& outp
   at::Tensor gr = need_gr ? at::empty({s.N, OC, s.OH, s.OW}, opts.memory_format(fmt))
                           : at::Tensor();
   at::Tensor coef = at::empty({3 * OC}, acc_opts);
-  // The conv output's gradient, in the layout the conv backward reads:
-  // channel-major [OC, N*L] (NCHW path) or rows [N*L, OC] (NHWC path).
-  const bool need_dconv = need_gi || need_gw;
-  at::Tensor dconv;
-  if (need_dconv) dconv = nhwc ? at::empty({s.N * L, OC}, opts) : at::empty({OC, s.N * L}, opts);
-  const gpu::ActView v = nhwc ? gpu::rows_view(s.N, OC, L) : gpu::nchw_view(s.N, OC, L);
-  const gpu::ActView dv = nhwc ? v : gpu::planes_view(s.N, OC, L, L, s.N * L);
+  // The conv output's gradient, in the output layout, for cuDNN's dgrad / wgrad.
+  at::Tensor dconv = (need_gi || need_gw) ? at::empty({s.N, OC, s.OH, s.OW}, opts.memory_format(fmt))
+                                          : at::Tensor();
+  const gpu::ActView v = fmt == at::MemoryFormat::ChannelsLast ? gpu::rows_view(s.N, OC, L)
+                                                               : gpu::nchw_view(s.N, OC, L);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_conv_bn_relu_backward_cuda", [&] {
     using acc_t = gpu::acc_type<scalar_t>;
@@ -164,10 +150,10 @@ conv_bn_relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& outp
     gpu::launch_bwd_constants<scalar_t>(OC, p, invstd, bnw, s.N * L, training, coef, gbw, gbb,
                                         gcb);
     gpu::launch_bwd_apply<scalar_t>(gp, op, training ? cp : nullptr, v,
-                                    gpu::mut_ptr_or_null<scalar_t>(dconv), dv,
+                                    gpu::mut_ptr_or_null<scalar_t>(dconv), v,
                                     gpu::mut_ptr_or_null<scalar_t>(gr), coef, mean);
   });
-  if (need_dconv) gpu::conv_backward_from_buffer(s, input, w, dconv, nhwc, gi, gw);
+  auto [gi, gw] = gpu::cudnn_conv_backward(dconv, input, weight, args, fmt, need_gi, need_gw);
 
   return {gi.defined() ? gi : not_requested(input),   gw.defined() ? gw : not_requested(input),
           gcb.defined() ? gcb : not_requested(input), gbw.defined() ? gbw : not_requested(input),

@@ -71,16 +71,17 @@ inline ConvShape conv_shape(const at::Tensor& input, const at::Tensor& weight,
 }
 
 // An optional residual added to the conv output: checked to have its shape,
-// made contiguous; undefined when absent.
+// made contiguous in `fmt`; undefined when absent.
 inline at::Tensor conv_residual(const c10::optional<at::Tensor>& residual,
-                                const at::Tensor& input, const ConvShape& s) {
+                                const at::Tensor& input, const ConvShape& s,
+                                at::MemoryFormat fmt = at::MemoryFormat::Contiguous) {
   if (!residual.has_value() || !residual->defined()) return at::Tensor();
   check_same(*residual, input, "residual", "input");
   const int64_t shape[] = {s.N, s.OC, s.OH, s.OW};
   TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(shape),
                     "expected residual of the conv output's shape ", at::IntArrayRef(shape),
                     ", got ", residual->sizes());
-  return residual->contiguous();
+  return residual->contiguous(fmt);
 }
 
 }  // namespace cnnops
