@@ -585,6 +585,7 @@ class Settings:
         self.cuda_round_seconds = 2e-3
         self.cuda_max_iterations = 200
         self._sgemm = {}
+        self._copy = {}
         self.start_info = machine_info()  # before the run: the load average says if it was quiet
         self.results = []  # (group, impl, median seconds, extra_info) of each finished benchmark
 
@@ -671,6 +672,31 @@ class Settings:
         if device not in self._sgemm:
             self._sgemm[device] = measure_sgemm(device, dtype=self.variant.dtype)
         return self._sgemm[device]
+
+
+    def copy_gbps(self, device):
+        """This machine's copy rate (GB/s, bytes read + written), measured once per session
+        and device: the ceiling of the memory-bound ops' GB/s."""
+        if device not in self._copy:
+            self._copy[device] = measure_copy(device)
+        return self._copy[device]
+
+
+def measure_copy(device, nbytes=None, repeat=7):
+    """Best-of-``repeat`` GB/s (read + write) of a tensor copy of ``nbytes`` (256 MiB on the
+    GPU, 64 MiB on the CPU: each several times the last-level cache)."""
+    nbytes = nbytes or (256 if device == "cuda" else 64) * 2 ** 20
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for i in range(repeat + 2):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - start)
+    return 2.0 * nbytes / best / 1e9
 
 
 def measure_sgemm(device, n=None, repeat=7, dtype=torch.float32):
@@ -924,6 +950,7 @@ def finish(benchmark, settings, device, flops=None, nbytes=None):
         info["gemm_dtype"] = dtype_name(settings.variant.dtype)
     if nbytes is not None:
         info["bytes"] = nbytes
+        info["copy_gbps"] = round(settings.copy_gbps(device), 2)
     if median:
         info["median_ms"] = round(median * 1e3, 4)
         if flops is not None:
@@ -931,6 +958,7 @@ def finish(benchmark, settings, device, flops=None, nbytes=None):
             info["sgemm_fraction"] = round(flops / median / 1e9 / info["sgemm_gflops"], 4)
         if nbytes is not None:
             info["gbytes_per_s"] = round(nbytes / median / 1e9, 2)
+            info["copy_fraction"] = round(info["gbytes_per_s"] / info["copy_gbps"], 4)
         settings.results.append((benchmark.group, info.get("impl"), median, dict(info)))
 
 

@@ -202,6 +202,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         mode="full" if s.full else "quick", devices=s.devices,
         backends=s.backends, batch=s.batch, nets=s.nets,
         sgemm_gflops={d: round(v, 2) for d, v in s._sgemm.items()},
+        copy_gbps={d: round(v, 2) for d, v in s._copy.items()},
         dtype=benchlib.dtype_name(s.variant.dtype), layout=s.variant.layout,
         amp=s.model_variant.amp, gemm_dtype=benchlib.dtype_name(s.variant.dtype),
         model_batch=s.model_batch, model_size=s.model_size,

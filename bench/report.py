@@ -114,6 +114,19 @@ class Row:
         nbytes = self.info.get("bytes")
         return nbytes / self.median / 1e9 if nbytes and self.median else None
 
+    @property
+    def copy_fraction(self):
+        """GB/s as a share of the machine's copy rate measured in the same run."""
+        rate = self.info.get("copy_gbps")
+        return self.gbytes / rate if self.gbytes and rate else None
+
+    def gbytes_text(self):
+        """'GB/s (share of the copy rate)', e.g. '812.4 (19%)'."""
+        if self.gbytes is None:
+            return "–"
+        share = self.copy_fraction
+        return "%.1f%s" % (self.gbytes, " (%.0f%%)" % (100 * share) if share else "")
+
 
 def link(rows):
     """Sets each row's speed-up against torch eager: the eager rounds timed in alternation
@@ -337,7 +350,11 @@ def _machine_lines(data):
                  "sgemm" if cb.get("gemm_dtype", "float32") == "float32" else "GEMM rate",
                  cb.get("gemm_dtype", "float32"),
                  ", ".join("%s %.1f GFLOP/s" % (d, v) for d, v in cb.get("sgemm_gflops",
-                                                                           {}).items()) or "?")]
+                                                                           {}).items()) or "?"),
+             "- Copy rate (tensor copy, read + write, best of 7; the memory-bound ops' GB/s are "
+             "shown with their share of it): %s" % (
+                 ", ".join("%s %.1f GB/s" % (d, v) for d, v in cb.get("copy_gbps", {}).items())
+                 or "not measured")]
     start, end = cb.get("loadavg_start"), cb.get("loadavg_end")
     if start:
         cores = cb.get("cpu_count") or 1
@@ -380,7 +397,7 @@ def _op_overview(sec, conv, model=False):
                 cells.append((_fmt(r.sgemm_fraction * 100, ".0f") + "%")
                              if r and r.sgemm_fraction else "–")
             else:
-                cells.append(_fmt(r.gbytes if r else None, ".1f"))
+                cells.append(r.gbytes_text() if r else "–")
         lines.append("| " + " | ".join(cells) + " |")
     cells = ["**geo-mean**", ""]
     for impl in impls:
@@ -436,7 +453,7 @@ def _group_table(members):
             _fmt(r.paired_eager * 1e3 if r.paired_eager else None, ".3f"),
             (_fmt(r.speedup, ".2f") + "x") if r.speedup else "–", _fmt(r.gflops, ".1f"),
             (_fmt(r.sgemm_fraction * 100, ".1f") + "%") if r.sgemm_fraction else "–",
-            _fmt(r.gbytes, ".1f")))
+            r.gbytes_text()))
     return lines
 
 
