@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# The GPU check in one command: build with the CUDA kernels, run tests/test_gpu.py (cuda, then
-# triton), the C++ bad-argument cases on CUDA, and the GPU benchmark targets. Every phase has a
-# time limit, so the whole run fits a ~9-minute slot on a 16-core H100/H200 machine, and writes
-# its log to OUT (default bench/results/gpu-check), at most eight files:
+# The GPU check in one command: build with the CUDA kernels, run the GPU tests, measure the GPU
+# targets. Every phase has a time limit, so the whole run fits about 8 minutes on a 16-core
+# H100/H200 machine (a 15-minute GPU slot can run it twice), and leaves at most eight files in
+# OUT (default bench/results/gpu-check):
 #
-#   env.txt          GPU, driver, torch / CUDA / cuDNN / triton versions, date, commit
-#   build.log        the build (TORCH_CUDA_ARCH_LIST=9.0 unless set)
-#   tests-cuda.log   tests/test_gpu.py -k "not triton"
-#   tests-triton.log tests/test_gpu.py -k triton (first run: every Triton kernel compiles)
-#   tests-other.log  tests/test_errors.py on CUDA (each bad call in a child process) and the
-#                    timm fusion check (timm is installed on the GPU image)
-#   bench.json       pytest-benchmark JSON of the GPU targets (float16, channels_last, batch 32)
-#   bench.log        its console output
-#   summary.txt      one line per phase: exit status and the pytest summary line
+#   env.txt              GPU, driver, torch / CUDA / cuDNN / triton versions, date, commit
+#   build.log            the build (TORCH_CUDA_ARCH_LIST=9.0 unless set)
+#   tests.log            tests/test_gpu.py (cuda and triton halves side by side, pytest-xdist),
+#                        the C++ bad-argument cases on CUDA (each in a child process) and the
+#                        timm fusion check (timm is on the GPU image)
+#   bench-ops.json       conv2d / conv_bn_relu layer targets: ResNet-50 layers, float16,
+#                        channels_last, batch 32, eager cuDNN vs the cnnops backends
+#   bench-models.json    ResNet-50 under autocast float16, batch 32, 224x224: eager, cnnops
+#                        model, cnnops.fuse (inference and training step, peak memory)
+#   bench-compile.json   the same model under torch.compile (default mode)
+#   bench.log            the benchmarks' console output
+#   summary.txt          one line per phase: exit status, seconds, pytest's summary line
 #
 # Usage: bash bench/gpu_check.sh            (from the repository root)
-# Limits (seconds) can be changed with BUILD_S, CUDA_S, TRITON_S, OTHER_S, BENCH_S.
+# Then:  python bench/report.py OUT/bench-ops.json OUT/bench-models.json OUT/bench-compile.json \
+#          --name <gpu>                     (-> bench/results/<gpu>.md, .png)
+# Phase limits (seconds): BUILD_S, TESTS_S, OPS_S, MODELS_S, COMPILE_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-check}
@@ -24,12 +29,14 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_
 unset TRITON_INTERPRET CNNOPS_BACKEND
 PY=${PYTHON:-python3}
 : > "$OUT/summary.txt"
+: > "$OUT/bench.log"
 
 phase() {  # phase NAME LIMIT LOG COMMAND...: run with a time limit, record status and summary
   local name=$1 limit=$2 log=$3
   shift 3
   local start=$SECONDS
-  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$log" 2>&1
+  echo "== $name: $*" >> "$log"
+  timeout --signal=INT --kill-after=20 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
   local last
   last=$(grep -E "(passed|failed|error|no tests ran)" "$log" | tail -n 1)
@@ -55,22 +62,29 @@ if torch.cuda.is_available():
 EOF
 } > "$OUT/env.txt" 2>&1
 
+: > "$OUT/build.log"
 phase build "${BUILD_S:-240}" "$OUT/build.log" \
   env CNNOPS_FORCE_CUDA=1 "$PY" setup.py build_ext --inplace || {
     echo "build failed: see $OUT/build.log" >&2; cat "$OUT/summary.txt"; exit 1; }
 "$PY" -c "import cnnops; print('backends:', cnnops.available_backends())" >> "$OUT/env.txt" 2>&1
 
-PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rf)
-phase cuda "${CUDA_S:-150}" "$OUT/tests-cuda.log" \
-  "${PYTEST[@]}" -n 8 tests/test_gpu.py -k "not triton"
-phase triton "${TRITON_S:-180}" "$OUT/tests-triton.log" \
-  "${PYTEST[@]}" -n 8 tests/test_gpu.py -k triton
-phase other "${OTHER_S:-90}" "$OUT/tests-other.log" \
-  "${PYTEST[@]}" tests/test_errors.py tests/test_fuse.py -k "cuda or real_timm"
-phase bench "${BENCH_S:-150}" "$OUT/bench.log" \
-  "$PY" -m pytest -q -p no:cacheprovider bench/test_bench_ops.py --benchmark-only \
-  --bench-devices cuda --bench-dtype float16 --bench-channels-last --bench-nets resnet50 \
-  --bench-batch 32 --bench-cudnn-benchmark --bench-compile none \
-  -k "conv2d_eval or conv_bn_relu" --benchmark-json="$OUT/bench.json"
+: > "$OUT/tests.log"
+phase tests "${TESTS_S:-210}" "$OUT/tests.log" \
+  "$PY" -m pytest -q -p no:cacheprovider -rf -n 16 tests/test_gpu.py tests/test_errors.py \
+  tests/test_fuse.py -k "test_gpu.py or cuda or real_timm"
+
+BENCH=("$PY" -m pytest -q -p no:cacheprovider --benchmark-only --bench-devices cuda
+       --bench-dtype float16 --bench-channels-last --bench-cudnn-benchmark)
+phase ops "${OPS_S:-100}" "$OUT/bench.log" \
+  "${BENCH[@]}" bench/test_bench_ops.py --bench-nets resnet50 --bench-batch 32 \
+  --bench-compile none -k "conv2d_eval or conv_bn_relu" --benchmark-json="$OUT/bench-ops.json"
+MODEL=(bench/test_bench_models.py --bench-amp --bench-models resnet50 --bench-model-batch 32
+       --bench-model-size 224)
+phase models "${MODELS_S:-100}" "$OUT/bench.log" \
+  "${BENCH[@]}" "${MODEL[@]}" --bench-backends cuda --bench-compile none \
+  --benchmark-json="$OUT/bench-models.json"
+phase compile "${COMPILE_S:-120}" "$OUT/bench.log" \
+  "${BENCH[@]}" "${MODEL[@]}" --bench-backends cuda --bench-compile all \
+  -k "eager or compile and not cnnops" --benchmark-json="$OUT/bench-compile.json"
 
 cat "$OUT/summary.txt"
