@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from . import backends
+from . import backends, reference
 from ._shapes import conv_output_shape, pool_output_size
 
 __all__ = ["conv2d", "conv2d_relu", "batch_norm", "bn_relu", "conv_bn_relu", "max_pool2d", "avg_pool2d",
@@ -267,6 +267,12 @@ def _update_running_stats(impl, running_mean, running_var, mean, invstd, count, 
     1/sqrt(var + eps); the variance is recovered in float64. An empty batch leaves the statistics
     unchanged, as in PyTorch."""
     if count == 0 or (running_mean is None and running_var is None):
+        return
+    if torch.compiler.is_compiling():
+        # Traced, the formula's tensor ops fuse anyway, and a cumulative average's momentum
+        # (1 / num_batches_tracked) is a symbol that the op's float argument cannot take.
+        reference.update_running_stats(running_mean, running_var, mean, invstd, count, momentum,
+                                       eps)
         return
     impl.update_running_stats(running_mean, running_var, mean, invstd, count, float(momentum),
                               float(eps))

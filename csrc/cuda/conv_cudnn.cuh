@@ -24,6 +24,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <set>
 #include <tuple>
@@ -206,8 +207,11 @@ inline at::Tensor conv_bias_relu(const at::Tensor& x, const at::Tensor& w, const
                            : at::cudnn_convolution_relu(x, wf, b, a.stride, a.padding,
                                                         a.dilation, a.groups);
         return y.contiguous(fmt);
-      } catch (const c10::Error&) {
-        // No engine for this configuration: remember, and take the fallback.
+      } catch (const c10::OutOfMemoryError&) {
+        throw;  // not a refusal: the fallback would need the memory too
+      } catch (const std::exception&) {
+        // No engine for this configuration (cuDNN's errors come as c10::Error, its
+        // frontend's as std::runtime_error): remember, and take the fallback.
         refused_fusions().add(key);
       }
     }
