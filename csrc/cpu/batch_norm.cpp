@@ -192,30 +192,24 @@ void update_running_stats_cpu(const c10::optional<at::Tensor>& running_mean,
                     save_mean.device());
   if (count == 0) return;  // an empty batch leaves the statistics alone, as in torch
   const RunningStatsUpdate u(count, momentum, eps);
-  const at::Tensor mean = save_mean.to(at::kDouble), invstd = save_invstd.to(at::kDouble);
-  const double* mp = mean.const_data_ptr<double>();
-  const double* ip = invstd.const_data_ptr<double>();
-  // A few hundred channels: plain loops, strided as the buffers are.
-  if (running_mean.has_value() && running_mean->defined()) {
-    at::Tensor rm = *running_mean;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rm.scalar_type(), "update_mean", [&] {
-      scalar_t* p = rm.mutable_data_ptr<scalar_t>();
-      const int64_t st = rm.stride(0);
+  // A few hundred channels: a plain loop per buffer, strided as the buffer is.
+  const auto update = [&](const c10::optional<at::Tensor>& buffer, const at::Tensor& batch,
+                          bool is_var) {
+    if (!buffer.has_value() || !buffer->defined()) return;
+    at::Tensor b = *buffer;
+    const at::Tensor batch_d = batch.to(at::kDouble).contiguous();
+    const double* bp = batch_d.const_data_ptr<double>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "update_running_stats_cpu", [&] {
+      scalar_t* p = b.mutable_data_ptr<scalar_t>();
+      const int64_t st = b.stride(0);
       for (int64_t c = 0; c < C; ++c) {
-        p[c * st] = static_cast<scalar_t>(u.mean(static_cast<double>(p[c * st]), mp[c]));
+        const double r = static_cast<double>(p[c * st]);
+        p[c * st] = static_cast<scalar_t>(is_var ? u.var(r, bp[c]) : u.mean(r, bp[c]));
       }
     });
-  }
-  if (running_var.has_value() && running_var->defined()) {
-    at::Tensor rv = *running_var;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rv.scalar_type(), "update_var", [&] {
-      scalar_t* p = rv.mutable_data_ptr<scalar_t>();
-      const int64_t st = rv.stride(0);
-      for (int64_t c = 0; c < C; ++c) {
-        p[c * st] = static_cast<scalar_t>(u.var(static_cast<double>(p[c * st]), ip[c]));
-      }
-    });
-  }
+  };
+  update(running_mean, save_mean, /*is_var=*/false);
+  update(running_var, save_invstd, /*is_var=*/true);
 }
 
 TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
