@@ -12,8 +12,9 @@ from . import backends, functional, nn, ops, reference  # noqa: F401
 from .backends import available_backends, get_backend, set_backend, use_backend
 from .nn import FusedConvBNReLU
 from .fuse import fuse, fusion_report
+from .warmup import warmup
 
 __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "reference", "FusedConvBNReLU", "available_backends",
-           "get_backend", "set_backend", "use_backend", "fuse", "fusion_report"]
+           "get_backend", "set_backend", "use_backend", "fuse", "fusion_report", "warmup"]

@@ -355,11 +355,7 @@ class Ops:
         self.avg_pool2d = lib.avg_pool2d
         self.adaptive_avg_pool2d = lib.adaptive_avg_pool2d
         self.add_relu = lib.add_relu
-        # The in-place running statistics update: an op of the compiled library (one kernel);
-        # the Triton backend uses the reference formula (tensor ops on the device).
-        from . import reference
-        self.update_running_stats = getattr(lib, "update_running_stats",
-                                            reference.update_running_stats)
+        self.update_running_stats = lib.update_running_stats  # in place, one kernel
         fused = lib.conv_bn_relu
 
         def conv_bn_relu(*args):

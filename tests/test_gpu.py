@@ -950,6 +950,7 @@ def _opcheck_samples(dtype, lib=torch.ops.cnnops):
         ("avg_pool2d_backward", (t(2, 4, 3, 2), x, [2, 2], [2, 2], [0, 0], False, True, None)),
         ("adaptive_avg_pool2d_backward", (t(2, 4, 4, 3), x)),
         ("add_relu_backward", (t(2, 4, 6, 5), out)),
+        ("update_running_stats", (p(6), p(6, positive=True), mean, invstd, 9, 0.1, 1e-5)),
     ]
     return samples
 

@@ -78,6 +78,9 @@ def _op_calls(dtype):
         lambda: ops.bn_relu(y, gamma, beta, rm, rv, res, False, 1e-5, True),
         lambda: ops.batch_norm_backward(y, y, gamma, mean, invstd, True, [True] * 3),
         lambda: ops.bn_relu_backward(y, y, y, gamma, mean, invstd, False, True, [True] * 4),
+        # the running statistics: one buffer of the input's dtype, one of the statistics'
+        lambda: ops.update_running_stats(t(OC), rv.clone(), mean, invstd, 9, 0.1, 1e-5),
+        lambda: ops.update_running_stats(None, rv.clone(), mean, invstd, 1, 0.1, 1e-5),
         # elementwise
         lambda: ops.add_relu(y, res),
         lambda: ops.add_relu_backward(y, res),

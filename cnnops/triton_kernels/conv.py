@@ -22,6 +22,8 @@ Backward:
 
 Shapes: input [N, C, H, W], weight [OC, C/groups, KH, KW], output [N, OC, OH, OW].
 """
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -142,7 +144,7 @@ def _forward(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + oc, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
     if STATS:
-        # Welford partials of this tile per channel; norm.combine_moments merges them.
+        # Welford partials of this tile per channel; norm.batch_constants merges them.
         count = tl.sum(m_ok.to(tl.float32), axis=0)
         tile_mean = tl.sum(tl.where(valid, acc, 0.0), axis=0) / tl.maximum(count, 1.0)
         dev = tl.where(valid, acc - tile_mean[None, :], 0.0)
@@ -293,17 +295,26 @@ def _weight_grad(
              mask=o_ok[:, None] & c_ok[None, :])
 
 
+# Tuning results are kept on disk (Triton's cache directory), so a second process does not
+# tune again; Triton releases before cache_results tune in every process.
+_CACHE = ({"cache_results": True}
+          if "cache_results" in inspect.signature(triton.autotune).parameters else {})
+
+
 def _autotuned(fn, interpreted, key):
     """fn autotuned over the GEMM configs, as {fp64: kernel}: float64 gets its own, smaller
     tiles (see _mma). Both share fn's compilations cache (FP64 is a constexpr)."""
-    return {fp64: triton.autotune(configs=configs(gemm, interpreted), key=key)(fn)
+    return {fp64: triton.autotune(configs=configs(gemm, interpreted), key=key, **_CACHE)(fn)
             for fp64, gemm in ((False, _GEMM_CONFIGS), (True, _GEMM_CONFIGS_FP64))}
 
 
-_KEY = ["CG", "OCG", "KH", "KW", "M_BUCKET"]
-_FORWARD_KERNEL = _autotuned(_forward, _INTERPRETED, _KEY + ["STATS"])
-_INPUT_GRAD_KERNEL = _autotuned(_input_grad, _INTERPRETED, _KEY)
-_WEIGHT_GRAD_KERNEL = _autotuned(_weight_grad, _INTERPRETED_WGRAD, _KEY)
+# What the best tile depends on: channels, kernel, a size class of the GEMM's M, the conv
+# stride, and the layout of the activation read along K (its channel stride: 1 for
+# channels_last, H*W for NCHW). The tensors' dtypes are part of every Triton tuning key.
+_KEY = ["CG", "OCG", "KH", "KW", "M_BUCKET", "stride_h"]
+_FORWARD_KERNEL = _autotuned(_forward, _INTERPRETED, _KEY + ["sxc", "STATS"])
+_INPUT_GRAD_KERNEL = _autotuned(_input_grad, _INTERPRETED, _KEY + ["sgc"])
+_WEIGHT_GRAD_KERNEL = _autotuned(_weight_grad, _INTERPRETED_WGRAD, _KEY + ["sxc"])
 
 
 def _geometry(input, weight, stride, padding, dilation, groups):
@@ -323,7 +334,7 @@ def forward(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1
     expected inside shift); residual [N, OC, OH, OW] or None; relu: clamp at 0.
     -> output [N, OC, OH, OW] in input's dtype and layout, and, when ``stats``, the
     Welford partials (count [T], mean [T, OC], M2 [T, OC]) of the output for
-    norm.combine_moments (computed before scale/shift, residual and ReLU).
+    norm.batch_constants (computed before scale/shift, residual and ReLU).
     """
     N, C, H, W, OC, CG, OCG, KH, KW, OH, OW = _geometry(input, weight, stride, padding,
                                                         dilation, groups)
@@ -332,9 +343,12 @@ def forward(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1
     acc = common.stat_dtype(input.dtype)
     fp64 = common.is_fp64(input)
     T_MAX = triton.cdiv(M, _MIN_BLOCK_M[fp64]) if stats else 1
+    # Tiles past the launch's last (the tile height is autotuned, T_MAX sized for the
+    # smallest) keep count 0 and are skipped by norm.batch_constants: only the counts need
+    # zeroing.
     cnt = torch.zeros(T_MAX, dtype=torch.float32, device=input.device)
-    mean = torch.zeros((T_MAX, OC) if stats else (1,), dtype=acc, device=input.device)
-    m2 = torch.zeros_like(mean)
+    mean = torch.empty((T_MAX, OC) if stats else (1,), dtype=acc, device=input.device)
+    m2 = torch.empty_like(mean)
     if M == 0:
         return (out, (cnt, mean, m2)) if stats else out
     res = residual if residual is not None else out

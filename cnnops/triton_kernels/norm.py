@@ -10,6 +10,8 @@ Statistics are merged from per-tile Welford moments (count, mean, M2) with Chan'
 formula, in float32 (float64 for float64 input): stable where sum/sum-of-squares
 would cancel, and deterministic because partials are merged in tile order.
 """
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -62,29 +64,110 @@ def _moments_kernel(x_ptr, cnt_ptr, mean_ptr, m2_ptr, R, C, HW, W, sn, sc, sh, s
 
 
 @triton.jit
-def _combine_kernel(cnt_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, T, C,
-                    FP64: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Chan's merge of T partials per channel, in partial order; a zero count is skipped.
+def _f64(hi, lo):
+    """A float64 argument passed as two float32 (Triton passes Python floats as float32)."""
+    return tl.sum(tl.zeros((1,), dtype=tl.float64) + hi + lo, axis=0)
+
+
+@triton.jit
+def _batch_constants_kernel(cnt_ptr, mean_ptr, m2_ptr, w_ptr, out_mean_ptr, out_invstd_ptr,
+                            out_scale_ptr, T, C, eps_hi, eps_lo, HAS_W: tl.constexpr,
+                            FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Batch mean, 1/sqrt(biased var + eps) and weight * invstd per channel from T Welford
+    # partials (count [T], mean [T, C], M2 [T, C]). Chunks of BLOCK_T partials are merged in
+    # parallel (the exact pooled-variance formula), then chunk after chunk with Chan's: a
+    # fixed order, so deterministic. A partial with count 0 is skipped (its moments may be
+    # uninitialised memory).
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
     mean = zeros(BLOCK_C, FP64)
     m2 = zeros(BLOCK_C, FP64)
-    count = tl.sum(tl.zeros((1,), dtype=tl.float64), axis=0)  # float64: see _moments_kernel
-    for t in range(T):
-        nb = tl.load(cnt_ptr + t).to(tl.float64)
-        total = count + nb
-        w = nb / tl.maximum(total, 1.0)
-        mb = tl.load(mean_ptr + t * C + rc, mask=c_ok, other=0.0)
-        m2b = tl.load(m2_ptr + t * C + rc, mask=c_ok, other=0.0)
-        delta = mb - mean
-        has = nb > 0
-        mean = tl.where(has, mean + delta * w.to(mean.dtype), mean)
-        m2 = tl.where(has, m2 + m2b + delta * delta * (count * w).to(mean.dtype), m2)
+    count = tl.sum(tl.zeros((1,), dtype=tl.float64), axis=0)  # float64: exact integers
+    for t0 in range(0, T, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        n = tl.load(cnt_ptr + rt, mask=rt < T, other=0.0)
+        has = (n > 0)[:, None] & c_ok[None, :]
+        offs = rt.to(tl.int64)[:, None] * C + rc[None, :]
+        mb = tl.load(mean_ptr + offs, mask=has, other=0.0).to(mean.dtype)
+        m2b = tl.load(m2_ptr + offs, mask=has, other=0.0).to(mean.dtype)
+        nb = n.to(mean.dtype)[:, None]
+        chunk = tl.sum(n.to(tl.float64), axis=0)
+        chunk_mean = tl.sum(nb * mb, axis=0) / tl.maximum(chunk, 1.0).to(mean.dtype)
+        dev = tl.where(has, mb - chunk_mean[None, :], 0.0)
+        chunk_m2 = tl.sum(m2b + nb * dev * dev, axis=0)
+        total = count + chunk
+        w = chunk / tl.maximum(total, 1.0)
+        delta = chunk_mean - mean
+        mean = mean + delta * w.to(mean.dtype)
+        m2 = m2 + chunk_m2 + delta * delta * (count * w).to(mean.dtype)
         count = total
     var = m2 / count.to(mean.dtype)  # NaN for an empty batch, as PyTorch's batch statistics
     mean = tl.where(count > 0, mean, var)
+    eps = _f64(eps_hi, eps_lo).to(mean.dtype)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    scale = invstd
+    if HAS_W:
+        scale = invstd * tl.load(w_ptr + rc, mask=c_ok, other=0.0).to(mean.dtype)
     tl.store(out_mean_ptr + rc, mean, mask=c_ok)
-    tl.store(out_var_ptr + rc, var, mask=c_ok)
+    tl.store(out_invstd_ptr + rc, invstd, mask=c_ok)
+    tl.store(out_scale_ptr + rc, scale, mask=c_ok)
+
+
+@triton.jit
+def _running_constants_kernel(rm_ptr, rv_ptr, w_ptr, b_ptr, cb_ptr, out_mean_ptr,
+                              out_invstd_ptr, out_scale_ptr, out_shift_ptr, C, eps_hi, eps_lo,
+                              HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_CB: tl.constexpr,
+                              FOLD: tl.constexpr, FP64: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Inference: mean = running_mean, invstd = 1/sqrt(running_var + eps), scale = weight *
+    # invstd, and the shift: bias, or with FOLD the whole BN as y = conv * scale + shift,
+    # shift = bias - (mean - conv_bias) * scale.
+    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    acc = zeros(BLOCK_C, FP64)
+    mean = tl.load(rm_ptr + rc, mask=c_ok, other=0.0).to(acc.dtype)
+    var = tl.load(rv_ptr + rc, mask=c_ok, other=1.0).to(acc.dtype)
+    invstd = 1.0 / tl.sqrt(var + _f64(eps_hi, eps_lo).to(acc.dtype))
+    scale = invstd
+    if HAS_W:
+        scale = invstd * tl.load(w_ptr + rc, mask=c_ok, other=0.0).to(acc.dtype)
+    shift = acc
+    if HAS_B:
+        shift = tl.load(b_ptr + rc, mask=c_ok, other=0.0).to(acc.dtype)
+    if FOLD:
+        center = mean
+        if HAS_CB:
+            center = mean - tl.load(cb_ptr + rc, mask=c_ok, other=0.0).to(acc.dtype)
+        shift = shift - center * scale
+    tl.store(out_mean_ptr + rc, mean, mask=c_ok)
+    tl.store(out_invstd_ptr + rc, invstd, mask=c_ok)
+    tl.store(out_scale_ptr + rc, scale, mask=c_ok)
+    tl.store(out_shift_ptr + rc, shift, mask=c_ok)
+
+
+@triton.jit
+def _update_running_stats_kernel(rm_ptr, rv_ptr, mean_ptr, invstd_ptr, C, srm, srv, count,
+                                 m_hi, m_lo, eps_hi, eps_lo, HAS_RM: tl.constexpr,
+                                 HAS_RV: tl.constexpr, BLOCK_C: tl.constexpr):
+    # running = (1 - momentum) * running + momentum * batch in float64, the variance
+    # recovered from invstd and made unbiased (count / (count - 1)); any buffer dtype/stride.
+    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    momentum = _f64(m_hi, m_lo)
+    if HAS_RM:
+        p = rm_ptr + rc.to(tl.int64) * srm
+        r = tl.load(p, mask=c_ok, other=0.0).to(tl.float64)
+        m = tl.load(mean_ptr + rc, mask=c_ok, other=0.0).to(tl.float64)
+        tl.store(p, ((1.0 - momentum) * r + momentum * m).to(rm_ptr.dtype.element_ty),
+                 mask=c_ok)
+    if HAS_RV:
+        p = rv_ptr + rc.to(tl.int64) * srv
+        r = tl.load(p, mask=c_ok, other=0.0).to(tl.float64)
+        i = tl.load(invstd_ptr + rc, mask=c_ok, other=1.0).to(tl.float64)
+        var = tl.maximum(1.0 / (i * i) - _f64(eps_hi, eps_lo), 0.0)
+        if count > 1:
+            var = var * count.to(tl.float64) / (count - 1).to(tl.float64)
+        tl.store(p, ((1.0 - momentum) * r + momentum * var).to(rv_ptr.dtype.element_ty),
+                 mask=c_ok)
 
 
 @triton.jit
@@ -149,6 +232,45 @@ def _backward_sums_kernel(g_ptr, o_ptr, x_ptr, mean_ptr, invstd_ptr, sum_g_ptr, 
         sum_gx = sum_gx * invstd
     tl.store(sum_g_ptr + pid_r.to(tl.int64) * C + rc, sum_g, mask=c_ok)
     tl.store(sum_gx_ptr + pid_r.to(tl.int64) * C + rc, sum_gx, mask=c_ok)
+
+
+@triton.jit
+def _backward_constants_kernel(sg_ptr, sgx_ptr, invstd_ptr, w_ptr, out_sg_ptr, out_sgx_ptr,
+                               k_ptr, mg_ptr, mgx_ptr, gis_ptr, T, C, R, HAS_W: tl.constexpr,
+                               TRAINING: tl.constexpr, FP64: tl.constexpr,
+                               BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # The backward's per-channel constants from T partial sums of g' and g' * xhat, in
+    # chunk order (deterministic): the sums themselves (the bias and weight gradients),
+    # k = weight * invstd, and in training mg = sum g' / R, mgx = sum g' * xhat * invstd / R,
+    # so that grad_x = (g' - mg - (x - mean) * mgx) * k; and the sum of grad_x over the
+    # channel (a conv bias gradient): k * (sum g' - R * mg) in training (sum xhat = 0),
+    # k * sum g' with fixed statistics, from the float sums.
+    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    sum_g = zeros(BLOCK_C, FP64)
+    sum_gx = zeros(BLOCK_C, FP64)
+    for t0 in range(0, T, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        ok = (rt < T)[:, None] & c_ok[None, :]
+        offs = rt.to(tl.int64)[:, None] * C + rc[None, :]
+        sum_g += tl.sum(tl.load(sg_ptr + offs, mask=ok, other=0.0), axis=0)
+        sum_gx += tl.sum(tl.load(sgx_ptr + offs, mask=ok, other=0.0), axis=0)
+    invstd = tl.load(invstd_ptr + rc, mask=c_ok, other=0.0).to(sum_g.dtype)
+    k = invstd
+    if HAS_W:
+        k = invstd * tl.load(w_ptr + rc, mask=c_ok, other=0.0).to(sum_g.dtype)
+    gi_sum = k * sum_g
+    if TRAINING:
+        # R as a float (R == 1 arrives as a constexpr); an empty batch divides by 1.
+        r = tl.maximum(tl.sum(tl.zeros((1,), dtype=sum_g.dtype) + R, axis=0), 1.0)
+        mg = sum_g / r
+        tl.store(mg_ptr + rc, mg, mask=c_ok)
+        tl.store(mgx_ptr + rc, sum_gx * invstd / r, mask=c_ok)
+        gi_sum = k * (sum_g - mg * r)
+    tl.store(out_sg_ptr + rc, sum_g, mask=c_ok)
+    tl.store(out_sgx_ptr + rc, sum_gx, mask=c_ok)
+    tl.store(k_ptr + rc, k, mask=c_ok)
+    tl.store(gis_ptr + rc, gi_sum, mask=c_ok)
 
 
 @triton.jit
@@ -233,25 +355,70 @@ def moments(x):
     return cnt, mean, m2
 
 
-def combine_moments(partials, eps):
-    """(mean [C], invstd [C]) = batch mean and 1/sqrt(biased variance + eps) from Welford
-    partials (count [T], mean [T, C], M2 [T, C]); NaN when the count is 0."""
+def _f64_args(x):
+    """x as two float32 kernel arguments whose sum is x to about 2^-48 (see _f64)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, float(x) - hi
+
+
+def _channel_block(C):
+    return min(triton.next_power_of_2(max(C, 1)), 64 if common.INTERPRET else 32)
+
+
+def _vectors(n, C, like, dtype):
+    return [torch.empty(C, dtype=dtype, device=like.device) for _ in range(n)]
+
+
+def batch_constants(partials, weight, eps):
+    """(mean, invstd, scale) [C]: the batch mean, 1/sqrt(biased variance + eps) and
+    weight * invstd (invstd without a weight) from Welford partials (count [T], mean [T, C],
+    M2 [T, C]), in one launch; NaN statistics when the count is 0, as PyTorch's."""
     cnt, part_mean, part_m2 = partials
     T, C = part_mean.shape
-    mean = torch.empty(C, dtype=part_mean.dtype, device=part_mean.device)
-    var = torch.empty_like(mean)
+    mean, invstd, scale = _vectors(3, C, part_mean, part_mean.dtype)
     if C > 0:
-        block_c = min(triton.next_power_of_2(C), 256)
-        wrap_triton(_combine_kernel)[(triton.cdiv(C, block_c),)](
-            cnt, part_mean, part_m2, mean, var, T, C,
-            FP64=part_mean.dtype == torch.float64, BLOCK_C=block_c)
-    # eps added in torch, in the statistics dtype (a kernel argument would be float32).
-    return mean, invstd_of(var, eps)
+        block_c = _channel_block(C)
+        block_t = min(triton.next_power_of_2(max(T, 1)), 64)
+        wrap_triton(_batch_constants_kernel)[(triton.cdiv(C, block_c),)](
+            cnt, part_mean, part_m2, weight if weight is not None else mean, mean, invstd, scale,
+            T, C, *_f64_args(eps), HAS_W=weight is not None,
+            FP64=part_mean.dtype == torch.float64, BLOCK_T=block_t, BLOCK_C=block_c)
+    return mean, invstd, scale
 
 
-def invstd_of(var, eps):
-    """1 / sqrt(var + eps), as PyTorch's BatchNorm computes it."""
-    return torch.sqrt(var + eps).reciprocal()
+def running_constants(running_mean, running_var, weight, bias, eps, dtype, conv_bias=None,
+                      fold=False):
+    """Inference constants in one launch: (mean, invstd, scale, shift) [C] in ``dtype``, mean
+    = running_mean, invstd = 1/sqrt(running_var + eps), scale = weight * invstd, shift = bias
+    (0 without one) or, with ``fold``, bias - (running_mean - conv_bias) * scale: the whole
+    BatchNorm of a conv's output as conv * scale + shift."""
+    C = running_mean.shape[0]
+    mean, invstd, scale, shift = _vectors(4, C, running_mean, dtype)
+    if C > 0:
+        block_c = _channel_block(C)
+        wrap_triton(_running_constants_kernel)[(triton.cdiv(C, block_c),)](
+            running_mean, running_var, weight if weight is not None else mean,
+            bias if bias is not None else mean, conv_bias if conv_bias is not None else mean,
+            mean, invstd, scale, shift, C, *_f64_args(eps), HAS_W=weight is not None,
+            HAS_B=bias is not None, HAS_CB=conv_bias is not None, FOLD=fold,
+            FP64=dtype == torch.float64, BLOCK_C=block_c)
+    return mean, invstd, scale, shift
+
+
+def update_running_stats(running_mean, running_var, save_mean, save_invstd, count, momentum,
+                         eps):
+    """running = (1 - momentum) * running + momentum * batch in place, in one launch (see
+    cnnops.reference.update_running_stats); either buffer may be None."""
+    C = save_mean.shape[0]
+    if count == 0 or C == 0 or (running_mean is None and running_var is None):
+        return
+    rm = running_mean if running_mean is not None else save_mean
+    rv = running_var if running_var is not None else save_invstd
+    block_c = _channel_block(C)
+    wrap_triton(_update_running_stats_kernel)[(triton.cdiv(C, block_c),)](
+        rm, rv, save_mean, save_invstd, C, rm.stride(0), rv.stride(0), count,
+        *_f64_args(momentum), *_f64_args(eps), HAS_RM=running_mean is not None,
+        HAS_RV=running_var is not None, BLOCK_C=block_c)
 
 
 def apply(x, mean, scale, shift=None, residual=None, relu=False, out=None):
@@ -274,25 +441,56 @@ def apply(x, mean, scale, shift=None, residual=None, relu=False, out=None):
     return out
 
 
-def backward_sums(grad, output=None, x=None, mean=None, invstd=None):
-    """Per-channel (sum g', sum g' * xhat) [C] each, g' = grad zeroed where output <= 0 when
-    ``output`` is given, xhat = (x - mean) * invstd when ``x`` is given (else the second
-    sum is zero). grad, output, x [N, C, H, W]."""
+def backward_constants(grad, output=None, x=None, mean=None, invstd=None, weight=None,
+                       training=False, reduce=True):
+    """The backward's per-channel constants, in two launches (partial sums, then
+    _backward_constants_kernel): a dict of [C] tensors in the statistics dtype
+
+      sum_g   sum g' (g' = grad zeroed where output <= 0 when ``output`` is given)
+      sum_gx  sum g' * xhat, xhat = (x - mean) * invstd (zero when ``x`` is None)
+      k       weight * invstd (invstd without a weight; None without ``invstd``)
+      mg, mgx sum_g / R and sum_gx * invstd / R (training only)
+      gi_sum  the sum over the channel of grad_x = (g' - mg - (x - mean) * mgx) * k (training)
+              or g' * k: a conv bias gradient, from the float sums
+
+    grad, output, x [N, C, H, W]; mean, invstd, weight [C]. reduce=False skips the sums (they
+    are then zero): one launch, for a backward that needs only k."""
     R, C, HW, W = _geom(grad)
     acc = common.stat_dtype(grad.dtype)
     block_r, block_c = _tiles(grad)
     T, rows = _row_chunks(R, C, block_r, block_c)
-    sum_g = torch.zeros((T, C), dtype=acc, device=grad.device)
-    sum_gx = torch.zeros_like(sum_g)
-    if R > 0 and C > 0:
+    out = dict(zip(("sum_g", "sum_gx", "k", "mg", "mgx", "gi_sum"), _vectors(6, C, grad, acc)))
+    if C == 0:
+        return out
+    if not reduce:
+        T = 0
+    part_g = torch.empty((T, C), dtype=acc, device=grad.device)
+    part_gx = torch.empty_like(part_g)
+    if R == 0 and T > 0:
+        part_g.zero_()
+        part_gx.zero_()
+    elif T > 0:
         o = output if output is not None else grad
         xx = x if x is not None else grad
         wrap_triton(_backward_sums_kernel)[(T, triton.cdiv(C, block_c))](
-            grad, o, xx, mean if mean is not None else sum_g, invstd if invstd is not None else sum_g,
-            sum_g, sum_gx, R, C, HW, W, *grad.stride(), *o.stride(), *xx.stride(), rows,
-            RELU=output is not None, XHAT=x is not None, FP64=acc == torch.float64,
-            BLOCK_R=block_r, BLOCK_C=block_c)
-    return sum_g.sum(0), sum_gx.sum(0)
+            grad, o, xx, mean if mean is not None else part_g,
+            invstd if invstd is not None else part_g, part_g, part_gx, R, C, HW, W,
+            *grad.stride(), *o.stride(), *xx.stride(), rows, RELU=output is not None,
+            XHAT=x is not None, FP64=acc == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c)
+    has_invstd = invstd is not None
+    block_cc = _channel_block(C)
+    wrap_triton(_backward_constants_kernel)[(triton.cdiv(C, block_cc),)](
+        part_g, part_gx, invstd if has_invstd else out["k"],
+        weight if weight is not None else out["k"], out["sum_g"], out["sum_gx"], out["k"],
+        out["mg"], out["mgx"], out["gi_sum"], T, C, R,
+        HAS_W=weight is not None and has_invstd, TRAINING=training and has_invstd,
+        FP64=acc == torch.float64, BLOCK_T=min(triton.next_power_of_2(max(T, 1)), 64),
+        BLOCK_C=block_cc)
+    if not has_invstd:
+        out["k"] = out["gi_sum"] = None
+    if not (training and has_invstd):
+        out["mg"] = out["mgx"] = None
+    return out
 
 
 def backward_apply(grad, output, x, mean, k, mg=None, mgx=None, want_input=True,

@@ -28,21 +28,6 @@ def _none(t):
     return t.new_empty(0)
 
 
-def _vec(t, dtype):
-    """A per-channel vector in the statistics dtype, as a new tensor (ops must not return
-    their inputs)."""
-    return t.to(dtype=dtype, copy=True)
-
-
-def _running(running_mean, running_var, eps, dtype):
-    """(mean, invstd) of the running statistics: what inference normalises with."""
-    return _vec(running_mean, dtype), norm.invstd_of(running_var.to(dtype), eps)
-
-
-def _scale(invstd, weight):
-    return invstd * weight.to(invstd.dtype) if weight is not None else invstd
-
-
 # ---- convolution ------------------------------------------------------------
 
 @triton_op(NS + "::conv2d", mutates_args=())
@@ -61,7 +46,7 @@ def conv2d_backward(grad_output: Tensor, input: Tensor, weight: Tensor, stride: 
     gw = (conv.weight_grad(grad_output, input, weight.shape, *geometry)
           if output_mask[1] else _none(input))
     # Summed in float32 for half types, rounded once to the bias's (the input's) dtype.
-    gb = (norm.backward_sums(grad_output)[0].to(input.dtype) if output_mask[2]
+    gb = (norm.backward_constants(grad_output)["sum_g"].to(input.dtype) if output_mask[2]
           else _none(input))
     return gi, gw, gb
 
@@ -76,14 +61,22 @@ def conv2d_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor], residual:
 # ---- batch normalisation ------------------------------------------------------
 
 def _bn_forward(input, weight, bias, running_mean, running_var, residual, training, eps, relu):
-    acc = common.stat_dtype(input.dtype)
+    # Three launches in all: statistics (or nothing), constants, the apply pass.
     if training:
-        mean, invstd = norm.combine_moments(norm.moments(input), eps)
+        mean, invstd, scale = norm.batch_constants(norm.moments(input), weight, eps)
     else:
-        mean, invstd = _running(running_mean, running_var, eps, acc)
-    shift = bias.to(acc) if bias is not None else None
-    out = norm.apply(input, mean, _scale(invstd, weight), shift, residual, relu)
+        mean, invstd, scale, _ = norm.running_constants(
+            running_mean, running_var, weight, None, eps, common.stat_dtype(input.dtype))
+    out = norm.apply(input, mean, scale, bias, residual, relu)
     return out, mean, invstd
+
+
+@triton_op(NS + "::update_running_stats", mutates_args={"running_mean", "running_var"})
+def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         save_mean: Tensor, save_invstd: Tensor, count: int, momentum: float,
+                         eps: float) -> None:
+    norm.update_running_stats(running_mean, running_var, save_mean, save_invstd, count,
+                              momentum, eps)
 
 
 @triton_op(NS + "::batch_norm", mutates_args=())
@@ -111,38 +104,21 @@ def _bn_backward(grad, output, x, weight, mean, invstd, training, relu, want, li
     training formula nor the weight gradient reads it); want: 4 flags; like: the tensor
     whose layout the input and residual gradients take; want_input_sum: also return
     sum over (N, H, W) of grad_x [C] (a conv bias's gradient) in the statistics dtype.
-    Returns None for a gradient not wanted.
+    Returns None for a gradient not wanted. Three launches: partial sums, constants, apply.
     """
-    R = grad.shape[0] * grad.shape[2] * grad.shape[3]
     masked = output if relu else None
     want_weight = want[1] and weight is not None
-    need_sums = want_weight or want[2] or (training and want[0]) or want_input_sum
     need_xhat = want_weight or (training and want[0])
-    sum_g = sum_gx = None
-    if need_sums:
-        sum_g, sum_gx = norm.backward_sums(grad, masked, x if need_xhat else None, mean, invstd)
-    k = _scale(invstd, weight)
-    mg = mgx = None
-    if training and want[0]:
-        mg = sum_g / R
-        mgx = sum_gx * invstd / R
-    gi, gr = norm.backward_apply(grad, masked, x if mg is not None else None, mean, k, mg, mgx,
-                                 want_input=want[0], want_residual=want[3], like=like)
-    gw = sum_gx if want_weight else None
-    gb = sum_g if want[2] else None
-    gi_sum = None
-    if want_input_sum:
-        # From the float sums, not from grad_x rounded to a half type (whose sum is rounding
-        # noise of grad_x's size: the true sum is zero in training). Summed over the channel,
-        # grad_x = k * (g' - mg - (x - mean) * mgx) gives k * (sum g' - R * mg), as
-        # sum (x - mean) = 0; with fixed statistics grad_x = k * g' gives k * sum g'.
-        if R == 0:
-            gi_sum = torch.zeros_like(k)
-        elif training:
-            gi_sum = k * (sum_g - (sum_g / R) * R)
-        else:
-            gi_sum = k * sum_g
-    return gi, gw, gb, gr, gi_sum
+    need_sums = need_xhat or want[2] or want_input_sum
+    k = norm.backward_constants(grad, masked, x if need_xhat else None, mean, invstd, weight,
+                                training, reduce=need_sums)
+    training_input = training and want[0]
+    gi, gr = norm.backward_apply(grad, masked, x if training_input else None, mean, k["k"],
+                                 k["mg"] if training_input else None,
+                                 k["mgx"] if training_input else None, want_input=want[0],
+                                 want_residual=want[3], like=like)
+    return (gi, k["sum_gx"] if want_weight else None, k["sum_g"] if want[2] else None, gr,
+            k["gi_sum"] if want_input_sum else None)
 
 
 @triton_op(NS + "::batch_norm_backward", mutates_args=())
@@ -173,25 +149,20 @@ def conv_bn_relu(input: Tensor, weight: Tensor, conv_bias: Optional[Tensor],
                  residual: Optional[Tensor], stride: list[int], padding: list[int],
                  dilation: list[int], groups: int, training: bool, eps: float,
                  relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    acc = common.stat_dtype(input.dtype)
     geometry = (stride, padding, dilation, groups)
-    shift = bn_bias.to(acc) if bn_bias is not None else None
     if training:
-        # The conv kernel stores the conv output and its per-tile moments in one pass;
-        # normalise + affine + residual + ReLU is then one pass over the conv output.
+        # The conv kernel stores the conv output and its per-tile moments in one pass; one
+        # launch merges them into the BN constants, one normalises + affine + residual + ReLU.
         conv_output, partials = conv.forward(input, weight, conv_bias, *geometry, stats=True)
-        mean, invstd = norm.combine_moments(partials, eps)
-        out = norm.apply(conv_output, mean, _scale(invstd, bn_weight), shift, residual, relu)
+        mean, invstd, scale = norm.batch_constants(partials, bn_weight, eps)
+        out = norm.apply(conv_output, mean, scale, bn_bias, residual, relu)
         return out, conv_output, mean, invstd
-    # Inference: BN folded into the GEMM epilogue, out = conv * scale + shift.
-    mean, invstd = _running(running_mean, running_var, eps, acc)
-    scale = _scale(invstd, bn_weight)
-    folded = -mean * scale
-    if shift is not None:
-        folded = folded + shift
-    if conv_bias is not None:
-        folded = folded + conv_bias.to(acc) * scale
-    out = conv.forward(input, weight, None, *geometry, scale=scale, shift=folded,
+    # Inference: BN folded into the GEMM epilogue, out = conv * scale + shift (one launch for
+    # the constants, then the convolution).
+    mean, invstd, scale, shift = norm.running_constants(
+        running_mean, running_var, bn_weight, bn_bias, eps, common.stat_dtype(input.dtype),
+        conv_bias=conv_bias, fold=True)
+    out = conv.forward(input, weight, None, *geometry, scale=scale, shift=shift,
                        residual=residual, relu=relu)
     return out, _none(input), mean, invstd
 
