@@ -72,6 +72,9 @@ def test_triton_bn_paths_launch_no_small_aten_kernels(training):
                                                  1, training, 1e-5, True),
         "bn_relu": lambda: ops.bn_relu(x, *bn4, None, training, 1e-5, True),
     }
+    with _AtenOps() as rec:
+        ops.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1)
+    assert rec.ops <= _ALLOWED, ("conv2d", sorted(rec.ops - _ALLOWED))
     for name, call in calls.items():
         with _AtenOps() as rec:
             out = call()

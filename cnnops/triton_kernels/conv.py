@@ -346,7 +346,8 @@ def forward(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1
     # Tiles past the launch's last (the tile height is autotuned, T_MAX sized for the
     # smallest) keep count 0 and are skipped by norm.batch_constants: only the counts need
     # zeroing.
-    cnt = torch.zeros(T_MAX, dtype=torch.float32, device=input.device)
+    cnt = (torch.zeros if stats else torch.empty)(T_MAX, dtype=torch.float32,
+                                                  device=input.device)
     mean = torch.empty((T_MAX, OC) if stats else (1,), dtype=acc, device=input.device)
     m2 = torch.empty_like(mean)
     if M == 0:
