@@ -552,9 +552,6 @@ struct ActView {
   int64_t sB, sC;  // planes strides (unused for rows)
 };
 
-inline ActView planes_view(int64_t B, int64_t C, int64_t L, int64_t sB, int64_t sC) {
-  return ActView{false, B, C, L, sB, sC};
-}
 inline ActView nchw_view(int64_t B, int64_t C, int64_t L) {
   return ActView{false, B, C, L, C * L, L};
 }
