@@ -1,6 +1,6 @@
 """Builds cnnops._C: the C++ CPU kernels always, the CUDA kernels when they can be built.
 
-CUDA sources (csrc/cuda/*.cu, and the CUDA-only csrc/cuda/*.cpp) are compiled when torch
+CUDA sources (csrc/cuda/*.cu) are compiled when torch
 is a CUDA build and nvcc is found, whether or not a GPU is visible (without one, the
 architectures torch was built for are targeted unless TORCH_CUDA_ARCH_LIST says otherwise);
 otherwise the build is CPU-only and says so. CNNOPS_FORCE_CUDA=1 makes CUDA mandatory: the
@@ -92,9 +92,7 @@ def _extension():
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)
     cpp = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
               + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    # csrc/cuda holds the CUDA kernels (.cu) and CUDA-only C++ (.cpp: autocast registration).
     cu = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-    cuda_cpp = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
     want_cuda, why = _want_cuda()
     with_cuda = want_cuda and bool(cu)
     if with_cuda:
@@ -110,7 +108,7 @@ def _extension():
         cxx += ["-fopenmp"]
     args = dict(
         name="cnnops._C",
-        sources=cpp + (cuda_cpp + cu if with_cuda else []),
+        sources=cpp + (cu if with_cuda else []),
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         extra_link_args=["-fopenmp"] if sys.platform != "win32" else [],

@@ -3,7 +3,8 @@
 Every op has up to four implementations behind one API:
 
 =========== ============================================================
-``cpu``     C++ kernels (csrc/cpu), CPU tensors, float32/float64
+``cpu``     C++ kernels (csrc/cpu), CPU tensors, float32/float64/bfloat16 (bfloat16: the
+            convolutions on the oneDNN core, the other ops on float32 copies)
 ``cuda``    CUDA kernels (csrc/cuda), CUDA tensors
 ``triton``  Triton kernels (cnnops.triton_kernels), CUDA tensors (CPU tensors under
             TRITON_INTERPRET=1, Triton's interpreter), float16/bfloat16/float32/float64
@@ -11,8 +12,9 @@ Every op has up to four implementations behind one API:
 =========== ============================================================
 
 ``auto`` (the default) picks per call: ``cuda`` for CUDA tensors when the CUDA
-kernels were built, else ``triton`` when it can run; ``cpu`` for float32/float64
-CPU tensors when the C++ extension loaded; otherwise ``reference``.
+kernels were built, else ``triton`` when it can run; ``cpu`` for float32/float64/bfloat16
+CPU tensors when the C++ extension loaded; otherwise ``reference``. The cpu backend's
+convolution core (im2col or oneDNN) is chosen per call: see ``set_cpu_conv``.
 
 A backend chosen explicitly (``set_backend``, ``use_backend`` or the environment
 variable ``CNNOPS_BACKEND``) either runs the call or raises an error that says
@@ -27,7 +29,7 @@ from . import _ext
 from . import triton_kernels
 
 NAMES = ("auto", "cpu", "cuda", "triton", "reference")
-_CPU_DTYPES = (torch.float32, torch.float64)
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -63,6 +65,70 @@ def use_backend(name):
         _current = previous
 
 
+# ---------------------------------------------------------------------------
+# The CPU backend's convolution core (csrc/cpu/conv_core.h)
+
+CPU_CONV_MODES = ("auto", "im2col", "onednn")
+
+
+def _check_cpu_conv(mode):
+    if mode not in CPU_CONV_MODES:
+        raise ValueError("unknown CPU convolution core %r; expected one of %s"
+                         % (mode, ", ".join(CPU_CONV_MODES)))
+    return mode
+
+
+def get_cpu_conv():
+    """The CPU convolution core setting: ``auto``, ``im2col`` or ``onednn``.
+
+    ``im2col`` is cnnops' im2col + BLAS GEMM with the fusions in its GEMM epilogue
+    (float32/float64); ``onednn`` is ATen's oneDNN convolution with cnnops' fusions
+    around it (float32/bfloat16); ``auto`` (the default) measures both the first
+    time a call's configuration (op, shapes, dtype, flags, threads) is seen and
+    keeps the faster for the rest of the process; a dtype only one core runs takes
+    that one. ``cpu_conv_choices()`` and ``cnnops.explain`` show what was chosen.
+    """
+    return _cpu_conv
+
+
+def set_cpu_conv(mode):
+    """Sets the CPU convolution core (``auto``, ``im2col``, ``onednn``) for every following call.
+
+    A forced core raises for a dtype it does not run (im2col: bfloat16; onednn:
+    float64). The environment variable ``CNNOPS_CPU_CONV`` sets it at import.
+    """
+    global _cpu_conv
+    _cpu_conv = _check_cpu_conv(mode)
+    if _ext.LOADED:
+        from . import _C
+        _C._set_cpu_conv_mode(mode)
+
+
+@contextlib.contextmanager
+def use_cpu_conv(mode):
+    """Context manager: run the CPU convolutions inside the block on core ``mode``."""
+    previous = _cpu_conv
+    set_cpu_conv(mode)
+    try:
+        yield
+    finally:
+        set_cpu_conv(previous)
+
+
+def cpu_conv_choices():
+    """Every choice ``auto`` has measured in this process, as a list of dicts with keys
+    ``call`` (op, dtype, input shape, kernel, stride, padding, ... -> out channels, flags,
+    threads), ``core`` and ``reason`` (the two measured times)."""
+    if not _ext.LOADED:
+        return []
+    from . import _C
+    return [dict(call=c, core=core, reason=why) for c, core, why in _C._cpu_conv_choices()]
+
+
+_cpu_conv = "auto"
+set_cpu_conv(os.environ.get("CNNOPS_CPU_CONV", "auto") or "auto")
+
+
 def _unavailable(name, tensor):
     """Why backend ``name`` cannot run a call on ``tensor`` (None when it can)."""
     device, dtype = tensor.device.type, tensor.dtype
@@ -74,7 +140,7 @@ def _unavailable(name, tensor):
         if device != "cpu":
             return "it runs on CPU tensors, got a tensor on %s" % tensor.device
         if dtype not in _CPU_DTYPES:
-            return "it supports float32 and float64, got %s" % dtype
+            return "it supports float32, float64 and bfloat16, got %s" % dtype
         return None
     if name == "cuda":
         if not _ext.LOADED:
@@ -130,5 +196,7 @@ def implementation(tensor):
     if name == "triton":
         from .triton_kernels.ops import TRITON
         return TRITON
-    from .ops import COMPILED
+    from .ops import COMPILED, COMPILED_BFLOAT16_CPU
+    if name == "cpu" and tensor.dtype == torch.bfloat16:
+        return COMPILED_BFLOAT16_CPU
     return COMPILED

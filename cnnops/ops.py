@@ -365,6 +365,63 @@ class Ops:
         self.conv_bn_relu = conv_bn_relu
 
 
+class BFloat16Ops:
+    """The cpu backend for bfloat16 tensors.
+
+    The convolutions (conv2d, conv2d_relu, conv_bn_relu) run in bfloat16 on the oneDNN core
+    (BN arithmetic in float32 inside). The bandwidth-bound ops (batch_norm, bn_relu,
+    pooling, add_relu) have float32/float64 CPU kernels only, so here they run on float32
+    copies and cast back: autograd records the casts, so each gradient comes back in its
+    tensor's own dtype. Speed is not the point of this path; correctness against torch is.
+    """
+
+    def __init__(self, ops):
+        self._ops = ops
+        self.namespace = ops.namespace
+        self.conv2d = ops.conv2d
+        self.conv2d_relu = ops.conv2d_relu
+        self.conv_bn_relu = ops.conv_bn_relu
+
+    @staticmethod
+    def _f32(t):
+        return t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 else t
+
+    def _bf16(self, t, like):
+        return t.to(like.dtype) if t.dtype != like.dtype else t
+
+    def batch_norm(self, input, *args):
+        out, mean, invstd = self._ops.batch_norm(*map(self._f32, (input,) + args))
+        return self._bf16(out, input), mean, invstd
+
+    def bn_relu(self, input, *args):
+        out, mean, invstd = self._ops.bn_relu(*map(self._f32, (input,) + args))
+        return self._bf16(out, input), mean, invstd
+
+    def max_pool2d(self, input, *args):
+        out, indices = self._ops.max_pool2d(self._f32(input), *args)
+        return self._bf16(out, input), indices
+
+    def avg_pool2d(self, input, *args):
+        return self._bf16(self._ops.avg_pool2d(self._f32(input), *args), input)
+
+    def adaptive_avg_pool2d(self, input, *args):
+        return self._bf16(self._ops.adaptive_avg_pool2d(self._f32(input), *args), input)
+
+    def add_relu(self, input, other):
+        return self._bf16(self._ops.add_relu(self._f32(input), self._f32(other)), input)
+
+    def update_running_stats(self, running_mean, running_var, *args):
+        # bfloat16 running statistics (a model.bfloat16() BN): updated in float32, stored back.
+        stats = [t for t in (running_mean, running_var) if t is not None]
+        if all(t.dtype != torch.bfloat16 for t in stats):
+            return self._ops.update_running_stats(running_mean, running_var, *args)
+        mean32, var32 = self._f32(running_mean), self._f32(running_var)
+        self._ops.update_running_stats(mean32, var32, *args)
+        for t, t32 in ((running_mean, mean32), (running_var, var32)):
+            if t is not None and t32 is not t:
+                t.copy_(t32)
+
+
 # ---------------------------------------------------------------------------
 # FLOP formulas, so torch.utils.flop_counter.FlopCounterMode counts the fused
 # convolutions as it counts aten's (2 * multiply-adds; BN/ReLU not counted).
@@ -390,3 +447,4 @@ def register_flops(ns):
 if _ext.LOADED:
     register_flops("cnnops")
     COMPILED = Ops("cnnops")
+    COMPILED_BFLOAT16_CPU = BFloat16Ops(COMPILED)

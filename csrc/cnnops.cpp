@@ -23,10 +23,79 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstring>
+
+#include "cpu/conv_core.h"
+
 // `import cnnops._C` loads this library, whose static initialisers register the
-// ops below; the module itself has no Python functions.
+// ops below. The module's only functions set and report the CPU convolution
+// core (cnnops.set_cpu_conv, cnnops.cpu_conv_choices, cnnops.explain): process
+// settings, not ops, so they stay out of the op library and of torch.compile.
+namespace {
+
+using cnnops::cpu::CoreMode;
+
+PyObject* records_to_list(const std::vector<cnnops::cpu::ChoiceRecord>& records) {
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(records.size()));
+  for (size_t i = 0; i < records.size(); ++i) {
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i),
+                    Py_BuildValue("(sss)", records[i].key.c_str(), records[i].core.c_str(),
+                                  records[i].reason.c_str()));
+  }
+  return list;
+}
+
+// _cpu_conv_mode() -> "auto" | "im2col" | "onednn"
+PyObject* cpu_conv_mode(PyObject*, PyObject*) {
+  const CoreMode mode = cnnops::cpu::core_mode();
+  return PyUnicode_FromString(mode == CoreMode::Auto     ? "auto"
+                              : mode == CoreMode::Im2col ? "im2col"
+                                                         : "onednn");
+}
+
+// _set_cpu_conv_mode(mode: str); the caller (cnnops.backends) validates it.
+PyObject* set_cpu_conv_mode(PyObject*, PyObject* arg) {
+  const char* mode = PyUnicode_AsUTF8(arg);
+  if (mode == nullptr) return nullptr;
+  if (std::strcmp(mode, "auto") == 0) {
+    cnnops::cpu::set_core_mode(CoreMode::Auto);
+  } else if (std::strcmp(mode, "im2col") == 0) {
+    cnnops::cpu::set_core_mode(CoreMode::Im2col);
+  } else if (std::strcmp(mode, "onednn") == 0) {
+    cnnops::cpu::set_core_mode(CoreMode::OneDNN);
+  } else {
+    PyErr_Format(PyExc_ValueError, "expected 'auto', 'im2col' or 'onednn', got %R", arg);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+// _cpu_conv_choices() -> [(configuration, core, reason)]: every measured choice.
+PyObject* cpu_conv_choices(PyObject*, PyObject*) {
+  return records_to_list(cnnops::cpu::recorded_choices());
+}
+
+// _cpu_conv_trace(on: bool) -> [(configuration, core, reason)]: the calls
+// traced since the last switch, which it clears.
+PyObject* cpu_conv_trace(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  PyObject* out = records_to_list(cnnops::cpu::take_trace());
+  cnnops::cpu::set_trace(on != 0);
+  return out;
+}
+
+PyMethodDef methods[] = {
+    {"_cpu_conv_mode", cpu_conv_mode, METH_NOARGS, nullptr},
+    {"_set_cpu_conv_mode", set_cpu_conv_mode, METH_O, nullptr},
+    {"_cpu_conv_choices", cpu_conv_choices, METH_NOARGS, nullptr},
+    {"_cpu_conv_trace", cpu_conv_trace, METH_O, nullptr},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 

@@ -241,10 +241,8 @@ _STUB_HEADERS = {
                     "typedef struct cusolverDnContext* cusolverDnHandle_t;\n",
 }
 
-# Every CUDA translation unit: the kernels (.cu) and the CUDA-only C++ (.cpp) that setup.py
-# compiles only in a CUDA build.
-CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
-                      + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+# Every CUDA translation unit: the kernels (.cu) that setup.py compiles only in a CUDA build.
+CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 NVCC = shutil.which("nvcc")
 
 

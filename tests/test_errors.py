@@ -501,6 +501,9 @@ def _mp_raw(t, **kw):
 
 ops = torch.ops.cnnops
 CPU_DTYPE = r"the cnnops CPU kernels support float32 and float64; %s has dtype %s"
+# The convolutions also run bfloat16 (on their oneDNN core).
+CPU_CONV_DTYPE = (r"the cnnops CPU convolutions support float32, float64 and bfloat16; "
+                  r"%s has dtype %s")
 H16 = torch.float16
 
 RAW_CASES = [
@@ -513,11 +516,11 @@ RAW_CASES = [
      r"expected weight to be 4-D \[out_channels, in_channels/groups, kH, kW\], "
      r"got shape \[4, 3, 3\]"),
     ("conv2d-float16", lambda t: _conv_raw(t, input=t["x"].half(), weight=t["w"].half()),
-     TypeError, CPU_DTYPE % ("input", "Half")),
+     TypeError, CPU_CONV_DTYPE % ("input", "Half")),
     ("conv2d-bfloat16", lambda t: _conv_raw(t, input=t["x"].bfloat16(), weight=t["w"].bfloat16()),
-     TypeError, CPU_DTYPE % ("input", "BFloat16")),
+     TypeError, CPU_CONV_DTYPE % ("input", "BFloat16")),
     ("conv2d-int", lambda t: _conv_raw(t, input=t["x"].int(), weight=t["w"].int()),
-     TypeError, CPU_DTYPE % ("input", "Int")),
+     TypeError, CPU_CONV_DTYPE % ("input", "Int")),
     ("conv2d-weight-dtype", lambda t: _conv_raw(t, weight=t["w"].double()), TypeError,
      r"expected weight to have the dtype of input \(Float\), got Double"),
     ("conv2d-channels", lambda t: _conv_raw(t, weight=_w(c=3)), ValueError,
@@ -567,7 +570,7 @@ RAW_CASES = [
      r"expected grad_output to have the dtype of input \(Float\), got Double"),
     ("conv2d_backward-float16", lambda t: ops.conv2d_backward(
         t["go"].half(), t["x"].half(), t["w"].half(), S, P, D, 1, MASK3), TypeError,
-     CPU_DTYPE % ("input", "Half")),
+     CPU_CONV_DTYPE % ("input", "Half")),
     ("conv2d_backward-stride-negative", lambda t: ops.conv2d_backward(
         t["go"], t["x"], t["w"], [-1, -1], P, D, 1, MASK3), ValueError,
      r"expected stride >= 1, got \[-1, -1\]"),
@@ -654,7 +657,7 @@ RAW_CASES = [
     ("conv_bn_relu-input-3d", lambda t: _cbr_raw(t, input=t["x"][0]), ValueError,
      r"expected input to be 4-D \[N, C, H, W\], got 3-D"),
     ("conv_bn_relu-float16", lambda t: _cbr_raw(t, input=t["x"].half(), weight=t["w"].half()),
-     TypeError, CPU_DTYPE % ("input", "Half")),
+     TypeError, CPU_CONV_DTYPE % ("input", "Half")),
     ("conv_bn_relu-channels", lambda t: _cbr_raw(t, weight=_w(c=3)), ValueError,
      r"expected weight of shape \[6, 4, kH, kW\] for input with 4 channels"),
     ("conv_bn_relu-groups", lambda t: _cbr_raw(t, groups=3), ValueError,
@@ -704,7 +707,7 @@ RAW_CASES = [
      r"expected groups >= 1, got 0"),
     ("conv_bn_relu_backward-float16", lambda t: _cbr_back_raw(
         t, grad_output=t["go"].half(), input=t["x"].half(), weight=t["w"].half()), TypeError,
-     CPU_DTYPE % ("input", "Half")),
+     CPU_CONV_DTYPE % ("input", "Half")),
     # max_pool2d / max_pool2d_backward
     ("max_pool2d-input-3d", lambda t: _mp_raw(t, input=t["x"][0]), ValueError,
      r"expected input to be 4-D \[N, C, H, W\], got 3-D"),
@@ -851,11 +854,15 @@ CUDA_DTYPE = r"the cnnops CUDA kernels support float32, float64, float16 and bfl
 
 def _expected(case, device):
     """(exception class, message regex) of a case on a device, or None where the call is valid
-    there (the CUDA kernels take float16 and bfloat16)."""
+    there (the CUDA kernels take float16 and bfloat16, the CPU convolutions bfloat16)."""
     name, _, exc, match = case
-    if device == "cuda" and match.startswith(CPU_DTYPE.split("%")[0]):
-        argument, dtype = re.match(CPU_DTYPE.replace("%s", "(\\w+)"), match).groups()
-        return None if dtype in ("Half", "BFloat16") else (exc, CUDA_DTYPE % (argument, dtype))
+    for cpu_message, cpu_valid in ((CPU_DTYPE, ()), (CPU_CONV_DTYPE, ("BFloat16",))):
+        if not match.startswith(cpu_message.split("%")[0]):
+            continue
+        argument, dtype = re.match(cpu_message.replace("%s", "(\\w+)"), match).groups()
+        if device == "cuda":
+            return None if dtype in ("Half", "BFloat16") else (exc, CUDA_DTYPE % (argument, dtype))
+        return None if dtype in cpu_valid else (exc, match)
     return exc, match
 
 

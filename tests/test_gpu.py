@@ -867,7 +867,7 @@ def test_autocast_other_ops_run_in_their_input_dtype(gpu_backend, amp_dtype):
 @needs_cuda
 @pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_autocast_kernels_of_the_cuda_ops(cuda_ops, amp_dtype):
-    """The AutocastCUDA kernels registered in C++ (csrc/cuda/autocast.cpp), called through
+    """The AutocastCUDA kernels registered in C++ (csrc/autocast.cpp), called through
     torch.ops directly: float32 arguments, the convolutions run in the autocast dtype, BN
     tensors stay float32 (statistics float32), float64 is left alone, other ops untouched."""
     x = torch.randn(2, 4, 7, 7, device=DEVICE)

@@ -68,13 +68,17 @@ at::Tensor add_relu_backward_cpu(const at::Tensor& grad_output,
   const int64_t n = grad_input.numel();
   if (n == 0) return grad_input;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cnnops_add_relu_backward_cpu", [&] {
-    const scalar_t* pg = g.const_data_ptr<scalar_t>();
-    const scalar_t* py = y.const_data_ptr<scalar_t>();
-    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ pg = g.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ py = y.const_data_ptr<scalar_t>();
+    scalar_t* __restrict__ out = grad_input.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
+        // Both values are loaded unconditionally so that this is a vector
+        // select, not a branch (a branch on the sign of activations is
+        // mispredicted half the time: 20x slower).
         // aten's threshold_backward: a NaN output passes its gradient.
-        out[i] = py[i] <= scalar_t(0) ? scalar_t(0) : pg[i];
+        const scalar_t grad = pg[i];
+        out[i] = py[i] <= scalar_t(0) ? scalar_t(0) : grad;
       }
     });
   });

@@ -1,4 +1,6 @@
-// conv2d on the CPU: im2col + GEMM forward, col2im + GEMM backward.
+// conv2d and conv2d_relu on the CPU, on the core conv_core.h chooses: im2col +
+// GEMM forward and col2im + GEMM backward (bias, residual and ReLU in the GEMM
+// epilogue), or oneDNN (bias, residual and ReLU as post-ops of one primitive).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -6,16 +8,14 @@
 
 #include "bn_kernels.h"
 #include "cnnops/conv_shape.h"
+#include "conv_core.h"
 #include "conv_kernels.h"
 
 namespace cnnops {
+namespace {
 
-at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
-                      const c10::optional<at::Tensor>& bias_opt, at::IntArrayRef stride,
-                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
-  const ConvShape s = conv_shape(input, weight, bias, stride, padding, dilation, groups);
-  check_cpu_float(input, "input");
+at::Tensor conv2d_im2col(const ConvShape& s, const at::Tensor& input, const at::Tensor& weight,
+                         const at::Tensor& bias) {
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
   at::Tensor out = at::empty({s.N, s.OC, s.OH, s.OW}, input.options());
@@ -31,14 +31,9 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   return out.contiguous(output_memory_format(input));
 }
 
-at::Tensor conv2d_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
-                           const c10::optional<at::Tensor>& bias_opt,
-                           const c10::optional<at::Tensor>& residual_opt, at::IntArrayRef stride,
-                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
-  const ConvShape s = conv_shape(input, weight, bias, stride, padding, dilation, groups);
-  check_cpu_float(input, "input");
-  const at::Tensor residual = conv_residual(residual_opt, input, s);
+at::Tensor conv2d_relu_im2col(const ConvShape& s, const at::Tensor& input,
+                              const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& residual) {
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
   at::Tensor out = at::empty({s.N, s.OC, s.OH, s.OW}, input.options());
@@ -60,18 +55,9 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   return out.contiguous(output_memory_format(input));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, std::array<bool, 3> output_mask) {
-  const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
-  check_cpu_float(input, "input");
-  check_same(grad_output, input, "grad_output", "input");
-  TORCH_CHECK_VALUE(grad_output.dim() == 4 && grad_output.size(0) == s.N &&
-                        grad_output.size(1) == s.OC && grad_output.size(2) == s.OH &&
-                        grad_output.size(3) == s.OW,
-                    "expected grad_output of shape [", s.N, ", ", s.OC, ", ", s.OH, ", ", s.OW,
-                    "], got ", grad_output.sizes());
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_im2col(
+    const ConvShape& s, const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, std::array<bool, 3> output_mask) {
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const at::Tensor g = grad_output.contiguous();
   at::Tensor gi = output_mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::Tensor();
@@ -91,6 +77,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   });
   return {gi.defined() ? gi.contiguous(output_memory_format(input)) : not_requested(input),
           gw.defined() ? gw : not_requested(input), gb.defined() ? gb : not_requested(input)};
+}
+
+}  // namespace
+
+at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias_opt, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
+  const ConvShape s = conv_shape(input, weight, bias, stride, padding, dilation, groups);
+  check_cpu_conv(input, "input");
+  const cpu::ConvArgs args{stride, padding, dilation, groups};
+  const cpu::CoreKey key("conv2d", s, input.scalar_type(), {{"bias", bias.defined()}});
+  return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
+    if (core == cpu::Core::OneDNN) {
+      return cpu::onednn_conv(input, weight, bias, args, output_memory_format(input));
+    }
+    return conv2d_im2col(s, input, weight, bias);
+  });
+}
+
+at::Tensor conv2d_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias_opt,
+                           const c10::optional<at::Tensor>& residual_opt, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
+  const ConvShape s = conv_shape(input, weight, bias, stride, padding, dilation, groups);
+  check_cpu_conv(input, "input");
+  const at::Tensor residual = conv_residual(residual_opt, input, s);
+  const cpu::ConvArgs args{stride, padding, dilation, groups};
+  const cpu::CoreKey key("conv2d_relu", s, input.scalar_type(),
+                         {{"bias", bias.defined()}, {"residual", residual.defined()}});
+  return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
+    if (core == cpu::Core::OneDNN) {
+      return cpu::onednn_conv_relu(input, weight, bias, residual, /*relu=*/true, args,
+                                   output_memory_format(input));
+    }
+    return conv2d_relu_im2col(s, input, weight, bias, residual);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, std::array<bool, 3> output_mask) {
+  const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
+  check_cpu_conv(input, "input");
+  check_same(grad_output, input, "grad_output", "input");
+  TORCH_CHECK_VALUE(grad_output.dim() == 4 && grad_output.size(0) == s.N &&
+                        grad_output.size(1) == s.OC && grad_output.size(2) == s.OH &&
+                        grad_output.size(3) == s.OW,
+                    "expected grad_output of shape [", s.N, ", ", s.OC, ", ", s.OH, ", ", s.OW,
+                    "], got ", grad_output.sizes());
+  const cpu::ConvArgs args{stride, padding, dilation, groups};
+  const cpu::CoreKey key("conv2d_backward", s, input.scalar_type(),
+                         {{"grad_input", output_mask[0]}, {"grad_weight", output_mask[1]},
+                          {"grad_bias", output_mask[2]}});
+  return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
+    if (core == cpu::Core::OneDNN) {
+      auto [gi, gw, gb] = cpu::onednn_conv_backward(grad_output, input, weight, args,
+                                                    output_memory_format(input), output_mask);
+      return std::make_tuple(gi.defined() ? gi : not_requested(input),
+                             gw.defined() ? gw : not_requested(input),
+                             gb.defined() ? gb : not_requested(input));
+    }
+    return conv2d_backward_im2col(s, grad_output, input, weight, output_mask);
+  });
 }
 
 TORCH_LIBRARY_IMPL(cnnops, CPU, m) {

@@ -1,12 +1,20 @@
-// conv -> BatchNorm -> (+ residual) -> ReLU in one op on the CPU.
+// conv -> BatchNorm -> (+ residual) -> ReLU in one op on the CPU, on the
+// convolution core conv_core.h chooses.
 //
-// Inference: BN is a per-channel scale and shift, applied (with residual and
-// ReLU) to each GEMM output tile while it is still in cache.
-// Training: each conv output tile also yields its per-channel mean and
-// squared deviations in the GEMM epilogue, so batch statistics cost no extra
-// pass over memory; one more pass normalises. The backward computes the BN
-// gradient of each output tile on the fly (the conv-output gradient is never
-// materialised for the whole batch) and feeds it straight to the conv backward.
+// im2col core. Inference: BN is a per-channel scale and shift, applied (with
+// residual and ReLU) to each GEMM output tile while it is still in cache.
+// Training: each conv output tile also yields its per-channel mean and squared
+// deviations in the GEMM epilogue, so batch statistics cost no extra pass over
+// memory; one more pass normalises. The backward computes the BN gradient of
+// each output tile on the fly (the conv-output gradient is never materialised
+// for the whole batch) and feeds it straight to the conv backward.
+//
+// oneDNN core. Inference: BN folded into the weight and bias, and conv + bias
+// (+ residual) + ReLU as one oneDNN primitive. Training: oneDNN's convolution,
+// then one statistics pass and one apply pass; the backward writes the
+// conv-output gradient once and hands it to oneDNN's backward. bfloat16 runs
+// here, with the BN arithmetic in float32 (statistics, BN weight and bias
+// gradients float32, as aten's batch norm keeps them).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,9 +24,164 @@
 
 #include "bn_kernels.h"
 #include "cnnops/conv_shape.h"
+#include "conv_core.h"
 #include "conv_kernels.h"
 
 namespace cnnops {
+namespace {
+
+// The dtype the BN arithmetic runs in: the input's, float32 for bfloat16.
+at::ScalarType compute_dtype(const at::Tensor& input) {
+  return input.scalar_type() == at::kBFloat16 ? at::kFloat : input.scalar_type();
+}
+
+// t (undefined, or of input's dtype) NCHW-contiguous in the compute dtype.
+at::Tensor in_compute_dtype(const at::Tensor& t, const at::Tensor& input) {
+  return t.defined() ? t.to(compute_dtype(input)).contiguous() : t;
+}
+
+// The per-channel arguments, contiguous in the compute dtype (undefined when absent).
+struct BNArgs {
+  at::Tensor conv_bias, weight, bias, running_mean, running_var;
+};
+
+// The conv bias for the convolution itself: the input's dtype.
+at::Tensor conv_bias_for(const BNArgs& p, const at::Tensor& input) {
+  return p.conv_bias.defined() ? p.conv_bias.to(input.scalar_type()) : p.conv_bias;
+}
+
+// Training forward, one plane at a time after the convolution: the batch
+// statistics from per-(image, channel) moments merged in image order, then
+// out = relu?(conv_out * scale + shift + residual?).
+template <typename T>
+void normalise(const ConvShape& s, const T* cp, std::vector<cpu::Moments>& tile, const BNArgs& p,
+               const T* rp, T* op, T* mean, T* invstd, double eps, bool relu) {
+  const int64_t L = s.L(), OC = s.OC;
+  std::vector<double> scale(OC), shift(OC);
+  for (int64_t c = 0; c < OC; ++c) {
+    cpu::Moments m;
+    for (int64_t n = 0; n < s.N; ++n) m.merge(tile[n * OC + c]);
+    const double is = 1.0 / std::sqrt(m.biased_var() + eps);
+    mean[c] = static_cast<T>(m.mean);
+    invstd[c] = static_cast<T>(is);
+    scale[c] = cpu::channel_value<T>(p.weight, c, 1.0) * is;
+    shift[c] = cpu::channel_value<T>(p.bias, c, 0.0) - m.mean * scale[c];
+  }
+  at::parallel_for(0, s.N * OC, 1, [&](int64_t b, int64_t e) {
+    for (int64_t plane = b; plane < e; ++plane) {
+      const int64_t c = plane % OC;
+      cpu::bn_forward_plane(cp + plane * L, rp ? rp + plane * L : nullptr, op + plane * L, L,
+                            static_cast<T>(scale[c]), static_cast<T>(shift[c]), relu);
+    }
+  });
+}
+
+// Inference: BN as y * scale + shift with, per channel,
+//   invstd = 1/sqrt(running_var + eps), scale = bn_weight * invstd,
+//   shift = bn_bias - (running_mean - conv_bias) * scale
+// (a conv bias before BN only shifts the mean it subtracts).
+template <typename T>
+void inference_affine(const BNArgs& p, int64_t OC, double eps, std::vector<double>& scale,
+                      std::vector<double>& shift, std::vector<double>& invstd) {
+  for (int64_t c = 0; c < OC; ++c) {
+    invstd[c] = 1.0 / std::sqrt(cpu::channel_value<T>(p.running_var, c, 1.0) + eps);
+    scale[c] = cpu::channel_value<T>(p.weight, c, 1.0) * invstd[c];
+    const double mean = cpu::channel_value<T>(p.running_mean, c, 0.0) -
+                        cpu::channel_value<T>(p.conv_bias, c, 0.0);
+    shift[c] = cpu::channel_value<T>(p.bias, c, 0.0) - mean * scale[c];
+  }
+}
+
+using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
+                const at::Tensor& weight, const BNArgs& p, const at::Tensor& residual_in,
+                const cpu::ConvArgs& args, bool training, double eps, bool relu) {
+  const int64_t L = s.L(), OC = s.OC;
+  const bool onednn = core == cpu::Core::OneDNN;
+  const at::MemoryFormat fmt = output_memory_format(input);
+  const auto stat_opts = input.options().dtype(compute_dtype(input));
+  at::Tensor mean = at::empty({OC}, stat_opts), invstd = at::empty({OC}, stat_opts);
+
+  if (!training && onednn) {
+    // BN folded into the weight and bias; conv + bias (+ residual) + ReLU in one primitive.
+    at::Tensor out;
+    AT_DISPATCH_FLOATING_TYPES(compute_dtype(input), "conv_bn_relu_cpu", [&] {
+      using T = scalar_t;
+      std::vector<double> scale(OC), shift(OC), is(OC);
+      inference_affine<T>(p, OC, eps, scale, shift, is);
+      const auto dopts = at::TensorOptions().dtype(at::kDouble);
+      const at::Tensor sc = at::from_blob(scale.data(), {OC, 1, 1, 1}, dopts).to(compute_dtype(input));
+      const at::Tensor wf = (weight.to(compute_dtype(input)) * sc).to(input.scalar_type());
+      const at::Tensor bf = at::from_blob(shift.data(), {OC}, dopts).to(input.scalar_type());
+      out = cpu::onednn_conv_relu(input, wf, bf, residual_in, relu, args, fmt);
+      mean.copy_(p.running_mean);
+      invstd.copy_(at::from_blob(is.data(), {OC}, dopts));
+    });
+    return {out, at::empty({0}, input.options()), mean, invstd};
+  }
+
+  const at::Tensor x = input.contiguous(), w = weight.contiguous();
+  const at::Tensor residual = in_compute_dtype(residual_in, input);
+  at::Tensor out = at::empty({s.N, OC, s.OH, s.OW}, stat_opts);
+  at::Tensor conv_out;  // training: the conv output (+ conv bias), saved for backward
+  AT_DISPATCH_FLOATING_TYPES(compute_dtype(input), "conv_bn_relu_cpu", [&] {
+    using T = scalar_t;
+    const T* rp = residual.defined() ? residual.const_data_ptr<T>() : nullptr;
+    const T* cbp = p.conv_bias.defined() ? p.conv_bias.const_data_ptr<T>() : nullptr;
+    T* op = out.mutable_data_ptr<T>();
+    if (!training) {  // im2col: the BN affine in the GEMM epilogue
+      std::vector<double> scale(OC), shift(OC), is(OC);
+      inference_affine<T>(p, OC, eps, scale, shift, is);
+      std::vector<T> sc(scale.begin(), scale.end()), sh(shift.begin(), shift.end());
+      cpu::conv_forward<T>(s, x, w, [&](int64_t n, int64_t la, int64_t lb, const T* y,
+                                        int64_t ld) {
+        for (int64_t c = 0; c < OC; ++c) {
+          const int64_t off = (n * OC + c) * L + la;
+          cpu::bn_forward_plane(y + c * ld, rp ? rp + off : nullptr, op + off, lb - la, sc[c],
+                                sh[c], relu);
+        }
+      });
+      mean.copy_(p.running_mean);
+      for (int64_t c = 0; c < OC; ++c) invstd.mutable_data_ptr<T>()[c] = static_cast<T>(is[c]);
+      return;
+    }
+    // Moments of each (image, channel) pair: in the GEMM epilogue, tile by tile
+    // in position order while each tile is hot (im2col), or one pass over each
+    // plane of oneDNN's output.
+    std::vector<cpu::Moments> tile(s.N * OC);
+    at::Tensor cf;  // conv_out in T
+    if (onednn) {
+      conv_out = cpu::onednn_conv(x, w, conv_bias_for(p, input), args,
+                                  at::MemoryFormat::Contiguous);
+      cf = in_compute_dtype(conv_out, input);
+      const T* cp = cf.const_data_ptr<T>();
+      at::parallel_for(0, s.N * OC, 1, [&](int64_t b, int64_t e) {
+        for (int64_t plane = b; plane < e; ++plane) {
+          tile[plane] = cpu::plane_moments(cp + plane * L, L);
+        }
+      });
+    } else {
+      conv_out = cf = at::empty({s.N, OC, s.OH, s.OW}, input.options());
+      T* cop = conv_out.mutable_data_ptr<T>();
+      cpu::conv_forward<T>(s, x, w, [&](int64_t n, int64_t la, int64_t lb, const T* y,
+                                        int64_t ld) {
+        T* dst = cop + n * OC * L + la;
+        cpu::copy_channel_bias(y, ld, dst, L, cbp, OC, lb - la);
+        for (int64_t c = 0; c < OC; ++c) {
+          tile[n * OC + c].merge(cpu::plane_moments(dst + c * L, lb - la));
+        }
+      });
+    }
+    normalise<T>(s, cf.const_data_ptr<T>(), tile, p, rp, op, mean.mutable_data_ptr<T>(),
+                 invstd.mutable_data_ptr<T>(), eps, relu);
+  });
+  if (!training) conv_out = at::empty({0}, input.options());
+  return {out.to(input.scalar_type()).contiguous(fmt), conv_out, mean, invstd};
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
     const at::Tensor& input, const at::Tensor& weight,
     const c10::optional<at::Tensor>& conv_bias_opt,
@@ -30,150 +193,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
     double eps, bool relu) {
   const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
-  check_cpu_float(input, "input");
-  const at::Tensor cbias = optional_channel(conv_bias_opt, input, s.OC, "conv_bias");
-  const at::Tensor bnw = optional_channel(bn_weight_opt, input, s.OC, "bn_weight");
-  const at::Tensor bnb = optional_channel(bn_bias_opt, input, s.OC, "bn_bias");
-  const at::Tensor rmean = optional_channel(running_mean_opt, input, s.OC, "running_mean");
-  const at::Tensor rvar = optional_channel(running_var_opt, input, s.OC, "running_var");
-  TORCH_CHECK_VALUE(training || (rmean.defined() && rvar.defined()),
+  check_cpu_conv(input, "input");
+  const BNArgs p{optional_channel(conv_bias_opt, input, s.OC, "conv_bias"),
+                 optional_channel(bn_weight_opt, input, s.OC, "bn_weight"),
+                 optional_channel(bn_bias_opt, input, s.OC, "bn_bias"),
+                 optional_channel(running_mean_opt, input, s.OC, "running_mean"),
+                 optional_channel(running_var_opt, input, s.OC, "running_var")};
+  TORCH_CHECK_VALUE(training || (p.running_mean.defined() && p.running_var.defined()),
                     "conv_bn_relu in inference mode (training=False) needs running_mean "
                     "and running_var");
   TORCH_CHECK_VALUE(eps >= 0, "expected eps >= 0, got ", eps);
   const at::Tensor residual = conv_residual(residual_opt, input, s);
-
-  const at::Tensor x = input.contiguous(), w = weight.contiguous();
-  const int64_t L = s.L(), OC = s.OC;
-  at::Tensor out = at::empty({s.N, OC, s.OH, s.OW}, input.options());
-  at::Tensor conv_out = training ? at::empty({s.N, OC, s.OH, s.OW}, input.options())
-                                 : at::empty({0}, input.options());
-  at::Tensor mean = at::empty({OC}, input.options());
-  at::Tensor invstd = at::empty({OC}, input.options());
-
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_bn_relu_cpu", [&] {
-    using T = scalar_t;
-    const T* rp = residual.defined() ? residual.const_data_ptr<T>() : nullptr;
-    const T* cbp = cbias.defined() ? cbias.const_data_ptr<T>() : nullptr;
-    std::vector<double> mean_d(OC), invstd_d(OC);
-    auto scale_shift = [&](int64_t c, T& scale, T& shift) {
-      const double sc = cpu::channel_value<T>(bnw, c, 1.0) * invstd_d[c];
-      scale = static_cast<T>(sc);
-      shift = static_cast<T>(cpu::channel_value<T>(bnb, c, 0.0) - mean_d[c] * sc);
-    };
-
-    if (!training) {
-      for (int64_t c = 0; c < OC; ++c) {
-        // A conv bias before BN only shifts the mean it subtracts.
-        mean_d[c] = cpu::channel_value<T>(rmean, c, 0.0) - (cbp ? cbp[c] : T(0));
-        invstd_d[c] = 1.0 / std::sqrt(cpu::channel_value<T>(rvar, c, 1.0) + eps);
-      }
-      std::vector<T> scale(OC), shift(OC);
-      for (int64_t c = 0; c < OC; ++c) scale_shift(c, scale[c], shift[c]);
-      T* op = out.mutable_data_ptr<T>();
-      cpu::conv_forward<T>(s, x, w, [&](int64_t n, int64_t la, int64_t lb, const T* y,
-                                        int64_t ld) {
-        for (int64_t c = 0; c < OC; ++c) {
-          const int64_t off = (n * OC + c) * L + la;
-          cpu::bn_forward_plane(y + c * ld, rp ? rp + off : nullptr, op + off, lb - la,
-                                scale[c], shift[c], relu);
-        }
-      });
-      mean.copy_(rmean);
-      for (int64_t c = 0; c < OC; ++c) invstd.mutable_data_ptr<T>()[c] = static_cast<T>(invstd_d[c]);
-      return;
-    }
-
-    // Training: moments of each (image, channel) pair, merged tile by tile in
-    // position order while each tile is hot.
-    std::vector<cpu::Moments> tile(s.N * OC);
-    T* cop = conv_out.mutable_data_ptr<T>();
-    cpu::conv_forward<T>(s, x, w, [&](int64_t n, int64_t la, int64_t lb, const T* y,
-                                      int64_t ld) {
-      T* dst = cop + n * OC * L + la;
-      cpu::copy_channel_bias(y, ld, dst, L, cbp, OC, lb - la);
-      for (int64_t c = 0; c < OC; ++c) {
-        tile[n * OC + c].merge(cpu::plane_moments(dst + c * L, lb - la));
-      }
-    });
-    for (int64_t c = 0; c < OC; ++c) {
-      cpu::Moments m;
-      for (int64_t n = 0; n < s.N; ++n) m.merge(tile[n * OC + c]);
-      mean_d[c] = m.mean;
-      invstd_d[c] = 1.0 / std::sqrt(m.biased_var() + eps);
-      mean.mutable_data_ptr<T>()[c] = static_cast<T>(mean_d[c]);
-      invstd.mutable_data_ptr<T>()[c] = static_cast<T>(invstd_d[c]);
-    }
-    const T* cp = conv_out.const_data_ptr<T>();
-    T* op = out.mutable_data_ptr<T>();
-    at::parallel_for(0, s.N * OC, 1, [&](int64_t b, int64_t e) {
-      for (int64_t plane = b; plane < e; ++plane) {
-        T scale, shift;
-        scale_shift(plane % OC, scale, shift);
-        cpu::bn_forward_plane(cp + plane * L, rp ? rp + plane * L : nullptr, op + plane * L, L,
-                              scale, shift, relu);
-      }
-    });
+  const cpu::ConvArgs args{stride, padding, dilation, groups};
+  const cpu::CoreKey key("conv_bn_relu", s, input.scalar_type(),
+                         {{"train", training}, {"relu", relu}, {"residual", residual.defined()},
+                          {"conv_bias", p.conv_bias.defined()}});
+  return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
+    return forward(core, s, input, weight, p, residual, args, training, eps, relu);
   });
-  return {out.contiguous(output_memory_format(input)), conv_out, mean, invstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& output,
-                          const at::Tensor& input, const at::Tensor& weight,
-                          const c10::optional<at::Tensor>& conv_bias_opt,
-                          const at::Tensor& conv_output,
-                          const c10::optional<at::Tensor>& bn_weight_opt,
-                          const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                          at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, int64_t groups, bool training, bool relu,
-                          std::array<bool, 6> output_mask) {
-  const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
-  check_cpu_float(input, "input");
-  const int64_t L = s.L(), OC = s.OC;
-  const std::vector<int64_t> out_shape{s.N, OC, s.OH, s.OW};
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_output, "grad_output"},
-                                {output, "output"}}) {
-    check_same(t, input, name, "input");
-    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(out_shape), "expected ", name, " of shape ",
-                      at::IntArrayRef(out_shape), ", got ", t.sizes());
-  }
-  if (training) {
-    check_same(conv_output, input, "conv_output", "input");
-    TORCH_CHECK_VALUE(conv_output.sizes() == at::IntArrayRef(out_shape),
-                      "expected conv_output of shape ", at::IntArrayRef(out_shape), ", got ",
-                      conv_output.sizes());
-  }
-  const at::Tensor cbias = optional_channel(conv_bias_opt, input, OC, "conv_bias");
-  const at::Tensor bnw = optional_channel(bn_weight_opt, input, OC, "bn_weight");
-  const at::Tensor mean = optional_channel(save_mean, input, OC, "save_mean");
-  const at::Tensor invstd = optional_channel(save_invstd, input, OC, "save_invstd");
-  TORCH_CHECK_VALUE(mean.defined() && invstd.defined(), "save_mean and save_invstd are required");
+namespace {
 
-  const bool need_gi = output_mask[0], need_gw = output_mask[1], need_gcb = output_mask[2],
-             need_gbw = output_mask[3] && bnw.defined(), need_gbb = output_mask[4],
-             need_gr = output_mask[5];
-  const at::Tensor x = input.contiguous(), w = weight.contiguous();
-  const at::Tensor g = grad_output.contiguous();
-  const at::Tensor o = relu ? output.contiguous() : at::Tensor();
+using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+struct BackwardArgs {
+  const at::Tensor &grad_output, &output, &input, &weight, &conv_output, &mean, &invstd;
+  const BNArgs& p;
+  bool training, relu;
+  std::array<bool, 6> mask;
+};
+
+Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
+                  const cpu::ConvArgs& args) {
+  const at::Tensor& input = a.input;
+  const int64_t L = s.L(), OC = s.OC;
+  const bool onednn = core == cpu::Core::OneDNN;
+  const bool need_gi = a.mask[0], need_gw = a.mask[1], need_gcb = a.mask[2],
+             need_gbw = a.mask[3] && a.p.weight.defined(), need_gbb = a.mask[4],
+             need_gr = a.mask[5];
+  const auto copts = input.options().dtype(compute_dtype(input));
+  const at::Tensor x = input.contiguous(), w = a.weight.contiguous();
+  const at::Tensor g = in_compute_dtype(a.grad_output, input);
+  const at::Tensor o = a.relu ? in_compute_dtype(a.output, input) : at::Tensor();
   // The normalised activations' source: saved in training; recomputed in
   // inference only when the BN weight gradient needs it.
   at::Tensor co;
-  if (training) {
-    co = conv_output.contiguous();
+  if (a.training) {
+    co = in_compute_dtype(a.conv_output, input);
+  } else if (need_gbw && onednn) {
+    co = in_compute_dtype(cpu::onednn_conv(x, w, conv_bias_for(a.p, input), args,
+                                           at::MemoryFormat::Contiguous), input);
   } else if (need_gbw) {
     co = at::empty({s.N, OC, s.OH, s.OW}, input.options());
   }
-  at::Tensor gi = need_gi ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::Tensor();
-  at::Tensor gw = need_gw ? at::empty_like(w, at::MemoryFormat::Contiguous) : at::Tensor();
-  at::Tensor gcb = need_gcb ? at::empty({OC}, input.options()) : at::Tensor();
-  at::Tensor gbw = need_gbw ? at::empty({OC}, input.options()) : not_requested(input);
-  at::Tensor gbb = need_gbb ? at::empty({OC}, input.options()) : not_requested(input);
-  at::Tensor gr = need_gr ? at::empty({s.N, OC, s.OH, s.OW}, input.options()) : not_requested(input);
+  at::Tensor gi, gw, gcb;
+  if (!onednn) {
+    gi = need_gi ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::Tensor();
+    gw = need_gw ? at::empty_like(w, at::MemoryFormat::Contiguous) : at::Tensor();
+    gcb = need_gcb ? at::empty({OC}, input.options()) : at::Tensor();
+  }
+  at::Tensor gbw = need_gbw ? at::empty({OC}, copts) : not_requested(input);
+  at::Tensor gbb = need_gbb ? at::empty({OC}, copts) : not_requested(input);
+  at::Tensor gr = need_gr ? at::empty({s.N, OC, s.OH, s.OW}, copts) : not_requested(input);
 
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_bn_relu_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(compute_dtype(input), "conv_bn_relu_backward_cpu", [&] {
     using T = scalar_t;
-    if (!training && need_gbw) {
-      const T* cbp = cbias.defined() ? cbias.const_data_ptr<T>() : nullptr;
+    if (!a.training && need_gbw && !onednn) {
+      const T* cbp = a.p.conv_bias.defined() ? a.p.conv_bias.const_data_ptr<T>() : nullptr;
       T* cop = co.mutable_data_ptr<T>();
       cpu::conv_forward<T>(s, x, w, [&](int64_t n, int64_t la, int64_t lb, const T* y,
                                         int64_t ld) {
@@ -187,10 +274,10 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
     std::vector<double> mean_d(OC);
     at::parallel_for(0, OC, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
-        mean_d[c] = mean.const_data_ptr<T>()[c];
-        const double is = invstd.const_data_ptr<T>()[c];
+        mean_d[c] = a.mean.const_data_ptr<T>()[c];
+        const double is = a.invstd.const_data_ptr<T>()[c];
         double sum_gy = 0.0, sum_gy_xc = 0.0;
-        if (training || need_gbw || need_gbb) {
+        if (a.training || need_gbw || need_gbb) {
           for (int64_t n = 0; n < s.N; ++n) {
             const int64_t off = (n * OC + c) * L;
             cpu::bn_backward_reduce_plane(gp + off, op ? op + off : nullptr,
@@ -200,8 +287,8 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
         }
         if (need_gbw) gbw.mutable_data_ptr<T>()[c] = static_cast<T>(sum_gy_xc * is);
         if (need_gbb) gbb.mutable_data_ptr<T>()[c] = static_cast<T>(sum_gy);
-        coef[c] = cpu::bn_backward_coef(training, cpu::channel_value<T>(bnw, c, 1.0), is, sum_gy,
-                                        sum_gy_xc, s.N * L);
+        coef[c] = cpu::bn_backward_coef(a.training, cpu::channel_value<T>(a.p.weight, c, 1.0),
+                                        is, sum_gy, sum_gy_xc, s.N * L);
       }
     });
     if (need_gr) {
@@ -210,25 +297,82 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
         cpu::relu_grad_plane(gp + b, op ? op + b : nullptr, grp + b, e - b);
       });
     }
-    if (need_gi || need_gw || need_gcb) {
-      // The conv-output gradient of image n, computed per tile into scratch.
-      auto grad_of = [&](int64_t n, int64_t la, int64_t lb, T* dst, int64_t ld) {
-        for (int64_t c = 0; c < OC; ++c) {
-          const int64_t off = (n * OC + c) * L + la;
-          cpu::bn_backward_apply_plane(gp + off, op ? op + off : nullptr,
-                                       training ? cp + off : nullptr, dst + c * ld, lb - la,
-                                       coef[c], mean_d[c]);
-        }
-      };
+    if (!(need_gi || need_gw || need_gcb)) return;
+    // The conv-output gradient of image n at positions [la, lb), channel c at dst[c*ld + j].
+    auto grad_of = [&](int64_t n, int64_t la, int64_t lb, T* dst, int64_t ld) {
+      for (int64_t c = 0; c < OC; ++c) {
+        const int64_t off = (n * OC + c) * L + la;
+        cpu::bn_backward_apply_plane(gp + off, op ? op + off : nullptr,
+                                     a.training ? cp + off : nullptr, dst + c * ld, lb - la,
+                                     coef[c], mean_d[c]);
+      }
+    };
+    if (!onednn) {  // computed tile by tile, inside the conv backward
       cpu::conv_backward<T>(s, x, w, grad_of, gi, gw, gcb);
+      return;
     }
+    at::Tensor gconv = at::empty({s.N, OC, s.OH, s.OW}, copts);
+    T* gcp = gconv.mutable_data_ptr<T>();
+    at::parallel_for(0, s.N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) grad_of(n, 0, L, gcp + n * OC * L, L);
+    });
+    std::tie(gi, gw, gcb) = cpu::onednn_conv_backward(
+        gconv.to(input.scalar_type()), x, w, args, at::MemoryFormat::Contiguous,
+        {need_gi, need_gw, need_gcb});
   });
-  return {gi.defined() ? gi.contiguous(output_memory_format(input)) : not_requested(input),
+  const at::MemoryFormat fmt = output_memory_format(input);
+  return {gi.defined() ? gi.contiguous(fmt) : not_requested(input),
           gw.defined() ? gw : not_requested(input),
           gcb.defined() ? gcb : not_requested(input),
           gbw,
           gbb,
-          need_gr ? gr.contiguous(output_memory_format(input)) : gr};
+          need_gr ? gr.to(input.scalar_type()).contiguous(fmt) : gr};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& output,
+                          const at::Tensor& input, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& conv_bias_opt,
+                          const at::Tensor& conv_output,
+                          const c10::optional<at::Tensor>& bn_weight_opt,
+                          const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups, bool training, bool relu,
+                          std::array<bool, 6> output_mask) {
+  const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
+  check_cpu_conv(input, "input");
+  const std::vector<int64_t> out_shape{s.N, s.OC, s.OH, s.OW};
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_output, "grad_output"},
+                                {output, "output"}}) {
+    check_same(t, input, name, "input");
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(out_shape), "expected ", name, " of shape ",
+                      at::IntArrayRef(out_shape), ", got ", t.sizes());
+  }
+  if (training) {
+    check_same(conv_output, input, "conv_output", "input");
+    TORCH_CHECK_VALUE(conv_output.sizes() == at::IntArrayRef(out_shape),
+                      "expected conv_output of shape ", at::IntArrayRef(out_shape), ", got ",
+                      conv_output.sizes());
+  }
+  const BNArgs p{optional_channel(conv_bias_opt, input, s.OC, "conv_bias"),
+                 optional_channel(bn_weight_opt, input, s.OC, "bn_weight"), {}, {}, {}};
+  const at::Tensor mean = optional_channel(save_mean, input, s.OC, "save_mean");
+  const at::Tensor invstd = optional_channel(save_invstd, input, s.OC, "save_invstd");
+  TORCH_CHECK_VALUE(mean.defined() && invstd.defined(), "save_mean and save_invstd are required");
+  const BackwardArgs a{grad_output, output, input, weight, conv_output, mean, invstd,
+                       p, training, relu, output_mask};
+  const cpu::ConvArgs args{stride, padding, dilation, groups};
+  const cpu::CoreKey key("conv_bn_relu_backward", s, input.scalar_type(),
+                         {{"train", training}, {"relu", relu},
+                          {"conv_bias", p.conv_bias.defined()},
+                          {"grad_input", output_mask[0]}, {"grad_weight", output_mask[1]},
+                          {"grad_conv_bias", output_mask[2]}, {"grad_bn_weight", output_mask[3]},
+                          {"grad_bn_bias", output_mask[4]}, {"grad_residual", output_mask[5]}});
+  return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
+    return backward(core, s, a, args);
+  });
 }
 
 TORCH_LIBRARY_IMPL(cnnops, CPU, m) {

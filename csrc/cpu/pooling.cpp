@@ -385,8 +385,11 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output,
                     "max_pool2d_backward: expected indices of the shape of grad_output ",
                     grad_output.sizes(), ", got ", indices.sizes());
   const auto fmt = output_memory_format(input);
-  at::Tensor grad_input = zeros_nchw(input.sizes(), input);
-  if (grad_output.numel() == 0) return grad_input.contiguous(fmt);
+  if (grad_output.numel() == 0) return zeros_nchw(input.sizes(), input).contiguous(fmt);
+  // Each plane is zeroed just before its scatter, while it is in cache (a
+  // separate zero fill of the whole gradient is one more pass over memory).
+  at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(
+                                                        at::MemoryFormat::Contiguous));
 
   const int64_t HW = input.size(2) * input.size(3);
   const int64_t plane_out = grad_output.size(2) * grad_output.size(3);
@@ -400,6 +403,7 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output,
       const scalar_t* g = gout_data + p * plane_out;
       const int64_t* ind = idx_data + p * plane_out;
       scalar_t* gin = gin_data + p * HW;
+      std::fill(gin, gin + HW, scalar_t(0));
       for (int64_t i = 0; i < plane_out; ++i) {
         const int64_t j = ind[i];
         if (j == -1) continue;  // a window with no tap

@@ -39,6 +39,17 @@ inline void check_cpu_float(const at::Tensor& t, const char* name) {
                    " has dtype ", t.scalar_type());
 }
 
+// The CPU convolutions also take bfloat16, which their oneDNN core runs
+// (csrc/cpu/conv_core.h checks the dtype against the core chosen).
+inline void check_cpu_conv(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "expected ", name,
+                    " on the CPU, got a tensor on ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
+                       t.scalar_type() == at::kBFloat16,
+                   "the cnnops CPU convolutions support float32, float64 and bfloat16; ", name,
+                   " has dtype ", t.scalar_type());
+}
+
 // `t` (when defined) must share dtype and device with `like`.
 inline void check_same(const at::Tensor& t, const at::Tensor& like,
                        const char* name, const char* like_name) {
@@ -60,13 +71,21 @@ inline void check_channel_vector(const at::Tensor& t, int64_t channels,
 }
 
 // An optional per-channel tensor argument: checked against `like` and made
-// contiguous; undefined when absent.
+// contiguous; undefined when absent. With a bfloat16 `like` (the CPU
+// convolutions) it may be bfloat16 or float32 and comes back float32, the
+// dtype their BN arithmetic runs in.
 inline at::Tensor optional_channel(const c10::optional<at::Tensor>& t, const at::Tensor& like,
                                    int64_t channels, const char* name) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
-  check_same(*t, like, name, "input");
+  const bool reduced = like.scalar_type() == at::kBFloat16;
+  TORCH_CHECK_TYPE(t->scalar_type() == like.scalar_type() ||
+                       (reduced && t->scalar_type() == at::kFloat),
+                   "expected ", name, " to have the dtype of input (", like.scalar_type(), ")",
+                   reduced ? " or float32" : "", ", got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->device() == like.device(), "expected ", name, " on the device of input (",
+                    like.device(), "), got ", t->device());
   check_channel_vector(*t, channels, name);
-  return t->contiguous();
+  return like.scalar_type() == at::kBFloat16 ? t->to(at::kFloat).contiguous() : t->contiguous();
 }
 
 // An int[2] argument whose entries lie in [min_value, 2^31 - 1]. The upper

@@ -1,4 +1,5 @@
-// Autocast (torch.autocast("cuda")) for the cnnops convolutions.
+// Autocast (torch.autocast("cuda") and torch.autocast("cpu")) for the cnnops
+// convolutions.
 //
 // Like aten's convolution, conv2d, conv2d_relu and conv_bn_relu run in the
 // autocast dtype: input, weight, conv bias and residual are cast (fp32 ->
@@ -11,6 +12,10 @@
 //
 // Each wrapper casts, then calls the op again below the autocast key, so the
 // casts are recorded by autograd and gradients reach the fp32 parameters.
+// On the CPU the autocast dtype is bfloat16 by default, which the CPU
+// convolutions run on their oneDNN core (csrc/cpu/conv_core.h); cnnops.functional
+// casts the same way in Python, so this matters for calls of torch.ops.cnnops.*
+// and for compiled graphs.
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -22,16 +27,21 @@
 namespace cnnops {
 namespace {
 
-constexpr auto kCUDA = c10::DeviceType::CUDA;
-
-at::ScalarType autocast_dtype() { return at::autocast::get_autocast_dtype(at::kCUDA); }
-
-at::Tensor cast(const at::Tensor& t) {
-  return at::autocast::cached_cast(autocast_dtype(), t, kCUDA);
+// The autocast key and the device type of each autocast flavour.
+template <c10::DeviceType D>
+constexpr c10::DispatchKey autocast_key() {
+  return D == c10::DeviceType::CUDA ? c10::DispatchKey::AutocastCUDA
+                                    : c10::DispatchKey::AutocastCPU;
 }
 
+template <c10::DeviceType D>
+at::Tensor cast(const at::Tensor& t) {
+  return at::autocast::cached_cast(at::autocast::get_autocast_dtype(D), t, D);
+}
+
+template <c10::DeviceType D>
 std::optional<at::Tensor> cast(const std::optional<at::Tensor>& t) {
-  return at::autocast::cached_cast(autocast_dtype(), t, kCUDA);
+  return at::autocast::cached_cast(at::autocast::get_autocast_dtype(D), t, D);
 }
 
 using Conv2dFn = at::Tensor(const at::Tensor&, const at::Tensor&,
@@ -53,25 +63,28 @@ c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
+template <c10::DeviceType D>
 at::Tensor conv2d_autocast(const at::Tensor& input, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<D>());
   static const auto op = op_handle<Conv2dFn>("cnnops::conv2d");
-  return op.call(cast(input), cast(weight), cast(bias), stride, padding, dilation, groups);
+  return op.call(cast<D>(input), cast<D>(weight), cast<D>(bias), stride, padding, dilation, groups);
 }
 
+template <c10::DeviceType D>
 at::Tensor conv2d_relu_autocast(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias,
                                 const std::optional<at::Tensor>& residual,
                                 at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, int64_t groups) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<D>());
   static const auto op = op_handle<Conv2dReLUFn>("cnnops::conv2d_relu");
-  return op.call(cast(input), cast(weight), cast(bias), cast(residual), stride, padding,
+  return op.call(cast<D>(input), cast<D>(weight), cast<D>(bias), cast<D>(residual), stride, padding,
                  dilation, groups);
 }
 
+template <c10::DeviceType D>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_autocast(
     const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& conv_bias, const std::optional<at::Tensor>& bn_weight,
@@ -79,20 +92,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_autocast
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     bool training, double eps, bool relu) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<D>());
   static const auto op = op_handle<ConvBNReLUFn>("cnnops::conv_bn_relu");
   // BN parameters and statistics are deliberately not cast.
-  return op.call(cast(input), cast(weight), cast(conv_bias), bn_weight, bn_bias, running_mean,
-                 running_var, cast(residual), stride, padding, dilation, groups, training, eps,
+  return op.call(cast<D>(input), cast<D>(weight), cast<D>(conv_bias), bn_weight, bn_bias, running_mean,
+                 running_var, cast<D>(residual), stride, padding, dilation, groups, training, eps,
                  relu);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnnops, AutocastCUDA, m) {
-  m.impl("conv2d", &conv2d_autocast);
-  m.impl("conv2d_relu", &conv2d_relu_autocast);
-  m.impl("conv_bn_relu", &conv_bn_relu_autocast);
+  m.impl("conv2d", &conv2d_autocast<c10::DeviceType::CUDA>);
+  m.impl("conv2d_relu", &conv2d_relu_autocast<c10::DeviceType::CUDA>);
+  m.impl("conv_bn_relu", &conv_bn_relu_autocast<c10::DeviceType::CUDA>);
+}
+
+TORCH_LIBRARY_IMPL(cnnops, AutocastCPU, m) {
+  m.impl("conv2d", &conv2d_autocast<c10::DeviceType::CPU>);
+  m.impl("conv2d_relu", &conv2d_relu_autocast<c10::DeviceType::CPU>);
+  m.impl("conv_bn_relu", &conv_bn_relu_autocast<c10::DeviceType::CPU>);
 }
 
 }  // namespace cnnops

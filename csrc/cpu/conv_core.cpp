@@ -1,0 +1,272 @@
+// The CPU convolution core's choice (see conv_core.h) and the oneDNN core.
+#include "conv_core.h"
+
+#include "bn_kernels.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <string_view>
+
+namespace cnnops {
+namespace cpu {
+namespace {
+
+CoreMode mode_from_env() {
+  const char* env = std::getenv("CNNOPS_CPU_CONV");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return CoreMode::Auto;
+  if (std::strcmp(env, "im2col") == 0) return CoreMode::Im2col;
+  if (std::strcmp(env, "onednn") == 0) return CoreMode::OneDNN;
+  // cnnops/backends.py validates the variable at import with a clear error;
+  // this is reached only when the library is loaded some other way.
+  std::fprintf(stderr, "cnnops: ignoring CNNOPS_CPU_CONV=%s (expected auto, im2col or onednn)\n",
+               env);
+  return CoreMode::Auto;
+}
+
+struct State {
+  std::mutex mutex;
+  CoreMode mode = mode_from_env();
+  std::map<std::vector<int64_t>, std::pair<std::string, CoreChoice>> choices;
+  bool tracing = false;
+  std::vector<ChoiceRecord> trace;
+};
+
+State& state() {
+  static State s;
+  return s;
+}
+
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    default: return c10::toString(t);
+  }
+}
+
+}  // namespace
+
+CoreMode core_mode() {
+  std::lock_guard<std::mutex> lock(state().mutex);
+  return state().mode;
+}
+
+void set_core_mode(CoreMode mode) {
+  std::lock_guard<std::mutex> lock(state().mutex);
+  state().mode = mode;
+}
+
+const char* core_name(Core core) { return core == Core::Im2col ? "im2col" : "onednn"; }
+
+bool im2col_supports(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
+
+bool onednn_supports(at::ScalarType t) {
+  return (t == at::kFloat || t == at::kBFloat16) && at::hasMKLDNN() &&
+         at::globalContext().userEnabledMkldnn();
+}
+
+CoreKey::CoreKey(const char* op_, const ConvShape& s, at::ScalarType dtype_, CoreFlags flags_)
+    : op(op_), shape(s), dtype(dtype_), flags(flags_.begin(), flags_.end()) {
+  values = {s.N, s.C, s.H, s.W, s.OC, s.KH, s.KW, s.sh, s.sw, s.ph, s.pw, s.dh, s.dw,
+            s.groups, static_cast<int64_t>(dtype), at::get_num_threads(),
+            static_cast<int64_t>(std::hash<std::string_view>()(op))};
+  int64_t bits = 0;
+  for (const auto& flag : flags) bits = bits * 2 + flag.second;
+  values.push_back(bits);
+}
+
+std::string CoreKey::text() const {
+  const ConvShape& s = shape;
+  std::ostringstream t;
+  t << op << " " << dtype_name(dtype) << " [" << s.N << ", " << s.C << ", " << s.H << ", "
+    << s.W << "] k" << s.KH << "x" << s.KW << " s" << s.sh << "x" << s.sw << " p" << s.ph
+    << "x" << s.pw;
+  if (s.dh != 1 || s.dw != 1) t << " d" << s.dh << "x" << s.dw;
+  if (s.groups != 1) t << " g" << s.groups;
+  t << " -> " << s.OC;
+  for (const auto& [name, on] : flags) {
+    if (on) t << " " << name;
+  }
+  t << " (" << at::get_num_threads() << " threads)";
+  return t.str();
+}
+
+bool fixed_choice(const CoreKey& key, at::ScalarType dtype, CoreChoice& out) {
+  const CoreMode mode = core_mode();
+  const bool im2col = im2col_supports(dtype), onednn = onednn_supports(dtype);
+  if (mode == CoreMode::Im2col) {
+    TORCH_CHECK_TYPE(im2col, "the im2col CPU convolution core supports float32 and float64, got ",
+                     dtype_name(dtype), " (cnnops.set_cpu_conv('im2col') / CNNOPS_CPU_CONV); "
+                     "use 'onednn' or 'auto'");
+    out = {Core::Im2col, "forced (set_cpu_conv / CNNOPS_CPU_CONV)"};
+    return true;
+  }
+  if (mode == CoreMode::OneDNN) {
+    TORCH_CHECK_TYPE(onednn, "the onednn CPU convolution core supports float32 and bfloat16 "
+                     "with torch.backends.mkldnn enabled, got ", dtype_name(dtype),
+                     " (cnnops.set_cpu_conv('onednn') / CNNOPS_CPU_CONV); use 'im2col' or 'auto'");
+    out = {Core::OneDNN, "forced (set_cpu_conv / CNNOPS_CPU_CONV)"};
+    return true;
+  }
+  TORCH_CHECK_TYPE(im2col || onednn, "the cnnops CPU convolutions support float32, float64 and "
+                   "bfloat16 (bfloat16 with torch.backends.mkldnn enabled), got ",
+                   dtype_name(dtype));
+  if (im2col && onednn) return false;
+  out = {im2col ? Core::Im2col : Core::OneDNN,
+         std::string("the only core for ") + dtype_name(dtype) +
+             (im2col ? "" : " (oneDNN)")};
+  if (dtype == at::kFloat && !onednn) out.reason = "oneDNN is disabled or not built";
+  return true;
+}
+
+const CoreChoice* lookup_choice(const CoreKey& key) {
+  std::lock_guard<std::mutex> lock(state().mutex);
+  const auto it = state().choices.find(key.values);
+  return it == state().choices.end() ? nullptr : &it->second.second;
+}
+
+const CoreChoice& record_choice(const CoreKey& key, double im2col_ms, double onednn_ms) {
+  std::ostringstream why;
+  why.precision(3);
+  why << "measured: im2col " << im2col_ms << " ms, onednn " << onednn_ms << " ms";
+  CoreChoice choice{onednn_ms < im2col_ms ? Core::OneDNN : Core::Im2col, why.str()};
+  std::lock_guard<std::mutex> lock(state().mutex);
+  return state().choices.emplace(key.values, std::make_pair(key.text(), choice)).first->second.second;
+}
+
+void trace_call(const CoreKey& key, const CoreChoice& choice) {
+  std::lock_guard<std::mutex> lock(state().mutex);
+  if (state().tracing) state().trace.push_back({key.text(), core_name(choice.core), choice.reason});
+}
+
+std::vector<ChoiceRecord> recorded_choices() {
+  std::lock_guard<std::mutex> lock(state().mutex);
+  std::vector<ChoiceRecord> out;
+  for (const auto& [values, entry] : state().choices) {
+    out.push_back({entry.first, core_name(entry.second.core), entry.second.reason});
+  }
+  return out;
+}
+
+void set_trace(bool on) {
+  std::lock_guard<std::mutex> lock(state().mutex);
+  state().tracing = on;
+  state().trace.clear();
+}
+
+std::vector<ChoiceRecord> take_trace() {
+  std::lock_guard<std::mutex> lock(state().mutex);
+  return std::move(state().trace);
+}
+
+// ---- the oneDNN core ------------------------------------------------------------
+
+at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                       const ConvArgs& a, at::MemoryFormat fmt) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const int64_t no_output_padding[] = {0, 0};
+  // ATen picks the output's layout from the input's and the weight's.
+  return at::convolution(x.contiguous(fmt), w.contiguous(fmt),
+                         bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt,
+                         a.stride, a.padding, a.dilation, /*transposed=*/false,
+                         no_output_padding, a.groups)
+      .contiguous(fmt);
+}
+
+namespace {
+
+// mkldnn::_convolution_pointwise (conv + bias + unary post-op) and its .binary
+// overload (conv + bias + binary post-op with `other`, then a unary one):
+// registered by ATen's oneDNN build, with no C++ header of their own.
+using PointwiseFn = at::Tensor(const at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, at::IntArrayRef,
+                               at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view,
+                               c10::List<std::optional<at::Scalar>>,
+                               std::optional<c10::string_view>);
+using PointwiseBinaryFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&, at::IntArrayRef,
+                                     at::IntArrayRef, at::IntArrayRef, int64_t,
+                                     c10::string_view, std::optional<at::Scalar>,
+                                     std::optional<c10::string_view>,
+                                     c10::List<std::optional<at::Scalar>>,
+                                     std::optional<c10::string_view>);
+
+// conv(x, w) + b, then the unary post-op `attr` ("none" or "relu"), float32.
+at::Tensor op_unary(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                    const ConvArgs& a, c10::string_view attr) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
+                             .typed<PointwiseFn>();
+  return op.call(x, w, b, a.padding, a.stride, a.dilation, a.groups, attr,
+                 c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
+}  // namespace
+
+at::Tensor onednn_conv_relu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                            const at::Tensor& residual, bool relu, const ConvArgs& a,
+                            at::MemoryFormat fmt) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  if (x.scalar_type() != at::kFloat) {
+    // bfloat16: ATen's convolution, then residual and ReLU in float.
+    at::Tensor y = onednn_conv(x, w, bias, a, fmt).to(at::kFloat);
+    if (residual.defined()) y.add_(residual);
+    if (relu) y.relu_();
+    return y.to(x.scalar_type()).contiguous(fmt);
+  }
+  const std::optional<at::Tensor> b =
+      bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+  const at::Tensor xf = x.contiguous(fmt), wf = w.contiguous();
+  const c10::List<std::optional<at::Scalar>> no_scalars;
+  if (residual.defined() && fmt == at::MemoryFormat::Contiguous) {
+    // oneDNN fuses the residual add only in channels_last (for NCHW ATen runs
+    // the convolution, then add_ and relu_: two passes); here the primitive
+    // adds the bias and one cnnops pass adds the residual and applies ReLU.
+    at::Tensor y = op_unary(xf, wf, b, a, "none");
+    const at::Tensor r = residual.contiguous();
+    float* yp = y.mutable_data_ptr<float>();
+    const float* rp = r.const_data_ptr<float>();
+    at::parallel_for(0, y.numel(), 16384, [&](int64_t begin, int64_t end) {
+      bn_forward_plane(yp + begin, rp + begin, yp + begin, end - begin, 1.0f, 0.0f, relu);
+    });
+    return y;
+  }
+  if (residual.defined()) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
+                               .typed<PointwiseBinaryFn>();
+    return op.call(xf, residual.contiguous(fmt), wf, b, a.padding, a.stride, a.dilation,
+                   a.groups, "add", std::nullopt,
+                   relu ? std::optional<c10::string_view>("relu") : std::nullopt, no_scalars,
+                   std::nullopt)
+        .contiguous(fmt);
+  }
+  return op_unary(xf, wf, b, a, relu ? "relu" : "none").contiguous(fmt);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> onednn_conv_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const ConvArgs& a,
+    at::MemoryFormat fmt, std::array<bool, 3> mask) {
+  if (!mask[0] && !mask[1] && !mask[2]) return {};
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const int64_t no_output_padding[] = {0, 0};
+  const int64_t bias_sizes[] = {w.size(0)};
+  auto [gi, gw, gb] = at::convolution_backward(
+      dy.contiguous(fmt), x.contiguous(fmt), w.contiguous(fmt),
+      mask[2] ? at::OptionalIntArrayRef(bias_sizes) : c10::nullopt, a.stride, a.padding,
+      a.dilation, /*transposed=*/false, no_output_padding, a.groups, mask);
+  return {mask[0] ? gi.contiguous(fmt) : at::Tensor(), mask[1] ? gw.contiguous() : at::Tensor(),
+          mask[2] ? gb : at::Tensor()};
+}
+
+}  // namespace cpu
+}  // namespace cnnops
