@@ -8,10 +8,29 @@ group has ``extra_info["impl"]`` naming its implementation:
     torch eager                 PyTorch's native kernels (oneDNN/MKL on CPU, cuDNN on GPU),
                                 unfused modules: Conv2d -> BatchNorm2d -> ReLU(inplace)
     torch.compile               the same eager code under torch.compile (inductor,
-                                fullgraph, static shapes); compiled before timing
-    cnnops <backend>            the cnnops op / module / model on that backend
+                                fullgraph, static shapes); compiled before timing; on the
+                                CPU, inference groups compile with inductor's freezing
+    cnnops <backend>            the cnnops op / module / model on that backend (the cpu
+                                backend with its convolution core on "auto")
+    cnnops cpu (<core>)         the cpu backend with its convolution core forced to im2col
+                                or onednn (CPU convolution groups only)
     cnnops.fuse                 cnnops.fuse(plain model) (only when cnnops.fuse exists)
     cnnops <backend> + torch.compile   the cnnops model under torch.compile (--full)
+
+The cpu backend runs each convolution on one of two cores: cnnops' im2col + GEMM with fused
+epilogues, or ATen's oneDNN convolution with cnnops' fusions around it. On "auto" (the
+default, the "cnnops cpu" rows) it times both the first time a configuration is seen and
+keeps the faster; that happens in the correctness check before the warm-up (time_it fails a
+benchmark whose timed rounds would include one), and the choices made go to
+extra_info["cpu_conv_auto"]. The "cnnops cpu (im2col)" / "(onednn)" rows time each core
+on its own, so a group shows whether auto picked the faster one.
+
+torch.compile's freezing (torch._inductor.config.freezing = True while the row compiles:
+weights and BatchNorm statistics become constants, so BatchNorm folds into the convolution
+weights and those can be prepacked) is how torch.compile serves CPU inference, and the CPU
+targets against torch.compile assume it. It only acts on a graph compiled under
+torch.no_grad with modules in eval mode, which is how the inference groups run; training
+groups and CUDA rows compile without it.
 
 FLOPs count convolution multiply-adds only (2 * MACs): BatchNorm, ReLU and adds are
 left out, so a fused op and its unfused twin have the same FLOPs. A training
@@ -35,6 +54,7 @@ import functools
 import math
 import os
 import platform
+import re
 import statistics
 import time
 
@@ -58,6 +78,16 @@ def cnnops_compile_impl(backend):
     return "cnnops %s + torch.compile" % backend
 
 
+# the cpu backend's convolution cores (cnnops.set_cpu_conv), each timed as its own row in the
+# convolution groups besides the "cnnops cpu" row (core "auto")
+CPU_CONV_CORES = ("im2col", "onednn")
+CONV_OPS = ("conv2d", "conv_bn_relu")
+
+
+def cpu_core_impl(core):
+    return "cnnops cpu (%s)" % core
+
+
 def impl_backend(impl):
     """The cnnops backend an implementation runs on (None for torch ones; 'auto' for fuse)."""
     if impl == FUSE:
@@ -67,10 +97,20 @@ def impl_backend(impl):
     return None
 
 
+def impl_cpu_conv(impl):
+    """The CPU convolution core a cnnops implementation runs with: the forced one of a
+    "cnnops cpu (<core>)" row, else "auto" (None for torch ones)."""
+    if impl_backend(impl) is None:
+        return None
+    core = re.fullmatch(r"cnnops cpu \((\w+)\)", impl)
+    return core.group(1) if core else "auto"
+
+
 def impl_id(impl):
-    """A short pytest id for an implementation."""
+    """A short pytest id for an implementation ("cnnops cpu (im2col)": cnnops-cpu-im2col)."""
     return (impl.replace("torch eager", "eager").replace("torch.compile", "compile")
-            .replace("cnnops.fuse", "fuse").replace(" + ", "+").replace(" ", "-"))
+            .replace("cnnops.fuse", "fuse").replace(" + ", "+").replace(" ", "-")
+            .replace("(", "").replace(")", ""))
 
 
 # ---------------------------------------------------------------------------
@@ -258,9 +298,9 @@ def _r18(C, H, OC, k, s, p=None):
     return Conv(C, H, H, OC, k, s, p, nets=("resnet18",))
 
 
-# The ResNet-18 layer set the targets are stated over (batch 8): the 7x7 stem, the
-# 3x3 layers of each stage, the stride-2 3x3 transitions and the 1x1 stride-2
-# downsample shortcuts.
+# The ResNet-18 layer set: the 7x7 stem, the 3x3 layers of each stage, the stride-2 3x3
+# transitions and the 1x1 stride-2 downsample shortcuts (with ResNet-50's, QUICK_NETS,
+# the set the CPU targets are stated over, at batch 8).
 RESNET18_LAYERS = [
     _r18(3, 224, 64, 7, 2, 3),
     _r18(64, 56, 64, 3, 1), _r18(128, 28, 128, 3, 1), _r18(256, 14, 256, 3, 1),
@@ -270,6 +310,10 @@ RESNET18_LAYERS = [
 ]
 
 NETS = ("resnet18", "resnet50", "densenet121", "googlenet")
+# The CPU targets' layer set: ResNet-18's and ResNet-50's shapes, each once (29: every 3x3
+# layer from 64 to 512 channels at stride 1 and 2, the 1x1 layers, the stride-2 shortcuts
+# and the stem), the quick mode's default.
+QUICK_NETS = ("resnet18", "resnet50")
 
 
 def _trace_convs(build, shape):
@@ -548,7 +592,7 @@ class Settings:
                                     else ""))
         self.backends = wanted
         self.nets = [n.strip() for n in nets.split(",")] if nets else (
-            list(NETS) if full else ["resnet18"])
+            list(NETS) if full else list(QUICK_NETS))
         bad = [n for n in self.nets if n not in NETS]
         if bad:
             raise ValueError("unknown net(s) %s for --bench-nets; expected some of %s"
@@ -615,13 +659,16 @@ class Settings:
         return [b for b in self.backends if backend_runs_on(b, device)]
 
     def compile_for(self, op):
-        """torch.compile rows: in quick mode only for the headline conv_bn_relu inference groups
-        (each compiled shape costs seconds of inductor time on 2 cores)."""
+        """torch.compile rows for ``op`` ("conv_bn_relu eval", "model eval", ...; "cnnops
+        model": the cnnops models under torch.compile): in quick mode only for the groups
+        the CPU targets compare with torch.compile, conv_bn_relu inference and the models'
+        inference (each compiled shape costs seconds of inductor time on 2 cores, a model
+        up to a minute)."""
         if self.compile == "none":
             return False
         if self.compile == "all" or self.full:
             return True
-        return op == "conv_bn_relu eval"
+        return op in ("conv_bn_relu eval", "model eval")
 
     def op_runs(self, op, device):
         """Per-op groups beyond the quick CPU set: conv_bn_relu train-fwd (the training
@@ -632,22 +679,27 @@ class Settings:
         return True
 
     def layer_impls(self, device, op):
+        """The implementations of a per-op group; the convolution ops get a row per cpu
+        convolution core after the cpu backend's (auto) one."""
         if not self.op_runs(op, device):
             return []
         impls = [EAGER]
         if self.compile_for(op):
             impls.append(COMPILE)
-        impls += [cnnops_impl(b) for b in self.backends_for(device)]
+        for b in self.backends_for(device):
+            impls.append(cnnops_impl(b))
+            if b == "cpu" and op.split()[0] in CONV_OPS:
+                impls += [cpu_core_impl(core) for core in CPU_CONV_CORES]
         return impls
 
-    def model_impls(self, device):
+    def model_impls(self, device, mode):
         impls = [EAGER]
-        if self.compile_for("model"):
+        if self.compile_for("model " + mode):
             impls.append(COMPILE)
         backends = self.backends_for(device)
         impls += [cnnops_impl(b) for b in backends]
         impls.append(FUSE)  # skipped at run time while cnnops.fuse does not exist
-        if self.compile_for("model"):
+        if self.compile_for("cnnops model"):
             impls += [cnnops_compile_impl(b) for b in backends if b != "reference"]
         return impls
 
@@ -759,14 +811,34 @@ def machine_info():
 # implementations
 
 @contextlib.contextmanager
-def running(impl):
-    """The cnnops backend context an implementation runs in (no-op for torch ones)."""
-    backend = impl_backend(impl)
-    if backend is None:
+def running(impl, device=None, train=None, info=None):
+    """The context an implementation runs in.
+
+    A cnnops row: its backend, and its CPU convolution core (the forced one of a "cnnops cpu
+    (<core>)" row, else "auto", pinned so that CNNOPS_CPU_CONV in the environment does not
+    change what a row measures); the choices auto makes inside the block (timing both cores
+    the first time a configuration is seen; one seen earlier in the session is not timed
+    again) go to info["cpu_conv_auto"] as [{call, core, reason}].
+    torch.compile on the CPU with train=False: inductor's freezing is on while the block runs,
+    so the compilation in its first call freezes (it needs torch.no_grad and eval mode; see
+    the module docstring; later calls do not read the setting), and info["freezing"] is True.
+    """
+    with contextlib.ExitStack() as stack:
+        backend = impl_backend(impl)
+        if backend is not None:
+            stack.enter_context(cnnops.use_backend(backend))
+            stack.enter_context(cnnops.use_cpu_conv(impl_cpu_conv(impl)))
+            before = {c["call"] for c in cnnops.cpu_conv_choices()}
+        if impl == COMPILE and str(device) == "cpu" and train is False:
+            from torch._inductor import config as inductor_config
+            stack.enter_context(inductor_config.patch(freezing=True))
+            if info is not None:
+                info["freezing"] = True
         yield
-    else:
-        with cnnops.use_backend(backend):
-            yield
+        if backend is not None and info is not None:
+            made = [c for c in cnnops.cpu_conv_choices() if c["call"] not in before]
+            if made:
+                info["cpu_conv_auto"] = made
 
 
 def paired(impl, eager_call):
@@ -878,6 +950,9 @@ def time_it(benchmark, settings, fn, device, model=False, baseline=None):
     spell of the machine hits both alike; the baseline's median and minimum go to
     extra_info (paired_eager_median / paired_eager_min, seconds), and report.py takes the
     speed-up from them rather than from the group's separately timed eager row.
+    CPU rounds must not run a convolution configuration the cpu backend's auto core has not
+    seen (its first call times both cores): the caller's correctness check or the warm-up
+    runs it first, and a timed round that did fails the benchmark.
     CUDA: a round is ``iterations`` back-to-back calls (enough to fill
     Settings.cuda_round_seconds) between two synchronizations, and pytest-benchmark reports
     the time per call; the rounds' and iterations' counts come from the last warm-up call's
@@ -906,20 +981,27 @@ def time_it(benchmark, settings, fn, device, model=False, baseline=None):
     rounds = settings.rounds_for(seconds, model, device, iterations)
     benchmark.extra_info["iterations"] = iterations
     if not cuda:
+        choices = len(cnnops.cpu_conv_choices())
         if baseline is None:
-            return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
-        baseline()  # warm
-        paired = []
+            result = benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+        else:
+            baseline()  # warm
+            paired = []
 
-        def time_baseline():  # pytest-benchmark runs setup untimed before each round
-            start = time.perf_counter()
-            baseline()
-            paired.append(time.perf_counter() - start)
+            def time_baseline():  # pytest-benchmark runs setup untimed before each round
+                start = time.perf_counter()
+                baseline()
+                paired.append(time.perf_counter() - start)
 
-        result = benchmark.pedantic(fn, setup=time_baseline, rounds=rounds, warmup_rounds=0,
-                                    iterations=1)
-        benchmark.extra_info["paired_eager_median"] = statistics.median(paired)
-        benchmark.extra_info["paired_eager_min"] = min(paired)
+            result = benchmark.pedantic(fn, setup=time_baseline, rounds=rounds,
+                                        warmup_rounds=0, iterations=1)
+            benchmark.extra_info["paired_eager_median"] = statistics.median(paired)
+            benchmark.extra_info["paired_eager_min"] = min(paired)
+        # the cpu backend's auto core times both cores in a configuration's first call: that
+        # belongs in the check or the warm-up, never in a timed round
+        assert len(cnnops.cpu_conv_choices()) == choices, (
+            "cnnops's auto CPU convolution core measured a configuration first seen in the timed "
+            "rounds: their time includes both cores' trial runs")
         return result
     if iterations == 1:
         return benchmark.pedantic(synced, rounds=rounds, warmup_rounds=0, iterations=1)

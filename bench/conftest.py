@@ -1,7 +1,7 @@
 """pytest options and fixtures of the cnnops benchmark suite.
 
-    pytest bench/ --benchmark-only                       quick: ResNet-18 layer set, batch 8,
-                                                         small models, few rounds (a few minutes)
+    pytest bench/ --benchmark-only                       quick: ResNet-18/50 layer sets, batch
+                                                         8, small models, few rounds
     pytest bench/ --benchmark-only --full                every net's layers, bigger models, more
                                                          rounds, torch.compile everywhere (long)
     pytest bench/ --benchmark-only --benchmark-json=out.json && python bench/report.py out.json
@@ -10,10 +10,10 @@ Options (besides pytest-benchmark's --benchmark-*):
     --full                  the full suite
     --bench-backends LIST   cnnops backends to time: 'default' (the native ones that run here;
                             --full adds 'reference'), 'all', or a list such as cpu,reference
-    --bench-compile MODE    torch.compile rows: auto (quick: conv_bn_relu eval only; --full:
-                            everywhere), all, none
+    --bench-compile MODE    torch.compile rows: auto (quick: conv_bn_relu eval and model
+                            inference only; --full: everywhere), all, none
     --bench-nets LIST       layer sets for the per-op groups (resnet18, resnet50, densenet121,
-                            googlenet); quick default resnet18, --full all
+                            googlenet); quick default resnet18,resnet50, --full all
     --bench-models LIST     only these models (resnet_classifier, resnet50, densenet121, googlenet)
     --bench-batch N         batch of the per-op groups (default 8)
     --bench-devices LIST    cpu and/or cuda (default: cpu, and cuda when available)
@@ -31,7 +31,9 @@ Options (besides pytest-benchmark's --benchmark-*):
                             torch.compile pick cuDNN's fastest algorithm per shape)
 
 The cpu backend takes float32/float64 only: with a half dtype its rows (and cnnops.fuse
-rows, which would fall back to the reference backend) are skipped with the reason.
+rows, which would fall back to the reference backend) are skipped with the reason. In the
+convolution groups it has three rows: its convolution core on auto ("cnnops cpu") and
+forced to each core ("cnnops cpu (im2col)", "cnnops cpu (onednn)").
 
 Benchmarks are parametrized by (device, case, impl); each test sets ``benchmark.group`` to
 "<op> <mode> | <shape> | b<batch> <device> <dtype> <layout>" (dtype "amp-float16" for models
@@ -170,7 +172,8 @@ def pytest_report_header(config):
                      "machine is busy, timings and ratios will be noisy"
                      % (load, info["cpu_count"]))
     compile_rows = ("everywhere" if s.compile_for("any") else
-                    "conv_bn_relu eval only" if s.compile_for("conv_bn_relu eval") else "off")
+                    "conv_bn_relu eval and model inference only"
+                    if s.compile_for("conv_bn_relu eval") else "off")
     lines.append("cnnops bench: %s mode; devices %s; cnnops backends %s; torch.compile %s; "
                  "layer sets %s; per-op batch %d"
                  % ("full" if s.full else "quick", ",".join(s.devices),

@@ -2,9 +2,11 @@
 densenet121 and googlenet, and the activation memory of the training step.
 
 Implementations (benchlib): the plain torch.nn twin ("torch eager": the same weights in
-torchvision-style unfused modules), torch.compile of the twin (--full), the cnnops model
-on each backend, cnnops.fuse(twin) (when cnnops.fuse exists), and the cnnops model under
-torch.compile (--full). All start from the same weights (the cnnops model's, with
+torchvision-style unfused modules), torch.compile of the twin (quick mode: inference only;
+on the CPU compiled with inductor's freezing), the cnnops model on each backend,
+cnnops.fuse(twin) (when cnnops.fuse exists), and the cnnops model under torch.compile
+(--full). The cpu backend's convolution core stays on auto (the choices it makes go to
+extra_info["cpu_conv_auto"]). All start from the same weights (the cnnops model's, with
 randomised BatchNorm statistics, loaded into the twin) and the same input batch.
 
 Inference: model.eval(), under torch.no_grad(); the logits are checked against the
@@ -33,15 +35,15 @@ import cnnops
 import cnnops.models as M
 import plain_models as P
 from benchlib import (COMPILE, EAGER, FUSE, assert_close, compiled, finish, impl_backend,
-                      impl_id, not_timed_reason, paired, randn, randomize_bn, running, time_it,
-                      training_memory)
+                      impl_cpu_conv, impl_id, not_timed_reason, paired, randn, randomize_bn,
+                      running, time_it, training_memory)
 
 
 def cases(mode):
     def make(settings):
         for device in settings.devices:
             for case in settings.model_cases(mode):
-                for impl in settings.model_impls(device):
+                for impl in settings.model_impls(device, mode):
                     yield ("%s-%s-%s" % (device, case.id, impl_id(impl)), device, case, impl)
 
     def decorate(fn):
@@ -180,7 +182,7 @@ def test_model_eval(benchmark, bench, device, case, impl):
     v = _describe(benchmark, bench, case, "eval", impl, device)
     key = ("eval", case, device)
     tol = bench.tol("model", device, model=True)
-    with running(impl), torch.no_grad(), v.autocast(device):
+    with running(impl, device, False, benchmark.extra_info), torch.no_grad(), v.autocast(device):
         model = _build(case.name, impl, device, False, v)
         x, _ = _inputs(case, device, _num_classes(model), v)
         out = model(x)  # the first call (for torch.compile: compiles)
@@ -201,14 +203,18 @@ def test_model_eval(benchmark, bench, device, case, impl):
 def test_model_train(benchmark, bench, device, case, impl):
     v = _describe(benchmark, bench, case, "train", impl, device)
     key = ("train", case, device)
-    compiling = impl.endswith("torch.compile")
+    # torch.compile compiles in the first call, and the cpu backend's auto convolution core
+    # times both cores there (under the memory measurement's profiler it would time them
+    # slowed down, and keep its choice for the session)
+    one_off = impl.endswith("torch.compile") or (
+        device == "cpu" and impl_cpu_conv(impl) == "auto")
     amp = lambda: v.autocast(device)  # noqa: E731  (forward and loss only)
-    with running(impl):
+    with running(impl, device, True, benchmark.extra_info):
         model = _build(case.name, impl, device, True, v)
         x, y = _inputs(case, device, _num_classes(model), v)
-        # The first call checks against eager and, except under torch.compile (which compiles
-        # in it), measures the activation memory; torch.compile's is measured after timing.
-        if compiling:
+        # The first call checks against eager and, unless it does one-off work, measures the
+        # activation memory; otherwise the memory is measured after timing.
+        if one_off:
             (loss, grads), memory = _probe(model, x, y, amp), None
         else:
             (loss, grads), memory = _instrumented_probe(model, x, y, device, amp)

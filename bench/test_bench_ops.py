@@ -11,6 +11,12 @@ accumulates in .grad and nothing needs zeroing). conv_bn_relu also has a trainin
 forward without backward ("train-fwd": BatchNorm in training mode, batch statistics,
 autograd recording as in a training step; quick mode: CUDA only).
 
+The convolution groups (conv2d, conv_bn_relu) time the cpu backend three ways: "cnnops cpu"
+with its convolution core on auto (which times both cores in the correctness check, a
+configuration's first call, before the warm-up), and "cnnops cpu (im2col)" / "cnnops cpu
+(onednn)" with the core forced (benchlib.running). torch.compile rows of inference groups
+compile with inductor's freezing on the CPU (the check call, under torch.no_grad, compiles).
+
 Tensors and modules follow the run's Variant (--bench-dtype, --bench-channels-last):
 made in float32 from the seeds, then cast and laid out; BatchNorm parameters and
 statistics stay float32. A cnnops row whose backend cannot run the dtype on the device
@@ -110,7 +116,7 @@ def _conv2d_timed(benchmark, bench, device, layer, impl, train):
         return torch.autograd.grad(f(x, w, b), leaves, go)
 
     tol = bench.tol("op_grad" if train else "op", device)
-    with torch.set_grad_enabled(train), running(impl):
+    with torch.set_grad_enabled(train), running(impl, device, train, benchmark.extra_info):
         expected = run(eager)
         assert_close(run(fn), expected, impl, tol=tol)
         result = time_it(benchmark, bench, lambda: run(fn), device,
@@ -186,7 +192,7 @@ def _conv_bn_relu_timed(benchmark, bench, device, layer, impl, mode):
 
     assert [n for n, _ in named_params(module)] == [n for n, _ in named_params(plain)]
     tol = bench.tol("op_grad" if backward else "op", device)
-    with torch.set_grad_enabled(train), running(impl):
+    with torch.set_grad_enabled(train), running(impl, device, train, benchmark.extra_info):
         expected = checked(run(plain))
         assert_close(checked(run(module)), expected, impl, tol=tol)  # torch.compile compiles
         result = time_it(benchmark, bench, lambda: run(module), device,
@@ -265,7 +271,7 @@ def _bn_relu_timed(benchmark, bench, device, act, impl, train):
         return torch.autograd.grad(m(x, r), leaves, go)
 
     tol = bench.tol("op_grad" if train else "op", device)
-    with torch.set_grad_enabled(train), running(impl):
+    with torch.set_grad_enabled(train), running(impl, device, train, benchmark.extra_info):
         expected = run(plain)
         assert_close(run(module), expected, impl, tol=tol)
         result = time_it(benchmark, bench, lambda: run(module), device,
@@ -307,7 +313,7 @@ def _functional_timed(benchmark, bench, device, op, label, nets, impl, train, ea
         return torch.autograd.grad(f(*inputs), inputs, go)
 
     tol = bench.tol("op_grad" if train else "op", device)
-    with torch.set_grad_enabled(train), running(impl):
+    with torch.set_grad_enabled(train), running(impl, device, train, benchmark.extra_info):
         expected = run(eager)
         assert_close(run(fn), expected, impl, tol=tol)
         result = time_it(benchmark, bench, lambda: run(fn), device,

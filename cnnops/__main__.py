@@ -114,6 +114,12 @@ def cmd_train(args):
     print("speed: cnnops runs at %.2fx the speed of torch.nn (median time per epoch)"
           % (per_epoch("torch.nn") / per_epoch("cnnops")))
     print("parity: largest difference in epoch loss between the two runs: %.2e" % drift)
+    choices = cnnops.cpu_conv_choices()
+    if choices:
+        cores = [c["core"] for c in choices]
+        print("cpu convolution core (%s): im2col for %d, onednn for %d of the %d configurations "
+              "measured (cnnops.explain(model, x) lists them)"
+              % (cnnops.get_cpu_conv(), cores.count("im2col"), cores.count("onednn"), len(cores)))
     if args.plot:
         _plot(history, args.plot, args.model)
         print("plot: %s" % args.plot)

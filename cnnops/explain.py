@@ -28,6 +28,8 @@ def explain(model, *inputs, train=False):
     from . import _C
     was_training = model.training
     grads = {p: p.grad for p in model.parameters()}
+    for p in grads:
+        p.grad = None  # the backward below must not accumulate into the caller's gradients
     _C._cpu_conv_trace(True)
     try:
         if train:

@@ -369,10 +369,10 @@ class BFloat16Ops:
     """The cpu backend for bfloat16 tensors.
 
     The convolutions (conv2d, conv2d_relu, conv_bn_relu) run in bfloat16 on the oneDNN core
-    (BN arithmetic in float32 inside). The bandwidth-bound ops (batch_norm, bn_relu,
-    pooling, add_relu) have float32/float64 CPU kernels only, so here they run on float32
-    copies and cast back: autograd records the casts, so each gradient comes back in its
-    tensor's own dtype. Speed is not the point of this path; correctness against torch is.
+    (BN arithmetic in float32 inside), and add_relu in bfloat16. The other bandwidth-bound
+    ops (batch_norm, bn_relu, pooling) have float32/float64 CPU kernels only, so here they
+    run on float32 copies and cast back: autograd records the casts, so each gradient comes
+    back in its tensor's own dtype. Speed is not the point of this path; correctness against torch is.
     """
 
     def __init__(self, ops):
@@ -381,6 +381,7 @@ class BFloat16Ops:
         self.conv2d = ops.conv2d
         self.conv2d_relu = ops.conv2d_relu
         self.conv_bn_relu = ops.conv_bn_relu
+        self.add_relu = ops.add_relu  # bfloat16 kernels: a sum rounded once and a select
 
     @staticmethod
     def _f32(t):
@@ -407,8 +408,6 @@ class BFloat16Ops:
     def adaptive_avg_pool2d(self, input, *args):
         return self._bf16(self._ops.adaptive_avg_pool2d(self._f32(input), *args), input)
 
-    def add_relu(self, input, other):
-        return self._bf16(self._ops.add_relu(self._f32(input), self._f32(other)), input)
 
     def update_running_stats(self, running_mean, running_var, *args):
         # bfloat16 running statistics (a model.bfloat16() BN): updated in float32, stored back.

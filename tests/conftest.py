@@ -4,6 +4,11 @@ The suite runs on CPU-only machines. Every op is tested on each backend that can
 run here (`reference` always, `cpu` when cnnops._C is built); CUDA cases are
 marked `cuda` and skip without a device. A missing C++ extension is an error,
 not a skip: set CNNOPS_TEST_ALLOW_NO_EXT=1 to test the reference backend alone.
+
+The cpu backend runs its convolutions on one of two cores (cnnops.set_cpu_conv): in the
+`backend` fixture `cpu` is the cpu backend with the im2col core forced, and the tests that
+run a convolution (marked with `@conv_cores`) also run `cpu-onednn`, the cpu backend with
+the oneDNN core forced. `auto`'s choice between them is tested in test_cpu_conv_core.py.
 """
 import os
 import zlib
@@ -27,6 +32,18 @@ CPU_BACKENDS = ["reference"] + (["cpu"] if _ext.LOADED else [])
 # The Triton kernels on CPU tensors (interpreted): every op, at the tests' small shapes.
 if backends._unavailable("triton", torch.empty(0)) is None:
     CPU_BACKENDS.append("triton")
+
+# The CPU convolution core each cpu entry of the `backend` fixture forces. `cpu` keeps its name
+# (im2col, float32/float64: the core the pooling / BN / add_relu tests never notice); the
+# `cpu-onednn` entry is added only to the tests of the convolution ops, through `conv_cores`.
+CPU_CORES = {"cpu": "im2col", "cpu-onednn": "onednn"}
+CONV_BACKENDS = [entry for b in CPU_BACKENDS
+                 for entry in ((b, "cpu-onednn") if b == "cpu" else (b,))]
+# Decorator for a test that takes the `backend` fixture and runs convolutions: it runs on
+# CONV_BACKENDS (each cpu core) instead of CPU_BACKENDS. A case of such a test that runs no
+# convolution (a pooling case in a mixed list) can carry `no_conv` to run on `cpu` only.
+conv_cores = pytest.mark.parametrize("backend", CONV_BACKENDS, indirect=True)
+no_conv = pytest.mark.no_conv
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 # Interpreted Triton is ~100x slower than the C++ kernels, so on the triton backend each big
@@ -37,18 +54,36 @@ GRID_SIZE = 40
 TRITON_GRID_SAMPLE = 3
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "no_conv: a case of a @conv_cores test that runs no "
+                            "convolution: it does not run on cpu-onednn")
+
+
+def _drop(config, items, dropped):
+    if dropped:
+        config.hook.pytest_deselected(items=[i for i in items if id(i) in dropped])
+        items[:] = [i for i in items if id(i) not in dropped]
+
+
 def pytest_collection_modifyitems(config, items):
+    # The oneDNN core has no float64 convolution (a forced core raises TypeError for a dtype it
+    # lacks; test_cpu_conv_core.py checks that), so the cpu-onednn cases of a float64 grid
+    # cannot run: they are deselected, not skipped. Nor do cases without a convolution run
+    # there: one cpu entry covers them.
+    _drop(config, items, {
+        id(item) for item in items if getattr(item, "callspec", None)
+        and item.callspec.params.get("backend") == "cpu-onednn"
+        and (item.callspec.params.get("dtype") == torch.float64
+             or item.get_closest_marker("no_conv") is not None)})
     if os.environ.get("CNNOPS_TEST_TRITON_ALL") == "1":
         return
     triton_cases = {}
     for item in items:
         if getattr(item, "callspec", None) and item.callspec.params.get("backend") == "triton":
             triton_cases.setdefault(item.function, []).append(item)
-    dropped = {id(item) for cases in triton_cases.values() if len(cases) >= GRID_SIZE
-               for item in cases if zlib.crc32(item.nodeid.encode()) % TRITON_GRID_SAMPLE}
-    if dropped:
-        config.hook.pytest_deselected(items=[i for i in items if id(i) in dropped])
-        items[:] = [i for i in items if id(i) not in dropped]
+    _drop(config, items, {id(item) for cases in triton_cases.values() if len(cases) >= GRID_SIZE
+                          for item in cases
+                          if zlib.crc32(item.nodeid.encode()) % TRITON_GRID_SAMPLE})
 DTYPES = [torch.float32, torch.float64]
 
 # Shapes that exercise the CPU kernel's tiling (csrc/cpu/conv_kernels.h): images cut into
@@ -71,9 +106,15 @@ TILE_CONFIGS = [
 
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
-    """Runs the test with cnnops set to each CPU-capable backend in turn."""
-    with cnnops.use_backend(request.param):
-        yield request.param
+    """Runs the test with cnnops set to each CPU-capable backend in turn (the cpu backend
+    with its convolution core forced, see CPU_CORES); yields the entry's name."""
+    name = request.param
+    if name in CPU_CORES:
+        with cnnops.use_backend("cpu"), cnnops.use_cpu_conv(CPU_CORES[name]):
+            yield name
+    else:
+        with cnnops.use_backend(name):
+            yield name
 
 
 def make_input(shape, layout="contiguous", dtype=torch.float32, requires_grad=False, scale=1.0):

@@ -241,14 +241,31 @@ def test_triton_not_installed_is_reported(restore_backend, monkeypatch):
         CF.conv2d(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 1, 1))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", OPS)
-def test_explicit_cpu_with_reduced_precision_raises(restore_backend, op, dtype):
-    call, _ = _calls(dtype)[op]
+def test_explicit_cpu_with_float16_raises(restore_backend, op):
+    call, _ = _calls(torch.float16)[op]
     cnnops.set_backend("cpu")
     with pytest.raises(RuntimeError, match=r"cnnops backend 'cpu' cannot run this call: it "
-                                           r"supports float32 and float64, got %s" % dtype):
+                                           r"supports float32, float64 and bfloat16, got "
+                                           r"torch\.float16"):
         call()
+
+
+@pytest.mark.parametrize("name", ["cpu", "auto"])
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_runs_bfloat16(restore_backend, op, name):
+    """bfloat16 runs on the cpu backend, chosen explicitly or by auto: the compiled op runs
+    (the convolutions natively, the other ops on float32 copies) and the output is bfloat16,
+    close to torch's bfloat16 answer (tests/test_cpu_conv_core.py judges the accuracy)."""
+    call, expected = _calls(torch.bfloat16)[op]
+    cnnops.set_backend(name)
+    with RecordOps() as rec:
+        out = call()
+    updates = (["cnnops.update_running_stats.default"]
+               if op in ("batch_norm", "bn_relu", "conv_bn_relu") else [])
+    assert rec.cnnops_ops() == ["cnnops.%s.default" % op] + updates
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected().float(), rtol=5e-2, atol=5e-2)
 
 
 # ---------------------------------------------------------------------------
@@ -261,7 +278,7 @@ def test_resolve():
         assert backends.resolve(torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last)) \
             == "cpu"
         assert backends.resolve(torch.zeros(1, dtype=torch.float16)) == "reference"
-        assert backends.resolve(torch.zeros(1, dtype=torch.bfloat16)) == "reference"
+        assert backends.resolve(torch.zeros(1, dtype=torch.bfloat16)) == "cpu"
     with cnnops.use_backend("reference"):
         assert backends.resolve(torch.zeros(1)) == "reference"
     with cnnops.use_backend("cpu"):

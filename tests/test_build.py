@@ -312,19 +312,22 @@ def test_cuda_source_compiles(nvcc_results, source):
 
 def test_every_cuda_op_is_registered_in_the_sources():
     """Each op of the library has a CUDA kernel: csrc/cuda registers every schema of
-    csrc/cnnops.cpp (checked on the text, so it runs without nvcc or a GPU)."""
+    csrc/cnnops.cpp; csrc/autocast.cpp (built with or without CUDA) registers the
+    convolutions' autocast kernels, for CUDA and for the CPU (checked on the text, so it runs
+    without nvcc or a GPU)."""
     schemas = set(re.findall(r'm\.def\("(\w+)\(', open(os.path.join(ROOT, "csrc",
                                                                    "cnnops.cpp")).read()))
-    registered, autocast = set(), set()
-    for source in CUDA_SOURCES:
+    registered = {}
+    for source in CUDA_SOURCES + [os.path.join(ROOT, "csrc", "autocast.cpp")]:
         text = open(source).read()
         for block in re.findall(r"TORCH_LIBRARY_IMPL\(cnnops, (\w+), m\) \{(.*?)\n\}", text,
                                 re.S):
             names = set(re.findall(r'm\.impl\("(\w+)"', block[1]))
-            (registered if block[0] == "CUDA" else autocast).update(names)
+            registered.setdefault(block[0], set()).update(names)
     assert len(schemas) == 18
-    assert registered == schemas
-    assert autocast == {"conv2d", "conv2d_relu", "conv_bn_relu"}
+    convolutions = {"conv2d", "conv2d_relu", "conv_bn_relu"}
+    assert registered == {"CUDA": schemas, "AutocastCUDA": convolutions,
+                          "AutocastCPU": convolutions}
 
 
 def test_gpu_tests_collect_and_skip_cleanly_without_cuda():

@@ -8,7 +8,7 @@ import torch
 import cnnops
 import cnnops.functional as CF
 from cnnops import triton_kernels
-from conftest import assert_close
+from conftest import assert_close, conv_cores
 
 
 class Net(torch.nn.Module):
@@ -34,6 +34,7 @@ class Net(torch.nn.Module):
         return self.fc(torch.flatten(self.gap(x), 1))
 
 
+@conv_cores
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_compiled_matches_eager(backend, train):
     if backend == "triton" and triton_kernels.INTERPRET:

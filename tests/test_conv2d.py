@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 import cnnops
 import cnnops.functional as CF
-from conftest import CPU_BACKENDS, DTYPES, TILE_CONFIGS, LAYOUTS, assert_close, expected_memory_format, grads, make_input
+from conftest import (CPU_BACKENDS, DTYPES, TILE_CONFIGS, LAYOUTS, assert_close, conv_cores,
+                      expected_memory_format, grads, make_input)
 
 # (in_channels, out_channels, kernel, stride, padding, dilation, groups, H, W)
 CONFIGS = [
@@ -34,6 +35,7 @@ def _ids(c):
     return "C%s-OC%s-k%s-s%s-p%s-d%s-g%s-%sx%s" % c
 
 
+@conv_cores
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -63,6 +65,7 @@ def assert_close_all(actual, expected):
         assert_close(a, e)
 
 
+@conv_cores
 @pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=["input-only", "weight-only"])
 def test_conv2d_partial_gradients(backend, needs):
     torch.manual_seed(0)
@@ -75,6 +78,7 @@ def test_conv2d_partial_gradients(backend, needs):
     assert_close_all(grads(out, wrt, g), grads(ref, wrt, g))
 
 
+@conv_cores
 def test_conv2d_empty_batch(backend):
     x = torch.randn(0, 3, 8, 8, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
@@ -114,6 +118,7 @@ def test_cpu_conv_tiles_match_torch(config):
     assert_close_all(grads(out, (x, w, b), g), grads(ref, (x, w, b), g))
 
 
+@conv_cores
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
@@ -134,6 +139,7 @@ def test_conv2d_relu_matches_torch(backend, config, residual, layout, dtype):
     assert_close_all(grads(actual, (x, w, b, r), g), grads(expected, (x, w, b, r), g))
 
 
+@conv_cores
 def test_apply_conv_relu_uses_module_settings(backend):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular", groups=1)

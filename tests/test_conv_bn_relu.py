@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import cnnops
 import cnnops.functional as CF
-from conftest import CPU_BACKENDS, DTYPES, TILE_CONFIGS, LAYOUTS, assert_close, expected_memory_format, grads, make_input
+from conftest import (CPU_BACKENDS, DTYPES, TILE_CONFIGS, LAYOUTS, assert_close, conv_cores,
+                      expected_memory_format, grads, make_input)
 
 # (in_channels, out_channels, kernel, stride, padding, dilation, groups, H, W)
 CONFIGS = [
@@ -28,6 +29,7 @@ def _torch_cbr(x, w, cb, bw, bb, rm, rv, stride, padding, dilation, groups, trai
     return F.relu(y) if relu else y
 
 
+@conv_cores
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -94,13 +96,16 @@ def test_cpu_tiles_merge_batch_statistics(config):
         assert_close(a, e)
 
 
+@conv_cores
 def test_eval_mode_trains_bn_affine_with_frozen_statistics(backend):
     # Eval mode with trainable BN affine: the op recomputes the conv output for bn_weight's gradient.
+    # (float32 on the oneDNN core, which has no float64 convolution)
+    dtype = torch.float32 if backend == "cpu-onednn" else torch.float64
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    cb, bw, bb = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    x = torch.randn(2, 3, 6, 6, dtype=dtype, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=dtype, requires_grad=True)
+    cb, bw, bb = (torch.randn(4, dtype=dtype, requires_grad=True) for _ in range(3))
+    rm, rv = torch.randn(4, dtype=dtype), torch.rand(4, dtype=dtype) + 0.5
     actual = CF.conv_bn_relu(x, w, cb, bw, bb, rm, rv, padding=1, training=False)
     expected = _torch_cbr(x, w, cb, bw, bb, rm, rv, 1, 1, 1, 1, False, 1e-5, True, None)
     g = torch.randn_like(expected)
@@ -114,6 +119,7 @@ def _twin(in_c, out_c, k, stride, padding, bias, groups=1):
     return conv, bn
 
 
+@conv_cores
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_fused_module_matches_sequence_over_steps(backend, bias):
     """Three training steps with SGD, then eval: outputs, gradients, parameters and buffers."""
@@ -144,6 +150,7 @@ def test_fused_module_matches_sequence_over_steps(backend, bias):
     assert_close(fused(x), ref(x))
 
 
+@conv_cores
 def test_from_modules_shares_parameters(backend):
     torch.manual_seed(0)
     conv, bn = _twin(3, 4, 3, 1, 1, False)
@@ -158,6 +165,7 @@ def test_from_modules_shares_parameters(backend):
     assert_close(bn.running_mean, reference[1].running_mean)
 
 
+@conv_cores
 def test_fused_module_residual_and_no_relu(backend):
     torch.manual_seed(0)
     conv, bn = _twin(4, 4, 3, 1, 1, False)
@@ -177,6 +185,7 @@ def test_fused_module_state_dict_round_trip():
     fused.load_state_dict(plain.state_dict(), strict=True)
 
 
+@conv_cores
 def test_padding_modes_and_bn_variants(backend):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
@@ -189,6 +198,7 @@ def test_padding_modes_and_bn_variants(backend):
     assert_close(fused(x), torch.relu(bn(conv(x))))  # no running stats: batch statistics
 
 
+@conv_cores
 def test_bnrelu_module_and_apply_helpers(backend):
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(4)

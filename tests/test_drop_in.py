@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import cnnops
 import cnnops.functional as CF
-from conftest import assert_close, make_input
+from conftest import assert_close, conv_cores, make_input, no_conv
 
 
 def _compare(ours, theirs, inputs):
@@ -49,8 +49,17 @@ UNBATCHED = [
 ]
 
 
+def _cases(cases, ids=None):
+    """pytest.params of `cases` (id: the first field, or from `ids`); those that run no
+    convolution marked no_conv, so that they run on one cpu core."""
+    ids = ids or [c[0] for c in cases]
+    return [pytest.param(*c, id=i, marks=() if i.startswith("conv") else no_conv)
+            for c, i in zip(cases, ids)]
+
+
+@conv_cores
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("name, ours, theirs", UNBATCHED, ids=[c[0] for c in UNBATCHED])
+@pytest.mark.parametrize("name, ours, theirs", _cases(UNBATCHED))
 def test_functional_takes_unbatched_input(backend, name, ours, theirs, layout):
     torch.manual_seed(0)
     x = make_input((1, 3, 9, 8), layout).squeeze(0)  # [C, H, W]
@@ -60,6 +69,7 @@ def test_functional_takes_unbatched_input(backend, name, ours, theirs, layout):
     _compare(lambda x: ours(x, w), lambda x: theirs(x, w), [x])
 
 
+@conv_cores
 def test_unbatched_conv2d_relu_takes_an_unbatched_residual(backend):
     torch.manual_seed(1)
     x, w, r = torch.randn(3, 7, 7), torch.randn(5, 3, 3, 3), torch.randn(5, 7, 7)
@@ -83,8 +93,9 @@ MODULES = [
 ]
 
 
-@pytest.mark.parametrize("make_torch, cls", MODULES,
-                         ids=["conv-reflect", "conv-groups", "maxpool", "avgpool", "adaptive"])
+@conv_cores
+@pytest.mark.parametrize("make_torch, cls", _cases(
+    MODULES, ids=["conv-reflect", "conv-groups", "maxpool", "avgpool", "adaptive"]))
 def test_modules_take_unbatched_input(backend, make_torch, cls):
     torch.manual_seed(2)
     theirs = make_torch()
@@ -115,6 +126,7 @@ HUGE = [
 ]
 
 
+@conv_cores
 @pytest.mark.parametrize("kernel, kw", [c[1:] for c in HUGE], ids=[c[0] for c in HUGE])
 def test_conv2d_answers_where_torch_answers(backend, kernel, kw):
     torch.manual_seed(3)
@@ -157,7 +169,8 @@ DOUBLE = [
 ]
 
 
-@pytest.mark.parametrize("name, fn", DOUBLE, ids=[c[0] for c in DOUBLE])
+@conv_cores
+@pytest.mark.parametrize("name, fn", _cases(DOUBLE))
 def test_double_backward_raises_naming_the_op(backend, name, fn):
     torch.manual_seed(4)
     x = torch.randn(2, C, 6, 6, requires_grad=True)

@@ -1331,7 +1331,14 @@ def test_step_matches_original_per_backend(name, backend):
     _check_steps(name, "train", 1)
 
 
-def test_float32_matches_original():
+@pytest.mark.parametrize("core", ["im2col", "onednn"])
+def test_float32_matches_original(core):
+    """A float32 training step and an eval step of fused models, on each CPU convolution core."""
+    with cnnops.use_backend("cpu"), cnnops.use_cpu_conv(core):
+        _check_float32_steps()
+
+
+def _check_float32_steps():
     for name in ("resnet_basic", "densenet", "inception", "quirks", "seed_residual_plain"):
         torch.manual_seed(0)
         model = CASES[name].make()

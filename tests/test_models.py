@@ -352,16 +352,18 @@ def test_training_step_matches_twin(name, backend):
         assert torch.equal(value, before[key]), key
 
 
+@pytest.mark.parametrize("core", ["im2col", "onednn"])
 @pytest.mark.parametrize("name,shape", [("resnet18", (4, 3, 64, 64)),
                                         ("densenet121", (4, 3, 64, 64)),
                                         ("residual_net", (4, 1, 28, 28))])
-def test_float32_matches_twin(name, shape):
-    """float32 on the cpu backend, tolerance relative to the output scale. (64x64 input:
-    train-mode BN over only 2 values per channel, as at 32x32, amplifies float32 rounding.)"""
+def test_float32_matches_twin(name, shape, core):
+    """float32 on the cpu backend, each convolution core, tolerance relative to the output
+    scale. (64x64 input: train-mode BN over only 2 values per channel, as at 32x32, amplifies
+    float32 rounding.)"""
     model, twin = make_pair(CASES[name], torch.float32)
     torch.manual_seed(4)
     x = torch.randn(shape)
-    with cnnops.use_backend("cpu"):
+    with cnnops.use_backend("cpu"), cnnops.use_cpu_conv(core):
         for mode in ("train", "eval"):
             model.train(mode == "train")
             twin.train(mode == "train")

@@ -1,9 +1,11 @@
 """torch.library.opcheck on every cnnops op (schema, fake kernel, autograd, AOT dispatch),
-and float64 gradcheck of every forward op on tiny shapes."""
+and float64 gradcheck of every forward op on tiny shapes. float64 runs the convolutions on
+the im2col core; the convolution ops are opchecked on the oneDNN core too, in float32 and
+bfloat16 (the fake kernels' dtype rules: float32 statistics and BN gradients)."""
 import pytest
 import torch
 
-import cnnops  # noqa: F401  (registers the ops)
+import cnnops  # (registers the ops)
 from cnnops import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="needs the compiled ops")
@@ -77,6 +79,30 @@ def _id(sample):
 def test_opcheck(sample):
     name, args = sample
     torch.library.opcheck(getattr(torch.ops.cnnops, name).default, args)
+
+
+CONV_OPS = ("conv2d", "conv2d_relu", "conv_bn_relu", "conv2d_backward", "conv_bn_relu_backward")
+
+
+def _cast(args, dtype):
+    """The sample's float64 tensors in `dtype` (same layout, same requires_grad)."""
+    return tuple(a.detach().to(dtype).requires_grad_(a.requires_grad)
+                 if isinstance(a, torch.Tensor) and a.dtype == torch.float64 else a for a in args)
+
+
+def _onednn_params():
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for i, (name, args) in enumerate(s for s in _samples(grad=True) + _backward_samples()
+                                         if s[0] in CONV_OPS):
+            out.append(pytest.param(name, args, dtype, id="%s-%d-%s" % (name, i, str(dtype)[6:])))
+    return out
+
+
+@pytest.mark.parametrize("name, args, dtype", _onednn_params())
+def test_opcheck_onednn_core(name, args, dtype):
+    with cnnops.use_cpu_conv("onednn"):
+        torch.library.opcheck(getattr(torch.ops.cnnops, name).default, _cast(args, dtype))
 
 
 @pytest.mark.parametrize("sample", _samples(grad=True), ids=_id)

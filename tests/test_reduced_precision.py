@@ -1,9 +1,11 @@
 """float16 / bfloat16 inputs and torch.autocast, on the backends that take them on CPU tensors.
 
-The cpu backend is float32/float64 only (test_backends checks that it says so); the
-reference backend takes any dtype and the triton backend runs half types in Triton's
-interpreter. Expected values come from torch in float32 on the same (rounded) inputs, and
-outputs must keep the input's dtype while BatchNorm statistics stay float32.
+The cpu backend takes bfloat16 (its convolutions on the oneDNN core, the other ops on
+float32 copies) but not float16 (test_backends checks that it says so); the reference
+backend takes any dtype and the triton backend runs half types in Triton's interpreter.
+Expected values come from torch in float32 on the same (rounded) inputs, and outputs must
+keep the input's dtype while BatchNorm statistics stay float32. (tests/test_cpu_conv_core.py
+holds the cpu backend's bfloat16 to torch's own bfloat16 accuracy.)
 """
 import copy
 
@@ -16,12 +18,16 @@ import cnnops
 import cnnops.functional as CF
 from conftest import CPU_BACKENDS
 
-BACKENDS = [b for b in CPU_BACKENDS if b != "cpu"]
 HALF = [torch.float16, torch.bfloat16]
 TOL = {torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+# (backend, dtype) pairs that run: every CPU backend in both, but the cpu backend bfloat16 only.
+BACKEND_DTYPES = [pytest.param(b, d, id="%s-%s" % (b, str(d)[len("torch."):]))
+                  for b in CPU_BACKENDS for d in HALF if (b, d) != ("cpu", torch.float16)]
+with_dtypes = pytest.mark.parametrize("half_backend, dtype", BACKEND_DTYPES,
+                                      indirect=["half_backend"])
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=CPU_BACKENDS)
 def half_backend(request):
     with cnnops.use_backend(request.param):
         yield request.param
@@ -48,7 +54,7 @@ def _leaf(t):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@with_dtypes
 def test_conv_bn_relu_half(half_backend, dtype, training, layout):
     torch.manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -75,7 +81,7 @@ def test_conv_bn_relu_half(half_backend, dtype, training, layout):
         _close_grad(a, e, dtype)
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@with_dtypes
 def test_conv2d_bn_relu_pool_add_half(half_backend, dtype):
     torch.manual_seed(1)
     x = torch.randn(2, 3, 8, 8).to(dtype).requires_grad_()

@@ -25,11 +25,22 @@ void check_same_shape(const char* op, const at::Tensor& t, const at::Tensor& lik
                     ", got ", t.sizes());
 }
 
+// float32 and float64, and bfloat16 (the ReLU after a bfloat16 convolution, whose
+// backward is add_relu_backward): a sum rounded once, and a select, are exact
+// in any of them.
+void check_cpu_dtype(const at::Tensor& t, const char* name) {
+  if (t.scalar_type() == at::kBFloat16) {
+    check_cpu_conv(t, name);
+  } else {
+    check_cpu_float(t, name);
+  }
+}
+
 }  // namespace
 
 at::Tensor add_relu_cpu(const at::Tensor& input, const at::Tensor& other) {
-  check_cpu_float(input, "input");
-  check_cpu_float(other, "other");
+  check_cpu_dtype(input, "input");
+  check_cpu_dtype(other, "other");
   check_same(other, input, "other", "input");
   check_same_shape("add_relu", other, input, "other", "input");
   const auto fmt = output_memory_format(input);
@@ -38,7 +49,7 @@ at::Tensor add_relu_cpu(const at::Tensor& input, const at::Tensor& other) {
   at::Tensor output = at::empty(a.sizes(), a.options().memory_format(fmt));
   const int64_t n = output.numel();
   if (n == 0) return output;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cnnops_add_relu_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, a.scalar_type(), "cnnops_add_relu_cpu", [&] {
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
@@ -57,8 +68,8 @@ at::Tensor add_relu_cpu(const at::Tensor& input, const at::Tensor& other) {
 // grad_output where output > 0.
 at::Tensor add_relu_backward_cpu(const at::Tensor& grad_output,
                                  const at::Tensor& output) {
-  check_cpu_float(grad_output, "grad_output");
-  check_cpu_float(output, "output");
+  check_cpu_dtype(grad_output, "grad_output");
+  check_cpu_dtype(output, "output");
   check_same(output, grad_output, "output", "grad_output");
   check_same_shape("add_relu_backward", grad_output, output, "grad_output", "output");
   const auto fmt = output_memory_format(output);
@@ -67,7 +78,8 @@ at::Tensor add_relu_backward_cpu(const at::Tensor& grad_output,
   at::Tensor grad_input = at::empty(y.sizes(), y.options().memory_format(fmt));
   const int64_t n = grad_input.numel();
   if (n == 0) return grad_input;
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cnnops_add_relu_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "cnnops_add_relu_backward_cpu",
+                                 [&] {
     const scalar_t* __restrict__ pg = g.const_data_ptr<scalar_t>();
     const scalar_t* __restrict__ py = y.const_data_ptr<scalar_t>();
     scalar_t* __restrict__ out = grad_input.mutable_data_ptr<scalar_t>();

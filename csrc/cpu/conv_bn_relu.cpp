@@ -40,9 +40,11 @@ at::Tensor in_compute_dtype(const at::Tensor& t, const at::Tensor& input) {
   return t.defined() ? t.to(compute_dtype(input)).contiguous() : t;
 }
 
-// The per-channel arguments, contiguous in the compute dtype (undefined when absent).
+// The per-channel arguments, contiguous in the compute dtype (undefined when
+// absent), and the tensors they came from.
 struct BNArgs {
   at::Tensor conv_bias, weight, bias, running_mean, running_var;
+  std::vector<at::Tensor> given;  // conv weight, then the five above as passed
 };
 
 // The conv bias for the convolution itself: the input's dtype.
@@ -105,19 +107,25 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
 
   if (!training && onednn) {
     // BN folded into the weight and bias; conv + bias (+ residual) + ReLU in one primitive.
-    at::Tensor out;
-    AT_DISPATCH_FLOATING_TYPES(compute_dtype(input), "conv_bn_relu_cpu", [&] {
-      using T = scalar_t;
-      std::vector<double> scale(OC), shift(OC), is(OC);
-      inference_affine<T>(p, OC, eps, scale, shift, is);
-      const auto dopts = at::TensorOptions().dtype(at::kDouble);
-      const at::Tensor sc = at::from_blob(scale.data(), {OC, 1, 1, 1}, dopts).to(compute_dtype(input));
-      const at::Tensor wf = (weight.to(compute_dtype(input)) * sc).to(input.scalar_type());
-      const at::Tensor bf = at::from_blob(shift.data(), {OC}, dopts).to(input.scalar_type());
-      out = cpu::onednn_conv_relu(input, wf, bf, residual_in, relu, args, fmt);
-      mean.copy_(p.running_mean);
-      invstd.copy_(at::from_blob(is.data(), {OC}, dopts));
+    // (w', b', invstd): w' = w * scale per output channel, b' = shift.
+    const std::vector<at::Tensor> folded = cpu::folded_bn_cache().get(p.given, eps, [&] {
+      std::vector<at::Tensor> f;
+      AT_DISPATCH_FLOATING_TYPES(compute_dtype(input), "conv_bn_relu_cpu", [&] {
+        std::vector<double> scale(OC), shift(OC), is(OC);
+        inference_affine<scalar_t>(p, OC, eps, scale, shift, is);
+        const auto dopts = at::TensorOptions().dtype(at::kDouble);
+        const at::Tensor sc =
+            at::from_blob(scale.data(), {OC, 1, 1, 1}, dopts).to(compute_dtype(input));
+        f = {(weight.to(compute_dtype(input)) * sc).to(input.scalar_type()).contiguous(),
+             at::from_blob(shift.data(), {OC}, dopts).to(input.scalar_type()),
+             at::from_blob(is.data(), {OC}, dopts).to(compute_dtype(input))};
+      });
+      return f;
     });
+    const at::Tensor out =
+        cpu::onednn_conv_relu(input, folded[0], folded[1], residual_in, relu, args, fmt);
+    mean.copy_(p.running_mean);
+    invstd.copy_(folded[2]);
     return {out, at::empty({0}, input.options()), mean, invstd};
   }
 
@@ -194,11 +202,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
     double eps, bool relu) {
   const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
   check_cpu_conv(input, "input");
+  const auto given = [](const c10::optional<at::Tensor>& t) { return t.value_or(at::Tensor()); };
   const BNArgs p{optional_channel(conv_bias_opt, input, s.OC, "conv_bias"),
                  optional_channel(bn_weight_opt, input, s.OC, "bn_weight"),
                  optional_channel(bn_bias_opt, input, s.OC, "bn_bias"),
                  optional_channel(running_mean_opt, input, s.OC, "running_mean"),
-                 optional_channel(running_var_opt, input, s.OC, "running_var")};
+                 optional_channel(running_var_opt, input, s.OC, "running_var"),
+                 {weight, given(conv_bias_opt), given(bn_weight_opt), given(bn_bias_opt),
+                  given(running_mean_opt), given(running_var_opt)}};
   TORCH_CHECK_VALUE(training || (p.running_mean.defined() && p.running_var.defined()),
                     "conv_bn_relu in inference mode (training=False) needs running_mean "
                     "and running_var");
@@ -357,7 +368,7 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
                       conv_output.sizes());
   }
   const BNArgs p{optional_channel(conv_bias_opt, input, s.OC, "conv_bias"),
-                 optional_channel(bn_weight_opt, input, s.OC, "bn_weight"), {}, {}, {}};
+                 optional_channel(bn_weight_opt, input, s.OC, "bn_weight"), {}, {}, {}, {}};
   const at::Tensor mean = optional_channel(save_mean, input, s.OC, "save_mean");
   const at::Tensor invstd = optional_channel(save_invstd, input, s.OC, "save_invstd");
   TORCH_CHECK_VALUE(mean.defined() && invstd.defined(), "save_mean and save_invstd are required");

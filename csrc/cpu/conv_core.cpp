@@ -134,11 +134,17 @@ const CoreChoice* lookup_choice(const CoreKey& key) {
   return it == state().choices.end() ? nullptr : &it->second.second;
 }
 
-const CoreChoice& record_choice(const CoreKey& key, double im2col_ms, double onednn_ms) {
+const CoreChoice& record_choice(const CoreKey& key, double im2col_ms, double onednn_ms,
+                                const std::string& onednn_error) {
   std::ostringstream why;
   why.precision(3);
-  why << "measured: im2col " << im2col_ms << " ms, onednn " << onednn_ms << " ms";
-  CoreChoice choice{onednn_ms < im2col_ms ? Core::OneDNN : Core::Im2col, why.str()};
+  if (onednn_error.empty()) {
+    why << "measured: im2col " << im2col_ms << " ms, onednn " << onednn_ms << " ms";
+  } else {
+    why << "onednn failed (" << onednn_error << ")";
+  }
+  CoreChoice choice{onednn_error.empty() && onednn_ms < im2col_ms ? Core::OneDNN : Core::Im2col,
+                    why.str()};
   std::lock_guard<std::mutex> lock(state().mutex);
   return state().choices.emplace(key.values, std::make_pair(key.text(), choice)).first->second.second;
 }
@@ -166,6 +172,71 @@ void set_trace(bool on) {
 std::vector<ChoiceRecord> take_trace() {
   std::lock_guard<std::mutex> lock(state().mutex);
   return std::move(state().trace);
+}
+
+// ---- derived tensors ----------------------------------------------------------------
+
+bool DerivedTensors::cacheable(const std::vector<at::Tensor>& sources) {
+  for (const at::Tensor& t : sources) {
+    if (t.defined() && t.is_inference()) return false;
+  }
+  return true;
+}
+
+bool DerivedTensors::matches(const Entry& e, const std::vector<at::Tensor>& sources,
+                             double scalar) {
+  if (e.scalar != scalar || e.sources.size() != sources.size()) return false;
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const Source& s = e.sources[i];
+    const at::Tensor& t = sources[i];
+    if (!t.defined()) {
+      if (s.impl) return false;
+      continue;
+    }
+    // lock() (not a pointer compare): a dead tensor's address may be reused.
+    if (!s.impl || s.impl->lock().get() != t.unsafeGetTensorImpl() || s.data != t.const_data_ptr() ||
+        s.version != static_cast<uint32_t>(t._version())) {
+      return false;
+    }
+  }
+  return true;
+}
+
+std::vector<at::Tensor> DerivedTensors::get(const std::vector<at::Tensor>& sources, double scalar,
+                                            const std::function<std::vector<at::Tensor>()>& make) {
+  if (!cacheable(sources)) return make();
+  const c10::TensorImpl* key = sources[0].unsafeGetTensorImpl();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = entries_.find(key);
+    if (it != entries_.end() && matches(it->second, sources, scalar)) return it->second.derived;
+  }
+  Entry e{{}, scalar, make()};
+  for (const at::Tensor& t : sources) {
+    Source src{std::nullopt, nullptr, 0};
+    if (t.defined()) {
+      src.impl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
+          t.getIntrusivePtr());
+      src.data = t.const_data_ptr();
+      src.version = static_cast<uint32_t>(t._version());
+    }
+    e.sources.push_back(std::move(src));
+  }
+  std::vector<at::Tensor> out = e.derived;
+  std::lock_guard<std::mutex> lock(mutex_);
+  // Sets whose weight is gone go now (a new entry is made once per weight, so
+  // this sweep is rare); if all are live and the cache is full, it starts over.
+  for (auto it = entries_.begin(); it != entries_.end();) {
+    it = it->second.sources[0].impl->expired() ? entries_.erase(it) : std::next(it);
+  }
+  if (entries_.size() >= kMaxEntries) entries_.clear();
+  entries_[key] = std::move(e);
+  return out;
+}
+
+DerivedTensors& folded_bn_cache() {
+  static DerivedTensors cache;
+  return cache;
 }
 
 // ---- the oneDNN core ------------------------------------------------------------

@@ -27,7 +27,11 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
+#include <mutex>
+#include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "cnnops/conv_shape.h"
@@ -73,8 +77,10 @@ const CoreChoice* lookup_choice(const CoreKey& key);
 // The choice for `key` when it needs no measurement (forced, or one core).
 // Raises when the forced core cannot run the dtype.
 bool fixed_choice(const CoreKey& key, at::ScalarType dtype, CoreChoice& out);
-// Records a measured choice (the first one recorded for a key wins).
-const CoreChoice& record_choice(const CoreKey& key, double im2col_ms, double onednn_ms);
+// Records a measured choice (the first one recorded for a key wins); with
+// onednn_error, that oneDNN failed and im2col is the choice.
+const CoreChoice& record_choice(const CoreKey& key, double im2col_ms, double onednn_ms,
+                                const std::string& onednn_error = "");
 // Notes that a call ran `choice` (kept while a trace is on: cnnops.explain).
 void trace_call(const CoreKey& key, const CoreChoice& choice);
 
@@ -87,10 +93,12 @@ void set_trace(bool on);
 std::vector<ChoiceRecord> take_trace();
 
 // run(core) with the core for this call (see the top of this file). When the
-// choice is measured, each core first runs once as a warm-up (allocations,
-// oneDNN's JIT), then the two alternate for at least 3 rounds and until each
-// has run about 20 ms (at most 20 rounds: small calls are noisy); the faster
-// of each core's runs counts. The result returned is the chosen core's last.
+// choice is measured, each core in turn runs once as a warm-up (allocations,
+// oneDNN's JIT and weight reorder), then at least 3 more times and until it
+// has run about 10 ms (at most 20 times: small calls are noisy); its fastest
+// run counts. Each core's runs are consecutive, as in a model's steady state
+// (alternating them measured the one that follows the other's scratch
+// buffers, cold). The result returned is the chosen core's last.
 template <typename Run>
 auto with_core(const CoreKey& key, at::ScalarType dtype, const Run& run)
     -> decltype(run(Core::Im2col)) {
@@ -105,23 +113,72 @@ auto with_core(const CoreKey& key, at::ScalarType dtype, const Run& run)
   }
   using Clock = std::chrono::steady_clock;
   decltype(run(Core::Im2col)) results[2];
-  double best[2] = {1e300, 1e300}, total[2] = {0.0, 0.0};
-  for (int round = 0; round <= 20; ++round) {
-    for (const int c : {0, 1}) {
+  double best[2] = {1e300, 1e300};
+  std::string onednn_error;
+  for (const int c : {0, 1}) {
+    const Core core = c == 0 ? Core::Im2col : Core::OneDNN;
+    double total = 0.0;
+    for (int i = 0; i <= 20 && (i <= 3 || total < 10.0); ++i) {
       const auto start = Clock::now();
-      results[c] = run(c == 0 ? Core::Im2col : Core::OneDNN);
+      if (core == Core::OneDNN) {
+        // A configuration oneDNN (or ATen around it) refuses is recorded as
+        // such and runs on im2col, which takes every valid call.
+        try {
+          results[c] = run(core);
+        } catch (const c10::Error& e) {
+          onednn_error = e.what_without_backtrace();
+          break;
+        }
+      } else {
+        results[c] = run(core);
+      }
       const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-      if (round > 0) {
+      if (i > 0) {
         best[c] = std::min(best[c], ms);
-        total[c] += ms;
+        total += ms;
       }
     }
-    if (round >= 3 && total[0] >= 20.0 && total[1] >= 20.0) break;
   }
-  const CoreChoice& chosen = record_choice(key, best[0], best[1]);
+  const CoreChoice& chosen = record_choice(key, best[0], best[1], onednn_error);
   trace_call(key, chosen);
   return std::move(results[static_cast<int>(chosen.core)]);
 }
+
+// ---- tensors derived from parameters, kept while the parameters stay -----------
+
+// Inference conv -> BN on the oneDNN core folds BN into the conv weight. Doing
+// that every call costs more than the fold: oneDNN keeps a reordered copy of a
+// weight it has seen, and a fresh weight tensor each call misses it (64-channel
+// 3x3 layer, batch 8: 8.5 -> 11.4 ms). So the folded tensors are kept per
+// (weight, BN tensors, eps) and reused while every source tensor is alive and
+// unchanged (same data pointer and version counter), as torch.compile's
+// freezing keeps its folded weights. Inference-mode tensors have no version
+// counter and are never cached. The cache holds at most kMaxEntries sets.
+class DerivedTensors {
+ public:
+  static constexpr size_t kMaxEntries = 1024;
+  // sources[0] must be defined; the others may be undefined.
+  std::vector<at::Tensor> get(const std::vector<at::Tensor>& sources, double scalar,
+                              const std::function<std::vector<at::Tensor>()>& make);
+
+ private:
+  struct Source {
+    std::optional<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> impl;
+    const void* data;
+    uint32_t version;
+  };
+  struct Entry {
+    std::vector<Source> sources;
+    double scalar;
+    std::vector<at::Tensor> derived;
+  };
+  static bool cacheable(const std::vector<at::Tensor>& sources);
+  static bool matches(const Entry& e, const std::vector<at::Tensor>& sources, double scalar);
+  std::mutex mutex_;
+  std::unordered_map<const c10::TensorImpl*, Entry> entries_;
+};
+
+DerivedTensors& folded_bn_cache();
 
 // ---- the oneDNN core: ATen's convolution ------------------------------------
 
