@@ -96,9 +96,11 @@ std::vector<ChoiceRecord> take_trace();
 // choice is measured, each core in turn runs once as a warm-up (allocations,
 // oneDNN's JIT and weight reorder), then at least 3 more times and until it
 // has run about 10 ms (at most 20 times: small calls are noisy); its fastest
-// run counts. Each core's runs are consecutive, as in a model's steady state
-// (alternating them measured the one that follows the other's scratch
-// buffers, cold). The result returned is the chosen core's last.
+// run counts. Each core's runs are consecutive and keep no result alive, as
+// in a model's steady state: a live output of tens of MB from the other core,
+// or from the run before, made every run's output fresh pages (page faults
+// measured instead of the core; a 25 MB output ran at half speed). The chosen
+// core then runs the call once more for the result.
 template <typename Run>
 auto with_core(const CoreKey& key, at::ScalarType dtype, const Run& run)
     -> decltype(run(Core::Im2col)) {
@@ -112,7 +114,6 @@ auto with_core(const CoreKey& key, at::ScalarType dtype, const Run& run)
     return run(known->core);
   }
   using Clock = std::chrono::steady_clock;
-  decltype(run(Core::Im2col)) results[2];
   double best[2] = {1e300, 1e300};
   std::string onednn_error;
   for (const int c : {0, 1}) {
@@ -124,13 +125,13 @@ auto with_core(const CoreKey& key, at::ScalarType dtype, const Run& run)
         // A configuration oneDNN (or ATen around it) refuses is recorded as
         // such and runs on im2col, which takes every valid call.
         try {
-          results[c] = run(core);
+          run(core);
         } catch (const c10::Error& e) {
           onednn_error = e.what_without_backtrace();
           break;
         }
       } else {
-        results[c] = run(core);
+        run(core);
       }
       const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
       if (i > 0) {
@@ -141,7 +142,7 @@ auto with_core(const CoreKey& key, at::ScalarType dtype, const Run& run)
   }
   const CoreChoice& chosen = record_choice(key, best[0], best[1], onednn_error);
   trace_call(key, chosen);
-  return std::move(results[static_cast<int>(chosen.core)]);
+  return run(chosen.core);
 }
 
 // ---- tensors derived from parameters, kept while the parameters stay -----------
