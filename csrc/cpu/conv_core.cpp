@@ -302,7 +302,7 @@ at::Tensor onednn_conv_relu(const at::Tensor& x, const at::Tensor& w, const at::
     // oneDNN fuses the residual add only in channels_last (for NCHW ATen runs
     // the convolution, then add_ and relu_: two passes); here the primitive
     // adds the bias and one cnnops pass adds the residual and applies ReLU.
-    at::Tensor y = op_unary(xf, wf, b, a, "none");
+    at::Tensor y = op_unary(xf, wf, b, a, "none").contiguous();
     const at::Tensor r = residual.contiguous();
     float* yp = y.mutable_data_ptr<float>();
     const float* rp = r.const_data_ptr<float>();
