@@ -87,11 +87,11 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
   const ConvShape s = conv_shape(input, weight, bias, stride, padding, dilation, groups);
   check_cpu_conv(input, "input");
-  const cpu::ConvArgs args{stride, padding, dilation, groups};
+  const ConvArgs args{stride, padding, dilation, groups};
   const cpu::CoreKey key("conv2d", s, input.scalar_type(), {{"bias", bias.defined()}});
   return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
     if (core == cpu::Core::OneDNN) {
-      return cpu::onednn_conv(input, weight, bias, args, output_memory_format(input));
+      return aten_conv(input, weight, bias, args, output_memory_format(input));
     }
     return conv2d_im2col(s, input, weight, bias);
   });
@@ -105,7 +105,7 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   const ConvShape s = conv_shape(input, weight, bias, stride, padding, dilation, groups);
   check_cpu_conv(input, "input");
   const at::Tensor residual = conv_residual(residual_opt, input, s);
-  const cpu::ConvArgs args{stride, padding, dilation, groups};
+  const ConvArgs args{stride, padding, dilation, groups};
   const cpu::CoreKey key("conv2d_relu", s, input.scalar_type(),
                          {{"bias", bias.defined()}, {"residual", residual.defined()}});
   return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
@@ -129,14 +129,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
                         grad_output.size(3) == s.OW,
                     "expected grad_output of shape [", s.N, ", ", s.OC, ", ", s.OH, ", ", s.OW,
                     "], got ", grad_output.sizes());
-  const cpu::ConvArgs args{stride, padding, dilation, groups};
+  const ConvArgs args{stride, padding, dilation, groups};
   const cpu::CoreKey key("conv2d_backward", s, input.scalar_type(),
                          {{"grad_input", output_mask[0]}, {"grad_weight", output_mask[1]},
                           {"grad_bias", output_mask[2]}});
   return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
     if (core == cpu::Core::OneDNN) {
-      auto [gi, gw, gb] = cpu::onednn_conv_backward(grad_output, input, weight, args,
-                                                    output_memory_format(input), output_mask);
+      auto [gi, gw, gb] = aten_conv_backward(grad_output, input, weight, args,
+                                             output_memory_format(input), output_mask);
       return std::make_tuple(gi.defined() ? gi : not_requested(input),
                              gw.defined() ? gw : not_requested(input),
                              gb.defined() ? gb : not_requested(input));

@@ -44,13 +44,9 @@ at::Tensor in_compute_dtype(const at::Tensor& t, const at::Tensor& input) {
 // absent), and the tensors they came from.
 struct BNArgs {
   at::Tensor conv_bias, weight, bias, running_mean, running_var;
+  at::Tensor conv_bias_in;        // the conv bias in the input's dtype, for the convolution
   std::vector<at::Tensor> given;  // conv weight, then the five above as passed
 };
-
-// The conv bias for the convolution itself: the input's dtype.
-at::Tensor conv_bias_for(const BNArgs& p, const at::Tensor& input) {
-  return p.conv_bias.defined() ? p.conv_bias.to(input.scalar_type()) : p.conv_bias;
-}
 
 // Training forward, one plane at a time after the convolution: the batch
 // statistics from per-(image, channel) moments merged in image order, then
@@ -98,7 +94,7 @@ using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
                 const at::Tensor& weight, const BNArgs& p, const at::Tensor& residual_in,
-                const cpu::ConvArgs& args, bool training, double eps, bool relu) {
+                const ConvArgs& args, bool training, double eps, bool relu) {
   const int64_t L = s.L(), OC = s.OC;
   const bool onednn = core == cpu::Core::OneDNN;
   const at::MemoryFormat fmt = output_memory_format(input);
@@ -160,7 +156,7 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
     std::vector<cpu::Moments> tile(s.N * OC);
     at::Tensor cf;  // conv_out in T
     if (onednn) {
-      conv_out = cpu::onednn_conv(x, w, conv_bias_for(p, input), args,
+      conv_out = aten_conv(x, w, p.conv_bias_in, args,
                                   at::MemoryFormat::Contiguous);
       cf = in_compute_dtype(conv_out, input);
       const T* cp = cf.const_data_ptr<T>();
@@ -203,11 +199,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
   const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
   check_cpu_conv(input, "input");
   const auto given = [](const c10::optional<at::Tensor>& t) { return t.value_or(at::Tensor()); };
-  const BNArgs p{optional_channel(conv_bias_opt, input, s.OC, "conv_bias"),
-                 optional_channel(bn_weight_opt, input, s.OC, "bn_weight"),
-                 optional_channel(bn_bias_opt, input, s.OC, "bn_bias"),
-                 optional_channel(running_mean_opt, input, s.OC, "running_mean"),
-                 optional_channel(running_var_opt, input, s.OC, "running_var"),
+  const at::Tensor cbias = optional_channel(conv_bias_opt, input, s.OC, "conv_bias");
+  const BNArgs p{in_compute_dtype(cbias, input),
+                 bn_channel_param(bn_weight_opt, input, s.OC, "bn_weight"),
+                 bn_channel_param(bn_bias_opt, input, s.OC, "bn_bias"),
+                 bn_channel_param(running_mean_opt, input, s.OC, "running_mean"),
+                 bn_channel_param(running_var_opt, input, s.OC, "running_var"),
+                 cbias,
                  {weight, given(conv_bias_opt), given(bn_weight_opt), given(bn_bias_opt),
                   given(running_mean_opt), given(running_var_opt)}};
   TORCH_CHECK_VALUE(training || (p.running_mean.defined() && p.running_var.defined()),
@@ -215,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
                     "and running_var");
   TORCH_CHECK_VALUE(eps >= 0, "expected eps >= 0, got ", eps);
   const at::Tensor residual = conv_residual(residual_opt, input, s);
-  const cpu::ConvArgs args{stride, padding, dilation, groups};
+  const ConvArgs args{stride, padding, dilation, groups};
   const cpu::CoreKey key("conv_bn_relu", s, input.scalar_type(),
                          {{"train", training}, {"relu", relu}, {"residual", residual.defined()},
                           {"conv_bias", p.conv_bias.defined()}});
@@ -236,7 +234,7 @@ struct BackwardArgs {
 };
 
 Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
-                  const cpu::ConvArgs& args) {
+                  const ConvArgs& args) {
   const at::Tensor& input = a.input;
   const int64_t L = s.L(), OC = s.OC;
   const bool onednn = core == cpu::Core::OneDNN;
@@ -253,7 +251,7 @@ Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
   if (a.training) {
     co = in_compute_dtype(a.conv_output, input);
   } else if (need_gbw && onednn) {
-    co = in_compute_dtype(cpu::onednn_conv(x, w, conv_bias_for(a.p, input), args,
+    co = in_compute_dtype(aten_conv(x, w, a.p.conv_bias_in, args,
                                            at::MemoryFormat::Contiguous), input);
   } else if (need_gbw) {
     co = at::empty({s.N, OC, s.OH, s.OW}, input.options());
@@ -327,7 +325,7 @@ Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
     at::parallel_for(0, s.N, 1, [&](int64_t b, int64_t e) {
       for (int64_t n = b; n < e; ++n) grad_of(n, 0, L, gcp + n * OC * L, L);
     });
-    std::tie(gi, gw, gcb) = cpu::onednn_conv_backward(
+    std::tie(gi, gw, gcb) = aten_conv_backward(
         gconv.to(input.scalar_type()), x, w, args, at::MemoryFormat::Contiguous,
         {need_gi, need_gw, need_gcb});
   });
@@ -367,14 +365,16 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
                       "expected conv_output of shape ", at::IntArrayRef(out_shape), ", got ",
                       conv_output.sizes());
   }
-  const BNArgs p{optional_channel(conv_bias_opt, input, s.OC, "conv_bias"),
-                 optional_channel(bn_weight_opt, input, s.OC, "bn_weight"), {}, {}, {}, {}};
-  const at::Tensor mean = optional_channel(save_mean, input, s.OC, "save_mean");
-  const at::Tensor invstd = optional_channel(save_invstd, input, s.OC, "save_invstd");
+  const at::Tensor cbias = optional_channel(conv_bias_opt, input, s.OC, "conv_bias");
+  const BNArgs p{in_compute_dtype(cbias, input),
+                 bn_channel_param(bn_weight_opt, input, s.OC, "bn_weight"),
+                 {}, {}, {}, cbias, {}};
+  const at::Tensor mean = bn_channel_param(save_mean, input, s.OC, "save_mean");
+  const at::Tensor invstd = bn_channel_param(save_invstd, input, s.OC, "save_invstd");
   TORCH_CHECK_VALUE(mean.defined() && invstd.defined(), "save_mean and save_invstd are required");
   const BackwardArgs a{grad_output, output, input, weight, conv_output, mean, invstd,
                        p, training, relu, output_mask};
-  const cpu::ConvArgs args{stride, padding, dilation, groups};
+  const ConvArgs args{stride, padding, dilation, groups};
   const cpu::CoreKey key("conv_bn_relu_backward", s, input.scalar_type(),
                          {{"train", training}, {"relu", relu},
                           {"conv_bias", p.conv_bias.defined()},

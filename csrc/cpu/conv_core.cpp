@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -32,9 +33,11 @@ CoreMode mode_from_env() {
 
 struct State {
   std::mutex mutex;
-  CoreMode mode = mode_from_env();
+  // Read on every conv call: atomics, so a call takes the lock only to look up
+  // or record a choice, or while a trace is on.
+  std::atomic<CoreMode> mode{mode_from_env()};
   std::map<std::vector<int64_t>, std::pair<std::string, CoreChoice>> choices;
-  bool tracing = false;
+  std::atomic<bool> tracing{false};
   std::vector<ChoiceRecord> trace;
 };
 
@@ -55,15 +58,9 @@ const char* dtype_name(at::ScalarType t) {
 
 }  // namespace
 
-CoreMode core_mode() {
-  std::lock_guard<std::mutex> lock(state().mutex);
-  return state().mode;
-}
+CoreMode core_mode() { return state().mode.load(); }
 
-void set_core_mode(CoreMode mode) {
-  std::lock_guard<std::mutex> lock(state().mutex);
-  state().mode = mode;
-}
+void set_core_mode(CoreMode mode) { state().mode.store(mode); }
 
 const char* core_name(Core core) { return core == Core::Im2col ? "im2col" : "onednn"; }
 
@@ -150,6 +147,7 @@ const CoreChoice& record_choice(const CoreKey& key, double im2col_ms, double one
 }
 
 void trace_call(const CoreKey& key, const CoreChoice& choice) {
+  if (!state().tracing.load()) return;
   std::lock_guard<std::mutex> lock(state().mutex);
   if (state().tracing) state().trace.push_back({key.text(), core_name(choice.core), choice.reason});
 }
@@ -241,18 +239,6 @@ DerivedTensors& folded_bn_cache() {
 
 // ---- the oneDNN core ------------------------------------------------------------
 
-at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                       const ConvArgs& a, at::MemoryFormat fmt) {
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const int64_t no_output_padding[] = {0, 0};
-  // ATen picks the output's layout from the input's and the weight's.
-  return at::convolution(x.contiguous(fmt), w.contiguous(fmt),
-                         bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt,
-                         a.stride, a.padding, a.dilation, /*transposed=*/false,
-                         no_output_padding, a.groups)
-      .contiguous(fmt);
-}
-
 namespace {
 
 // mkldnn::_convolution_pointwise (conv + bias + unary post-op) and its .binary
@@ -289,7 +275,7 @@ at::Tensor onednn_conv_relu(const at::Tensor& x, const at::Tensor& w, const at::
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   if (x.scalar_type() != at::kFloat) {
     // bfloat16: ATen's convolution, then residual and ReLU in float.
-    at::Tensor y = onednn_conv(x, w, bias, a, fmt).to(at::kFloat);
+    at::Tensor y = aten_conv(x, w, bias, a, fmt).to(at::kFloat);
     if (residual.defined()) y.add_(residual);
     if (relu) y.relu_();
     return y.to(x.scalar_type()).contiguous(fmt);
@@ -322,21 +308,6 @@ at::Tensor onednn_conv_relu(const at::Tensor& x, const at::Tensor& w, const at::
         .contiguous(fmt);
   }
   return op_unary(xf, wf, b, a, relu ? "relu" : "none").contiguous(fmt);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> onednn_conv_backward(
-    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const ConvArgs& a,
-    at::MemoryFormat fmt, std::array<bool, 3> mask) {
-  if (!mask[0] && !mask[1] && !mask[2]) return {};
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const int64_t no_output_padding[] = {0, 0};
-  const int64_t bias_sizes[] = {w.size(0)};
-  auto [gi, gw, gb] = at::convolution_backward(
-      dy.contiguous(fmt), x.contiguous(fmt), w.contiguous(fmt),
-      mask[2] ? at::OptionalIntArrayRef(bias_sizes) : c10::nullopt, a.stride, a.padding,
-      a.dilation, /*transposed=*/false, no_output_padding, a.groups, mask);
-  return {mask[0] ? gi.contiguous(fmt) : at::Tensor(), mask[1] ? gw.contiguous() : at::Tensor(),
-          mask[2] ? gb : at::Tensor()};
 }
 
 }  // namespace cpu

@@ -34,6 +34,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cnnops/aten_conv.h"
 #include "cnnops/conv_shape.h"
 
 namespace cnnops {
@@ -182,15 +183,7 @@ class DerivedTensors {
 DerivedTensors& folded_bn_cache();
 
 // ---- the oneDNN core: ATen's convolution ------------------------------------
-
-struct ConvArgs {
-  at::IntArrayRef stride, padding, dilation;
-  int64_t groups;
-};
-
-// conv(x, w) + bias (bias undefined or of x's dtype), in layout fmt.
-at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                       const ConvArgs& a, at::MemoryFormat fmt);
+// (aten_conv / aten_conv_backward, cnnops/aten_conv.h, and the fused call below)
 
 // relu?(conv(x, w) + bias + residual?) in layout fmt as one oneDNN primitive
 // (float32), or ATen's convolution and one pass (bfloat16: the epilogue runs
@@ -199,12 +192,6 @@ at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 at::Tensor onednn_conv_relu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
                             const at::Tensor& residual, bool relu, const ConvArgs& a,
                             at::MemoryFormat fmt);
-
-// (grad_input in fmt, grad_weight contiguous, grad_bias) of conv(x, w) + bias
-// for the output gradient dy; undefined where not wanted.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> onednn_conv_backward(
-    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const ConvArgs& a,
-    at::MemoryFormat fmt, std::array<bool, 3> mask);
 
 }  // namespace cpu
 }  // namespace cnnops

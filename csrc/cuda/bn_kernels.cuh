@@ -777,26 +777,5 @@ void launch_bwd_apply(const scalar_t* g, const scalar_t* o, const scalar_t* x, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// ---- argument handling ----------------------------------------------------------
-
-// An optional per-channel BN tensor (weight, bias, running statistics, saved
-// statistics): [C] on input's device, of input's dtype or, for a
-// float16/bfloat16 input, float32 (mixed precision, as torch's batch_norm and
-// autocast produce). Returned contiguous in the accumulation dtype, so that
-// the kernels read every per-channel value as acc_t; undefined when absent.
-inline at::Tensor bn_channel_param(const c10::optional<at::Tensor>& t, const at::Tensor& input,
-                                   int64_t channels, const char* name) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  const auto in_type = input.scalar_type();
-  const auto type = t->scalar_type();
-  TORCH_CHECK_TYPE(type == in_type || (is_reduced(in_type) && type == at::kFloat), "expected ",
-                   name, " to have the dtype of input (", in_type, ")",
-                   is_reduced(in_type) ? " or float32" : "", ", got ", type);
-  TORCH_CHECK_VALUE(t->device() == input.device(), "expected ", name, " on the device of input (",
-                    input.device(), "), got ", t->device());
-  check_channel_vector(*t, channels, name);
-  return t->to(acc_dtype(in_type)).contiguous();
-}
-
 }  // namespace gpu
 }  // namespace cnnops

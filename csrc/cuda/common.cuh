@@ -31,13 +31,10 @@ namespace gpu {
 template <typename scalar_t>
 using acc_type = at::acc_type<scalar_t, /*is_cuda=*/true>;
 
-// The dtype of statistics and accumulators for a tensor of dtype `t` (the
-// save_mean / save_invstd dtype of the BN ops).
-inline at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-inline bool is_reduced(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+// Shared with the CPU kernels (cnnops/common.h).
+using cnnops::acc_dtype;
+using cnnops::bn_channel_param;
+using cnnops::is_reduced;
 
 // The CUDA kernels are written for float32, float64, float16 and bfloat16.
 inline void check_cuda_float(const at::Tensor& t, const char* name) {

@@ -30,7 +30,7 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
   checked_conv(input, weight, bias, stride, padding, dilation, groups);
   c10::cuda::CUDAGuard guard(input.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  return gpu::cudnn_conv(input, weight, bias, {stride, padding, dilation, groups},
+  return aten_conv(input, weight, bias, {stride, padding, dilation, groups},
                          output_memory_format(input));
 }
 
@@ -60,9 +60,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   c10::cuda::CUDAGuard guard(input.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const auto fmt = output_memory_format(input);
-  auto [gi, gw] = gpu::cudnn_conv_backward(grad_output, input, weight,
-                                           {stride, padding, dilation, groups}, fmt,
-                                           output_mask[0], output_mask[1]);
+  auto [gi, gw, unused] = aten_conv_backward(grad_output, input, weight,
+                                             {stride, padding, dilation, groups}, fmt,
+                                             {output_mask[0], output_mask[1], false});
   // The bias gradient: summed in float, in the input's dtype, as aten's conv.
   at::Tensor gb = output_mask[2] ? grad_output.sum({0, 2, 3}, false,
                                                   gpu::acc_dtype(input.scalar_type()))

@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cuda(
   const at::Tensor residual = conv_residual(residual_opt, input, s, fmt);
   c10::cuda::CUDAGuard guard(input.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const gpu::ConvArgs args{stride, padding, dilation, groups};
+  const ConvArgs args{stride, padding, dilation, groups};
   const auto opts = input.options();
 
   if (!training) {
@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cuda(
 
   // Training: the convolution adds the conv bias, in the input's dtype.
   const at::Tensor cbias = optional_channel(conv_bias_opt, input, OC, "conv_bias");
-  const at::Tensor conv_out = gpu::cudnn_conv(input, weight, cbias, args, fmt);
+  const at::Tensor conv_out = aten_conv(input, weight, cbias, args, fmt);
   at::Tensor out = at::empty({s.N, OC, s.OH, s.OW}, opts.memory_format(fmt));
   const gpu::ActView v = fmt == at::MemoryFormat::ChannelsLast ? gpu::rows_view(s.N, OC, L)
                                                                : gpu::nchw_view(s.N, OC, L);
@@ -110,7 +110,7 @@ conv_bn_relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& outp
              need_gbw = output_mask[3] && bnw.defined(), need_gbb = output_mask[4],
              need_gr = output_mask[5];
   const auto fmt = output_memory_format(input);
-  const gpu::ConvArgs args{stride, padding, dilation, groups};
+  const ConvArgs args{stride, padding, dilation, groups};
   const auto opts = input.options();
   const at::Tensor g = grad_output.contiguous(fmt);
   const at::Tensor o = relu ? output.contiguous(fmt) : at::Tensor();
@@ -120,7 +120,7 @@ conv_bn_relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& outp
   if (training) {
     co = conv_output.contiguous(fmt);
   } else if (need_gbw) {
-    co = gpu::cudnn_conv(input, weight, cbias, args, fmt);
+    co = aten_conv(input, weight, cbias, args, fmt);
   }
 
   at::Tensor gcb = need_gcb ? at::empty({OC}, opts) : at::Tensor();
@@ -153,7 +153,8 @@ conv_bn_relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& outp
                                     gpu::mut_ptr_or_null<scalar_t>(dconv), v,
                                     gpu::mut_ptr_or_null<scalar_t>(gr), coef, mean);
   });
-  auto [gi, gw] = gpu::cudnn_conv_backward(dconv, input, weight, args, fmt, need_gi, need_gw);
+  auto [gi, gw, unused] =
+      aten_conv_backward(dconv, input, weight, args, fmt, {need_gi, need_gw, false});
 
   return {gi.defined() ? gi : not_requested(input),   gw.defined() ? gw : not_requested(input),
           gcb.defined() ? gcb : not_requested(input), gbw.defined() ? gbw : not_requested(input),

@@ -15,9 +15,8 @@
 //    cuDNN's forward and its dgrad / wgrad.
 //
 // Layouts: the output follows cnnops::output_memory_format (channels_last in,
-// channels_last out; NCHW otherwise). cuDNN picks its layout from the input's
-// and the weight's (channels_last if either is), so the weight is brought to
-// the output's layout first: a copy only when a model mixes layouts.
+// channels_last out; NCHW otherwise); see cnnops/aten_conv.h, which calls
+// ATen's convolution for this file and for the CPU backend's oneDNN core.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,43 +29,11 @@
 #include <tuple>
 
 #include "bn_kernels.cuh"
+#include "cnnops/aten_conv.h"
 #include "cnnops/conv_shape.h"
 
 namespace cnnops {
 namespace gpu {
-
-// The geometry of a conv call, as ATen's convolution takes it.
-struct ConvArgs {
-  at::IntArrayRef stride, padding, dilation;
-  int64_t groups;
-};
-
-// conv(x, w) + bias (bias of x's dtype, or undefined), in layout fmt.
-inline at::Tensor cudnn_conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                             const ConvArgs& a, at::MemoryFormat fmt) {
-  const int64_t no_output_padding[] = {0, 0};
-  return at::convolution(x, w.contiguous(fmt), bias.defined() ? c10::optional<at::Tensor>(bias)
-                                                              : c10::nullopt,
-                         a.stride, a.padding, a.dilation, /*transposed=*/false,
-                         no_output_padding, a.groups)
-      .contiguous(fmt);
-}
-
-// grad_input (in fmt) and grad_weight (contiguous, as the fake kernels say) of
-// conv(x, w) for the output gradient dy; undefined where not wanted.
-inline std::tuple<at::Tensor, at::Tensor> cudnn_conv_backward(const at::Tensor& dy,
-                                                              const at::Tensor& x,
-                                                              const at::Tensor& w,
-                                                              const ConvArgs& a,
-                                                              at::MemoryFormat fmt, bool want_gi,
-                                                              bool want_gw) {
-  if (!want_gi && !want_gw) return {};
-  const int64_t no_output_padding[] = {0, 0};
-  auto [gi, gw, gb] = at::convolution_backward(
-      dy, x, w.contiguous(fmt), /*bias_sizes=*/c10::nullopt, a.stride, a.padding, a.dilation,
-      /*transposed=*/false, no_output_padding, a.groups, {want_gi, want_gw, false});
-  return {want_gi ? gi.contiguous(fmt) : at::Tensor(), want_gw ? gw.contiguous() : at::Tensor()};
-}
 
 // ---- inference: BN folded into the convolution --------------------------------
 
@@ -216,7 +183,7 @@ inline at::Tensor conv_bias_relu(const at::Tensor& x, const at::Tensor& w, const
       }
     }
   }
-  at::Tensor y = cudnn_conv(x, w, at::Tensor(), a, fmt);
+  at::Tensor y = aten_conv(x, w, at::Tensor(), a, fmt);
   if (y.numel() == 0 || !(shift.defined() || residual.defined() || relu)) return y;
   const int64_t N = y.size(0), OC = y.size(1), L = y.size(2) * y.size(3);
   const ActView v = fmt == at::MemoryFormat::ChannelsLast ? rows_view(N, OC, L)

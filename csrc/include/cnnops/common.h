@@ -71,21 +71,41 @@ inline void check_channel_vector(const at::Tensor& t, int64_t channels,
 }
 
 // An optional per-channel tensor argument: checked against `like` and made
-// contiguous; undefined when absent. With a bfloat16 `like` (the CPU
-// convolutions) it may be bfloat16 or float32 and comes back float32, the
-// dtype their BN arithmetic runs in.
+// contiguous; undefined when absent.
 inline at::Tensor optional_channel(const c10::optional<at::Tensor>& t, const at::Tensor& like,
                                    int64_t channels, const char* name) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
-  const bool reduced = like.scalar_type() == at::kBFloat16;
-  TORCH_CHECK_TYPE(t->scalar_type() == like.scalar_type() ||
-                       (reduced && t->scalar_type() == at::kFloat),
-                   "expected ", name, " to have the dtype of input (", like.scalar_type(), ")",
-                   reduced ? " or float32" : "", ", got ", t->scalar_type());
-  TORCH_CHECK_VALUE(t->device() == like.device(), "expected ", name, " on the device of input (",
-                    like.device(), "), got ", t->device());
+  check_same(*t, like, name, "input");
   check_channel_vector(*t, channels, name);
-  return like.scalar_type() == at::kBFloat16 ? t->to(at::kFloat).contiguous() : t->contiguous();
+  return t->contiguous();
+}
+
+// The dtype of BN statistics and accumulators for activations of dtype `t`
+// (the save_mean / save_invstd dtype of the BN ops).
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline bool is_reduced(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// An optional per-channel BN tensor (weight, bias, running statistics, saved
+// statistics): [C] on input's device, of input's dtype or, for a
+// float16/bfloat16 input, float32 (mixed precision, as torch's batch_norm and
+// autocast produce). Returned contiguous in the accumulation dtype, so that
+// the kernels read every per-channel value in it; undefined when absent.
+// (A conv bias is a convolution argument: optional_channel, input's dtype.)
+inline at::Tensor bn_channel_param(const c10::optional<at::Tensor>& t, const at::Tensor& input,
+                                   int64_t channels, const char* name) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  const auto in_type = input.scalar_type();
+  const auto type = t->scalar_type();
+  TORCH_CHECK_TYPE(type == in_type || (is_reduced(in_type) && type == at::kFloat), "expected ",
+                   name, " to have the dtype of input (", in_type, ")",
+                   is_reduced(in_type) ? " or float32" : "", ", got ", type);
+  TORCH_CHECK_VALUE(t->device() == input.device(), "expected ", name, " on the device of input (",
+                    input.device(), "), got ", t->device());
+  check_channel_vector(*t, channels, name);
+  return t->to(acc_dtype(in_type)).contiguous();
 }
 
 // An int[2] argument whose entries lie in [min_value, 2^31 - 1]. The upper
