@@ -291,21 +291,47 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                    relu=False, residual=None)
 
 
+def _sync_group(training, process_group):
+    """The process group a training BN synchronises over, or None (eval mode, no group, or a
+    group of one process)."""
+    if process_group is None or not training:
+        return None
+    from . import distributed
+    return distributed.check_process_group(process_group)
+
+
+def _sync_bn_relu(impl, input, weight, bias, residual, eps, relu, group, running_mean,
+                  running_var, momentum):
+    """A training BN over the batch of every process in group (cnnops.distributed)."""
+    from . import distributed
+    out, mean, invstd, count = distributed.sync_bn_relu(impl, input, weight, bias, residual,
+                                                        eps, relu, group)
+    _update_running_stats(impl, running_mean, running_var, mean, invstd, count, momentum, eps)
+    return out
+
+
 def bn_relu(input, running_mean, running_var, weight, bias, training=False, momentum=0.1,
-            eps=1e-5, relu=True, residual=None):
+            eps=1e-5, relu=True, residual=None, process_group=None):
     """relu(batch_norm(input) + residual), the pre-activation / BN-add-ReLU block end.
 
     input [N, C, H, W]; residual [N, C, H, W] or None; relu=False skips the ReLU.
     Same statistics semantics as batch_norm. -> [N, C, H, W]
+    process_group: a torch.distributed ProcessGroup to take the training statistics over the
+    batches of all its processes, as nn.SyncBatchNorm does (see cnnops.distributed; every
+    process of the group must make the call); None (the default): this process's batch.
     """
     _check_input(input)
     C = input.shape[1]
     _bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps, C)
     _check_like(residual, input, "residual", tuple(input.shape))
+    group = _sync_group(training, process_group)
+    impl = backends.implementation(input)
+    if group is not None:
+        return _sync_bn_relu(impl, input, weight, bias, residual, eps, relu, group,
+                             running_mean, running_var, momentum)
     count = _values_per_channel(input.shape)
     if training:
         _verify_batch_size(count, input.shape)
-    impl = backends.implementation(input)
     if residual is None and not relu:
         out, mean, invstd = impl.batch_norm(input, weight, bias, running_mean, running_var,
                                             training, eps)
@@ -320,7 +346,7 @@ def bn_relu(input, running_mean, running_var, weight, bias, training=False, mome
 
 def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=1,
                  padding=0, dilation=1, groups=1, training=False, momentum=0.1, eps=1e-5,
-                 relu=True, residual=None):
+                 relu=True, residual=None, process_group=None):
     """relu(batch_norm(conv2d(input)) + residual) in one op.
 
     input [N, C, H, W]; weight [OC, C/groups, KH, KW]; bias (the conv bias) [OC]
@@ -330,6 +356,8 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
     In inference BN is folded into the convolution's epilogue. Under torch.autocast the
     convolution's tensors (input, weight, bias, residual) are cast as for conv2d; the BN
     tensors are not. -> [N, OC, OH, OW]
+    process_group: as for bn_relu (synchronised statistics: the convolution, then the
+    synchronised BN of cnnops.distributed).
     """
     input, weight, bias, residual = _autocast(input, weight, bias, residual)
     input, stride, padding, dilation, groups = _conv_args(input, weight, bias, stride, padding,
@@ -339,10 +367,15 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
              names=("bn_weight", "bn_bias"))
     out_shape = conv_output_shape(input, weight, stride, padding, dilation)
     _check_like(residual, input, "residual", out_shape)
+    group = _sync_group(training, process_group)
+    impl = backends.implementation(input)
+    if group is not None:
+        conv_out = impl.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return _sync_bn_relu(impl, conv_out, bn_weight, bn_bias, residual, eps, relu, group,
+                             running_mean, running_var, momentum)
     count = _values_per_channel(out_shape)
     if training:
         _verify_batch_size(count, out_shape)
-    impl = backends.implementation(input)
     out, mean, invstd = impl.conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean,
                                           running_var, residual, stride, padding, dilation,
                                           groups, training, eps, relu)

@@ -29,6 +29,8 @@ F.relu, torch.relu, x.relu(), ``x + y``, torch.add, ``out += identity``):
 - relu(x + y)                                     cnnops add_relu
 - max / avg / adaptive-avg pooling (2-D)          cnnops pooling
 
+nn.SyncBatchNorm fuses as BN does, its statistics synchronised over its process group in
+training (cnnops.distributed); alone too, since torch's own runs on GPUs only.
 FrozenBatchNorm-style modules (fixed weight/bias/running_mean/running_var
 buffers, torchvision detection backbones) fuse as inference-mode BN. timm's
 BatchNormAct2d (a BatchNorm2d applying its own ``drop`` and ``act``; the ``bn``
@@ -40,7 +42,7 @@ fusion, so does a BN output used twice; an in-place add may only write into a
 tensor nothing else reads; a chain is not fused across an in-place op that
 could change its inputs; a conv->BN without ReLU is not fused when its output
 is later modified in place (the fused op keeps its output for backward);
-activations without a cnnops kernel (ReLU6, LeakyReLU, SiLU, ...), SyncBatchNorm,
+activations without a cnnops kernel (ReLU6, LeakyReLU, SiLU, ...),
 modules with hooks and subclasses that override forward are left alone. Python
 branches on ``self.training`` are honoured by tracing train and eval separately.
 BatchNorm subclasses are not traced into (each is a site, fused or reported), and
@@ -121,19 +123,25 @@ def _fits(residual, x, shape):
             and residual.device == x.device and residual.shape == shape)
 
 
-def conv_bn_relu_residual(conv, bn, x, residual, relu=True, how=0):
-    """relu(bn(conv(x)) + residual) as one cnnops::conv_bn_relu when shapes and dtypes match."""
-    if x.dim() == 4 and _fits(residual, x, _conv_out_shape(conv, x)):
+def conv_bn_relu_residual(conv, bn, x, residual=None, relu=True, how=0):
+    """relu(bn(conv(x)) + residual) as one cnnops::conv_bn_relu when x is 4-D and shapes and
+    dtypes match (the original modules otherwise: a SyncBatchNorm takes any input)."""
+    if x.dim() == 4 and (residual is None or _fits(residual, x, _conv_out_shape(conv, x))):
         return apply_conv_bn_relu(conv, bn, x, residual, relu)
-    out = _combine(bn(conv(x)), residual, how)
+    out = bn(conv(x))
+    if residual is not None:
+        out = _combine(out, residual, how)
     return torch.relu(out) if relu else out
 
 
-def bn_relu_residual(bn, x, residual, relu=True, how=0):
-    """relu(bn(x) + residual) as one cnnops::bn_relu when shapes and dtypes match."""
-    if x.dim() == 4 and _fits(residual, x, x.shape):
+def bn_relu_residual(bn, x, residual=None, relu=True, how=0):
+    """relu(bn(x) + residual) as one cnnops::bn_relu when x is 4-D and shapes and dtypes match
+    (the original modules otherwise: a SyncBatchNorm takes any input)."""
+    if x.dim() == 4 and (residual is None or _fits(residual, x, x.shape)):
         return apply_bn_relu(bn, x, residual, relu)
-    out = _combine(bn(x), residual, how)
+    out = bn(x)
+    if residual is not None:
+        out = _combine(out, residual, how)
     return torch.relu(out) if relu else out
 
 
@@ -401,10 +409,12 @@ def _conv_reason(m):
 
 
 def _bn_kind(m):
-    """('bn' | 'frozen' | 'act' | None, reason it is not fused or None) for a module call.
+    """('bn' | 'sync' | 'frozen' | 'act' | None, reason it is not fused or None) for a module
+    call.
 
-    'act': a BatchNormAct2d whose drop is Identity and whose activation is ReLU (applied by
-    the fused op) or Identity (a plain BN)."""
+    'sync': an nn.SyncBatchNorm (statistics over its process group in training, see
+    cnnops.distributed); 'act': a BatchNormAct2d whose drop is Identity and whose activation
+    is ReLU (applied by the fused op) or Identity (a plain BN)."""
     if _frozen_bn_like(m):
         if _has_hooks(m):
             return None, "%s has hooks" % type(m).__name__
@@ -412,8 +422,11 @@ def _bn_kind(m):
     if not isinstance(m, _BatchNorm):
         return None, None
     if isinstance(m, nn.SyncBatchNorm):
-        return None, ("SyncBatchNorm: statistics are synchronised across processes; cnnops "
-                      "has no distributed kernel")
+        if type(m).forward is not nn.SyncBatchNorm.forward:
+            return None, "%s overrides SyncBatchNorm.forward" % type(m).__name__
+        if _has_hooks(m):
+            return None, "BN has hooks"
+        return "sync", None
     if not isinstance(m, nn.BatchNorm2d):
         return None, "%s is not a 2-D BatchNorm" % type(m).__name__
     if isinstance(m, cnn.BNReLU):
@@ -1023,8 +1036,9 @@ class _Rewriter:
         elif len(users) > 1 and any(self.relu(u) or self.add(u) for u in users):
             r = "BN output used %d times" % len(users)
             notes.append(r)
-        # alone, a BatchNormAct2d still becomes one op instead of its BN, drop and act calls
-        if len(chain) == 1 and kind != "act":
+        # alone, a BatchNormAct2d still becomes one op instead of its BN, drop and act calls,
+        # and a SyncBatchNorm runs cnnops' synchronised BN (torch's runs on GPUs only)
+        if len(chain) == 1 and kind not in ("act", "sync"):
             if not notes:
                 notes.append("input is not a fusable conv output and no ReLU or add follows")
             self.record(name, "bn", "skipped", "; ".join(notes))
@@ -1047,6 +1061,9 @@ class _Rewriter:
                          % (self.activation(swap) or swap.target))
         x = conv.args[0] if conv is not None else b.args[0]
         bn_ref = _Module(b.target)
+        if kind == "sync":
+            notes.append("SyncBatchNorm: statistics synchronised over its process group in "
+                         "training")
         if kind == "frozen":
             notes.append("frozen BN fused as inference-mode BN")
             if conv is not None:
@@ -1054,15 +1071,16 @@ class _Rewriter:
                              (_Module(conv.target), bn_ref, x, residual, relu, how))
             else:
                 self.replace(chain, frozen_bn_relu, (bn_ref, x, residual, relu, how))
+        # (a SyncBatchNorm takes inputs of any rank: the helpers check for a 4-D one)
         elif conv is not None:
-            if residual is None:
+            if residual is None and kind != "sync":
                 self.replace(chain, apply_conv_bn_relu, (_Module(conv.target), bn_ref, x),
                              {"relu": relu})
             else:
                 self.replace(chain, conv_bn_relu_residual,
                              (_Module(conv.target), bn_ref, x, residual, relu, how))
         else:
-            if residual is None:
+            if residual is None and kind != "sync":
                 self.replace(chain, apply_bn_relu, (bn_ref, x), {"relu": relu})
             else:
                 self.replace(chain, bn_relu_residual, (bn_ref, x, residual, relu, how))

@@ -22,6 +22,16 @@ def _conv_input_and_padding(conv, x):
     return x, conv.padding
 
 
+def _sync_group(bn):
+    """The process group an nn.SyncBatchNorm in training synchronises over (its own, else the
+    default group), as nn.SyncBatchNorm.forward decides; None for any other BN, in eval mode,
+    or without an initialised torch.distributed."""
+    if not (bn.training and isinstance(bn, nn.SyncBatchNorm) and torch.distributed.is_available()
+            and torch.distributed.is_initialized()):
+        return None
+    return bn.process_group or torch.distributed.group.WORLD
+
+
 def _bn_mode(bn):
     """torch.nn.BatchNorm2d's forward logic, shared by BatchNorm2d and FusedConvBNReLU.
 
@@ -72,13 +82,15 @@ class BNReLU(nn.BatchNorm2d):
 
 
 def apply_bn_relu(bn, x, residual=None, relu=True):
-    """relu(bn(x) + residual) for any nn.BatchNorm2d ``bn``, as one op.
+    """relu(bn(x) + residual) for any nn.BatchNorm2d or nn.SyncBatchNorm ``bn``, as one op.
 
     Honours bn's mode and statistics settings exactly as bn(x) would (and
-    updates its running statistics in training).
+    updates its running statistics in training); an nn.SyncBatchNorm synchronises its
+    statistics over its process group, as it would (cnnops.distributed).
     """
     training, momentum, rm, rv = _bn_mode(bn)
-    return F.bn_relu(x, rm, rv, bn.weight, bn.bias, training, momentum, bn.eps, relu, residual)
+    return F.bn_relu(x, rm, rv, bn.weight, bn.bias, training, momentum, bn.eps, relu, residual,
+                     _sync_group(bn))
 
 
 def apply_conv_bn_relu(conv, bn, x, residual=None, relu=True):
@@ -92,7 +104,7 @@ def apply_conv_bn_relu(conv, bn, x, residual=None, relu=True):
     training, momentum, rm, rv = _bn_mode(bn)
     return F.conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, conv.stride,
                           padding, conv.dilation, conv.groups, training, momentum, bn.eps, relu,
-                          residual)
+                          residual, _sync_group(bn))
 
 
 def apply_conv_relu(conv, x, residual=None):

@@ -100,6 +100,16 @@ if _ext.LOADED:
         gr = _like(input, input.shape, _fmt(input)) if output_mask[3] else _none(input)
         return (gi,) + _bn_param_grads(input, weight, output_mask) + (gr,)
 
+    @torch.library.register_fake("cnnops::batch_norm_stats")
+    def _(input):
+        return _bn_stats(input)
+
+    @torch.library.register_fake("cnnops::bn_relu_backward_elemt")
+    def _(grad_output, output, input, weight, save_mean, save_invstd, mean_dy, mean_dy_xhat,
+          relu, output_mask):
+        return tuple(_like(input, input.shape, _fmt(input)) if wanted else _none(input)
+                     for wanted in output_mask)
+
     @torch.library.register_fake("cnnops::conv_bn_relu")
     def _(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
           stride, padding, dilation, groups, training, eps, relu):
@@ -356,6 +366,10 @@ class Ops:
         self.adaptive_avg_pool2d = lib.adaptive_avg_pool2d
         self.add_relu = lib.add_relu
         self.update_running_stats = lib.update_running_stats  # in place, one kernel
+        # The phases of a synchronised BatchNorm (cnnops.distributed)
+        self.batch_norm_stats = lib.batch_norm_stats
+        self.bn_relu_backward = lib.bn_relu_backward
+        self.bn_relu_backward_elemt = lib.bn_relu_backward_elemt
         fused = lib.conv_bn_relu
 
         def conv_bn_relu(*args):
@@ -398,6 +412,16 @@ class BFloat16Ops:
         out, mean, invstd = self._ops.bn_relu(*map(self._f32, (input,) + args))
         return self._bf16(out, input), mean, invstd
 
+    def batch_norm_stats(self, input):
+        return self._ops.batch_norm_stats(self._f32(input))
+
+    def bn_relu_backward(self, *args):
+        # The input and residual gradients come back in float32; autograd casts them.
+        return self._ops.bn_relu_backward(*map(self._f32, args))
+
+    def bn_relu_backward_elemt(self, *args):
+        return self._ops.bn_relu_backward_elemt(*map(self._f32, args))
+
     def max_pool2d(self, input, *args):
         out, indices = self._ops.max_pool2d(self._f32(input), *args)
         return self._bf16(out, input), indices
@@ -407,7 +431,6 @@ class BFloat16Ops:
 
     def adaptive_avg_pool2d(self, input, *args):
         return self._bf16(self._ops.adaptive_avg_pool2d(self._f32(input), *args), input)
-
 
     def update_running_stats(self, running_mean, running_var, *args):
         # bfloat16 running statistics (a model.bfloat16() BN): updated in float32, stored back.

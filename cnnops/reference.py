@@ -18,6 +18,8 @@ __all__ = [
     "batch_norm",
     "update_running_stats",
     "bn_relu",
+    "batch_norm_stats",
+    "bn_relu_backward_elemt",
     "conv_bn_relu",
     "max_pool2d",
     "avg_pool2d",
@@ -63,6 +65,11 @@ def conv2d_relu(input, weight, bias, residual, stride, padding, dilation, groups
     return torch.relu(out if residual is None else out + residual)
 
 
+def _stat_dtype(t):
+    """The dtype of BN statistics for activations like t: float32 for half types."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def batch_norm(input, weight, bias, running_mean, running_var, training, eps):
     """Batch normalisation over (N, H, W) per channel.
 
@@ -77,7 +84,7 @@ def batch_norm(input, weight, bias, running_mean, running_var, training, eps):
     PyTorch leaves the running statistics alone in that case, and so must the caller.
     """
     # Half-precision sums over a whole batch lose too much, so statistics are kept in float32.
-    stat_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    stat_dtype = _stat_dtype(input)
     x = input.to(stat_dtype)
     if training:
         dims = (0, 2, 3)
@@ -126,6 +133,43 @@ def bn_relu(input, weight, bias, running_mean, running_var, residual, training, 
     if relu:
         out = torch.relu(out)
     return out, mean, invstd
+
+
+def batch_norm_stats(input):
+    """Per-channel batch mean and biased variance: input [N, C, H, W] -> (mean [C], var [C]) in
+    the statistics dtype. The local half of a synchronised BatchNorm (cnnops.distributed), which
+    merges every process's before normalising."""
+    x = input.to(_stat_dtype(input))
+    mean = x.mean((0, 2, 3))
+    return mean, (x - mean[:, None, None]).square().mean((0, 2, 3))
+
+
+def bn_relu_backward_elemt(grad_output, output, input, weight, save_mean, save_invstd, mean_dy,
+                           mean_dy_xhat, relu, output_mask):
+    """The input and residual gradients of relu?(batch_norm(input) + residual) in training, from
+    the gradient means over the whole batch: mean_dy = mean(gy), mean_dy_xhat = mean(gy * xhat),
+    where gy is grad_output through the ReLU (zero where output <= 0) and
+    xhat = (input - save_mean) * save_invstd. Over one process's batch these are the means of
+    its own gy; a synchronised BatchNorm sums them over every process first.
+
+    grad_input = weight * save_invstd * (gy - mean_dy - xhat * mean_dy_xhat), grad_residual = gy.
+    grad_output, output, input [N, C, H, W]; the rest [C]. -> (grad_input, grad_residual), None
+    where output_mask says not wanted.
+    """
+    dtype = _stat_dtype(input)
+    per_channel = lambda t: t.to(dtype)[:, None, None]
+    gy = grad_output.to(dtype)
+    if relu:
+        gy = torch.where(output > 0, gy, torch.zeros_like(gy))
+    gi = gr = None
+    if output_mask[0]:
+        xhat = (input.to(dtype) - per_channel(save_mean)) * per_channel(save_invstd)
+        scale = save_invstd if weight is None else weight.to(dtype) * save_invstd.to(dtype)
+        gi = (per_channel(scale) * (gy - per_channel(mean_dy) - xhat * per_channel(mean_dy_xhat))
+              ).to(input.dtype)
+    if output_mask[1]:
+        gr = gy.to(input.dtype)
+    return gi, gr
 
 
 def conv_bn_relu(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,

@@ -131,6 +131,26 @@ TORCH_LIBRARY(cnnops, m) {
   m.def("update_running_stats(Tensor(a!)? running_mean, Tensor(b!)? running_var, "
         "Tensor save_mean, Tensor save_invstd, int count, float momentum, float eps) -> ()");
 
+  // ---- synchronised BatchNorm (cnnops/distributed.py) ------------------------
+  // A BatchNorm whose statistics span several processes runs in phases around
+  // its collectives. The apply pass is bn_relu with training=False, the global
+  // mean and variance standing in for running_mean / running_var; the backward
+  // takes this process's sums from bn_relu_backward (grad_weight = sum(gy * xhat),
+  // grad_bias = sum(gy)) and, once they are summed over the processes,
+  // finishes with bn_relu_backward_elemt.
+  // Per-channel mean and biased variance of this process's batch:
+  // input [N, C, H, W] with N*H*W > 0 -> ([C], [C]) in the statistics dtype.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  // The input and residual gradients of relu?(batch_norm(input) + residual?)
+  // from the gradient means over the whole batch (every process's):
+  // mean_dy = sum(gy) / count, mean_dy_xhat = sum(gy * xhat) / count, with gy
+  // the gradient through the ReLU and xhat = (input - save_mean) * save_invstd.
+  // grad_input = weight * save_invstd * (gy - mean_dy - xhat * mean_dy_xhat),
+  // grad_residual = gy. -> (grad_input, grad_residual)
+  m.def("bn_relu_backward_elemt(Tensor grad_output, Tensor? output, Tensor input, "
+        "Tensor? weight, Tensor save_mean, Tensor save_invstd, Tensor mean_dy, "
+        "Tensor mean_dy_xhat, bool relu, bool[2] output_mask) -> (Tensor, Tensor)");
+
   // relu?(batch_norm(input) + residual?) -> (output, save_mean, save_invstd)
   m.def("bn_relu(Tensor input, Tensor? weight, Tensor? bias, "
         "Tensor? running_mean, Tensor? running_var, Tensor? residual, "

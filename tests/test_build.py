@@ -324,7 +324,7 @@ def test_every_cuda_op_is_registered_in_the_sources():
                                 re.S):
             names = set(re.findall(r'm\.impl\("(\w+)"', block[1]))
             registered.setdefault(block[0], set()).update(names)
-    assert len(schemas) == 18
+    assert len(schemas) == 20
     convolutions = {"conv2d", "conv2d_relu", "conv_bn_relu"}
     assert registered == {"CUDA": schemas, "AutocastCUDA": convolutions,
                           "AutocastCPU": convolutions}

@@ -355,6 +355,18 @@ def moments(x):
     return cnt, mean, m2
 
 
+def batch_stats(x):
+    """(mean [C], biased variance [C]) of x [N, C, H, W] per channel, in the statistics dtype:
+    moments()'s partials (an empty one holds count 0, mean 0, M2 0) merged as Chan et al. do,
+    in a few tensor ops on [T, C]."""
+    cnt, part_mean, part_m2 = moments(x)
+    n = cnt.to(torch.float64)[:, None]
+    count = n.sum(0)
+    mean = (n * part_mean).sum(0) / count
+    m2 = part_m2.sum(0) + (n * (part_mean - mean).square()).sum(0)
+    return mean.to(part_mean.dtype), (m2 / count).to(part_mean.dtype)
+
+
 def _f64_args(x):
     """x as two float32 kernel arguments whose sum is x to about 2^-48 (see _f64)."""
     hi = struct.unpack("f", struct.pack("f", x))[0]

@@ -140,6 +140,30 @@ def bn_relu_backward(grad_output: Tensor, output: Optional[Tensor], input: Tenso
     return tuple(g if g is not None else _none(input) for g in grads[:4])
 
 
+# ---- synchronised batch normalisation (cnnops.distributed) ------------------------
+
+@triton_op(NS + "::batch_norm_stats", mutates_args=())
+def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
+    return norm.batch_stats(input)
+
+
+@triton_op(NS + "::bn_relu_backward_elemt", mutates_args=())
+def bn_relu_backward_elemt(grad_output: Tensor, output: Optional[Tensor], input: Tensor,
+                           weight: Optional[Tensor], save_mean: Tensor, save_invstd: Tensor,
+                           mean_dy: Tensor, mean_dy_xhat: Tensor, relu: bool,
+                           output_mask: list[bool]) -> tuple[Tensor, Tensor]:
+    # backward_apply's training formula, (g' - mg - (x - mean) * mgx) * k, with the means over
+    # the whole batch: mg = mean_dy, mgx = mean_dy_xhat * invstd, k = weight * invstd.
+    acc = common.stat_dtype(input.dtype)
+    invstd = save_invstd.to(acc)
+    k = invstd if weight is None else weight.to(acc) * invstd
+    gi, gr = norm.backward_apply(grad_output, output if relu else None, input, save_mean.to(acc),
+                                 k, mean_dy.to(acc), mean_dy_xhat.to(acc) * invstd,
+                                 want_input=output_mask[0], want_residual=output_mask[1],
+                                 like=input)
+    return (gi if gi is not None else _none(input), gr if gr is not None else _none(input))
+
+
 # ---- convolution + batch normalisation + ReLU -----------------------------------
 
 @triton_op(NS + "::conv_bn_relu", mutates_args=())

@@ -13,6 +13,100 @@
 #include "cnnops/common.h"
 
 namespace cnnops {
+namespace {
+
+// Mean and sum of squared deviations of channel c of an NCHW-contiguous
+// [N, C, P] tensor.
+template <typename T>
+cpu::Moments channel_moments(const T* x, int64_t N, int64_t C, int64_t P, int64_t c) {
+  cpu::Moments m;
+  for (int64_t n = 0; n < N; ++n) m.merge(cpu::plane_moments(x + (n * C + c) * P, P));
+  return m;
+}
+
+// The activations of a BN backward op, checked against input and made
+// NCHW-contiguous: grad_output, and the forward output when relu (its sign is
+// the ReLU mask; undefined otherwise).
+struct BackwardActivations {
+  at::Tensor g, out, x;
+};
+
+BackwardActivations backward_activations(const at::Tensor& grad_output,
+                                         const c10::optional<at::Tensor>& output_opt,
+                                         const at::Tensor& input, bool relu, const char* op) {
+  check_4d(input, "input");
+  check_cpu_float(input, "input");
+  check_same(grad_output, input, "grad_output", "input");
+  TORCH_CHECK_VALUE(grad_output.sizes() == input.sizes(), "expected grad_output of shape ",
+                    input.sizes(), ", got ", grad_output.sizes());
+  BackwardActivations a;
+  if (relu) {
+    TORCH_CHECK_VALUE(output_opt.has_value() && output_opt->defined(), op,
+                      " with relu=True needs the forward output");
+    check_same(*output_opt, input, "output", "input");
+    TORCH_CHECK_VALUE(output_opt->sizes() == input.sizes(), "expected output of shape ",
+                      input.sizes(), ", got ", output_opt->sizes());
+    a.out = output_opt->contiguous();
+  }
+  a.g = grad_output.contiguous();
+  a.x = input.contiguous();
+  return a;
+}
+
+// grad_input (gi, may be undefined) and grad_residual (gr, may be undefined),
+// NCHW-contiguous, from the per-channel coefficients of cpu::bn_backward_coef.
+void backward_apply(const BackwardActivations& a, const at::Tensor& mean,
+                    const std::vector<cpu::BNBackwardCoef>& coef, at::Tensor& gi,
+                    at::Tensor& gr) {
+  if (!gi.defined() && !gr.defined()) return;
+  const int64_t N = a.x.size(0), C = a.x.size(1), P = a.x.size(2) * a.x.size(3);
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "bn_backward_apply_cpu", [&] {
+    using T = scalar_t;
+    const T* gp = a.g.const_data_ptr<T>();
+    const T* op = a.out.defined() ? a.out.const_data_ptr<T>() : nullptr;
+    const T* xp = a.x.const_data_ptr<T>();
+    const T* mp = mean.const_data_ptr<T>();
+    T* gip = gi.defined() ? gi.mutable_data_ptr<T>() : nullptr;
+    T* grp = gr.defined() ? gr.mutable_data_ptr<T>() : nullptr;
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t plane = b; plane < e; ++plane) {
+        const int64_t c = plane % C, off = plane * P;
+        const T* opl = op ? op + off : nullptr;
+        if (gip) {
+          cpu::bn_backward_apply_plane(gp + off, opl, xp + off, gip + off, P, coef[c],
+                                       static_cast<double>(mp[c]));
+        }
+        if (grp) cpu::relu_grad_plane(gp + off, opl, grp + off, P);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
+  check_4d(input, "input");
+  check_cpu_float(input, "input");
+  const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
+  TORCH_CHECK_VALUE(N * P > 0, "batch_norm_stats needs at least one value per channel, got "
+                    "input of shape ", input.sizes());
+  const at::Tensor x = input.contiguous();
+  at::Tensor mean = at::empty({C}, input.options());
+  at::Tensor var = at::empty({C}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_stats_cpu", [&] {
+    using T = scalar_t;
+    const T* xp = x.const_data_ptr<T>();
+    at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const cpu::Moments m = channel_moments(xp, N, C, P, c);
+        mean.mutable_data_ptr<T>()[c] = static_cast<T>(m.mean);
+        var.mutable_data_ptr<T>()[c] = static_cast<T>(m.biased_var());
+      }
+    });
+  });
+  return {mean, var};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
     const c10::optional<at::Tensor>& bias_opt,
@@ -54,8 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_cpu(
       for (int64_t c = cb; c < ce; ++c) {
         double mu, var;
         if (training) {
-          cpu::Moments m;
-          for (int64_t n = 0; n < N; ++n) m.merge(cpu::plane_moments(xp + (n * C + c) * P, P));
+          const cpu::Moments m = channel_moments(xp, N, C, P, c);
           mu = m.mean;
           var = m.biased_var();
         } else {
@@ -89,21 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
     bool relu, std::array<bool, 4> output_mask) {
-  check_4d(input, "input");
-  check_cpu_float(input, "input");
+  const BackwardActivations a =
+      backward_activations(grad_output, output_opt, input, relu, "bn_relu_backward");
   const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
-  check_same(grad_output, input, "grad_output", "input");
-  TORCH_CHECK_VALUE(grad_output.sizes() == input.sizes(), "expected grad_output of shape ",
-                    input.sizes(), ", got ", grad_output.sizes());
-  at::Tensor out;
-  if (relu) {
-    TORCH_CHECK_VALUE(output_opt.has_value() && output_opt->defined(),
-                      "bn_relu_backward with relu=True needs the forward output");
-    check_same(*output_opt, input, "output", "input");
-    TORCH_CHECK_VALUE(output_opt->sizes() == input.sizes(), "expected output of shape ",
-                      input.sizes(), ", got ", output_opt->sizes());
-    out = output_opt->contiguous();
-  }
   const at::Tensor weight = optional_channel(weight_opt, input, C, "weight");
   const at::Tensor mean = optional_channel(save_mean, input, C, "save_mean");
   const at::Tensor invstd = optional_channel(save_invstd, input, C, "save_invstd");
@@ -111,20 +192,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
 
   const bool need_gi = output_mask[0], need_gw = output_mask[1] && weight.defined(),
              need_gb = output_mask[2], need_gr = output_mask[3];
-  const at::Tensor g = grad_output.contiguous();
-  const at::Tensor x = input.contiguous();
   const auto fmt = output_memory_format(input);
-  at::Tensor gi = need_gi ? at::empty_like(x, at::MemoryFormat::Contiguous) : not_requested(input);
+  at::Tensor gi = need_gi ? at::empty_like(a.x, at::MemoryFormat::Contiguous) : at::Tensor();
   at::Tensor gw = need_gw ? at::empty({C}, input.options()) : not_requested(input);
   at::Tensor gb = need_gb ? at::empty({C}, input.options()) : not_requested(input);
-  at::Tensor gr = need_gr ? at::empty_like(x, at::MemoryFormat::Contiguous) : not_requested(input);
+  at::Tensor gr = need_gr ? at::empty_like(a.x, at::MemoryFormat::Contiguous) : at::Tensor();
 
+  std::vector<cpu::BNBackwardCoef> coef(C);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bn_relu_backward_cpu", [&] {
     using T = scalar_t;
-    const T* gp = g.const_data_ptr<T>();
-    const T* op = out.defined() ? out.const_data_ptr<T>() : nullptr;
-    const T* xp = x.const_data_ptr<T>();
-    std::vector<cpu::BNBackwardCoef> coef(C);
+    const T* gp = a.g.const_data_ptr<T>();
+    const T* op = a.out.defined() ? a.out.const_data_ptr<T>() : nullptr;
+    const T* xp = a.x.const_data_ptr<T>();
     at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
         const double mu = mean.const_data_ptr<T>()[c];
@@ -143,25 +222,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
                                         sum_gy, sum_gy_xc, N * P);
       }
     });
-    if (need_gi || need_gr) {
-      T* gip = need_gi ? gi.mutable_data_ptr<T>() : nullptr;
-      T* grp = need_gr ? gr.mutable_data_ptr<T>() : nullptr;
-      at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-        for (int64_t plane = b; plane < e; ++plane) {
-          const int64_t c = plane % C, off = plane * P;
-          const T* opl = op ? op + off : nullptr;
-          if (gip) {
-            cpu::bn_backward_apply_plane(gp + off, opl, xp + off, gip + off, P, coef[c],
-                                         static_cast<double>(mean.const_data_ptr<T>()[c]));
-          }
-          if (grp) cpu::relu_grad_plane(gp + off, opl, grp + off, P);
-        }
-      });
+  });
+  backward_apply(a, mean, coef, gi, gr);
+  return {need_gi ? gi.contiguous(fmt) : not_requested(input), gw, gb,
+          need_gr ? gr.contiguous(fmt) : not_requested(input)};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_elemt_cpu(
+    const at::Tensor& grad_output, const c10::optional<at::Tensor>& output_opt,
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, const at::Tensor& mean_dy,
+    const at::Tensor& mean_dy_xhat, bool relu, std::array<bool, 2> output_mask) {
+  const BackwardActivations a =
+      backward_activations(grad_output, output_opt, input, relu, "bn_relu_backward_elemt");
+  const int64_t C = input.size(1);
+  const at::Tensor weight = optional_channel(weight_opt, input, C, "weight");
+  const at::Tensor mean = optional_channel(save_mean, input, C, "save_mean");
+  const at::Tensor invstd = optional_channel(save_invstd, input, C, "save_invstd");
+  const at::Tensor mdy = optional_channel(mean_dy, input, C, "mean_dy");
+  const at::Tensor mdx = optional_channel(mean_dy_xhat, input, C, "mean_dy_xhat");
+  TORCH_CHECK_VALUE(mean.defined() && invstd.defined() && mdy.defined() && mdx.defined(),
+                    "save_mean, save_invstd, mean_dy and mean_dy_xhat are required");
+
+  // bn_backward_coef's training formula with sum = mean * count for count = 1;
+  // its sum(gy * (x - mean)) is sum(gy * xhat) / invstd.
+  std::vector<cpu::BNBackwardCoef> coef(C);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bn_relu_backward_elemt_cpu", [&] {
+    using T = scalar_t;
+    for (int64_t c = 0; c < C; ++c) {
+      const double is = invstd.const_data_ptr<T>()[c];
+      const double w = cpu::channel_value<T>(weight, c, 1.0);
+      coef[c].a = w * is;
+      coef[c].b = -w * is * is * static_cast<double>(mdx.const_data_ptr<T>()[c]);
+      coef[c].c = -w * is * static_cast<double>(mdy.const_data_ptr<T>()[c]);
     }
   });
-  if (need_gi) gi = gi.contiguous(fmt);
-  if (need_gr) gr = gr.contiguous(fmt);
-  return {gi, gw, gb, gr};
+  const auto fmt = output_memory_format(input);
+  at::Tensor gi = output_mask[0] ? at::empty_like(a.x, at::MemoryFormat::Contiguous)
+                                 : at::Tensor();
+  at::Tensor gr = output_mask[1] ? at::empty_like(a.x, at::MemoryFormat::Contiguous)
+                                 : at::Tensor();
+  backward_apply(a, mean, coef, gi, gr);
+  return {output_mask[0] ? gi.contiguous(fmt) : not_requested(input),
+          output_mask[1] ? gr.contiguous(fmt) : not_requested(input)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
@@ -218,6 +321,8 @@ TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
   m.impl("bn_relu", &bn_relu_cpu);
   m.impl("bn_relu_backward", &bn_relu_backward_cpu);
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("bn_relu_backward_elemt", &bn_relu_backward_elemt_cpu);
 }
 
 }  // namespace cnnops

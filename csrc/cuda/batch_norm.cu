@@ -132,6 +132,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda
           gb.defined() ? gb : not_requested(input), gr.defined() ? gr : not_requested(input)};
 }
 
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
+  check_4d(input, "input");
+  gpu::check_cuda_float(input, "input");
+  const int64_t N = input.size(0), C = input.size(1), L = input.size(2) * input.size(3);
+  TORCH_CHECK_VALUE(N * L > 0, "batch_norm_stats needs at least one value per channel, got "
+                    "input of shape ", input.sizes());
+  c10::cuda::CUDAGuard guard(input.device());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const auto fmt = output_memory_format(input);
+  const at::Tensor x = input.contiguous(fmt);
+  const gpu::ActView v = fmt == at::MemoryFormat::ChannelsLast ? gpu::rows_view(N, C, L)
+                                                               : gpu::nchw_view(N, C, L);
+  gpu::Partials p;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_batch_norm_stats_cuda", [&] {
+    p = gpu::batch_moments<scalar_t>(x.const_data_ptr<scalar_t>(), v, input.options());
+  });
+  // Chan et al.'s merge of each channel's S partials (an empty partial holds
+  // count 0, mean 0, m2 0), as a few ops on [C, S].
+  const at::Tensor n = p.n.view({C, p.S}).to(p.mean.scalar_type());
+  const at::Tensor part_mean = p.mean.view({C, p.S}), part_m2 = p.m2.view({C, p.S});
+  const at::Tensor count = n.sum(1);
+  const at::Tensor mean = (n * part_mean).sum(1) / count;
+  const at::Tensor m2 =
+      part_m2.sum(1) + (n * (part_mean - mean.unsqueeze(1)).square()).sum(1);
+  return {mean, m2 / count};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_elemt_cuda(
+    const at::Tensor& grad_output, const c10::optional<at::Tensor>& output_opt,
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, const at::Tensor& mean_dy,
+    const at::Tensor& mean_dy_xhat, bool relu, std::array<bool, 2> output_mask) {
+  check_4d(input, "input");
+  gpu::check_cuda_float(input, "input");
+  const int64_t N = input.size(0), C = input.size(1), L = input.size(2) * input.size(3);
+  gpu::check_shape(grad_output, input.sizes(), "grad_output", input, "input");
+  const auto fmt = output_memory_format(input);
+  at::Tensor out;
+  if (relu) {
+    TORCH_CHECK_VALUE(output_opt.has_value() && output_opt->defined(),
+                      "bn_relu_backward_elemt with relu=True needs the forward output");
+    gpu::check_shape(*output_opt, input.sizes(), "output", input, "input");
+    out = output_opt->contiguous(fmt);
+  }
+  const at::Tensor weight = gpu::bn_channel_param(weight_opt, input, C, "weight");
+  const at::Tensor mean = gpu::bn_channel_param(save_mean, input, C, "save_mean");
+  const at::Tensor invstd = gpu::bn_channel_param(save_invstd, input, C, "save_invstd");
+  const at::Tensor mdy = gpu::bn_channel_param(mean_dy, input, C, "mean_dy");
+  const at::Tensor mdx = gpu::bn_channel_param(mean_dy_xhat, input, C, "mean_dy_xhat");
+  TORCH_CHECK_VALUE(mean.defined() && invstd.defined() && mdy.defined() && mdx.defined(),
+                    "save_mean, save_invstd, mean_dy and mean_dy_xhat are required");
+  c10::cuda::CUDAGuard guard(input.device());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+
+  const at::Tensor g = grad_output.contiguous(fmt);
+  const at::Tensor x = input.contiguous(fmt);
+  const auto opts = input.options().memory_format(fmt);
+  at::Tensor gi = output_mask[0] ? at::empty(input.sizes(), opts) : at::Tensor();
+  at::Tensor gr = output_mask[1] ? at::empty(input.sizes(), opts) : at::Tensor();
+  // The coefficients of launch_bwd_apply (see bwd_constants_kernel):
+  // gx = a * ((gy - k) - b * (x - mean)) with a = weight * invstd,
+  // b = invstd * mean_dy_xhat, k = mean_dy.
+  const at::Tensor coef =
+      at::cat({weight.defined() ? weight * invstd : invstd, invstd * mdx, mdy}).contiguous();
+  const gpu::ActView v = fmt == at::MemoryFormat::ChannelsLast ? gpu::rows_view(N, C, L)
+                                                               : gpu::nchw_view(N, C, L);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_bn_relu_backward_elemt_cuda", [&] {
+    gpu::launch_bwd_apply<scalar_t>(g.const_data_ptr<scalar_t>(), gpu::ptr_or_null<scalar_t>(out),
+                                    x.const_data_ptr<scalar_t>(), v,
+                                    gpu::mut_ptr_or_null<scalar_t>(gi), v,
+                                    gpu::mut_ptr_or_null<scalar_t>(gr), coef, mean);
+  });
+  return {gi.defined() ? gi : not_requested(input), gr.defined() ? gr : not_requested(input)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cuda(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
@@ -221,6 +296,8 @@ TORCH_LIBRARY_IMPL(cnnops, CUDA, m) {
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
   m.impl("bn_relu", &bn_relu_cuda);
   m.impl("bn_relu_backward", &bn_relu_backward_cuda);
+  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
+  m.impl("bn_relu_backward_elemt", &bn_relu_backward_elemt_cuda);
 }
 
 }  // namespace cnnops
