@@ -2,17 +2,23 @@
 
     python -m cnnops                 train a seed network on bundled digits, cnnops vs torch.nn
     python -m cnnops train --help    options (model, epochs, batch size, plot path)
+    torchrun --nproc_per_node 2 -m cnnops train --distributed
+                                     the same on 2 processes: DistributedDataParallel, SyncBatchNorm
+                                     fused by cnnops, checked against one process on the whole batch
     python -m cnnops check           backends here, and each op's parity with torch.nn.functional
     python -m cnnops check --speed   plus CPU time of conv2d / conv_bn_relu at ResNet-18 shapes
     python -m cnnops models          every model: parameters, FLOPs, output shape
 """
 import argparse
+import copy
 import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 import cnnops
 import cnnops.functional as CF
@@ -58,7 +64,14 @@ def _evaluate(model, x, y, batch_size=256):
     return correct / len(y)
 
 
+def _epoch_order(n, epoch):
+    """The shuffled order [n] of the training images in ``epoch`` (the same in every run)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
+
+
 def _train_epoch(model, opt, x, y, batch_size, order, label):
+    """One epoch over x [N, 1, H, W], y [N] in ``order`` [N]; a progress line unless label is
+    None. -> (mean loss over the N images, seconds)."""
     model.train()
     total, batches = 0.0, (len(y) + batch_size - 1) // batch_size
     start = time.perf_counter()
@@ -69,7 +82,8 @@ def _train_epoch(model, opt, x, y, batch_size, order, label):
         loss.backward()
         opt.step()
         total += loss.item() * len(idx)
-        _progress(label, b + 1, batches)
+        if label is not None:
+            _progress(label, b + 1, batches)
     return total / len(y), time.perf_counter() - start
 
 
@@ -77,6 +91,8 @@ def cmd_train(args):
     from cnnops.models import MODELS
     from cnnops.models.plain import PLAIN
 
+    if args.distributed:
+        return cmd_train_distributed(args, PLAIN[args.model])
     torch.manual_seed(args.seed)
     (train_x, train_y), (test_x, test_y) = load_digits(seed=args.seed)
     ours = MODELS[args.model][0]()
@@ -92,7 +108,7 @@ def cmd_train(args):
             "torch.nn": (theirs, torch.optim.SGD(theirs.parameters(), lr=args.lr, momentum=0.9))}
     history = {name: {"loss": [], "acc": [], "time": []} for name in runs}
     for epoch in range(1, args.epochs + 1):
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(epoch))
+        order = _epoch_order(len(train_y), epoch)
         line = []
         for name, (model, opt) in runs.items():  # alternate, so both see the same machine load
             loss, seconds = _train_epoch(model, opt, train_x, train_y, args.batch_size, order,
@@ -124,6 +140,179 @@ def cmd_train(args):
         _plot(history, args.plot, args.model)
         print("plot: %s" % args.plot)
     return 0
+
+# ---------------------------------------------------------------------------
+# train --distributed
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+TORCHRUN_COMMAND = "torchrun --nproc_per_node 2 -m cnnops train --distributed"
+PARITY_TOLERANCE = 1e-4
+
+
+def cmd_train_distributed(args, build):
+    """One of torchrun's processes training build() (a torch.nn model) with SyncBatchNorm fused
+    by cnnops in DistributedDataParallel; rank 0 then checks it against one process."""
+    missing = [name for name in TORCHRUN_ENV if name not in os.environ]
+    if missing:
+        print("python -m cnnops train --distributed: %s not set, so this is not a torchrun "
+              "process; launch it through torchrun, e.g.\n    %s"
+              % (", ".join(missing), TORCHRUN_COMMAND), file=sys.stderr)
+        return 2
+    device = _init_distributed(args.device)
+    try:
+        return _train_distributed(args, build, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _init_distributed(device):
+    """Joins torchrun's process group: gloo for 'cpu', nccl for 'cuda' (on cuda:LOCAL_RANK).
+    -> this process's torch.device."""
+    if device == "cuda":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def _train_distributed(args, build, device):
+    """The distributed run, the reference run (rank 0) and the parity verdict, which every
+    rank returns as its exit code."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    (train_x, train_y), (test_x, test_y) = load_digits(seed=args.seed)
+    data = ((train_x.to(device), train_y.to(device)), (test_x.to(device), test_y.to(device)))
+    full = len(train_y) // (args.batch_size * world)
+    steps = min(full, args.max_steps) if args.max_steps else full
+    if steps == 0:
+        if rank == 0:
+            print("batch size %d x %d processes is more than the %d training images"
+                  % (args.batch_size, world, len(train_y)), file=sys.stderr)
+        return 2
+    model, initial = _sync_bn_model(build, args.seed, device)
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank == 0:
+        print("cnnops %s: training %s on scikit-learn digits (%d train / %d test images, "
+              "1x28x28), %d processes (%s, %s), %d epochs of %d global batches of %d (%d per "
+              "process), %d threads per process"
+              % (cnnops.__version__, args.model, len(train_y), len(test_y), world,
+                 dist.get_backend(), device.type, args.epochs, steps, args.batch_size * world,
+                 args.batch_size, torch.get_num_threads()))
+        print("model: torch.nn -> nn.SyncBatchNorm.convert_sync_batchnorm -> cnnops.fuse -> "
+              "DistributedDataParallel; reference: one process, torch.nn with BatchNorm2d, the "
+              "same initial weights and global batches")
+        print(_fusion_line(model))
+    losses = _distributed_epochs(ddp, args, data, steps, device)
+    ok = True
+    if rank == 0:
+        reference, reference_losses = _reference_run(build, initial, args, data[0],
+                                                     steps * args.batch_size * world, world)
+        ok = _parity(model, reference, losses, reference_losses)
+    verdict = torch.tensor([int(ok)], device=device)
+    dist.broadcast(verdict, src=0)
+    return 0 if verdict.item() else 1
+
+
+def _sync_bn_model(build, seed, device):
+    """build() seeded with ``seed`` (the same weights on every rank), its BatchNorms turned
+    into nn.SyncBatchNorm, fused by cnnops, on ``device``.
+    -> (model, its initial state_dict: copies, on the CPU)."""
+    torch.manual_seed(seed)
+    plain = build()
+    initial = {name: value.clone() for name, value in plain.state_dict().items()}
+    return cnnops.fuse(nn.SyncBatchNorm.convert_sync_batchnorm(plain)).to(device), initial
+
+
+def _fusion_line(model):
+    """How many of a fused model's SyncBatchNorm sites cnnops.fusion_report lists as fused."""
+    modules = dict(model.named_modules())
+    records = cnnops.fusion_report(model)
+    sync = [r for r in records
+            if isinstance(modules.get(r.name.split("@")[0]), nn.SyncBatchNorm)]
+    return ("cnnops.fuse: %d of %d SyncBatchNorm sites fused (%d fused sites in all)%s"
+            % (sum(r.status == "fused" for r in sync), len(sync),
+               sum(r.status == "fused" for r in records),
+               "" if sync else "; this model has no BatchNorm"))
+
+
+def _shard(order, steps, batch_size, world, rank):
+    """This rank's images of the first ``steps`` global batches (batch_size * world images
+    each) of ``order`` [N]: the rank-th batch_size slice of each. -> [steps * batch_size]"""
+    used = order[:steps * batch_size * world]
+    return used.view(steps, world, batch_size)[:, rank].reshape(-1)
+
+
+def _distributed_epochs(ddp, args, data, steps, device):
+    """Trains ``ddp`` on this rank's shard of each global batch for args.epochs; rank 0 prints
+    a line per epoch. -> the mean training loss over every rank's images, per epoch."""
+    (train_x, train_y), (test_x, test_y) = data
+    rank, world = dist.get_rank(), dist.get_world_size()
+    opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
+    images = steps * args.batch_size
+    losses = []
+    for epoch in range(1, args.epochs + 1):
+        mine = _shard(_epoch_order(len(train_y), epoch), steps, args.batch_size, world, rank)
+        loss, seconds = _train_epoch(ddp, opt, train_x[mine], train_y[mine], args.batch_size,
+                                     torch.arange(images), "epoch %d" % epoch if rank == 0 else None)
+        total = torch.tensor([loss * images], dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        losses.append(total.item() / (images * world))
+        rates = [None] * world
+        dist.all_gather_object(rates, images / seconds)
+        acc = _evaluate(ddp.module, test_x, test_y)
+        if rank == 0:
+            print("epoch %d/%d  loss %.4f test acc %.3f | rank throughput (images/s): %s"
+                  % (epoch, args.epochs, losses[-1], acc,
+                     ", ".join("%d: %.0f" % (r, rate) for r, rate in enumerate(rates))),
+                  flush=True)
+    return losses
+
+
+def _reference_run(build, initial, args, train, images, world):
+    """build() with its ordinary BatchNorm and the ``initial`` weights, trained in this process
+    on the first ``images`` of each epoch's order in global batches of args.batch_size * world,
+    loss averaged over each; prints a line per epoch. -> (model, mean loss per epoch)."""
+    train_x, train_y = train
+    model = build().to(train_x.device)
+    model.load_state_dict(initial)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    batch = args.batch_size * world
+    losses = []
+    for epoch in range(1, args.epochs + 1):
+        used = _epoch_order(len(train_y), epoch)[:images]
+        loss, seconds = _train_epoch(model, opt, train_x[used], train_y[used], batch,
+                                     torch.arange(images), "reference epoch %d" % epoch)
+        losses.append(loss)
+        print("reference epoch %d/%d  loss %.4f | one process, batch %d (images/s): %.0f"
+              % (epoch, args.epochs, loss, batch, images / seconds), flush=True)
+    return model, losses
+
+
+def _largest_difference(ours, theirs):
+    """max |a - b| over the same-named tensors of two {name: tensor}; None when empty."""
+    return max(((ours[name] - theirs[name]).abs().max().item() for name in theirs), default=None)
+
+
+def _running_stats(model):
+    """{name: tensor} of a model's BN running means and variances."""
+    return {name: buffer for name, buffer in model.named_buffers()
+            if name.endswith(("running_mean", "running_var"))}
+
+
+def _parity(model, reference, losses, reference_losses):
+    """Prints the largest differences between the distributed and the reference run, and the
+    verdict. -> True when each is below PARITY_TOLERANCE."""
+    loss = max(abs(a - b) for a, b in zip(losses, reference_losses))
+    params = _largest_difference(dict(model.named_parameters()),
+                                 dict(reference.named_parameters()))
+    stats = _largest_difference(_running_stats(model), _running_stats(reference))
+    print("parity: largest difference in epoch loss %.2e, in a parameter %.2e, in a BN running "
+          "statistic %s" % (loss, params, "-, no BatchNorm" if stats is None else "%.2e" % stats))
+    ok = all(d < PARITY_TOLERANCE for d in (loss, params, 0.0 if stats is None else stats))
+    print("parity: %s (tolerance %g)" % ("ok" if ok else "FAILED", PARITY_TOLERANCE))
+    return ok
 
 
 def _plot(history, path, model_name):
@@ -308,7 +497,14 @@ def main(argv=None):
     train.add_argument("--lr", type=float, default=0.02)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--plot", default=os.path.join("runs", "digits.png"),
-                       help="where to save the loss/accuracy plot ('' for none)")
+                       help="where to save the loss/accuracy plot ('' for none; not with "
+                            "--distributed)")
+    train.add_argument("--distributed", action="store_true",
+                       help="one of torchrun's processes: %s" % TORCHRUN_COMMAND)
+    train.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                       help="with --distributed: gloo on the CPU, nccl on cuda:LOCAL_RANK")
+    train.add_argument("--max-steps", type=int, default=0,
+                       help="with --distributed: global batches per epoch at most (0: all)")
     check = sub.add_parser("check", help="backends and op parity on this machine")
     check.add_argument("--speed", action="store_true", help="also time ResNet-18 layers")
     check.add_argument("--repeat", type=int, default=5)
@@ -317,6 +513,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["train"] + (argv or []))
+    if args.command == "train" and args.max_steps < 0:
+        train.error("--max-steps must be 0 (no limit) or more")
+    if args.command == "train" and not args.distributed and (args.device != "cpu"
+                                                              or args.max_steps):
+        train.error("--device and --max-steps apply with --distributed")
     return {"train": cmd_train, "check": cmd_check, "models": cmd_models}[args.command](args)
 
 

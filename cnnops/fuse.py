@@ -29,8 +29,9 @@ F.relu, torch.relu, x.relu(), ``x + y``, torch.add, ``out += identity``):
 - relu(x + y)                                     cnnops add_relu
 - max / avg / adaptive-avg pooling (2-D)          cnnops pooling
 
-nn.SyncBatchNorm fuses as BN does, its statistics synchronised over its process group in
-training (cnnops.distributed); alone too, since torch's own runs on GPUs only.
+nn.SyncBatchNorm and cnnops.nn.SyncBatchNorm fuse as BN does, their statistics synchronised
+over their process group in training (cnnops.distributed); alone too, since torch's own runs on
+GPUs only.
 FrozenBatchNorm-style modules (fixed weight/bias/running_mean/running_var
 buffers, torchvision detection backbones) fuse as inference-mode BN. timm's
 BatchNormAct2d (a BatchNorm2d applying its own ``drop`` and ``act``; the ``bn``
@@ -421,8 +422,8 @@ def _bn_kind(m):
         return "frozen", None
     if not isinstance(m, _BatchNorm):
         return None, None
-    if isinstance(m, nn.SyncBatchNorm):
-        if type(m).forward is not nn.SyncBatchNorm.forward:
+    if isinstance(m, (nn.SyncBatchNorm, cnn.SyncBatchNorm)):
+        if type(m).forward not in (nn.SyncBatchNorm.forward, cnn.SyncBatchNorm.forward):
             return None, "%s overrides SyncBatchNorm.forward" % type(m).__name__
         if _has_hooks(m):
             return None, "BN has hooks"
@@ -1404,6 +1405,19 @@ def _strip(model):
     model.__dict__.pop(_RECORDS_ATTR, None)
 
 
+def _copy(model):
+    """A deep copy of model that shares, not copies, the torch.distributed process groups its
+    modules hold (a SyncBatchNorm's process_group: not copyable, and a copy would be another
+    group)."""
+    memo = {}
+    if torch.distributed.is_available():
+        for m in model.modules():
+            for value in vars(m).values():
+                if isinstance(value, torch.distributed.ProcessGroup):
+                    memo[id(value)] = value
+    return copy.deepcopy(model, memo)
+
+
 def fuse(model, inplace=False):
     """Return ``model`` (a deep copy unless inplace) running cnnops's fused ops.
 
@@ -1417,7 +1431,7 @@ def fuse(model, inplace=False):
     if not isinstance(model, nn.Module):
         raise TypeError("expected an nn.Module, got %s" % type(model).__name__)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy(model)
     _strip(model)
     records = []
     _process(model, "", records, True, set())
@@ -1437,7 +1451,7 @@ def fusion_report(model):
     if stored is not None:
         return list(stored)
     try:
-        work = copy.deepcopy(model)
+        work = _copy(model)
     except Exception:  # noqa: BLE001 - not copyable: analyse in place, installing nothing
         work = model
     records = []

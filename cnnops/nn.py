@@ -10,7 +10,7 @@ from torch import nn
 
 from . import functional as F
 
-__all__ = ["Conv2d", "BatchNorm2d", "BNReLU", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
+__all__ = ["Conv2d", "BatchNorm2d", "SyncBatchNorm", "BNReLU", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
            "AddReLU", "FusedConvBNReLU", "apply_conv_bn_relu", "apply_bn_relu", "apply_conv_relu"]
 
 
@@ -23,11 +23,11 @@ def _conv_input_and_padding(conv, x):
 
 
 def _sync_group(bn):
-    """The process group an nn.SyncBatchNorm in training synchronises over (its own, else the
-    default group), as nn.SyncBatchNorm.forward decides; None for any other BN, in eval mode,
-    or without an initialised torch.distributed."""
-    if not (bn.training and isinstance(bn, nn.SyncBatchNorm) and torch.distributed.is_available()
-            and torch.distributed.is_initialized()):
+    """The process group a SyncBatchNorm (torch's or cnnops') in training synchronises over
+    (its own, else the default group), as nn.SyncBatchNorm.forward decides; None for any other
+    BN, in eval mode, or without an initialised torch.distributed."""
+    if not (bn.training and isinstance(bn, (nn.SyncBatchNorm, SyncBatchNorm))
+            and torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
     return bn.process_group or torch.distributed.group.WORLD
 
@@ -64,6 +64,50 @@ class BatchNorm2d(nn.BatchNorm2d):
         self._check_input_dim(input)
         training, momentum, rm, rv = _bn_mode(self)
         return F.batch_norm(input, rm, rv, self.weight, self.bias, training, momentum, self.eps)
+
+
+class SyncBatchNorm(BatchNorm2d):
+    """nn.SyncBatchNorm for [N, C, H, W] inputs on cnnops' synchronised BN, on every device.
+
+    In training with torch.distributed initialised, the batch statistics span every process
+    of ``process_group`` (None: the default group), as nn.SyncBatchNorm's do; otherwise it is
+    BatchNorm2d. Same constructor arguments and state_dict as nn.SyncBatchNorm (a BatchNorm2d
+    subclass, not an nn.SyncBatchNorm one: DistributedDataParallel refuses CPU models holding
+    nn.SyncBatchNorm layers, and this one runs on the CPU with gloo). cnnops.fuse fuses it
+    with the conv before it and the add / ReLU after it, as it does torch's.
+
+    forward(x [N, C, H, W]) -> [N, C, H, W]
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        return apply_bn_relu(self, input, None, relu=False)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """``module`` with every BatchNorm2d (torch's or cnnops') and nn.SyncBatchNorm in it
+        replaced by a cnnops SyncBatchNorm that shares its parameters and buffers, as
+        nn.SyncBatchNorm.convert_sync_batchnorm does. BatchNorm subclasses with a forward of
+        their own (e.g. timm's BatchNormAct2d) are left as they are."""
+        out = module
+        if type(module) in (nn.BatchNorm2d, BatchNorm2d, nn.SyncBatchNorm):
+            out = cls(module.num_features, module.eps, module.momentum, module.affine,
+                      module.track_running_stats, process_group)
+            if module.affine:
+                out.weight, out.bias = module.weight, module.bias
+            out.running_mean, out.running_var = module.running_mean, module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+            out.training = module.training
+            if hasattr(module, "qconfig"):
+                out.qconfig = module.qconfig
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return out
 
 
 class BNReLU(nn.BatchNorm2d):
