@@ -51,13 +51,28 @@ def check_process_group(process_group):
     return process_group if size > 1 else None
 
 
+def _on_wire(tensor, group):
+    """tensor where group's collectives take it: gloo's on the CPU (a few hundred values per
+    layer: the copy costs nothing next to the collective), others' where it is."""
+    return tensor.cpu() if dist.get_backend(group) == "gloo" else tensor
+
+
 def _all_gather(local, group):
-    """[world, n] from every rank's [n] (one collective)."""
+    """[world, n] from every rank's [n] (one collective), on local's device."""
     world = dist.get_world_size(group)
-    out = local.new_empty(world * local.numel())
+    wire = _on_wire(local, group)
+    out = wire.new_empty(world * wire.numel())
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, local, group=group)
-    return out.view(world, local.numel())
+    gather(out, wire, group=group)
+    return out.view(world, wire.numel()).to(local.device)
+
+
+def _all_reduce(tensor, group):
+    """The sum over group's ranks of tensor (one collective), on tensor's device."""
+    wire = _on_wire(tensor, group)
+    wire = wire.clone() if wire is tensor else wire
+    dist.all_reduce(wire, group=group)
+    return wire.to(tensor.device)
 
 
 def _global_stats(local, channels):
@@ -113,8 +128,7 @@ class _SyncBNReLU(torch.autograd.Function):
             [False, True, True, need_residual])
         grad_input = None
         if need_input:
-            sums = torch.cat([sum_dy, sum_dy_xhat]).to(mean.dtype)
-            dist.all_reduce(sums, group=ctx.group)
+            sums = _all_reduce(torch.cat([sum_dy, sum_dy_xhat]).to(mean.dtype), ctx.group)
             means = sums / ctx.total.to(sums.dtype)
             C = mean.shape[0]
             grad_input, _ = ops.bn_relu_backward_elemt(grad, out, input, weight, mean, invstd,
@@ -132,15 +146,11 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, group):
         ctx.group = group
-        out = tensor.clone()
-        dist.all_reduce(out, group=group)
-        return out
+        return _all_reduce(tensor, group)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return _all_reduce(grad, ctx.group), None
 
 
 def _reference_sync_bn_relu(input, weight, bias, residual, group, eps, relu):

@@ -142,3 +142,44 @@ def test_update_running_stats_op(backend, buffers, count):
     for got, want in zip((rm, rv), expected):
         if want is not None:
             torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_synchronised_bn_phase_ops(backend, relu, affine, layout, dtype):
+    """The phase ops of a synchronised BN (cnnops.distributed) on one process's batch, where
+    they must give the training-mode BN of torch: batch_norm_stats is the biased var_mean;
+    inference-mode bn_relu with it, the output; bn_relu_backward_elemt with the batch's
+    gradient means, the input and residual gradients."""
+    from cnnops import backends
+
+    torch.manual_seed(3)
+    N, C, H, W = 3, 4, 5, 6
+    x = make_input((N, C, H, W), layout, dtype, requires_grad=True, scale=2.0)
+    w = (torch.rand(C, dtype=dtype) + 0.5) if affine else None
+    b = torch.randn(C, dtype=dtype) if affine else None
+    r = make_input((N, C, H, W), layout, dtype, requires_grad=True)
+    g = torch.randn(N, C, H, W, dtype=dtype)
+    expected = F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5) + r
+    expected = F.relu(expected) if relu else expected
+    gx, gr = torch.autograd.grad(expected, (x, r), g)
+    x, r = x.detach(), r.detach()
+
+    impl = backends.implementation(x)
+    mean, var = impl.batch_norm_stats(x)
+    want_var, want_mean = torch.var_mean(x, (0, 2, 3), correction=0)
+    assert_close(mean, want_mean)
+    assert_close(var, want_var)
+    out, save_mean, save_invstd = impl.bn_relu(x, w, b, mean, var, r, False, 1e-5, relu)
+    assert_close(out, expected)
+    assert out.is_contiguous(memory_format=expected_memory_format(x)) or backend == "reference"
+
+    gy = torch.where(out > 0, g, 0) if relu else g
+    xhat = (x - save_mean[:, None, None]) * save_invstd[:, None, None]
+    mean_dy, mean_dy_xhat = gy.mean((0, 2, 3)), (gy * xhat).mean((0, 2, 3))
+    grad_input, grad_residual = impl.bn_relu_backward_elemt(
+        g, out, x, w, save_mean, save_invstd, mean_dy, mean_dy_xhat, relu, [True, True])
+    assert_close(grad_input, gx)
+    assert_close(grad_residual, gr)

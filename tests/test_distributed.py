@@ -45,9 +45,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, scenarios, results):
+def _worker(rank, world, port, scenarios, results, pg_backend):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d" % port, rank=rank,
+    if pg_backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(pg_backend, init_method="tcp://127.0.0.1:%d" % port, rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=GROUP_TIMEOUT))
     try:
         for name in scenarios:
@@ -61,13 +63,13 @@ def _worker(rank, world, port, scenarios, results):
         dist.destroy_process_group()
 
 
-def spawn(world, scenarios, deadline=DEADLINE):
+def spawn(world, scenarios, deadline=DEADLINE, pg_backend="gloo"):
     """Runs each named scenario on every one of ``world`` processes.
     -> {scenario: {rank: result dict}}; raises if the processes overrun the deadline."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, scenarios, results))
+    procs = [ctx.Process(target=_worker, args=(r, world, port, scenarios, results, pg_backend))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -202,21 +204,23 @@ def _ddp_subgroup(rank, world):
     return _ddp_against_reference(rank, world, [2, 3], "cpu", group=group, members=[0, 2])
 
 
-def _functional(rank, world):
+def _functional(rank, world, device="cpu", names=BACKENDS):
     """cnnops.functional with process_group=: conv_bn_relu and bn_relu, channels_last input,
-    a residual, backward, running statistics, on every backend."""
+    a residual, backward, running statistics, on each backend of ``names``."""
     sizes = [2, 3, 1][:world]
     out = {}
-    for backend in BACKENDS:
+    on = dict(dtype=torch.float64, device=device)
+    for backend in names:
         x, = _data([sum(sizes)], 4, 5, 5, seed=3)
-        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-        w = torch.randn(5, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        x = x.to(device).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = torch.randn(5, 4, 3, 3, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(4)).to(device)
         w.requires_grad_()
-        bw = torch.linspace(0.5, 1.5, 5, dtype=torch.float64).requires_grad_()
-        bb = torch.linspace(-1, 1, 5, dtype=torch.float64).requires_grad_()
+        bw = torch.linspace(0.5, 1.5, 5, **on).requires_grad_()
+        bb = torch.linspace(-1, 1, 5, **on).requires_grad_()
         r, = _data([sum(sizes)], 5, 5, 5, seed=5)
-        r.requires_grad_()
-        stats = lambda: (torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64))
+        r = r.to(device).requires_grad_()
+        stats = lambda: (torch.zeros(5, **on), torch.ones(5, **on))
         rm, rv = stats()
         y = F.conv2d(x, w, None, 1, 1)
         ref = F.relu(F.batch_norm(y, rm, rv, bw, bb, True, 0.3) + r)
@@ -302,8 +306,20 @@ def _rank_raises(rank, world):
                 "seconds": time.monotonic() - start}
 
 
+def _gpu_backends():
+    return [b for b in ("cuda", "triton")
+            if backends._unavailable(b, torch.empty(0, device="cuda")) is None]
+
+
+def _functional_gpu(rank, world):
+    """_functional on CUDA tensors with the GPU backends (each rank on its own device with
+    nccl, all on device 0 with gloo)."""
+    return _functional(rank, world, "cuda", _gpu_backends())
+
+
 SCENARIOS = dict(
     {"ddp_" + b: _ddp_even(b) for b in BACKENDS},
+    functional_gpu=_functional_gpu,
     ddp_uneven=_ddp_uneven, ddp_subgroup=_ddp_subgroup, functional=_functional,
     eval=_eval_no_communication, fuse=_fuse_report, compiled=_compiled,
     rank_raises=_rank_raises)
@@ -358,15 +374,18 @@ def test_a_group_that_is_a_subset_of_the_ranks(three_ranks):
     _assert_ddp({r: results[r] for r in (0, 2)})
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_functional_ops_with_a_process_group(two_ranks, three_ranks, world):
-    results = _ok((two_ranks if world == 2 else three_ranks)["functional"])
-    for rank, per_backend in results.items():
-        assert sorted(per_backend) == sorted(BACKENDS)
+def _assert_functional(results, names):
+    for rank, per_backend in _ok(results).items():
+        assert sorted(per_backend) == sorted(names)
         for backend, errors in per_backend.items():
             # (the reference backend makes no layout promise: its im2col returns NCHW)
             assert errors.pop("channels_last") or backend == "reference", (rank, backend)
             assert max(errors.values()) < TOL, (rank, backend, errors)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_functional_ops_with_a_process_group(two_ranks, three_ranks, world):
+    _assert_functional((two_ranks if world == 2 else three_ranks)["functional"], BACKENDS)
 
 
 def test_eval_mode_communicates_nothing(two_ranks):
@@ -399,6 +418,25 @@ def test_a_rank_that_raises_does_not_leave_the_others_hanging():
     assert "expected" in results[1]["error"] and "channels" in results[1]["error"]
     assert results[0]["raised"] is not None, results[0]
     assert results[0]["seconds"] < GROUP_TIMEOUT + 5, results[0]
+
+
+needs_gpu = [pytest.mark.cuda,
+             pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("pg_backend", [
+    pytest.param("nccl", marks=needs_gpu + [pytest.mark.skipif(
+        torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+        reason="nccl needs two CUDA devices")]),
+    pytest.param("gloo", marks=needs_gpu)])
+def test_gpu_backends_synchronise(pg_backend):
+    """The cuda and triton backends' synchronised BN on CUDA tensors: over nccl with a device
+    per rank, and over gloo (which takes the statistics through host memory) with both ranks
+    on one device."""
+    if not _gpu_backends():
+        pytest.skip("no GPU backend is available here")
+    _assert_functional(spawn(2, ["functional_gpu"], pg_backend=pg_backend)["functional_gpu"],
+                       _gpu_backends())
 
 
 # ---------------------------------------------------------------------------

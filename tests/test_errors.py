@@ -470,6 +470,15 @@ def _bn_back_raw(t, **kw):
     return torch.ops.cnnops.bn_relu_backward(*a.values())
 
 
+def _elemt_raw(t, **kw):
+    out, mean, invstd = t["bn"]
+    a = dict(grad_output=t["x"], output=out, input=t["x"], weight=None, save_mean=mean,
+             save_invstd=invstd, mean_dy=t["z4"], mean_dy_xhat=t["z4"], relu=True,
+             output_mask=[True, True])
+    a.update(kw)
+    return torch.ops.cnnops.bn_relu_backward_elemt(*a.values())
+
+
 def _mp_back_raw(t, **kw):
     out, idx = t["mp"]
     a = dict(grad_output=out, input=t["x"], indices=idx, kernel_size=[2, 2], stride=[2, 2],
@@ -651,6 +660,26 @@ RAW_CASES = [
     ("bn_relu_backward-save_invstd-shape", lambda t: _bn_back_raw(t, save_invstd=torch.ones(6)),
      ValueError, r"expected save_invstd of shape \[4\], got \[6\]"),
     ("bn_relu_backward-float16", lambda t: _bn_back_raw(
+        t, grad_output=t["x"].half(), input=t["x"].half()), TypeError,
+     CPU_DTYPE % ("input", "Half")),
+    # batch_norm_stats / bn_relu_backward_elemt (synchronised BN)
+    ("batch_norm_stats-input-3d", lambda t: ops.batch_norm_stats(t["x"][0]), ValueError,
+     r"expected input to be 4-D \[N, C, H, W\], got 3-D"),
+    ("batch_norm_stats-empty", lambda t: ops.batch_norm_stats(t["x"][:0]), ValueError,
+     r"batch_norm_stats needs at least one value per channel, got input of shape "
+     r"\[0, 4, 6, 6\]"),
+    ("batch_norm_stats-int", lambda t: ops.batch_norm_stats(t["x"].int()), TypeError,
+     CPU_DTYPE % ("input", "Int")),
+    ("bn_relu_backward_elemt-grad-shape", lambda t: _elemt_raw(t, grad_output=_x(N, C, H - 1, W)),
+     ValueError, r"expected grad_output of shape \[2, 4, 6, 6\], got \[2, 4, 5, 6\]"),
+    ("bn_relu_backward_elemt-output-missing", lambda t: _elemt_raw(t, output=None), ValueError,
+     r"bn_relu_backward_elemt with relu=True needs the forward output"),
+    ("bn_relu_backward_elemt-mean_dy-shape", lambda t: _elemt_raw(t, mean_dy=torch.zeros(6)),
+     ValueError, r"expected mean_dy of shape \[4\], got \[6\]"),
+    ("bn_relu_backward_elemt-mean_dy_xhat-dtype", lambda t: _elemt_raw(
+        t, mean_dy_xhat=t["z4"].double()), TypeError,
+     r"expected mean_dy_xhat to have the dtype of input \(Float\), got Double"),
+    ("bn_relu_backward_elemt-float16", lambda t: _elemt_raw(
         t, grad_output=t["x"].half(), input=t["x"].half()), TypeError,
      CPU_DTYPE % ("input", "Half")),
     # conv_bn_relu / conv_bn_relu_backward
@@ -837,7 +866,7 @@ RAW_CASES = [
 torch.set_rng_state(_RNG_STATE)
 
 RAW_OPS = ["conv2d", "conv2d_backward", "batch_norm", "batch_norm_backward", "bn_relu",
-           "bn_relu_backward", "conv_bn_relu", "conv_bn_relu_backward", "max_pool2d",
+           "bn_relu_backward", "batch_norm_stats", "bn_relu_backward_elemt", "conv_bn_relu", "conv_bn_relu_backward", "max_pool2d",
            "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward", "adaptive_avg_pool2d",
            "adaptive_avg_pool2d_backward", "add_relu", "add_relu_backward"]
 

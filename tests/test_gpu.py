@@ -367,6 +367,51 @@ def test_bn_relu(gpu_backend, case, layout, training, residual, relu):
     check(rv, rv_ref, dtype, "running_var")
 
 
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", BN_CASES, ids=_bn_case_id)
+def test_synchronised_bn_phase_ops(gpu_backend, case, layout, relu):
+    """The phase ops of a synchronised BN (cnnops.distributed) on one process's batch, where
+    they give torch's training-mode BN: batch_norm_stats (the biased var_mean), inference-mode
+    bn_relu with those statistics, bn_relu_backward_elemt with the batch's gradient means.
+    (tests/test_distributed.py runs them across processes.)"""
+    from cnnops import backends
+
+    dtype, mixed = case
+    torch.manual_seed(6)
+    shape = (3, 36, 6, 5)
+    x = make(shape, dtype, layout, scale=2.0, offset=0.5)
+    r = make(shape, dtype, layout)
+    g = make(shape, dtype)
+    w, b, _, _ = _bn_tensors(shape[1], dtype, True, mixed, grad=False)
+    ref = ref_dtype(dtype)
+    xr, rr = to_ref(x, ref).requires_grad_(), to_ref(r, ref).requires_grad_()
+    before_relu = F.batch_norm(xr, None, None, w.to(ref), b.to(ref), True) + rr
+    impl = backends.implementation(x)
+
+    mean, var = impl.batch_norm_stats(x)
+    want_var, want_mean = torch.var_mean(xr.detach(), (0, 2, 3), correction=0)
+    check(mean, want_mean, dtype, "mean")
+    check(var, want_var, dtype, "variance")
+    out, save_mean, save_invstd = impl.bn_relu(x, w, b, mean, var, r, False, 1e-5, relu)
+    check(out, F.relu(before_relu) if relu else before_relu, dtype)
+    assert out.is_contiguous(memory_format=expected_format(x))
+
+    # Gradients through our output's ReLU mask (see run_pair), from the batch's means.
+    mask = (out.detach() > 0).to(ref) if relu else torch.ones_like(before_relu)
+    gr = g.to(ref)
+    want_gx, want_gres = torch.autograd.grad(before_relu * mask, (xr, rr), gr)
+    gy = gr * mask
+    xhat = (xr.detach() - save_mean.to(ref)[:, None, None]) * save_invstd.to(ref)[:, None, None]
+    stat = save_mean.dtype
+    grad_input, grad_residual = impl.bn_relu_backward_elemt(
+        g, out, x, w, save_mean, save_invstd, gy.mean((0, 2, 3)).to(stat),
+        (gy * xhat).mean((0, 2, 3)).to(stat), relu, [True, True])
+    check(grad_input, want_gx, dtype, "grad of input")
+    check(grad_residual, want_gres, dtype, "grad of residual")
+    assert grad_input.is_contiguous(memory_format=expected_format(x))
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_bn_parameter_gradients_are_float32_for_half_inputs(cuda_ops, dtype):
@@ -951,6 +996,10 @@ def _opcheck_samples(dtype, lib=torch.ops.cnnops):
         ("adaptive_avg_pool2d_backward", (t(2, 4, 4, 3), x)),
         ("add_relu_backward", (t(2, 4, 6, 5), out)),
         ("update_running_stats", (p(6), p(6, positive=True), mean, invstd, 9, 0.1, 1e-5)),
+        ("batch_norm_stats", (x,)),
+        ("batch_norm_stats", (x.contiguous(memory_format=torch.channels_last),)),
+        ("bn_relu_backward_elemt", (t(2, 4, 6, 5), out, x, p(4), mean[:4], invstd[:4], p(4),
+                                    p(4), True, [True, True])),
     ]
     return samples
 

@@ -68,6 +68,12 @@ def _backward_samples():
         ("add_relu_backward", (_t(2, 4, 6, 5), out)),
         ("update_running_stats", (_t(4), _t(4, positive=True), mean, invstd, 7, 0.1, 1e-5)),
         ("update_running_stats", (None, _t(4, dtype=torch.float32), mean, invstd, 1, 0.5, 0.0)),
+        ("batch_norm_stats", (x,)),
+        ("batch_norm_stats", (x.contiguous(memory_format=torch.channels_last),)),
+        ("bn_relu_backward_elemt", (_t(2, 4, 6, 5), out, x, _t(4), mean, invstd, _t(4), _t(4),
+                                    True, [True, True])),
+        ("bn_relu_backward_elemt", (_t(2, 4, 6, 5), None, x, None, mean, invstd, _t(4), _t(4),
+                                    False, [True, False])),
     ]
 
 
