@@ -7,8 +7,9 @@
 #   env.txt              GPU, driver, torch / CUDA / cuDNN / triton versions, date, commit
 #   build.log            the build (TORCH_CUDA_ARCH_LIST=9.0 unless set)
 #   tests.log            tests/test_gpu.py (cuda and triton halves side by side, pytest-xdist),
-#                        the C++ bad-argument cases on CUDA (each in a child process) and the
-#                        timm fusion check (timm is on the GPU image)
+#                        the C++ bad-argument cases on CUDA (each in a child process), the
+#                        timm fusion check (timm is on the GPU image) and the synchronised BN
+#                        on CUDA tensors (test_distributed.py: gloo on one GPU, nccl with two)
 #   bench-ops.json       conv2d / conv_bn_relu layer targets: ResNet-50 layers, float16,
 #                        channels_last, batch 32, eager cuDNN vs the cnnops backends
 #   bench-models.json    ResNet-50 under autocast float16, batch 32, 224x224: eager, cnnops
@@ -71,7 +72,7 @@ phase build "${BUILD_S:-240}" "$OUT/build.log" \
 : > "$OUT/tests.log"
 phase tests "${TESTS_S:-210}" "$OUT/tests.log" \
   "$PY" -m pytest -q -p no:cacheprovider -rf -n 16 tests/test_gpu.py tests/test_errors.py \
-  tests/test_fuse.py -k "test_gpu.py or cuda or real_timm"
+  tests/test_fuse.py tests/test_distributed.py -k "test_gpu.py or cuda or real_timm"
 
 BENCH=("$PY" -m pytest -q -p no:cacheprovider --benchmark-only --bench-devices cuda
        --bench-dtype float16 --bench-channels-last --bench-cudnn-benchmark)

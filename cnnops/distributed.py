@@ -35,6 +35,8 @@ eagerly between two compiled graphs); everything else compiles as usual.
 import torch
 import torch.distributed as dist
 
+from . import reference
+
 __all__ = ["check_process_group", "sync_bn_relu"]
 
 
@@ -190,7 +192,6 @@ def sync_bn_relu(ops, input, weight, bias, residual, eps, relu, group):
     bn_relu returns its batch's, and the number of values per channel over every rank (an int),
     for the running statistics update.
     """
-    from . import reference
     if ops is reference:
         out, mean, invstd, total = _reference_sync_bn_relu(input, weight, bias, residual, group,
                                                            eps, relu)

@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from . import backends, reference
+from . import backends, distributed, reference
 from ._shapes import conv_output_shape, pool_output_size
 
 __all__ = ["conv2d", "conv2d_relu", "batch_norm", "bn_relu", "conv_bn_relu", "max_pool2d", "avg_pool2d",
@@ -296,14 +296,12 @@ def _sync_group(training, process_group):
     group of one process)."""
     if process_group is None or not training:
         return None
-    from . import distributed
     return distributed.check_process_group(process_group)
 
 
 def _sync_bn_relu(impl, input, weight, bias, residual, eps, relu, group, running_mean,
                   running_var, momentum):
     """A training BN over the batch of every process in group (cnnops.distributed)."""
-    from . import distributed
     out, mean, invstd, count = distributed.sync_bn_relu(impl, input, weight, bias, residual,
                                                         eps, relu, group)
     _update_running_stats(impl, running_mean, running_var, mean, invstd, count, momentum, eps)
