@@ -34,17 +34,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (plain torch.nn model, input [C, H, W] of one image, classes, batch per rank)
+# name -> (plain torch.nn model, input [C, H, W] of one image, classes, batch per rank):
+# the main job's distributed model, and ResNet-18 at 64x64
 MODELS = {
-    "residual_net": ("residual_net", (1, 28, 28), 10, 32),
+    "resnet18_digits": ("resnet18_digits", (1, 28, 28), 10, 32),
     "resnet18": ("resnet18", (3, 64, 64), 1000, 8),
 }
 
 
 def _build(name):
-    from cnnops.models.plain import PLAIN
+    from cnnops.__main__ import DISTRIBUTED_MODELS
     from plain_models import TWINS
-    return PLAIN[name]() if name in PLAIN else TWINS[name][0]()
+    return DISTRIBUTED_MODELS[name]() if name in DISTRIBUTED_MODELS else TWINS[name][0]()
 
 
 def _model(name, sync):
