@@ -68,6 +68,10 @@ from cnnops import triton_kernels
 EAGER = "torch eager"
 COMPILE = "torch.compile"
 FUSE = "cnnops.fuse"
+# the memory group's (test_model_memory): cnnops.fuse(model, memory="lean"), and the eager
+# twin with torch.utils.checkpoint around each residual / dense block
+FUSE_LEAN = "cnnops.fuse (lean)"
+CHECKPOINT = "torch eager + checkpoint"
 
 
 def cnnops_impl(backend):
@@ -90,7 +94,7 @@ def cpu_core_impl(core):
 
 def impl_backend(impl):
     """The cnnops backend an implementation runs on (None for torch ones; 'auto' for fuse)."""
-    if impl == FUSE:
+    if impl in (FUSE, FUSE_LEAN):
         return "auto"
     if impl.startswith("cnnops "):
         return impl.split()[1]
@@ -478,6 +482,11 @@ QUICK_MODELS = {
     "train": [ModelCase("resnet_classifier", 8, 64), ModelCase("resnet50", 2, 64),
               ModelCase("densenet121", 2, 64), ModelCase("googlenet", 4, 96)],
 }
+# The memory group (test_model_memory): activation memory and time of a training step at
+# batch 8, 128x128, eager / cnnops.fuse / cnnops.fuse(memory="lean") / eager + checkpoint.
+MEMORY_MODELS = [ModelCase("resnet18", 8, 128), ModelCase("resnet50", 8, 128),
+                 ModelCase("densenet121", 8, 128)]
+MEMORY_IMPLS = [EAGER, FUSE, FUSE_LEAN, CHECKPOINT]
 FULL_MODELS = {
     "eval": QUICK_MODELS["eval"] + [ModelCase("resnet_classifier", 8, 224),
                                     ModelCase("resnet50", 8, 224),
@@ -693,6 +702,8 @@ class Settings:
         return impls
 
     def model_impls(self, device, mode):
+        if mode == "memory":
+            return list(MEMORY_IMPLS)
         impls = [EAGER]
         if self.compile_for("model " + mode):
             impls.append(COMPILE)
@@ -704,7 +715,8 @@ class Settings:
         return impls
 
     def model_cases(self, mode):
-        cases = (FULL_MODELS if self.full else QUICK_MODELS)[mode]
+        cases = MEMORY_MODELS if mode == "memory" else (
+            FULL_MODELS if self.full else QUICK_MODELS)[mode]
         if self.models is not None:
             cases = [c for c in cases if c.name in self.models]
         if self.model_batch or self.model_size:
@@ -1130,3 +1142,18 @@ def training_memory(step, module, device):
     info["saved_bytes_with_params"] = sum(n for n, _ in saved.values())
     info["saved_tensors"] = len(saved)
     return result, info
+
+
+
+def checkpoint_blocks(model):
+    """model with the forward of each residual block (torchvision-style BasicBlock /
+    Bottleneck) and dense layer run under torch.utils.checkpoint (non-reentrant), in place:
+    their activations are not kept, and the backward runs their forward again (BatchNorm's
+    running statistics included: updated twice a step, checkpointing's known caveat).
+    Parameter names and state_dict keys stay as they were."""
+    import torch.utils.checkpoint as checkpoint
+    from cnnops.models.plain import TvBasicBlock, TvBottleneck, TvDenseLayer
+    for m in model.modules():
+        if isinstance(m, (TvBasicBlock, TvBottleneck, TvDenseLayer)):
+            m.forward = functools.partial(checkpoint.checkpoint, m.forward, use_reentrant=False)
+    return model

@@ -34,11 +34,13 @@ import sys
 EAGER = "torch eager"
 COMPILE = "torch.compile"
 FUSE = "cnnops.fuse"
+FUSE_LEAN = "cnnops.fuse (lean)"
 CPU = "cnnops cpu"  # the cpu backend, convolution core on auto
 CPU_CORES = ["cnnops cpu (im2col)", "cnnops cpu (onednn)"]  # benchlib.cpu_core_impl
 IMPL_ORDER = ["torch eager", "torch.compile", "cnnops cpu", "cnnops cpu (im2col)",
               "cnnops cpu (onednn)", "cnnops cuda", "cnnops triton", "cnnops reference",
-              "cnnops.fuse", "cnnops cpu + torch.compile", "cnnops cuda + torch.compile",
+              "cnnops.fuse", "cnnops.fuse (lean)", "torch eager + checkpoint",
+              "cnnops cpu + torch.compile", "cnnops cuda + torch.compile",
               "cnnops triton + torch.compile"]
 DEFAULT_VARIANT = ("float32", "nchw", False)
 
@@ -288,6 +290,38 @@ def _model_targets(rows, by_group, model, mode, baseline, goal):
     return out
 
 
+# The memory group (test_model_memory, CPU, batch 8, 128x128), per model: activation bytes
+# saved for backward by cnnops.fuse(model, memory="lean") and by cnnops.fuse(model) against
+# eager (at most the goal), and the lean step's time against cnnops.fuse's (at most the goal).
+MEMORY_TARGET_MODELS = ("resnet18", "resnet50")
+MEMORY_TARGETS = [(FUSE_LEAN, EAGER, "bytes", 0.60), (FUSE, EAGER, "bytes", 1.00),
+                  (FUSE_LEAN, FUSE, "time", 1.25)]
+
+
+def _memory_targets(rows, model):
+    """[(what, measured text, goal text, status)] of the memory targets of one model."""
+    sel = {r.impl: r for r in rows if r.op == "model" and r.mode == "memory" and r.device == "cpu"
+           and r.info.get("model") == model and r.variant == DEFAULT_VARIANT}
+    out = []
+    for impl, base, kind, goal in MEMORY_TARGETS:
+        a, b = sel.get(impl), sel.get(base)
+        label = "%s training step: %s, %s vs %s" % (
+            model, "activation bytes saved for backward" if kind == "bytes" else "time",
+            impl, base)
+        if kind == "bytes":
+            ratio = (a.info["saved_bytes"] / b.info["saved_bytes"]
+                     if a and b and a.info.get("saved_bytes") and b.info.get("saved_bytes")
+                     else None)
+        else:  # from the speed-ups over the eager rounds alternated with each row
+            ratio = b.speedup / a.speedup if a and b and a.speedup and b.speedup else None
+        if ratio is None:
+            out.append((label, "not measured in this run", "<= %.2fx" % goal, "–"))
+            continue
+        out.append((label + " (b%s %s)" % (a.info.get("batch"), a.info.get("shape")),
+                    "%.2fx" % ratio, "<= %.2fx" % goal, "met" if ratio <= goal else "NOT met"))
+    return out
+
+
 def target_results(rows):
     """[(what, measured text, goal text, status)] for the CPU targets."""
     by_group = {}
@@ -296,6 +330,8 @@ def target_results(rows):
     out = [_layer_target(rows, by_group, *target) for target in LAYER_TARGETS]
     for target in MODEL_TARGETS:
         out += _model_targets(rows, by_group, *target)
+    for model in MEMORY_TARGET_MODELS:
+        out += _memory_targets(rows, model)
     return out
 
 
@@ -497,7 +533,7 @@ def _op_overview(sec, conv, model=False):
 
 
 def _memory_table(rows):
-    train = [r for r in rows if r.op == "model" and r.mode == "train"
+    train = [r for r in rows if r.op == "model" and r.mode in ("train", "memory")
              and ("saved_bytes" in r.info or "memory_error" in r.info)]
     if not train:
         return []

@@ -1,5 +1,7 @@
 """Per-model benchmarks: inference and a training step of resnet_classifier, resnet50,
-densenet121 and googlenet, and the activation memory of the training step.
+densenet121 and googlenet, and the activation memory of the training step; the memory
+group (test_model_memory) adds cnnops.fuse(memory="lean") and eager with
+torch.utils.checkpoint per block.
 
 Implementations (benchlib): the plain torch.nn twin ("torch eager": the same weights in
 torchvision-style unfused modules), torch.compile of the twin (quick mode: inference only;
@@ -34,9 +36,10 @@ import torch.nn.functional as F
 import cnnops
 import cnnops.models as M
 import plain_models as P
-from benchlib import (COMPILE, EAGER, FUSE, assert_close, compiled, finish, impl_backend,
-                      impl_cpu_conv, impl_id, not_timed_reason, paired, randn, randomize_bn,
-                      running, time_it, training_memory)
+from benchlib import (CHECKPOINT, COMPILE, EAGER, FUSE, FUSE_LEAN, assert_close,
+                      checkpoint_blocks, compiled, finish, impl_backend, impl_cpu_conv, impl_id,
+                      not_timed_reason, paired, randn, randomize_bn, running, time_it,
+                      training_memory)
 
 
 def cases(mode):
@@ -83,12 +86,14 @@ def _build(name, impl, device, train, variant):
     if impl in (EAGER, COMPILE):
         model = _twin(name, device, variant).train(train)
         return compiled(model) if impl == COMPILE else model
-    if impl == FUSE:
+    if impl == CHECKPOINT:
+        return checkpoint_blocks(_twin(name, device, variant).train(train))
+    if impl in (FUSE, FUSE_LEAN):
         if not hasattr(cnnops, "fuse"):
             pytest.skip("cnnops.fuse is not available in this version of cnnops")
         twin = _twin(name, device, variant).train(train)
         try:
-            fused = cnnops.fuse(twin)
+            fused = cnnops.fuse(twin, memory="lean") if impl == FUSE_LEAN else cnnops.fuse(twin)
         except Exception as e:  # noqa: BLE001  (an unsupported mode is a skip, not a result)
             if train:
                 pytest.skip("cnnops.fuse does not support a model in training mode: %s" % e)
@@ -201,7 +206,19 @@ def test_model_eval(benchmark, bench, device, case, impl):
 
 @cases("train")
 def test_model_train(benchmark, bench, device, case, impl):
-    v = _describe(benchmark, bench, case, "train", impl, device)
+    _train_step(benchmark, bench, device, case, impl, "train")
+
+
+@cases("memory")
+def test_model_memory(benchmark, bench, device, case, impl):
+    """The memory group: a training step of resnet18, resnet50 and densenet121 (batch 8,
+    128x128) in eager, cnnops.fuse, cnnops.fuse(memory="lean") and eager with
+    torch.utils.checkpoint per block: bytes saved for backward, peak, time."""
+    _train_step(benchmark, bench, device, case, impl, "memory")
+
+
+def _train_step(benchmark, bench, device, case, impl, mode):
+    v = _describe(benchmark, bench, case, mode, impl, device)
     key = ("train", case, device)
     # torch.compile compiles in the first call, and the cpu backend's auto convolution core
     # times both cores there (under the memory measurement's profiler it would time them

@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from . import backends, distributed, reference
+from . import backends, distributed, lean, reference
 from ._shapes import conv_output_shape, pool_output_size
 
 __all__ = ["conv2d", "conv2d_relu", "batch_norm", "bn_relu", "conv_bn_relu", "max_pool2d", "avg_pool2d",
@@ -309,7 +309,7 @@ def _sync_bn_relu(impl, input, weight, bias, residual, eps, relu, group, running
 
 
 def bn_relu(input, running_mean, running_var, weight, bias, training=False, momentum=0.1,
-            eps=1e-5, relu=True, residual=None, process_group=None):
+            eps=1e-5, relu=True, residual=None, process_group=None, memory="fast"):
     """relu(batch_norm(input) + residual), the pre-activation / BN-add-ReLU block end.
 
     input [N, C, H, W]; residual [N, C, H, W] or None; relu=False skips the ReLU.
@@ -317,7 +317,10 @@ def bn_relu(input, running_mean, running_var, weight, bias, training=False, mome
     process_group: a torch.distributed ProcessGroup to take the training statistics over the
     batches of all its processes, as nn.SyncBatchNorm does (see cnnops.distributed; every
     process of the group must make the call); None (the default): this process's batch.
+    memory: "fast" or "lean" (cnnops.lean); the same here, where nothing is kept that the
+    neighbouring ops do not keep.
     """
+    lean.check_memory(memory)
     _check_input(input)
     C = input.shape[1]
     _bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps, C)
@@ -344,7 +347,7 @@ def bn_relu(input, running_mean, running_var, weight, bias, training=False, mome
 
 def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=1,
                  padding=0, dilation=1, groups=1, training=False, momentum=0.1, eps=1e-5,
-                 relu=True, residual=None, process_group=None):
+                 relu=True, residual=None, process_group=None, memory="fast"):
     """relu(batch_norm(conv2d(input)) + residual) in one op.
 
     input [N, C, H, W]; weight [OC, C/groups, KH, KW]; bias (the conv bias) [OC]
@@ -356,7 +359,11 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
     tensors are not. -> [N, OC, OH, OW]
     process_group: as for bn_relu (synchronised statistics: the convolution, then the
     synchronised BN of cnnops.distributed).
+    memory: "fast" (the default) or "lean": training keeps no conv output for the backward,
+    which recomputes it (cnnops.lean); about half the activation memory of a conv-BN-ReLU
+    network for one more convolution forward per layer and step.
     """
+    lean.check_memory(memory)
     input, weight, bias, residual = _autocast(input, weight, bias, residual)
     input, stride, padding, dilation, groups = _conv_args(input, weight, bias, stride, padding,
                                                           dilation, groups)
@@ -368,15 +375,23 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
     group = _sync_group(training, process_group)
     impl = backends.implementation(input)
     if group is not None:
+        if memory == "lean":
+            raise NotImplementedError("conv_bn_relu: memory='lean' with a process_group is not "
+                                      "implemented (the synchronised BN keeps the conv output)")
         conv_out = impl.conv2d(input, weight, bias, stride, padding, dilation, groups)
         return _sync_bn_relu(impl, conv_out, bn_weight, bn_bias, residual, eps, relu, group,
                              running_mean, running_var, momentum)
     count = _values_per_channel(out_shape)
     if training:
         _verify_batch_size(count, out_shape)
-    out, mean, invstd = impl.conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean,
-                                          running_var, residual, stride, padding, dilation,
-                                          groups, training, eps, relu)
+    if memory == "lean" and training and torch.is_grad_enabled() and impl is not reference:
+        out, mean, invstd = lean.conv_bn_relu(impl, input, weight, bias, bn_weight, bn_bias,
+                                              residual, stride, padding, dilation, groups, eps,
+                                              relu)
+    else:
+        out, mean, invstd = impl.conv_bn_relu(input, weight, bias, bn_weight, bn_bias,
+                                              running_mean, running_var, residual, stride,
+                                              padding, dilation, groups, training, eps, relu)
     if training:
         _update_running_stats(impl, running_mean, running_var, mean, invstd, count, momentum,
                               eps)

@@ -67,6 +67,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import functional as CF
 from . import nn as cnn
+from .lean import check_memory
 from .nn import _conv_input_and_padding, apply_bn_relu, apply_conv_bn_relu, apply_conv_relu
 
 __all__ = ["fuse", "fusion_report", "FusionRecord"]
@@ -124,11 +125,11 @@ def _fits(residual, x, shape):
             and residual.device == x.device and residual.shape == shape)
 
 
-def conv_bn_relu_residual(conv, bn, x, residual=None, relu=True, how=0):
+def conv_bn_relu_residual(conv, bn, x, residual=None, relu=True, how=0, memory="fast"):
     """relu(bn(conv(x)) + residual) as one cnnops::conv_bn_relu when x is 4-D and shapes and
     dtypes match (the original modules otherwise: a SyncBatchNorm takes any input)."""
     if x.dim() == 4 and (residual is None or _fits(residual, x, _conv_out_shape(conv, x))):
-        return apply_conv_bn_relu(conv, bn, x, residual, relu)
+        return apply_conv_bn_relu(conv, bn, x, residual, relu, memory)
     out = bn(conv(x))
     if residual is not None:
         out = _combine(out, residual, how)
@@ -677,8 +678,9 @@ def _only_node_args(node, n):
 class _Rewriter:
     """Matches and replaces the fusable node groups of one traced graph."""
 
-    def __init__(self, graph, root, prefix):
+    def __init__(self, graph, root, prefix, memory):
         self.graph = graph
+        self.memory = memory  # fuse's memory mode, passed to the conv-BN sites
         self.root = root
         self.prefix = prefix
         self.mods = dict(root.named_modules())
@@ -1074,12 +1076,16 @@ class _Rewriter:
                 self.replace(chain, frozen_bn_relu, (bn_ref, x, residual, relu, how))
         # (a SyncBatchNorm takes inputs of any rank: the helpers check for a 4-D one)
         elif conv is not None:
+            # (the default mode's calls do not spell it out)
+            lean = {"memory": self.memory} if self.memory != "fast" else {}
+            if self.memory != "fast":
+                notes.append("memory=%r" % self.memory)
             if residual is None and kind != "sync":
                 self.replace(chain, apply_conv_bn_relu, (_Module(conv.target), bn_ref, x),
-                             {"relu": relu})
+                             dict(relu=relu, **lean))
             else:
                 self.replace(chain, conv_bn_relu_residual,
-                             (_Module(conv.target), bn_ref, x, residual, relu, how))
+                             (_Module(conv.target), bn_ref, x, residual, relu, how), lean)
         else:
             if residual is None and kind != "sync":
                 self.replace(chain, apply_bn_relu, (bn_ref, x), {"relu": relu})
@@ -1308,14 +1314,14 @@ def _make_forward(owner, source):
 # ---------------------------------------------------------------------------
 # Driver
 
-def _fuse_one(module, prefix, records, install):
+def _fuse_one(module, prefix, records, install, memory):
     """Trace module in train and eval mode, rewrite, install. Returns the submodules kept as
     calls that should be fused on their own."""
     opaque, failed = set(), {}
     results = []
     for mode in (True, False):
         graph, through = _trace(module, mode, opaque, failed)
-        rewriter = _Rewriter(graph, module, prefix)
+        rewriter = _Rewriter(graph, module, prefix, memory)
         recs, changed = rewriter.run()
         code = graph.python_code(root_module="self")
         results.append((graph, through, recs, changed, code))
@@ -1364,7 +1370,7 @@ def _untraced_children(module, prefix, records):
     return subs
 
 
-def _process(module, prefix, records, install, done):
+def _process(module, prefix, records, install, done, memory="fast"):
     if id(module) in done:
         return
     done.add(id(module))
@@ -1380,7 +1386,7 @@ def _process(module, prefix, records, install, done):
         saved_forward = module.__dict__.get("forward")
         n_records = len(records)
         try:
-            subs = _fuse_one(module, prefix, records, install)
+            subs = _fuse_one(module, prefix, records, install, memory)
         except _TraceFailure as e:
             del records[n_records:]
             records.append(FusionRecord(_site(prefix), "trace", "skipped",
@@ -1395,7 +1401,7 @@ def _process(module, prefix, records, install, done):
                                         "not fused (%s); fused inside instead" % _short(e)))
             subs = _untraced_children(module, prefix, records)
     for name, sub in subs:
-        _process(sub, name, records, install, done)
+        _process(sub, name, records, install, done, memory)
 
 
 def _strip(model):
@@ -1418,11 +1424,15 @@ def _copy(model):
     return copy.deepcopy(model, memo)
 
 
-def fuse(model, inplace=False):
+def fuse(model, inplace=False, memory="fast"):
     """Return ``model`` (a deep copy unless inplace) running cnnops's fused ops.
 
     Same module tree, parameters, buffers and state_dict (keys and values), same
     outputs, gradients and running-statistic updates in train and eval mode.
+    memory="lean": the fused conv-BN sites keep no conv output for the backward, which
+    recomputes it (cnnops.lean): about half a conv-BN-ReLU network's activation memory in
+    training, for one more convolution forward per site and step. (cnnops' own
+    FusedConvBNReLU modules keep their own setting.)
     Sites that could not be fused are left as they were;
     ``cnnops.fusion_report(fused)`` lists every candidate site and why.
     Never raises on a model that runs (the parts it cannot trace keep their
@@ -1430,11 +1440,12 @@ def fuse(model, inplace=False):
     """
     if not isinstance(model, nn.Module):
         raise TypeError("expected an nn.Module, got %s" % type(model).__name__)
+    check_memory(memory)
     if not inplace:
         model = _copy(model)
     _strip(model)
     records = []
-    _process(model, "", records, True, set())
+    _process(model, "", records, True, set(), memory)
     model.__dict__[_RECORDS_ATTR] = tuple(records)
     return model
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from . import lean
 
 __all__ = ["Conv2d", "BatchNorm2d", "SyncBatchNorm", "BNReLU", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
            "AddReLU", "FusedConvBNReLU", "apply_conv_bn_relu", "apply_bn_relu", "apply_conv_relu"]
@@ -125,7 +126,7 @@ class BNReLU(nn.BatchNorm2d):
         return apply_bn_relu(self, input, residual, self.relu)
 
 
-def apply_bn_relu(bn, x, residual=None, relu=True):
+def apply_bn_relu(bn, x, residual=None, relu=True, memory="fast"):
     """relu(bn(x) + residual) for any nn.BatchNorm2d or nn.SyncBatchNorm ``bn``, as one op.
 
     Honours bn's mode and statistics settings exactly as bn(x) would (and
@@ -134,21 +135,22 @@ def apply_bn_relu(bn, x, residual=None, relu=True):
     """
     training, momentum, rm, rv = _bn_mode(bn)
     return F.bn_relu(x, rm, rv, bn.weight, bn.bias, training, momentum, bn.eps, relu, residual,
-                     _sync_group(bn))
+                     _sync_group(bn), memory)
 
 
-def apply_conv_bn_relu(conv, bn, x, residual=None, relu=True):
+def apply_conv_bn_relu(conv, bn, x, residual=None, relu=True, memory="fast"):
     """relu(bn(conv(x)) + residual) for any nn.Conv2d ``conv`` and nn.BatchNorm2d ``bn``, as one op.
 
     Lets a model keep its own module names (and so its checkpoints) while
     running the fused op: e.g. a ResNet block calls
     ``apply_conv_bn_relu(self.conv2, self.bn2, out, residual=identity)``.
+    memory: "fast" or "lean" (see cnnops.lean).
     """
     x, padding = _conv_input_and_padding(conv, x)
     training, momentum, rm, rv = _bn_mode(bn)
     return F.conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, conv.stride,
                           padding, conv.dilation, conv.groups, training, momentum, bn.eps, relu,
-                          residual, _sync_group(bn))
+                          residual, _sync_group(bn), memory)
 
 
 def apply_conv_relu(conv, x, residual=None):
@@ -196,21 +198,23 @@ class FusedConvBNReLU(nn.Module):
     ``conv.bias`` (when bias=True), ``bn.weight``, ``bn.bias``,
     ``bn.running_mean``, ``bn.running_var``, ``bn.num_batches_tracked``.
     Train mode normalises with batch statistics and updates the running ones;
-    eval mode folds BN into the convolution.
+    eval mode folds BN into the convolution. memory="lean" keeps no conv output for the
+    backward, which recomputes it (cnnops.lean); "fast" (the default) keeps it.
 
     forward(x [N, C, H, W], residual [N, OC, OH, OW] or None) -> [N, OC, OH, OW]
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=False, eps=1e-5, momentum=0.1, relu=True):
+                 groups=1, bias=False, eps=1e-5, momentum=0.1, relu=True, memory="fast"):
         super().__init__()
         self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
                            groups, bias)
         self.bn = BatchNorm2d(out_channels, eps=eps, momentum=momentum)
         self.relu = relu
+        self.memory = lean.check_memory(memory)
 
     @classmethod
-    def from_modules(cls, conv, bn, relu=True):
+    def from_modules(cls, conv, bn, relu=True, memory="fast"):
         """A fused block that shares (does not copy) ``conv``'s and ``bn``'s parameters and buffers."""
         if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise TypeError("expected an nn.Conv2d and an nn.BatchNorm2d, got %s and %s"
@@ -221,10 +225,13 @@ class FusedConvBNReLU(nn.Module):
         block = cls.__new__(cls)
         nn.Module.__init__(block)
         block.conv, block.bn, block.relu = conv, bn, relu
+        block.memory = lean.check_memory(memory)
         return block
 
     def extra_repr(self):
-        return "relu=%s" % self.relu
+        return "relu=%s" % self.relu + (", memory=%r" % self.memory if self.memory != "fast"
+                                        else "")
 
     def forward(self, x, residual=None):
-        return apply_conv_bn_relu(self.conv, self.bn, x, residual, self.relu)
+        return apply_conv_bn_relu(self.conv, self.bn, x, residual, self.relu,
+                                  getattr(self, "memory", "fast"))

@@ -290,7 +290,10 @@ def register_autograd(ns):
          stride, padding, dilation, groups, training, eps, relu) = inputs
         out, conv_out, mean, invstd = output
         ctx.mark_non_differentiable(conv_out, mean, invstd)
-        ctx.save_for_backward(input, weight, conv_bias, bn_weight, out, conv_out, mean, invstd)
+        # The training backward reads the output only for the ReLU mask (csrc/autograd.cpp)
+        kept_out = out if relu or not training else None
+        ctx.save_for_backward(input, weight, conv_bias, bn_weight, kept_out, conv_out, mean,
+                              invstd)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.training, ctx.relu = training, relu
 
@@ -298,7 +301,7 @@ def register_autograd(ns):
         input, weight, conv_bias, bn_weight, out, conv_out, mean, invstd = ctx.saved_tensors
         n = ctx.needs_input_grad
         gi, gw, gcb, gbw, gbb, gr = lib.conv_bn_relu_backward(
-            grad, out, input, weight, conv_bias, conv_out, bn_weight, mean, invstd, *ctx.conv,
+            grad, out if out is not None else conv_out, input, weight, conv_bias, conv_out, bn_weight, mean, invstd, *ctx.conv,
             ctx.training, ctx.relu, [n[0], n[1], n[2], n[3], n[4], n[7]])
         return _grads(ctx, (gi, gw, gcb, gbw, gbb, None, None, gr), 15)
 
@@ -370,6 +373,9 @@ class Ops:
         self.batch_norm_stats = lib.batch_norm_stats
         self.bn_relu_backward = lib.bn_relu_backward
         self.bn_relu_backward_elemt = lib.bn_relu_backward_elemt
+        # The lean mode's (cnnops.lean): the op with its conv output, and its backward
+        self.conv_bn_relu_op = lib.conv_bn_relu
+        self.conv_bn_relu_backward = lib.conv_bn_relu_backward
         fused = lib.conv_bn_relu
 
         def conv_bn_relu(*args):
@@ -395,6 +401,8 @@ class BFloat16Ops:
         self.conv2d = ops.conv2d
         self.conv2d_relu = ops.conv2d_relu
         self.conv_bn_relu = ops.conv_bn_relu
+        self.conv_bn_relu_op = ops.conv_bn_relu_op
+        self.conv_bn_relu_backward = ops.conv_bn_relu_backward
         self.add_relu = ops.add_relu  # bfloat16 kernels: a sum rounded once and a select
 
     @staticmethod

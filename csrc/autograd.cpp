@@ -322,8 +322,11 @@ struct ConvBnReluBackward : torch::autograd::Function<ConvBnReluBackward> {
         conv_bn_relu_op(), input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
         residual, stride, padding, dilation, groups, training, eps, relu);
     ctx->mark_non_differentiable({conv_out, mean, invstd});
+    // The training backward reads the output only for the ReLU mask: without a ReLU it is
+    // not kept (a conv -> BN whose output feeds a residual add would keep it for nothing).
+    const Tensor kept_out = (relu || !training) ? out : Tensor();
     ctx->save_for_backward({input, weight, conv_bias.value_or(Tensor()),
-                            bn_weight.value_or(Tensor()), out, conv_out, mean, invstd});
+                            bn_weight.value_or(Tensor()), kept_out, conv_out, mean, invstd});
     save_tensor_args(ctx, input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
                      residual, stride, padding, dilation, groups, training, eps, relu);
     save_conv(ctx, stride, padding, dilation, groups);
@@ -334,8 +337,10 @@ struct ConvBnReluBackward : torch::autograd::Function<ConvBnReluBackward> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
+    // (output: any tensor of its shape where it is not read, see forward)
+    const Tensor& output = s[4].defined() ? s[4] : s[5];
     auto [gi, gw, gcb, gbw, gbb, gr] =
-        below_autograd(conv_bn_relu_backward_op(), grads[0], s[4], s[0], s[1], s[2], s[5], s[3],
+        below_autograd(conv_bn_relu_backward_op(), grads[0], output, s[0], s[1], s[2], s[5], s[3],
                        s[6], s[7], ints(ctx, "stride"), ints(ctx, "padding"), ints(ctx, "dilation"),
                        ctx->saved_data["groups"].toInt(), ctx->saved_data["training"].toBool(),
                        ctx->saved_data["relu"].toBool(), needs.mask<6>({0, 1, 2, 3, 4, 7}));
