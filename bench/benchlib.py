@@ -1151,9 +1151,16 @@ def checkpoint_blocks(model):
     their activations are not kept, and the backward runs their forward again (BatchNorm's
     running statistics included: updated twice a step, checkpointing's known caveat).
     Parameter names and state_dict keys stay as they were."""
-    import torch.utils.checkpoint as checkpoint
+    from torch.utils.checkpoint import checkpoint
     from cnnops.models.plain import TvBasicBlock, TvBottleneck, TvDenseLayer
+
+    def dense(forward):  # its argument, the block's list of features, grows after the call
+        return lambda features: checkpoint(lambda *t: forward(list(t)), *features,
+                                           use_reentrant=False)
+
     for m in model.modules():
-        if isinstance(m, (TvBasicBlock, TvBottleneck, TvDenseLayer)):
-            m.forward = functools.partial(checkpoint.checkpoint, m.forward, use_reentrant=False)
+        if isinstance(m, TvDenseLayer):
+            m.forward = dense(m.forward)
+        elif isinstance(m, (TvBasicBlock, TvBottleneck)):
+            m.forward = functools.partial(checkpoint, m.forward, use_reentrant=False)
     return model
