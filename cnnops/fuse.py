@@ -1074,12 +1074,16 @@ class _Rewriter:
                              (_Module(conv.target), bn_ref, x, residual, relu, how))
             else:
                 self.replace(chain, frozen_bn_relu, (bn_ref, x, residual, relu, how))
-        # (a SyncBatchNorm takes inputs of any rank: the helpers check for a 4-D one)
         elif conv is not None:
-            # (the default mode's calls do not spell it out)
-            lean = {"memory": self.memory} if self.memory != "fast" else {}
-            if self.memory != "fast":
+            # (the default mode's calls do not spell it out; a synchronised BN has no lean mode)
+            lean = {}
+            if self.memory != "fast" and kind == "sync":
+                notes.append("memory=%r is not implemented with a SyncBatchNorm: the default"
+                             % self.memory)
+            elif self.memory != "fast":
+                lean = {"memory": self.memory}
                 notes.append("memory=%r" % self.memory)
+            # (a SyncBatchNorm takes inputs of any rank: the helpers check for a 4-D one)
             if residual is None and kind != "sync":
                 self.replace(chain, apply_conv_bn_relu, (_Module(conv.target), bn_ref, x),
                              dict(relu=relu, **lean))

@@ -11,8 +11,9 @@ from torch import nn
 from . import functional as F
 from . import lean
 
-__all__ = ["Conv2d", "BatchNorm2d", "SyncBatchNorm", "BNReLU", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
-           "AddReLU", "FusedConvBNReLU", "apply_conv_bn_relu", "apply_bn_relu", "apply_conv_relu"]
+__all__ = ["Conv2d", "BatchNorm2d", "SyncBatchNorm", "BNReLU", "MaxPool2d", "AvgPool2d",
+           "AdaptiveAvgPool2d", "AddReLU", "FusedConvBNReLU", "apply_conv_bn_relu",
+           "apply_bn_relu", "apply_conv_relu"]
 
 
 def _conv_input_and_padding(conv, x):

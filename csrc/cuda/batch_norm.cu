@@ -72,23 +72,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_cuda(
   return {y, k.save_mean, k.save_invstd};
 }
 
+namespace {
+
+// The checks a BN backward op makes of input and grad_output, and the forward
+// output it reads for the ReLU mask: in input's layout, undefined without relu.
+at::Tensor backward_output(const at::Tensor& grad_output,
+                           const c10::optional<at::Tensor>& output_opt, const at::Tensor& input,
+                           bool relu, const char* op) {
+  check_4d(input, "input");
+  gpu::check_cuda_float(input, "input");
+  gpu::check_shape(grad_output, input.sizes(), "grad_output", input, "input");
+  if (!relu) return at::Tensor();
+  TORCH_CHECK_VALUE(output_opt.has_value() && output_opt->defined(), op,
+                    " with relu=True needs the forward output");
+  gpu::check_shape(*output_opt, input.sizes(), "output", input, "input");
+  return output_opt->contiguous(output_memory_format(input));
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda(
     const at::Tensor& grad_output, const c10::optional<at::Tensor>& output_opt,
     const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, bool relu,
     std::array<bool, 4> output_mask) {
-  check_4d(input, "input");
-  gpu::check_cuda_float(input, "input");
+  const at::Tensor out =
+      backward_output(grad_output, output_opt, input, relu, "bn_relu_backward");
   const int64_t N = input.size(0), C = input.size(1), L = input.size(2) * input.size(3);
-  gpu::check_shape(grad_output, input.sizes(), "grad_output", input, "input");
   const auto fmt = output_memory_format(input);
-  at::Tensor out;
-  if (relu) {
-    TORCH_CHECK_VALUE(output_opt.has_value() && output_opt->defined(),
-                      "bn_relu_backward with relu=True needs the forward output");
-    gpu::check_shape(*output_opt, input.sizes(), "output", input, "input");
-    out = output_opt->contiguous(fmt);
-  }
   const at::Tensor weight = gpu::bn_channel_param(weight_opt, input, C, "weight");
   const at::Tensor mean = gpu::bn_channel_param(save_mean, input, C, "save_mean");
   const at::Tensor invstd = gpu::bn_channel_param(save_invstd, input, C, "save_invstd");
@@ -164,18 +175,10 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_elemt_cuda(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, const at::Tensor& mean_dy,
     const at::Tensor& mean_dy_xhat, bool relu, std::array<bool, 2> output_mask) {
-  check_4d(input, "input");
-  gpu::check_cuda_float(input, "input");
+  const at::Tensor out =
+      backward_output(grad_output, output_opt, input, relu, "bn_relu_backward_elemt");
   const int64_t N = input.size(0), C = input.size(1), L = input.size(2) * input.size(3);
-  gpu::check_shape(grad_output, input.sizes(), "grad_output", input, "input");
   const auto fmt = output_memory_format(input);
-  at::Tensor out;
-  if (relu) {
-    TORCH_CHECK_VALUE(output_opt.has_value() && output_opt->defined(),
-                      "bn_relu_backward_elemt with relu=True needs the forward output");
-    gpu::check_shape(*output_opt, input.sizes(), "output", input, "input");
-    out = output_opt->contiguous(fmt);
-  }
   const at::Tensor weight = gpu::bn_channel_param(weight_opt, input, C, "weight");
   const at::Tensor mean = gpu::bn_channel_param(save_mean, input, C, "save_mean");
   const at::Tensor invstd = gpu::bn_channel_param(save_invstd, input, C, "save_invstd");
