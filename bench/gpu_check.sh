@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one command: build with the CUDA kernels, run the GPU tests, measure the GPU
-# targets. Every phase has a time limit, so the whole run fits about 8 minutes on a 16-core
-# H100/H200 machine (a 15-minute GPU slot can run it twice), and leaves at most eight files in
-# OUT (default bench/results/gpu-check):
+# targets. Every phase has a time limit, so the whole run fits about 9 minutes on a 16-core
+# H100/H200 machine, and leaves at most nine files in OUT (default bench/results/gpu-check):
 #
 #   env.txt              GPU, driver, torch / CUDA / cuDNN / triton versions, date, commit
 #   build.log            the build (TORCH_CUDA_ARCH_LIST=9.0 unless set)
@@ -15,13 +14,16 @@
 #   bench-models.json    ResNet-50 under autocast float16, batch 32, 224x224: eager, cnnops
 #                        model, cnnops.fuse (inference and training step, peak memory)
 #   bench-compile.json   the same model under torch.compile (default mode)
+#   bench-memory.json    the memory group (ResNet-50 training step, autocast float16, batch 32,
+#                        224x224: eager, cnnops.fuse, memory="lean", eager + checkpoint):
+#                        bytes saved for backward, peak memory (torch.cuda), time
 #   bench.log            the benchmarks' console output
 #   summary.txt          one line per phase: exit status, seconds, pytest's summary line
 #
 # Usage: bash bench/gpu_check.sh            (from the repository root)
 # Then:  python bench/report.py OUT/bench-ops.json OUT/bench-models.json OUT/bench-compile.json \
-#          --name <gpu>                     (-> bench/results/<gpu>.md, .png)
-# Phase limits (seconds): BUILD_S, TESTS_S, OPS_S, MODELS_S, COMPILE_S.
+#          OUT/bench-memory.json --name <gpu>   (-> bench/results/<gpu>.md, .png)
+# Phase limits (seconds): BUILD_S, TESTS_S, OPS_S, MODELS_S, COMPILE_S, MEMORY_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-check}
@@ -82,10 +84,13 @@ phase ops "${OPS_S:-100}" "$OUT/bench.log" \
 MODEL=(bench/test_bench_models.py --bench-amp --bench-models resnet50 --bench-model-batch 32
        --bench-model-size 224)
 phase models "${MODELS_S:-100}" "$OUT/bench.log" \
-  "${BENCH[@]}" "${MODEL[@]}" --bench-backends cuda --bench-compile none \
+  "${BENCH[@]}" "${MODEL[@]}" --bench-backends cuda --bench-compile none -k "not memory" \
   --benchmark-json="$OUT/bench-models.json"
 phase compile "${COMPILE_S:-120}" "$OUT/bench.log" \
   "${BENCH[@]}" "${MODEL[@]}" --bench-backends cuda --bench-compile all \
-  -k "eager or compile and not cnnops" --benchmark-json="$OUT/bench-compile.json"
+  -k "(eager or compile) and not cnnops and not memory" \
+  --benchmark-json="$OUT/bench-compile.json"
+phase memory "${MEMORY_S:-90}" "$OUT/bench.log" \
+  "${BENCH[@]}" "${MODEL[@]}" -k memory --benchmark-json="$OUT/bench-memory.json"
 
 cat "$OUT/summary.txt"

@@ -3,7 +3,7 @@
     python -m cnnops                 train a seed network on bundled digits, cnnops vs torch.nn
     python -m cnnops train --help    options (model, epochs, batch size, plot path)
     torchrun --nproc_per_node 2 -m cnnops train --distributed
-                                     the same on 2 processes: DistributedDataParallel, SyncBatchNorm
+                                     train a ResNet-18 (width 16) on 2 processes: DDP, SyncBatchNorm
                                      fused by cnnops, checked against one process on the whole batch
     python -m cnnops check           backends here, and each op's parity with torch.nn.functional
     python -m cnnops check --speed   plus CPU time of conv2d / conv_bn_relu at ResNet-18 shapes

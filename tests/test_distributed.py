@@ -8,9 +8,7 @@ concatenation of every rank's batch. A few spawns run every scenario of their wo
 scenario's result.
 """
 import datetime
-import math
 import multiprocessing
-import os
 import queue
 import socket
 import time
