@@ -105,7 +105,7 @@ class _SyncBNReLU(torch.autograd.Function):
         else:  # an empty batch joins the gather with count 0
             local = input.new_zeros(2 * C + 1, dtype=torch.float64)
         mean, var, total = _global_stats(_all_gather(local, group), C)
-        stat_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        stat_dtype = reference._stat_dtype(input)
         # Inference-mode bn_relu with the global statistics standing in for the running ones:
         # normalise, affine, residual and ReLU in one pass; it returns mean and 1/sqrt(var+eps).
         out, save_mean, save_invstd = ops.bn_relu(input, weight, bias, mean.to(stat_dtype),
@@ -176,7 +176,7 @@ def _reference_sync_bn_relu(input, weight, bias, residual, group, eps, relu):
         out = out + residual
     if relu:
         out = torch.relu(out)
-    stat_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    stat_dtype = reference._stat_dtype(input)
     return out, mean.detach().to(stat_dtype), invstd.detach().to(stat_dtype), total.detach()
 
 

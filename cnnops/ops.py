@@ -376,7 +376,7 @@ class Ops:
         # The lean mode's (cnnops.lean): the op with its conv output, and its backward
         self.conv_bn_relu_op = lib.conv_bn_relu
         self.conv_bn_relu_backward = lib.conv_bn_relu_backward
-        fused = lib.conv_bn_relu
+        fused = self.conv_bn_relu_op
 
         def conv_bn_relu(*args):
             out, _conv_output, mean, invstd = fused(*args)

@@ -244,17 +244,16 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_elemt_cpu(
   TORCH_CHECK_VALUE(mean.defined() && invstd.defined() && mdy.defined() && mdx.defined(),
                     "save_mean, save_invstd, mean_dy and mean_dy_xhat are required");
 
-  // bn_backward_coef's training formula with sum = mean * count for count = 1;
-  // its sum(gy * (x - mean)) is sum(gy * xhat) / invstd.
+  // bn_backward_coef's training formula over a count of 1, whose sums are the
+  // means: sum(gy) = mean_dy, sum(gy * (x - mean)) = mean_dy_xhat / invstd.
   std::vector<cpu::BNBackwardCoef> coef(C);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bn_relu_backward_elemt_cpu", [&] {
     using T = scalar_t;
     for (int64_t c = 0; c < C; ++c) {
       const double is = invstd.const_data_ptr<T>()[c];
-      const double w = cpu::channel_value<T>(weight, c, 1.0);
-      coef[c].a = w * is;
-      coef[c].b = -w * is * is * static_cast<double>(mdx.const_data_ptr<T>()[c]);
-      coef[c].c = -w * is * static_cast<double>(mdy.const_data_ptr<T>()[c]);
+      coef[c] = cpu::bn_backward_coef(/*training=*/true, cpu::channel_value<T>(weight, c, 1.0),
+                                      is, mdy.const_data_ptr<T>()[c],
+                                      mdx.const_data_ptr<T>()[c] / is, /*count=*/1);
     }
   });
   const auto fmt = output_memory_format(input);
