@@ -67,6 +67,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import functional as CF
 from . import nn as cnn
+from . import lean as _lean
 from .lean import check_memory
 from .nn import _conv_input_and_padding, apply_bn_relu, apply_conv_bn_relu, apply_conv_relu
 
@@ -1080,6 +1081,10 @@ class _Rewriter:
             if self.memory != "fast" and kind == "sync":
                 notes.append("memory=%r is not implemented with a SyncBatchNorm: the default"
                              % self.memory)
+            elif self.memory == "lean" and not _lean.recomputes(conv_m):
+                notes.append("lean mode keeps its conv output: recomputing it costs %d "
+                             "multiply-adds per element (> %d)"
+                             % (_lean.recompute_cost(conv_m), _lean.RECOMPUTE_MAX_MACS))
             elif self.memory != "fast":
                 lean = {"memory": self.memory}
                 notes.append("memory=%r" % self.memory)
@@ -1435,7 +1440,9 @@ def fuse(model, inplace=False, memory="fast"):
     outputs, gradients and running-statistic updates in train and eval mode.
     memory="lean": the fused conv-BN sites keep no conv output for the backward, which
     recomputes it (cnnops.lean): about half a conv-BN-ReLU network's activation memory in
-    training, for one more convolution forward per site and step. (cnnops' own
+    training, for one more convolution forward per site and step. Sites whose recomputation
+    costs more than cnnops.lean.RECOMPUTE_MAX_MACS multiply-adds per element (3x3 convs over
+    more than 256 channels) keep their conv output; the report says which. (cnnops' own
     FusedConvBNReLU modules keep their own setting.)
     Sites that could not be fused are left as they were;
     ``cnnops.fusion_report(fused)`` lists every candidate site and why.

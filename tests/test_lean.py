@@ -140,6 +140,29 @@ def test_fuse_lean_matches_fuse(backend, layout):
     assert {(r.name, r.status) for r in report_l} == {(r.name, r.status) for r in report_f}
 
 
+def test_fuse_lean_keeps_costly_conv_outputs(monkeypatch):
+    """fuse(memory="lean") recomputes a conv output only where that costs at most
+    RECOMPUTE_MAX_MACS multiply-adds per element; the other sites run the default mode, and
+    the report says which."""
+    assert cnnops.lean.recomputes(nn.Conv2d(256, 256, 3))
+    assert cnnops.lean.recomputes(nn.Conv2d(2048, 512, 1))
+    assert not cnnops.lean.recomputes(nn.Conv2d(512, 512, 3))
+    assert cnnops.lean.recompute_cost(nn.Conv2d(64, 128, (3, 5), groups=4)) == 16 * 15
+    monkeypatch.setattr(cnnops.lean, "RECOMPUTE_MAX_MACS", 50)  # conv1: 27, conv2: 72
+    torch.manual_seed(1)
+    model = _Net()
+    fused = cnnops.fuse(model, memory="lean")
+    reasons = {r.name: r.reason for r in cnnops.fusion_report(fused)}
+    assert "memory='lean'" in reasons["bn1"]
+    assert "memory='lean'" not in reasons["bn2"]
+    assert "keeps its conv output" in reasons["bn2"] and "72" in reasons["bn2"]
+    # bn2's site keeps a conv output ([4, 8, 8, 8], like its own output): bn1's does not
+    x = torch.randn(4, 3, 8, 8)
+    _, lean_saved = _saved(lambda: fused(x).sum())
+    _, fast_saved = _saved(lambda: cnnops.fuse(model)(x).sum())
+    assert len(fast_saved) - len(lean_saved) == 1
+
+
 def test_fused_module_lean():
     """FusedConvBNReLU(memory="lean") and from_modules(..., memory="lean") against the default,
     through one training step; eval mode is the same op in both."""
