@@ -865,3 +865,66 @@ def test_direct_ops_under_cpu_autocast_leave_float64_alone():
     assert_close(y, expected)
     assert_close(yr, F.relu(expected))
     assert_close(out[0], F.relu(F.batch_norm(expected, None, None, bn, bn, True)))
+
+
+# ---------------------------------------------------------------------------
+# tensors derived from parameters (BN folded into the weight, oneDNN's packed weight)
+
+def _changes(conv, bn):
+    """In-place changes of every tensor the inference ops derive from, and a swapped weight."""
+    def swap_weight():
+        conv.weight = torch.nn.Parameter(torch.randn_like(conv.weight))
+    return [lambda: None, lambda: conv.weight.mul_(-2), lambda: bn.running_var.mul_(3),
+            lambda: bn.running_mean.add_(0.5), lambda: bn.weight.add_(1),
+            lambda: bn.bias.sub_(1), swap_weight]
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("core", ["im2col", "onednn"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_inference_follows_parameter_changes(residual, core, layout, context):
+    """The oneDNN core keeps BN folded into the weight, and for channels_last inputs the
+    weight packed in oneDNN's layout, while their sources are unchanged: after each in-place
+    change of a conv or BN tensor, or a new weight, conv_bn_relu (FusedConvBNReLU) and
+    conv2d_relu give what eager gives with the new values."""
+    torch.manual_seed(15)
+    conv, bn = torch.nn.Conv2d(6, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    fused = cnnops.FusedConvBNReLU.from_modules(conv, bn).eval()
+    bn.eval()
+    x = make_input((2, 6, 9, 9), layout)
+    r = make_input((2, 8, 9, 9), layout) if residual else None
+    ctx = torch.inference_mode if context == "inference_mode" else torch.no_grad
+    for change in _changes(conv, bn):
+        with torch.no_grad():
+            change()
+        with cnnops.use_backend("cpu"), cnnops.use_cpu_conv(core), ctx():
+            for _ in range(2):  # the second call reads what the first one kept
+                z = bn(F.conv2d(x, conv.weight, conv.bias, padding=1))
+                expected = torch.relu(z + r if residual else z)
+                out = CF.conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias,
+                                      bn.running_mean, bn.running_var, padding=1,
+                                      residual=r) if residual else fused(x)
+                assert out.is_contiguous(memory_format=expected_memory_format(x))
+                assert_close(out, expected)
+                y = torch.relu(F.conv2d(x, conv.weight, conv.bias, padding=1) +
+                               (r if residual else 0))
+                assert_close(CF.conv2d_relu(x, conv.weight, conv.bias, 1, 1, residual=r), y)
+
+
+def test_auto_keys_on_layout():
+    """An NCHW and a channels_last call of one shape are two configurations (oneDNN runs
+    channels_last natively, im2col converts it), recorded as such."""
+    x, w = torch.randn(1, 5, 13, 12), torch.randn(7, 5, 3, 3)  # (a shape no other test runs)
+    with cnnops.use_backend("cpu"), cnnops.use_cpu_conv("auto"), torch.no_grad():
+        before = {c["call"] for c in cnnops.cpu_conv_choices()}
+        CF.conv2d(x, w, None, 1, 1)
+        CF.conv2d(x.contiguous(memory_format=torch.channels_last), w, None, 1, 1)
+    calls = sorted(c["call"] for c in _new_choices(before))
+    prefix = "conv2d float32 [1, 5, 13, 12] k3x3 s1x1 p1x1 -> 7"
+    threads = torch.get_num_threads()
+    assert calls == sorted(["%s (%d threads)" % (prefix, threads),
+                            "%s channels_last (%d threads)" % (prefix, threads)])

@@ -88,7 +88,7 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   const ConvShape s = conv_shape(input, weight, bias, stride, padding, dilation, groups);
   check_cpu_conv(input, "input");
   const ConvArgs args{stride, padding, dilation, groups};
-  const cpu::CoreKey key("conv2d", s, input.scalar_type(), {{"bias", bias.defined()}});
+  const cpu::CoreKey key("conv2d", s, input, {{"bias", bias.defined()}});
   return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
     if (core == cpu::Core::OneDNN) {
       return aten_conv(input, weight, bias, args, output_memory_format(input));
@@ -104,16 +104,17 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
   const ConvShape s = conv_shape(input, weight, bias, stride, padding, dilation, groups);
   check_cpu_conv(input, "input");
-  const at::Tensor residual = conv_residual(residual_opt, input, s);
+  const at::Tensor residual = conv_residual(residual_opt, input, s, output_memory_format(input));
   const ConvArgs args{stride, padding, dilation, groups};
-  const cpu::CoreKey key("conv2d_relu", s, input.scalar_type(),
+  const cpu::CoreKey key("conv2d_relu", s, input,
                          {{"bias", bias.defined()}, {"residual", residual.defined()}});
   return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
     if (core == cpu::Core::OneDNN) {
       return cpu::onednn_conv_relu(input, weight, bias, residual, /*relu=*/true, args,
                                    output_memory_format(input));
     }
-    return conv2d_relu_im2col(s, input, weight, bias, residual);
+    return conv2d_relu_im2col(s, input, weight, bias,
+                              residual.defined() ? residual.contiguous() : residual);
   });
 }
 
@@ -130,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
                     "expected grad_output of shape [", s.N, ", ", s.OC, ", ", s.OH, ", ", s.OW,
                     "], got ", grad_output.sizes());
   const ConvArgs args{stride, padding, dilation, groups};
-  const cpu::CoreKey key("conv2d_backward", s, input.scalar_type(),
+  const cpu::CoreKey key("conv2d_backward", s, input,
                          {{"grad_input", output_mask[0]}, {"grad_weight", output_mask[1]},
                           {"grad_bias", output_mask[2]}});
   return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {

@@ -212,9 +212,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
                     "conv_bn_relu in inference mode (training=False) needs running_mean "
                     "and running_var");
   TORCH_CHECK_VALUE(eps >= 0, "expected eps >= 0, got ", eps);
-  const at::Tensor residual = conv_residual(residual_opt, input, s);
+  // (in the input's layout: the oneDNN core reads it so; the other paths make it NCHW)
+  const at::Tensor residual = conv_residual(residual_opt, input, s, output_memory_format(input));
   const ConvArgs args{stride, padding, dilation, groups};
-  const cpu::CoreKey key("conv_bn_relu", s, input.scalar_type(),
+  const cpu::CoreKey key("conv_bn_relu", s, input,
                          {{"train", training}, {"relu", relu}, {"residual", residual.defined()},
                           {"conv_bias", p.conv_bias.defined()}});
   return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
@@ -375,7 +376,7 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
   const BackwardArgs a{grad_output, output, input, weight, conv_output, mean, invstd,
                        p, training, relu, output_mask};
   const ConvArgs args{stride, padding, dilation, groups};
-  const cpu::CoreKey key("conv_bn_relu_backward", s, input.scalar_type(),
+  const cpu::CoreKey key("conv_bn_relu_backward", s, input,
                          {{"train", training}, {"relu", relu},
                           {"conv_bias", p.conv_bias.defined()},
                           {"grad_input", output_mask[0]}, {"grad_weight", output_mask[1]},

@@ -4,6 +4,7 @@
 #include "bn_kernels.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <atomic>
@@ -71,10 +72,14 @@ bool onednn_supports(at::ScalarType t) {
          at::globalContext().userEnabledMkldnn();
 }
 
-CoreKey::CoreKey(const char* op_, const ConvShape& s, at::ScalarType dtype_, CoreFlags flags_)
-    : op(op_), shape(s), dtype(dtype_), flags(flags_.begin(), flags_.end()) {
+CoreKey::CoreKey(const char* op_, const ConvShape& s, const at::Tensor& input, CoreFlags flags_)
+    : op(op_),
+      shape(s),
+      dtype(input.scalar_type()),
+      channels_last(output_memory_format(input) == at::MemoryFormat::ChannelsLast),
+      flags(flags_.begin(), flags_.end()) {
   values = {s.N, s.C, s.H, s.W, s.OC, s.KH, s.KW, s.sh, s.sw, s.ph, s.pw, s.dh, s.dw,
-            s.groups, static_cast<int64_t>(dtype), at::get_num_threads(),
+            s.groups, static_cast<int64_t>(dtype), channels_last, at::get_num_threads(),
             static_cast<int64_t>(std::hash<std::string_view>()(op))};
   int64_t bits = 0;
   for (const auto& flag : flags) bits = bits * 2 + flag.second;
@@ -90,6 +95,7 @@ std::string CoreKey::text() const {
   if (s.dh != 1 || s.dw != 1) t << " d" << s.dh << "x" << s.dw;
   if (s.groups != 1) t << " g" << s.groups;
   t << " -> " << s.OC;
+  if (channels_last) t << " channels_last";
   for (const auto& [name, on] : flags) {
     if (on) t << " " << name;
   }
@@ -182,8 +188,8 @@ bool DerivedTensors::cacheable(const std::vector<at::Tensor>& sources) {
 }
 
 bool DerivedTensors::matches(const Entry& e, const std::vector<at::Tensor>& sources,
-                             double scalar) {
-  if (e.scalar != scalar || e.sources.size() != sources.size()) return false;
+                             double scalar, const std::vector<int64_t>& tag) {
+  if (e.scalar != scalar || e.tag != tag || e.sources.size() != sources.size()) return false;
   for (size_t i = 0; i < sources.size(); ++i) {
     const Source& s = e.sources[i];
     const at::Tensor& t = sources[i];
@@ -201,15 +207,25 @@ bool DerivedTensors::matches(const Entry& e, const std::vector<at::Tensor>& sour
 }
 
 std::vector<at::Tensor> DerivedTensors::get(const std::vector<at::Tensor>& sources, double scalar,
-                                            const std::function<std::vector<at::Tensor>()>& make) {
+                                            const std::function<std::vector<at::Tensor>()>& make,
+                                            const std::vector<int64_t>& tag) {
   if (!cacheable(sources)) return make();
   const c10::TensorImpl* key = sources[0].unsafeGetTensorImpl();
   {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = entries_.find(key);
-    if (it != entries_.end() && matches(it->second, sources, scalar)) return it->second.derived;
+    if (it != entries_.end() && matches(it->second, sources, scalar, tag)) {
+      return it->second.derived;
+    }
   }
-  Entry e{{}, scalar, make()};
+  // (made as normal tensors even under torch.inference_mode, so that what is
+  // derived from them in turn can be kept: the packed copy of a folded weight)
+  std::vector<at::Tensor> derived;
+  {
+    c10::InferenceMode normal_tensors(false);
+    derived = make();
+  }
+  Entry e{{}, scalar, tag, std::move(derived)};
   for (const at::Tensor& t : sources) {
     Source src{std::nullopt, nullptr, 0};
     if (t.defined()) {
@@ -233,6 +249,11 @@ std::vector<at::Tensor> DerivedTensors::get(const std::vector<at::Tensor>& sourc
 }
 
 DerivedTensors& folded_bn_cache() {
+  static DerivedTensors cache;
+  return cache;
+}
+
+DerivedTensors& packed_weight_cache() {
   static DerivedTensors cache;
   return cache;
 }
@@ -267,6 +288,22 @@ at::Tensor op_unary(const at::Tensor& x, const at::Tensor& w, const std::optiona
                  c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
+// w in oneDNN's own layout for inputs of x's sizes (see packed_weight_cache).
+at::Tensor packed_weight(const at::Tensor& w, const at::Tensor& x, const ConvArgs& a) {
+  using ReorderFn = at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+                               at::IntArrayRef, int64_t, at::OptionalIntArrayRef);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mkldnn::_reorder_convolution_weight", "")
+                             .typed<ReorderFn>();
+  // (a weight remade every call would be packed every call: it runs as it is)
+  if (!DerivedTensors::cacheable({w})) return w.contiguous(at::MemoryFormat::ChannelsLast);
+  const std::vector<int64_t> tag(x.sizes().begin(), x.sizes().end());
+  return packed_weight_cache().get({w}, 0.0, [&] {
+    return std::vector<at::Tensor>{op.call(w.contiguous(), a.padding, a.stride, a.dilation,
+                                           a.groups, x.sizes())};
+  }, tag)[0];
+}
+
 }  // namespace
 
 at::Tensor onednn_conv_relu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
@@ -282,7 +319,10 @@ at::Tensor onednn_conv_relu(const at::Tensor& x, const at::Tensor& w, const at::
   }
   const std::optional<at::Tensor> b =
       bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-  const at::Tensor xf = x.contiguous(fmt), wf = w.contiguous();
+  const at::Tensor xf = x.contiguous(fmt);
+  const at::Tensor wf = fmt == at::MemoryFormat::ChannelsLast
+                            ? packed_weight(w, xf, a)
+                            : w.contiguous();
   const c10::List<std::optional<at::Scalar>> no_scalars;
   if (residual.defined() && fmt == at::MemoryFormat::Contiguous) {
     // oneDNN fuses the residual add only in channels_last (for NCHW ATen runs

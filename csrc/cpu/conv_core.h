@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "cnnops/aten_conv.h"
+#include "cnnops/common.h"
 #include "cnnops/conv_shape.h"
 
 namespace cnnops {
@@ -51,7 +52,8 @@ const char* core_name(Core core);
 bool im2col_supports(at::ScalarType t);
 bool onednn_supports(at::ScalarType t);
 
-// One configuration of a conv op: which op, its shapes and flags, the dtype
+// One configuration of a conv op: which op, its shapes and flags, the input's
+// dtype and layout (oneDNN runs channels_last natively, im2col converts it),
 // and the thread count (a core that wins on 2 threads may lose on 16).
 using CoreFlags = std::initializer_list<std::pair<const char*, bool>>;
 struct CoreKey {
@@ -59,9 +61,10 @@ struct CoreKey {
   const char* op;
   const ConvShape& shape;
   at::ScalarType dtype;
+  bool channels_last;
   std::vector<std::pair<const char*, bool>> flags;
 
-  CoreKey(const char* op, const ConvShape& s, at::ScalarType dtype, CoreFlags flags);
+  CoreKey(const char* op, const ConvShape& s, const at::Tensor& input, CoreFlags flags);
   // Human-readable, for the record (made only when one is kept: a call's
   // overhead budget is a few microseconds).
   std::string text() const;
@@ -159,9 +162,14 @@ auto with_core(const CoreKey& key, at::ScalarType dtype, const Run& run)
 class DerivedTensors {
  public:
   static constexpr size_t kMaxEntries = 1024;
-  // sources[0] must be defined; the others may be undefined.
+  // sources[0] must be defined; the others may be undefined. scalar and tag are
+  // the non-tensor inputs of make (eps; the input's sizes and layout).
   std::vector<at::Tensor> get(const std::vector<at::Tensor>& sources, double scalar,
-                              const std::function<std::vector<at::Tensor>()>& make);
+                              const std::function<std::vector<at::Tensor>()>& make,
+                              const std::vector<int64_t>& tag = {});
+  // Whether get keeps what make returns: inference-mode tensors have no
+  // version counter to tell a change, so sets with one are made every call.
+  static bool cacheable(const std::vector<at::Tensor>& sources);
 
  private:
   struct Source {
@@ -172,15 +180,27 @@ class DerivedTensors {
   struct Entry {
     std::vector<Source> sources;
     double scalar;
+    std::vector<int64_t> tag;
     std::vector<at::Tensor> derived;
   };
-  static bool cacheable(const std::vector<at::Tensor>& sources);
-  static bool matches(const Entry& e, const std::vector<at::Tensor>& sources, double scalar);
+  static bool matches(const Entry& e, const std::vector<at::Tensor>& sources, double scalar,
+                      const std::vector<int64_t>& tag);
   std::mutex mutex_;
   std::unordered_map<const c10::TensorImpl*, Entry> entries_;
 };
 
 DerivedTensors& folded_bn_cache();
+
+// oneDNN's convolutions want the weight in a blocked layout of their own; given
+// a plain one, each call reorders it (on the channels_last path that costs up
+// to a third of a 512-channel layer: 2048x7x7 1x1, 5.8 -> 3.7 ms). So
+// onednn_conv_relu runs channels_last float32 inputs with a weight packed once
+// per (weight, input sizes) by mkldnn::_reorder_convolution_weight and kept in
+// this cache, as torch.compile's CPU freezing packs its weights. (For NCHW
+// inputs oneDNN reorders the activations too, and a packed weight measured no
+// faster: they keep the plain weight.) The cache holds one packed copy of each
+// weight seen, while that weight lives and is unchanged.
+DerivedTensors& packed_weight_cache();
 
 // ---- the oneDNN core: ATen's convolution ------------------------------------
 // (aten_conv / aten_conv_backward, cnnops/aten_conv.h, and the fused call below)
