@@ -30,7 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cnnops
 import cnnops.models as M
-from cnnops.fuse import FusionRecord
+from cnnops.fuse import FusionRecord, restore_layout, to_channels_last
+from conftest import assert_close, make_input
 from cnnops.models import plain
 
 
@@ -1721,3 +1722,77 @@ def test_wrapped_in_data_parallel():
     out_m, _ = _step(model, x)
     out_f, _ = _step(fused, x)
     torch.testing.assert_close(out_f[0], out_m[0], rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------
+# channels_last inference on the CPU
+
+class _FeatureNet(nn.Module):
+    """conv-BN-ReLU, a residual block, a pool; returns the 4-D features and the logits."""
+
+    def __init__(self, view=False):
+        super().__init__()
+        self.view = view
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)) + x)
+        f = F.max_pool2d(x, 2)
+        flat = f.view(f.shape[0], -1) if self.view else torch.flatten(f, 1)
+        return f, self.fc(flat)
+
+
+def _eval_source(fused):
+    return fused.__dict__["forward"].source.split("def _cnnops_eval")[1]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fuse_runs_cpu_inference_in_channels_last(layout):
+    """fuse's eval forward takes a 4-D CPU input to channels_last (oneDNN's native layout)
+    when every op of the graph is layout-free, and gives its 4-D outputs back in the input's
+    layout: the same values and layouts as eager; training is untouched."""
+    torch.manual_seed(16)
+    model = _FeatureNet().eval()
+    for bn in (model.bn1, model.bn2):
+        bn.running_var.uniform_(0.5, 2)
+    fused = cnnops.fuse(model)
+    assert "to_channels_last(" in _eval_source(fused)
+    train_source = fused.__dict__["forward"].source.split("def _cnnops_train")[1]
+    assert "to_channels_last(" not in train_source.split("def _cnnops_eval")[0]
+    x = make_input((2, 3, 8, 8), layout)
+    with torch.no_grad():
+        (f_e, y_e), (f_f, y_f) = model(x), fused(x)
+    assert_close(f_f, f_e)
+    assert_close(y_f, y_e)
+    assert f_f.stride() == f_e.stride()
+    fused.train()
+    assert_close(fused(x)[1], model.train()(x)[1])
+
+
+def test_fuse_keeps_the_layout_of_graphs_with_other_ops():
+    """A .view() (which raises on a channels_last activation) or any op outside the
+    layout-free set keeps the eval graph in the layout it is given."""
+    torch.manual_seed(17)
+    model = _FeatureNet(view=True).eval()
+    fused = cnnops.fuse(model)
+    assert "to_channels_last(" not in fused.__dict__["forward"].source
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert_close(fused(x)[1], model(x)[1])
+
+
+def test_to_channels_last_only_where_onednn_runs():
+    x = torch.randn(2, 3, 4, 4)
+    assert to_channels_last(x).is_contiguous(memory_format=torch.channels_last)
+    for other in (x.double(), torch.randn(2, 3, 4), x.contiguous(memory_format=torch.channels_last)):
+        assert to_channels_last(other) is other
+    with cnnops.use_cpu_conv("im2col"):
+        assert to_channels_last(x) is x
+    with cnnops.use_backend("reference"):
+        assert to_channels_last(x) is x
+    y = torch.randn(2, 5, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert restore_layout((y, 1), x, x)[0] is y
+    assert restore_layout((y, 1), x, y)[0].is_contiguous()
