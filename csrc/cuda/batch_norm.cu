@@ -74,19 +74,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_cuda(
 
 namespace {
 
-// The checks a BN backward op makes of input and grad_output, and the forward
-// output it reads for the ReLU mask: in input's layout, undefined without relu.
-at::Tensor backward_output(const at::Tensor& grad_output,
+// The checked arguments both BN backward ops take: input and grad_output; the
+// forward output read for the ReLU mask (in input's layout, undefined without
+// relu); the per-channel weight and saved statistics, which must be given.
+struct BackwardArgs {
+  at::Tensor out, weight, mean, invstd;
+};
+
+BackwardArgs backward_args(const at::Tensor& grad_output,
                            const c10::optional<at::Tensor>& output_opt, const at::Tensor& input,
-                           bool relu, const char* op) {
+                           const c10::optional<at::Tensor>& weight_opt,
+                           const at::Tensor& save_mean, const at::Tensor& save_invstd, bool relu,
+                           const char* op) {
   check_4d(input, "input");
   gpu::check_cuda_float(input, "input");
   gpu::check_shape(grad_output, input.sizes(), "grad_output", input, "input");
-  if (!relu) return at::Tensor();
-  TORCH_CHECK_VALUE(output_opt.has_value() && output_opt->defined(), op,
-                    " with relu=True needs the forward output");
-  gpu::check_shape(*output_opt, input.sizes(), "output", input, "input");
-  return output_opt->contiguous(output_memory_format(input));
+  const int64_t C = input.size(1);
+  BackwardArgs a;
+  if (relu) {
+    TORCH_CHECK_VALUE(output_opt.has_value() && output_opt->defined(), op,
+                      " with relu=True needs the forward output");
+    gpu::check_shape(*output_opt, input.sizes(), "output", input, "input");
+    a.out = output_opt->contiguous(output_memory_format(input));
+  }
+  a.weight = gpu::bn_channel_param(weight_opt, input, C, "weight");
+  a.mean = gpu::bn_channel_param(save_mean, input, C, "save_mean");
+  a.invstd = gpu::bn_channel_param(save_invstd, input, C, "save_invstd");
+  TORCH_CHECK_VALUE(a.mean.defined() && a.invstd.defined(),
+                    "save_mean and save_invstd are required");
+  return a;
 }
 
 }  // namespace
@@ -96,14 +112,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda
     const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, bool relu,
     std::array<bool, 4> output_mask) {
-  const at::Tensor out =
-      backward_output(grad_output, output_opt, input, relu, "bn_relu_backward");
+  const BackwardArgs a = backward_args(grad_output, output_opt, input, weight_opt, save_mean,
+                                       save_invstd, relu, "bn_relu_backward");
+  const at::Tensor &out = a.out, &weight = a.weight, &mean = a.mean, &invstd = a.invstd;
   const int64_t N = input.size(0), C = input.size(1), L = input.size(2) * input.size(3);
   const auto fmt = output_memory_format(input);
-  const at::Tensor weight = gpu::bn_channel_param(weight_opt, input, C, "weight");
-  const at::Tensor mean = gpu::bn_channel_param(save_mean, input, C, "save_mean");
-  const at::Tensor invstd = gpu::bn_channel_param(save_invstd, input, C, "save_invstd");
-  TORCH_CHECK_VALUE(mean.defined() && invstd.defined(), "save_mean and save_invstd are required");
   c10::cuda::CUDAGuard guard(input.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
 
@@ -175,17 +188,14 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_elemt_cuda(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, const at::Tensor& mean_dy,
     const at::Tensor& mean_dy_xhat, bool relu, std::array<bool, 2> output_mask) {
-  const at::Tensor out =
-      backward_output(grad_output, output_opt, input, relu, "bn_relu_backward_elemt");
+  const BackwardArgs a = backward_args(grad_output, output_opt, input, weight_opt, save_mean,
+                                       save_invstd, relu, "bn_relu_backward_elemt");
+  const at::Tensor &out = a.out, &weight = a.weight, &mean = a.mean, &invstd = a.invstd;
   const int64_t N = input.size(0), C = input.size(1), L = input.size(2) * input.size(3);
   const auto fmt = output_memory_format(input);
-  const at::Tensor weight = gpu::bn_channel_param(weight_opt, input, C, "weight");
-  const at::Tensor mean = gpu::bn_channel_param(save_mean, input, C, "save_mean");
-  const at::Tensor invstd = gpu::bn_channel_param(save_invstd, input, C, "save_invstd");
   const at::Tensor mdy = gpu::bn_channel_param(mean_dy, input, C, "mean_dy");
   const at::Tensor mdx = gpu::bn_channel_param(mean_dy_xhat, input, C, "mean_dy_xhat");
-  TORCH_CHECK_VALUE(mean.defined() && invstd.defined() && mdy.defined() && mdx.defined(),
-                    "save_mean, save_invstd, mean_dy and mean_dy_xhat are required");
+  TORCH_CHECK_VALUE(mdy.defined() && mdx.defined(), "mean_dy and mean_dy_xhat are required");
   c10::cuda::CUDAGuard guard(input.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
 
