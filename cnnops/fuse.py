@@ -64,6 +64,7 @@ import torch.nn.functional as TF
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from . import backends
 from . import functional as CF
@@ -1342,7 +1343,6 @@ def restore_layout(out, *pairs):
     an input: pairs alternate each input and what to_channels_last returned for it."""
     if all(a is b for a, b in zip(pairs[::2], pairs[1::2])):
         return out
-    from torch.utils._pytree import tree_map
     return tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) and t.dim() == 4
                     else t, out)
 
@@ -1376,9 +1376,8 @@ def _layout_free(node, mods):
 
 def _channels_last_inputs(graph, root):
     """Rewrites an eval-mode graph whose every op is layout-free (and no BN-ReLU site of
-    cnnops' NCHW kernels) to run its 4-D CPU inputs
-    in channels_last (to_channels_last) and return its 4-D outputs in the default layout, as
-    torch.compile's CPU freezing does. oneDNN runs channels_last convolutions without
+    cnnops' NCHW kernels) to run its 4-D CPU inputs in channels_last (to_channels_last) and
+    return its 4-D outputs in the default layout, as torch.compile's CPU freezing does. oneDNN runs channels_last convolutions without
     reordering the activations, and with a weight packed once (csrc/cpu/conv_core.h):
     measured on ResNet-50 inference, batch 8, 2 cores, 1.14x -> 1.3x eager."""
     mods = dict(root.named_modules())

@@ -89,7 +89,7 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   check_cpu_conv(input, "input");
   const ConvArgs args{stride, padding, dilation, groups};
   const cpu::CoreKey key("conv2d", s, input, {{"bias", bias.defined()}});
-  return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
+  return cpu::with_core(key, [&](cpu::Core core) {
     if (core == cpu::Core::OneDNN) {
       return aten_conv(input, weight, bias, args, output_memory_format(input));
     }
@@ -108,7 +108,7 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   const ConvArgs args{stride, padding, dilation, groups};
   const cpu::CoreKey key("conv2d_relu", s, input,
                          {{"bias", bias.defined()}, {"residual", residual.defined()}});
-  return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
+  return cpu::with_core(key, [&](cpu::Core core) {
     if (core == cpu::Core::OneDNN) {
       return cpu::onednn_conv_relu(input, weight, bias, residual, /*relu=*/true, args,
                                    output_memory_format(input));
@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   const cpu::CoreKey key("conv2d_backward", s, input,
                          {{"grad_input", output_mask[0]}, {"grad_weight", output_mask[1]},
                           {"grad_bias", output_mask[2]}});
-  return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
+  return cpu::with_core(key, [&](cpu::Core core) {
     if (core == cpu::Core::OneDNN) {
       auto [gi, gw, gb] = aten_conv_backward(grad_output, input, weight, args,
                                              output_memory_format(input), output_mask);

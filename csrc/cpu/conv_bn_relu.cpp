@@ -218,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
   const cpu::CoreKey key("conv_bn_relu", s, input,
                          {{"train", training}, {"relu", relu}, {"residual", residual.defined()},
                           {"conv_bias", p.conv_bias.defined()}});
-  return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
+  return cpu::with_core(key, [&](cpu::Core core) {
     return forward(core, s, input, weight, p, residual, args, training, eps, relu);
   });
 }
@@ -382,7 +382,7 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
                           {"grad_input", output_mask[0]}, {"grad_weight", output_mask[1]},
                           {"grad_conv_bias", output_mask[2]}, {"grad_bn_weight", output_mask[3]},
                           {"grad_bn_bias", output_mask[4]}, {"grad_residual", output_mask[5]}});
-  return cpu::with_core(key, input.scalar_type(), [&](cpu::Core core) {
+  return cpu::with_core(key, [&](cpu::Core core) {
     return backward(core, s, a, args);
   });
 }

@@ -103,7 +103,8 @@ std::string CoreKey::text() const {
   return t.str();
 }
 
-bool fixed_choice(const CoreKey& key, at::ScalarType dtype, CoreChoice& out) {
+bool fixed_choice(const CoreKey& key, CoreChoice& out) {
+  const at::ScalarType dtype = key.dtype;
   const CoreMode mode = core_mode();
   const bool im2col = im2col_supports(dtype), onednn = onednn_supports(dtype);
   if (mode == CoreMode::Im2col) {

@@ -79,8 +79,8 @@ struct CoreChoice {
 // mode (or when the mode forces a core: forced choices are made per call).
 const CoreChoice* lookup_choice(const CoreKey& key);
 // The choice for `key` when it needs no measurement (forced, or one core).
-// Raises when the forced core cannot run the dtype.
-bool fixed_choice(const CoreKey& key, at::ScalarType dtype, CoreChoice& out);
+// Raises when the forced core cannot run its dtype.
+bool fixed_choice(const CoreKey& key, CoreChoice& out);
 // Records a measured choice (the first one recorded for a key wins); with
 // onednn_error, that oneDNN failed and im2col is the choice.
 const CoreChoice& record_choice(const CoreKey& key, double im2col_ms, double onednn_ms,
@@ -106,10 +106,9 @@ std::vector<ChoiceRecord> take_trace();
 // measured instead of the core; a 25 MB output ran at half speed). The chosen
 // core then runs the call once more for the result.
 template <typename Run>
-auto with_core(const CoreKey& key, at::ScalarType dtype, const Run& run)
-    -> decltype(run(Core::Im2col)) {
+auto with_core(const CoreKey& key, const Run& run) -> decltype(run(Core::Im2col)) {
   CoreChoice fixed;
-  if (fixed_choice(key, dtype, fixed)) {
+  if (fixed_choice(key, fixed)) {
     trace_call(key, fixed);
     return run(fixed.core);
   }
