@@ -255,6 +255,17 @@ def test_max_pool2d_empty_batch(backend, layout):
     assert gx.shape == x.shape and gx.dtype == x.dtype
 
 
+@pytest.mark.parametrize("kind", ["integers", "nan_ties"])
+@pytest.mark.parametrize("channels", [17, 67])
+def test_max_pool2d_channels_last_many_channels(backend, channels, kind):
+    """The CPU's NHWC kernels run a pixel's channels as one vector loop and the backward in
+    blocks of 64 channels: channel counts past a vector and past a block, with ties and NaNs."""
+    x = _special_values(kind, (2, channels, 7, 9), torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    _check_max_pool2d(backend, x, (3, 3), 2, 1, 1, True)
+    _check_max_pool2d(backend, x, (2, 3), (1, 2), (1, 0), 2, False)
+
+
 # ---------------------------------------------------------------------------
 # avg_pool2d
 

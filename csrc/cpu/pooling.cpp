@@ -3,10 +3,10 @@
 //
 // Layout: the kernels read and write NCHW-contiguous buffers, one H*W plane per
 // task. Planes are independent, so parallelising over N*C keeps the
-// scatter-add backward ops race-free without atomics. Inputs in other layouts
-// are copied to NCHW first and results are converted to
-// cnnops::output_memory_format(input) at the end; a native NHWC kernel
-// (vectorised over C) would avoid both copies for channels_last inputs.
+// scatter-add backward ops race-free without atomics. max_pool2d has NHWC
+// kernels as well, vectorised over C, which channels_last inputs take. Other
+// inputs are copied to NCHW first and results are converted to
+// cnnops::output_memory_format(input) at the end.
 //
 // Semantics and rounding follow aten's CPU kernels (MaxPoolKernel.cpp,
 // AvgPoolKernel.cpp, AdaptiveAvgPoolKernel.cpp): window sums accumulate in
@@ -186,6 +186,34 @@ void avg_pool_backward_plane(const scalar_t* grad_out, scalar_t* grad_in,
   }
 }
 
+// NHWC max pooling: one output pixel's C channels at a time, taps in scan
+// order (ih, then iw) as in max_pool_plane, so ties and NaNs resolve the same.
+// `in` is one image [H, W, C]; out and indices are the pixel's C values; best
+// holds C indices as Idx (see max_pool_plane).
+template <typename scalar_t, typename Idx>
+void max_pool_pixel_nhwc(const scalar_t* in, scalar_t* out, int64_t* indices, int64_t W,
+                         int64_t C, const Span& h, const Span& w, int64_t dH, int64_t dW,
+                         Idx* best) {
+  const Idx first = static_cast<Idx>((h.empty() || w.empty()) ? -1 : h.begin * W + w.begin);
+  for (int64_t c = 0; c < C; ++c) {
+    out[c] = -std::numeric_limits<scalar_t>::infinity();
+    best[c] = first;
+  }
+  for (int64_t ih = h.begin; ih < h.end; ih += dH) {
+    for (int64_t iw = w.begin; iw < w.end; iw += dW) {
+      const scalar_t* src = in + (ih * W + iw) * C;
+      const Idx tap = static_cast<Idx>(ih * W + iw);
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t v = src[c];
+        const bool take = v > out[c] || v != v;  // as in max_pool_plane
+        out[c] = take ? v : out[c];
+        best[c] = take ? tap : best[c];
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) indices[c] = best[c];
+}
+
 // Runs f(plane) for every plane, in parallel. `work_per_plane` (roughly the
 // scalar operations in one plane) sizes the chunks so that small problems are
 // not split into tasks costlier to schedule than to run.
@@ -315,6 +343,87 @@ at::Tensor avg_pool_backward(const at::Tensor& grad_output, const at::Tensor& in
 
 }  // namespace
 
+// max_pool2d over a channels_last input into channels_last output and indices:
+// one task per output row of an image, each pixel's C channels in one vector
+// loop (max_pool_pixel_nhwc).
+void max_pool2d_nhwc(const at::Tensor& input, at::Tensor& output, at::Tensor& indices,
+                     const PoolShape& s, const std::vector<Span>& rows,
+                     const std::vector<Span>& cols, at::IntArrayRef kernel_size,
+                     at::IntArrayRef dilation, bool small) {
+  const int64_t C = s.C, row_work = s.OW * C * kernel_size[0] * kernel_size[1];
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, row_work));
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnops_max_pool2d_nhwc_cpu", [&] {
+    const scalar_t* in_data = input.const_data_ptr<scalar_t>();
+    scalar_t* out_data = output.mutable_data_ptr<scalar_t>();
+    int64_t* idx_data = indices.mutable_data_ptr<int64_t>();
+    at::parallel_for(0, s.N * s.OH, grain, [&](int64_t begin, int64_t end) {
+      // One pixel's indices (thread-local scratch, no allocation per row).
+      thread_local std::vector<int32_t> best32;
+      thread_local std::vector<int64_t> best64;
+      if (small) {
+        best32.resize(C);
+      } else {
+        best64.resize(C);
+      }
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / s.OH, oh = r % s.OH;
+        const scalar_t* image = in_data + n * s.H * s.W * C;
+        for (int64_t ow = 0; ow < s.OW; ++ow) {
+          const int64_t at = (r * s.OW + ow) * C;
+          const auto run = [&](auto* best) {
+            max_pool_pixel_nhwc(image, out_data + at, idx_data + at, s.W, C, rows[oh], cols[ow],
+                                dilation[0], dilation[1], best);
+          };
+          if (small) {
+            run(best32.data());
+          } else {
+            run(best64.data());
+          }
+        }
+      }
+    });
+  });
+}
+
+// max_pool2d_backward for channels_last tensors: one task per (image, block of
+// channels), which owns that slice of grad_input, zeroes it and scatter-adds
+// into it, so no two tasks write the same element.
+void max_pool2d_backward_nhwc(const at::Tensor& gout, const at::Tensor& idx,
+                              at::Tensor& grad_input) {
+  const int64_t N = grad_input.size(0), C = grad_input.size(1);
+  const int64_t HW = grad_input.size(2) * grad_input.size(3);
+  const int64_t OHW = gout.size(2) * gout.size(3);
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (C + kBlock - 1) / kBlock;
+  const int64_t grain = std::max<int64_t>(
+      1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, (HW + OHW) * std::min(C, kBlock)));
+  AT_DISPATCH_FLOATING_TYPES(gout.scalar_type(), "cnnops_max_pool2d_backward_nhwc_cpu", [&] {
+    const scalar_t* g_data = gout.const_data_ptr<scalar_t>();
+    const int64_t* idx_data = idx.const_data_ptr<int64_t>();
+    scalar_t* gin_data = grad_input.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N * blocks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / blocks, c0 = task % blocks * kBlock;
+        const int64_t width = std::min(kBlock, C - c0);
+        scalar_t* gin = gin_data + n * HW * C + c0;
+        for (int64_t p = 0; p < HW; ++p) std::fill(gin + p * C, gin + p * C + width, scalar_t(0));
+        const scalar_t* g = g_data + n * OHW * C + c0;
+        const int64_t* ind = idx_data + n * OHW * C + c0;
+        for (int64_t p = 0; p < OHW; ++p) {
+          for (int64_t c = 0; c < width; ++c) {
+            const int64_t j = ind[p * C + c];
+            if (j == -1) continue;  // a window with no tap
+            TORCH_CHECK_VALUE(j >= 0 && j < HW, "max_pool2d_backward: index ", j,
+                              " is outside the input plane of ", grad_input.size(2), "x",
+                              grad_input.size(3), " elements (expected -1 or [0, ", HW, "))");
+            gin[j * C + c] += g[p * C + c];
+          }
+        }
+      }
+    });
+  });
+}
+
 // input [N, C, H, W] -> (output [N, C, OH, OW], indices [N, C, OH, OW] int64,
 // flat offsets h*W + w into each input plane, -1 for a window with no tap).
 std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(
@@ -323,22 +432,25 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(
   const PoolShape s = check_pool2d("max_pool2d", input, kernel_size, stride,
                                    padding, dilation, ceil_mode);
   const auto fmt = output_memory_format(input);
-  at::Tensor output = empty_nchw({s.N, s.C, s.OH, s.OW}, input);
-  at::Tensor indices = at::empty({s.N, s.C, s.OH, s.OW}, input.options().dtype(at::kLong));
-  if (output.numel() == 0) {
-    return std::make_tuple(output.contiguous(fmt), indices.contiguous(fmt));
-  }
+  at::Tensor output = at::empty({s.N, s.C, s.OH, s.OW}, input.options().memory_format(fmt));
+  at::Tensor indices = at::empty({s.N, s.C, s.OH, s.OW},
+                                 input.options().dtype(at::kLong).memory_format(fmt));
+  if (output.numel() == 0) return std::make_tuple(output, indices);
   const std::vector<Span> rows =
       max_spans(s.H, s.OH, kernel_size[0], stride[0], padding[0], dilation[0]);
   const std::vector<Span> cols =
       max_spans(s.W, s.OW, kernel_size[1], stride[1], padding[1], dilation[1]);
+  const bool small = s.H * s.W <= std::numeric_limits<int32_t>::max();
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    max_pool2d_nhwc(input, output, indices, s, rows, cols, kernel_size, dilation, small);
+    return std::make_tuple(output, indices);
+  }
   const at::Tensor in = input.contiguous();
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "cnnops_max_pool2d_cpu", [&] {
     const scalar_t* in_data = in.const_data_ptr<scalar_t>();
     scalar_t* out_data = output.mutable_data_ptr<scalar_t>();
     int64_t* idx_data = indices.mutable_data_ptr<int64_t>();
     const int64_t plane_out = s.OH * s.OW;
-    const bool small = s.H * s.W <= std::numeric_limits<int32_t>::max();
     for_each_plane(s.N * s.C, plane_out * kernel_size[0] * kernel_size[1], [&](int64_t p) {
       const auto run = [&](auto* best) {
         max_pool_plane(in_data + p * s.H * s.W, out_data + p * plane_out,
@@ -357,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(
       }
     });
   });
-  return std::make_tuple(output.contiguous(fmt), indices.contiguous(fmt));
+  return std::make_tuple(output, indices);
 }
 
 // Scatter-adds grad_output [N, C, OH, OW] into a zero grad_input shaped like
@@ -386,6 +498,11 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output,
                     grad_output.sizes(), ", got ", indices.sizes());
   const auto fmt = output_memory_format(input);
   if (grad_output.numel() == 0) return zeros_nchw(input.sizes(), input).contiguous(fmt);
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(fmt));
+    max_pool2d_backward_nhwc(grad_output.contiguous(fmt), indices.contiguous(fmt), grad_input);
+    return grad_input;
+  }
   // Each plane is zeroed just before its scatter, while it is in cache (a
   // separate zero fill of the whole gradient is one more pass over memory).
   at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(
