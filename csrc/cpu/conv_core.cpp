@@ -4,6 +4,7 @@
 #include "bn_kernels.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -296,8 +297,11 @@ at::Tensor packed_weight(const at::Tensor& w, const at::Tensor& x, const ConvArg
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("mkldnn::_reorder_convolution_weight", "")
                              .typed<ReorderFn>();
-  // (a weight remade every call would be packed every call: it runs as it is)
-  if (!DerivedTensors::cacheable({w})) return w.contiguous(at::MemoryFormat::ChannelsLast);
+  // A weight remade every call would be packed every call, and so would one
+  // that training changes every step: those run as they are.
+  if (!DerivedTensors::cacheable({w}) || (at::GradMode::is_enabled() && w.requires_grad())) {
+    return w.contiguous(at::MemoryFormat::ChannelsLast);
+  }
   const std::vector<int64_t> tag(x.sizes().begin(), x.sizes().end());
   return packed_weight_cache().get({w}, 0.0, [&] {
     return std::vector<at::Tensor>{op.call(w.contiguous(), a.padding, a.stride, a.dilation,
