@@ -10,6 +10,7 @@
     python -m cnnops models          every model: parameters, FLOPs, output shape
 """
 import argparse
+import ctypes
 import gc
 import os
 import sys
@@ -87,6 +88,25 @@ def _train_epoch(model, opt, x, y, batch_size, order, label):
     return total / len(y), time.perf_counter() - start
 
 
+def _keep_freed_memory():
+    """Asks glibc's malloc to keep the memory the two runs free, rather than hand it back to
+    the kernel. -> True where that took effect (glibc), False elsewhere.
+
+    Both runs share this process and its heap. By default glibc returns a freed block above
+    a (moving) threshold to the kernel, and the next allocation faults it back in page by
+    page: about 4 us a page here, so a 1 MB activation costs 1 ms. Which run pays depends on
+    where the other's frees left the heap, and it swung the per-epoch times by up to 30% from
+    one run to the next. With the memory kept, each run pays for its own work only.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # 32 MiB is glibc's largest mmap threshold on 64-bit systems; larger blocks are mapped
+    return bool(mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(mallopt(M_MMAP_THRESHOLD, 1 << 25))
+
+
 def cmd_train(args):
     from cnnops.models import MODELS
     from cnnops.models.plain import PLAIN
@@ -96,6 +116,7 @@ def cmd_train(args):
     if args.model in DISTRIBUTED_MODELS:
         raise SystemExit("python -m cnnops train: --model %s is for --distributed runs; "
                          "choose one of %s" % (args.model, ", ".join(PLAIN)))
+    kept = _keep_freed_memory()
     torch.manual_seed(args.seed)
     (train_x, train_y), (test_x, test_y) = load_digits(seed=args.seed)
     ours = MODELS[args.model][0]()
@@ -107,6 +128,9 @@ def cmd_train(args):
                                                torch.get_num_threads()))
     print("backend: %s (resolves to %r for this data); reference: torch.nn with the same "
           "initial weights and batches" % (cnnops.get_backend(), cnnops.backends.resolve(train_x)))
+    print("allocator: %s" % ("freed memory stays in the process (glibc mallopt), so neither run "
+                             "pays page faults for the other's frees" if kept else
+                             "not glibc; the epoch times include the allocator's page faults"))
     runs = {"cnnops": (ours, torch.optim.SGD(ours.parameters(), lr=args.lr, momentum=0.9)),
             "torch.nn": (theirs, torch.optim.SGD(theirs.parameters(), lr=args.lr, momentum=0.9))}
     history = {name: {"loss": [], "acc": [], "time": []} for name in runs}
