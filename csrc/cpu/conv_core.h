@@ -198,7 +198,9 @@ DerivedTensors& folded_bn_cache();
 // this cache, as torch.compile's CPU freezing packs its weights. (For NCHW
 // inputs oneDNN reorders the activations too, and a packed weight measured no
 // faster: they keep the plain weight.) The cache holds one packed copy of each
-// weight seen, while that weight lives and is unchanged.
+// weight seen, while that weight lives and is unchanged. A weight that training
+// updates every step (grad mode on, requires_grad) is not packed: its pack
+// would be remade on every call.
 DerivedTensors& packed_weight_cache();
 
 // ---- the oneDNN core: ATen's convolution ------------------------------------
