@@ -17,6 +17,7 @@ per-channel vectors [C] (or [OC]), output [N, OC, OH, OW].
 import functools
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from . import _ext
 from ._shapes import conv_output_shape as _conv_out
@@ -31,6 +32,15 @@ _REDUCED = (torch.float16, torch.bfloat16)
 def _fmt(t):
     """Output layout rule of every op: channels_last in, channels_last out."""
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _conv_fmt(input, weight):
+    """A convolution's output layout (csrc/include/cnnops/common.h, conv_memory_format): the
+    rule above, and channels_last too when the weight suggests it, as PyTorch decides."""
+    if _fmt(input) == torch.channels_last or (
+            weight.dim() == 4 and suggest_memory_format(weight) == torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -55,17 +65,20 @@ if _ext.LOADED:
 
     @torch.library.register_fake("cnnops::conv2d")
     def _(input, weight, bias, stride, padding, dilation, groups):
-        return _like(input, _conv_out(input, weight, stride, padding, dilation), _fmt(input))
+        return _like(input, _conv_out(input, weight, stride, padding, dilation),
+                     _conv_fmt(input, weight))
 
     @torch.library.register_fake("cnnops::conv2d_backward")
     def _(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
-        return (_like(input, input.shape, _fmt(input)) if output_mask[0] else _none(input),
+        fmt = _conv_fmt(input, weight)
+        return (_like(input, input.shape, fmt) if output_mask[0] else _none(input),
                 _like(weight, weight.shape) if output_mask[1] else _none(input),
                 _like(input, (weight.shape[0],)) if output_mask[2] else _none(input))
 
     @torch.library.register_fake("cnnops::conv2d_relu")
     def _(input, weight, bias, residual, stride, padding, dilation, groups):
-        return _like(input, _conv_out(input, weight, stride, padding, dilation), _fmt(input))
+        return _like(input, _conv_out(input, weight, stride, padding, dilation),
+                     _conv_fmt(input, weight))
 
     def _bn_stats(input):
         C = input.shape[1]
@@ -117,22 +130,24 @@ if _ext.LOADED:
         OC = shape[1]
         # conv_output (kept for backward) is the convolution's own output: NCHW on the CPU,
         # in the output's layout from cuDNN.
-        conv_fmt = _fmt(input) if input.device.type == "cuda" else torch.contiguous_format
+        fmt = _conv_fmt(input, weight)
+        conv_fmt = fmt if input.device.type == "cuda" else torch.contiguous_format
         conv_output = _like(input, shape, conv_fmt) if training else _none(input)
         stats = _like(input, (OC,), dtype=_stat_dtype(input))
-        return _like(input, shape, _fmt(input)), conv_output, stats, torch.empty_like(stats)
+        return _like(input, shape, fmt), conv_output, stats, torch.empty_like(stats)
 
     @torch.library.register_fake("cnnops::conv_bn_relu_backward")
     def _(grad_output, output, input, weight, conv_bias, conv_output, bn_weight, save_mean,
           save_invstd, stride, padding, dilation, groups, training, relu, output_mask):
         OC = weight.shape[0]
         vec = lambda wanted, dtype=None: _like(input, (OC,), dtype=dtype) if wanted else _none(input)
-        return (_like(input, input.shape, _fmt(input)) if output_mask[0] else _none(input),
+        fmt = _conv_fmt(input, weight)
+        return (_like(input, input.shape, fmt) if output_mask[0] else _none(input),
                 _like(weight, weight.shape) if output_mask[1] else _none(input),
                 vec(output_mask[2]),
                 vec(output_mask[3] and bn_weight is not None, _stat_dtype(input)),
                 vec(output_mask[4], _stat_dtype(input)),
-                _like(input, grad_output.shape, _fmt(input)) if output_mask[5] else _none(input))
+                _like(input, grad_output.shape, fmt) if output_mask[5] else _none(input))
 
     @torch.library.register_fake("cnnops::max_pool2d")
     def _(input, kernel_size, stride, padding, dilation, ceil_mode):

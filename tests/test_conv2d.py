@@ -59,6 +59,46 @@ def test_conv2d_matches_torch(backend, config, bias, layout, dtype):
     assert_close_all(grads(actual, (x, w, b), g), grads(expected, (x, w, b), g))
 
 
+# (input shape, input layout, weight shape): convolutions whose weight is channels_last
+# (a model moved with .to(memory_format=torch.channels_last)), so that PyTorch returns a
+# channels_last output even where the input is NCHW.
+WEIGHT_LAYOUT_CASES = [
+    ((2, 1, 7, 7), "contiguous", (4, 1, 3, 3)),   # a first layer: one channel reads as both
+    ((2, 3, 7, 7), "contiguous", (4, 3, 3, 3)),
+    ((2, 3, 5, 5), "contiguous", (4, 3, 1, 1)),   # 1x1: the weight reads as both layouts
+    ((2, 3, 7, 7), "channels_last", (4, 3, 3, 3)),
+]
+
+
+@conv_cores
+@pytest.mark.parametrize("case", WEIGHT_LAYOUT_CASES,
+                         ids=["C1", "nchw", "nchw-1x1", "channels_last"])
+def test_conv_layout_follows_a_channels_last_weight(backend, case):
+    shape, layout, wshape = case
+    torch.manual_seed(0)
+    x = make_input(shape, layout, torch.float32, requires_grad=True)
+    conv = torch.nn.Conv2d(wshape[1], wshape[0], wshape[2:], padding=1)
+    conv = conv.to(memory_format=torch.channels_last)
+    w, b = conv.weight, conv.bias
+    ones, zeros = torch.ones(wshape[0]), torch.zeros(wshape[0])
+    expected = F.conv2d(x, w, b, 1, 1)
+    # PyTorch's rule, which cnnops follows: channels_last here in every case
+    assert not expected.is_contiguous()
+    assert expected.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(expected)
+    for name, actual, relu in (
+            ("conv2d", CF.conv2d(x, w, b, 1, 1), False),
+            ("conv2d_relu", CF.conv2d_relu(x, w, b, 1, 1), True),
+            ("conv_bn_relu", CF.conv_bn_relu(x, w, b, ones, zeros, zeros, ones, 1, 1, eps=0.0),
+             True)):
+        reference = F.conv2d(x, w, b, 1, 1)
+        reference = reference.relu() if relu else reference
+        assert_close(actual, reference)
+        if backend != "reference":
+            assert actual.is_contiguous(memory_format=torch.channels_last), (name, actual.stride())
+        assert_close_all(grads(actual, (x, w, b), g), grads(reference, (x, w, b), g))
+
+
 def assert_close_all(actual, expected):
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected):

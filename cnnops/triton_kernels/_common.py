@@ -1,5 +1,6 @@
 """What every launcher shares: output layouts, accumulator precision, launch configs."""
 import torch
+from torch._prims_common import suggest_memory_format
 import triton
 import triton.language as tl
 
@@ -17,6 +18,15 @@ def channels_last(t):
 def memory_format(t):
     """The memory format of outputs computed from t (see channels_last)."""
     return torch.channels_last if channels_last(t) else torch.contiguous_format
+
+
+def conv_memory_format(input, weight):
+    """A convolution's output layout: the rule above, and channels_last too when the weight
+    suggests it, as PyTorch decides (csrc/include/cnnops/common.h, conv_memory_format)."""
+    if channels_last(input) or (weight.dim() == 4 and suggest_memory_format(weight)
+                                == torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def empty(like, shape, dtype=None, fmt=None):

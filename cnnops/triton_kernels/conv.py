@@ -332,13 +332,13 @@ def forward(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1
     input [N, C, H, W]; weight [OC, C/groups, KH, KW]; bias [OC] or None;
     scale, shift [OC] or None: folded BatchNorm, out = conv * scale + shift (bias is then
     expected inside shift); residual [N, OC, OH, OW] or None; relu: clamp at 0.
-    -> output [N, OC, OH, OW] in input's dtype and layout, and, when ``stats``, the
-    Welford partials (count [T], mean [T, OC], M2 [T, OC]) of the output for
-    norm.batch_constants (computed before scale/shift, residual and ReLU).
+    -> output [N, OC, OH, OW] in input's dtype (layout: common.conv_memory_format), and,
+    when ``stats``, the Welford partials (count [T], mean [T, OC], M2 [T, OC]) of the output
+    for norm.batch_constants (computed before scale/shift, residual and ReLU).
     """
     N, C, H, W, OC, CG, OCG, KH, KW, OH, OW = _geometry(input, weight, stride, padding,
                                                         dilation, groups)
-    out = common.empty(input, (N, OC, OH, OW))
+    out = common.empty(input, (N, OC, OH, OW), fmt=common.conv_memory_format(input, weight))
     M = N * OH * OW
     acc = common.stat_dtype(input.dtype)
     fp64 = common.is_fp64(input)
@@ -370,11 +370,12 @@ def forward(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1
 
 
 def input_grad(grad_output, weight, input_shape, stride, padding, dilation, groups, like):
-    """grad_input [N, C, H, W] (in ``like``'s layout) from grad_output [N, OC, OH, OW]."""
+    """grad_input [N, C, H, W] from grad_output [N, OC, OH, OW], in the layout of the
+    convolution of ``like`` (the input) by ``weight`` (common.conv_memory_format)."""
     N, C, H, W = input_shape
     OC, CG, KH, KW = weight.shape
     OH, OW = grad_output.shape[2], grad_output.shape[3]
-    gi = common.empty(like, tuple(input_shape))
+    gi = common.empty(like, tuple(input_shape), fmt=common.conv_memory_format(like, weight))
     M = N * H * W
     if M == 0 or C == 0:
         return gi

@@ -28,7 +28,7 @@ at::Tensor conv2d_im2col(const ConvShape& s, const at::Tensor& input, const at::
       cpu::copy_channel_bias(y, ld, op + n * s.OC * L + la, L, bp, s.OC, lb - la);
     });
   });
-  return out.contiguous(output_memory_format(input));
+  return out.contiguous(conv_memory_format(input, weight));
 }
 
 at::Tensor conv2d_relu_im2col(const ConvShape& s, const at::Tensor& input,
@@ -52,7 +52,7 @@ at::Tensor conv2d_relu_im2col(const ConvShape& s, const at::Tensor& input,
       }
     });
   });
-  return out.contiguous(output_memory_format(input));
+  return out.contiguous(conv_memory_format(input, weight));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_im2col(
@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_im2col(
     };
     cpu::conv_backward<T>(s, x, w, grad_of, gi, gw, gb);
   });
-  return {gi.defined() ? gi.contiguous(output_memory_format(input)) : not_requested(input),
+  return {gi.defined() ? gi.contiguous(conv_memory_format(input, weight)) : not_requested(input),
           gw.defined() ? gw : not_requested(input), gb.defined() ? gb : not_requested(input)};
 }
 
@@ -88,11 +88,10 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   const ConvShape s = conv_shape(input, weight, bias, stride, padding, dilation, groups);
   check_cpu_conv(input, "input");
   const ConvArgs args{stride, padding, dilation, groups};
-  const cpu::CoreKey key("conv2d", s, input, {{"bias", bias.defined()}});
+  const at::MemoryFormat fmt = conv_memory_format(input, weight);
+  const cpu::CoreKey key("conv2d", s, input, fmt, {{"bias", bias.defined()}});
   return cpu::with_core(key, [&](cpu::Core core) {
-    if (core == cpu::Core::OneDNN) {
-      return aten_conv(input, weight, bias, args, output_memory_format(input));
-    }
+    if (core == cpu::Core::OneDNN) return aten_conv(input, weight, bias, args, fmt);
     return conv2d_im2col(s, input, weight, bias);
   });
 }
@@ -104,14 +103,14 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
   const ConvShape s = conv_shape(input, weight, bias, stride, padding, dilation, groups);
   check_cpu_conv(input, "input");
-  const at::Tensor residual = conv_residual(residual_opt, input, s, output_memory_format(input));
+  const at::MemoryFormat fmt = conv_memory_format(input, weight);
+  const at::Tensor residual = conv_residual(residual_opt, input, s, fmt);
   const ConvArgs args{stride, padding, dilation, groups};
-  const cpu::CoreKey key("conv2d_relu", s, input,
+  const cpu::CoreKey key("conv2d_relu", s, input, fmt,
                          {{"bias", bias.defined()}, {"residual", residual.defined()}});
   return cpu::with_core(key, [&](cpu::Core core) {
     if (core == cpu::Core::OneDNN) {
-      return cpu::onednn_conv_relu(input, weight, bias, residual, /*relu=*/true, args,
-                                   output_memory_format(input));
+      return cpu::onednn_conv_relu(input, weight, bias, residual, /*relu=*/true, args, fmt);
     }
     return conv2d_relu_im2col(s, input, weight, bias,
                               residual.defined() ? residual.contiguous() : residual);
@@ -131,13 +130,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
                     "expected grad_output of shape [", s.N, ", ", s.OC, ", ", s.OH, ", ", s.OW,
                     "], got ", grad_output.sizes());
   const ConvArgs args{stride, padding, dilation, groups};
-  const cpu::CoreKey key("conv2d_backward", s, input,
+  const at::MemoryFormat fmt = conv_memory_format(input, weight);
+  const cpu::CoreKey key("conv2d_backward", s, input, fmt,
                          {{"grad_input", output_mask[0]}, {"grad_weight", output_mask[1]},
                           {"grad_bias", output_mask[2]}});
   return cpu::with_core(key, [&](cpu::Core core) {
     if (core == cpu::Core::OneDNN) {
-      auto [gi, gw, gb] = aten_conv_backward(grad_output, input, weight, args,
-                                             output_memory_format(input), output_mask);
+      auto [gi, gw, gb] = aten_conv_backward(grad_output, input, weight, args, fmt, output_mask);
       return std::make_tuple(gi.defined() ? gi : not_requested(input),
                              gw.defined() ? gw : not_requested(input),
                              gb.defined() ? gb : not_requested(input));

@@ -97,7 +97,7 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
                 const ConvArgs& args, bool training, double eps, bool relu) {
   const int64_t L = s.L(), OC = s.OC;
   const bool onednn = core == cpu::Core::OneDNN;
-  const at::MemoryFormat fmt = output_memory_format(input);
+  const at::MemoryFormat fmt = conv_memory_format(input, weight);
   const auto stat_opts = input.options().dtype(compute_dtype(input));
   at::Tensor mean = at::empty({OC}, stat_opts), invstd = at::empty({OC}, stat_opts);
 
@@ -213,9 +213,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
                     "and running_var");
   TORCH_CHECK_VALUE(eps >= 0, "expected eps >= 0, got ", eps);
   // (in the input's layout: the oneDNN core reads it so; the other paths make it NCHW)
-  const at::Tensor residual = conv_residual(residual_opt, input, s, output_memory_format(input));
+  const at::MemoryFormat fmt = conv_memory_format(input, weight);
+  const at::Tensor residual = conv_residual(residual_opt, input, s, fmt);
   const ConvArgs args{stride, padding, dilation, groups};
-  const cpu::CoreKey key("conv_bn_relu", s, input,
+  const cpu::CoreKey key("conv_bn_relu", s, input, fmt,
                          {{"train", training}, {"relu", relu}, {"residual", residual.defined()},
                           {"conv_bias", p.conv_bias.defined()}});
   return cpu::with_core(key, [&](cpu::Core core) {
@@ -330,7 +331,7 @@ Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
         gconv.to(input.scalar_type()), x, w, args, at::MemoryFormat::Contiguous,
         {need_gi, need_gw, need_gcb});
   });
-  const at::MemoryFormat fmt = output_memory_format(input);
+  const at::MemoryFormat fmt = conv_memory_format(input, a.weight);
   return {gi.defined() ? gi.contiguous(fmt) : not_requested(input),
           gw.defined() ? gw : not_requested(input),
           gcb.defined() ? gcb : not_requested(input),
@@ -376,7 +377,7 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
   const BackwardArgs a{grad_output, output, input, weight, conv_output, mean, invstd,
                        p, training, relu, output_mask};
   const ConvArgs args{stride, padding, dilation, groups};
-  const cpu::CoreKey key("conv_bn_relu_backward", s, input,
+  const cpu::CoreKey key("conv_bn_relu_backward", s, input, conv_memory_format(input, weight),
                          {{"train", training}, {"relu", relu},
                           {"conv_bias", p.conv_bias.defined()},
                           {"grad_input", output_mask[0]}, {"grad_weight", output_mask[1]},

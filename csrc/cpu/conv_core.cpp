@@ -73,11 +73,12 @@ bool onednn_supports(at::ScalarType t) {
          at::globalContext().userEnabledMkldnn();
 }
 
-CoreKey::CoreKey(const char* op_, const ConvShape& s, const at::Tensor& input, CoreFlags flags_)
+CoreKey::CoreKey(const char* op_, const ConvShape& s, const at::Tensor& input,
+                 at::MemoryFormat fmt, CoreFlags flags_)
     : op(op_),
       shape(s),
       dtype(input.scalar_type()),
-      channels_last(output_memory_format(input) == at::MemoryFormat::ChannelsLast),
+      channels_last(fmt == at::MemoryFormat::ChannelsLast),
       flags(flags_.begin(), flags_.end()) {
   values = {s.N, s.C, s.H, s.W, s.OC, s.KH, s.KW, s.sh, s.sw, s.ph, s.pw, s.dh, s.dw,
             s.groups, static_cast<int64_t>(dtype), channels_last, at::get_num_threads(),

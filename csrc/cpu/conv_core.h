@@ -53,8 +53,9 @@ bool im2col_supports(at::ScalarType t);
 bool onednn_supports(at::ScalarType t);
 
 // One configuration of a conv op: which op, its shapes and flags, the input's
-// dtype and layout (oneDNN runs channels_last natively, im2col converts it),
-// and the thread count (a core that wins on 2 threads may lose on 16).
+// dtype, the call's layout (conv_memory_format: oneDNN runs channels_last
+// natively, im2col converts it), and the thread count (a core that wins on 2
+// threads may lose on 16).
 using CoreFlags = std::initializer_list<std::pair<const char*, bool>>;
 struct CoreKey {
   std::vector<int64_t> values;
@@ -64,7 +65,8 @@ struct CoreKey {
   bool channels_last;
   std::vector<std::pair<const char*, bool>> flags;
 
-  CoreKey(const char* op, const ConvShape& s, const at::Tensor& input, CoreFlags flags);
+  CoreKey(const char* op, const ConvShape& s, const at::Tensor& input, at::MemoryFormat fmt,
+          CoreFlags flags);
   // Human-readable, for the record (made only when one is kept: a call's
   // overhead budget is a few microseconds).
   std::string text() const;

@@ -2,9 +2,9 @@
 // conv2d_relu as one fused cuDNN conv + bias (+ residual) + ReLU call where
 // cuDNN takes it, else the convolution and one epilogue pass.
 //
-// Layouts: channels_last input gives a channels_last output, anything else
-// (contiguous, sliced, strided) an NCHW-contiguous one
-// (cnnops::output_memory_format); the gradients follow the same rule.
+// Layouts: a channels_last input or weight gives a channels_last output,
+// anything else (contiguous, sliced, strided) an NCHW-contiguous one
+// (cnnops::conv_memory_format); the input gradient follows the same rule.
 #include <torch/library.h>
 
 #include "conv_cudnn.cuh"
@@ -31,7 +31,7 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
   c10::cuda::CUDAGuard guard(input.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   return aten_conv(input, weight, bias, {stride, padding, dilation, groups},
-                         output_memory_format(input));
+                   conv_memory_format(input, weight));
 }
 
 at::Tensor conv2d_relu_cuda(const at::Tensor& input, const at::Tensor& weight,
@@ -42,7 +42,7 @@ at::Tensor conv2d_relu_cuda(const at::Tensor& input, const at::Tensor& weight,
   const ConvShape s = checked_conv(input, weight, bias, stride, padding, dilation, groups);
   c10::cuda::CUDAGuard guard(input.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const auto fmt = output_memory_format(input);
+  const auto fmt = conv_memory_format(input, weight);
   const at::Tensor residual = conv_residual(residual_opt, input, s, fmt);
   const at::Tensor shift =
       bias.defined() ? bias.to(gpu::acc_dtype(input.scalar_type())) : at::Tensor();
@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   gpu::check_shape(grad_output, out_shape, "grad_output", input, "input");
   c10::cuda::CUDAGuard guard(input.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const auto fmt = output_memory_format(input);
+  const auto fmt = conv_memory_format(input, weight);
   auto [gi, gw, unused] = aten_conv_backward(grad_output, input, weight,
                                              {stride, padding, dilation, groups}, fmt,
                                              {output_mask[0], output_mask[1], false});

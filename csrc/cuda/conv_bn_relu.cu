@@ -14,8 +14,8 @@
 // gradient and grad_residual; then cuDNN's dgrad and wgrad.
 //
 // Every activation (output, conv_output, gradients) is dense in the layout of
-// cnnops::output_memory_format(input): NHWC for channels_last input, NCHW
-// otherwise.
+// cnnops::conv_memory_format(input, weight): NHWC when the input or the
+// weight is channels_last, NCHW otherwise.
 #include <torch/library.h>
 
 #include "conv_cudnn.cuh"
@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cuda(
                     "conv_bn_relu in inference mode (training=False) needs running_mean "
                     "and running_var");
   TORCH_CHECK_VALUE(eps >= 0, "expected eps >= 0, got ", eps);
-  const auto fmt = output_memory_format(input);
+  const auto fmt = conv_memory_format(input, weight);
   const at::Tensor residual = conv_residual(residual_opt, input, s, fmt);
   c10::cuda::CUDAGuard guard(input.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
@@ -109,7 +109,7 @@ conv_bn_relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& outp
   const bool need_gi = output_mask[0], need_gw = output_mask[1], need_gcb = output_mask[2],
              need_gbw = output_mask[3] && bnw.defined(), need_gbb = output_mask[4],
              need_gr = output_mask[5];
-  const auto fmt = output_memory_format(input);
+  const auto fmt = conv_memory_format(input, weight);
   const ConvArgs args{stride, padding, dilation, groups};
   const auto opts = input.options();
   const at::Tensor g = grad_output.contiguous(fmt);

@@ -14,8 +14,8 @@
 //  * training and the backward put cnnops' BN kernels (bn_kernels.cuh) between
 //    cuDNN's forward and its dgrad / wgrad.
 //
-// Layouts: the output follows cnnops::output_memory_format (channels_last in,
-// channels_last out; NCHW otherwise); see cnnops/aten_conv.h, which calls
+// Layouts: the output follows cnnops::conv_memory_format (channels_last when
+// the input or the weight is; NCHW otherwise); see cnnops/aten_conv.h, which calls
 // ATen's convolution for this file and for the CPU backend's oneDNN core.
 #pragma once
 

@@ -4,8 +4,8 @@
 // torch.backends (mkldnn; cudnn benchmark, deterministic, allow_tf32) as eager
 // PyTorch does.
 //
-// Layouts: results come back in fmt (cnnops::output_memory_format of the
-// input), the weight gradient contiguous. ATen picks its own layout from the
+// Layouts: results come back in fmt (cnnops::conv_memory_format of the input
+// and the weight), the weight gradient contiguous. ATen picks its own layout from the
 // input's and the weight's (channels_last if either is), so the weight is
 // brought to fmt first: a copy only when a model mixes layouts.
 #pragma once

@@ -23,6 +23,21 @@ inline at::MemoryFormat output_memory_format(const at::Tensor& t) {
   return at::MemoryFormat::Contiguous;
 }
 
+// A convolution's output layout (and its input gradient's): the rule above,
+// and also channels_last when the weight suggests it, as PyTorch's CPU
+// convolutions decide. So a model moved with .to(memory_format=channels_last)
+// gets channels_last activations from its first layer on, even from an NCHW
+// input with one channel (which reads as both layouts). The fake kernels in
+// cnnops/ops.py apply the same rule (_conv_fmt).
+inline at::MemoryFormat conv_memory_format(const at::Tensor& input, const at::Tensor& weight) {
+  if (output_memory_format(input) == at::MemoryFormat::ChannelsLast ||
+      (weight.defined() && weight.dim() == 4 &&
+       weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
 inline void check_4d(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor, got None");
   TORCH_CHECK_VALUE(t.dim() == 4, "expected ", name,
