@@ -189,7 +189,21 @@ def implementation(tensor):
 
     Each provides the same normalised-argument functions (see cnnops.reference).
     """
-    name = resolve(tensor)
+    if _current != "auto":
+        return _implementation(resolve(tensor), tensor)
+    # auto: what a (device, dtype) resolves to is fixed for the process (which extensions
+    # loaded, whether Triton runs), so it is looked up once; this runs on every op call.
+    key = (tensor.device.type, tensor.dtype)
+    impl = _auto_implementations.get(key)
+    if impl is None:
+        impl = _auto_implementations[key] = _implementation(resolve(tensor), tensor)
+    return impl
+
+
+_auto_implementations = {}
+
+
+def _implementation(name, tensor):
     if name == "reference":
         from . import reference
         return reference
