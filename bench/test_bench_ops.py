@@ -22,6 +22,8 @@ made in float32 from the seeds, then cast and laid out; BatchNorm parameters and
 statistics stay float32. A cnnops row whose backend cannot run the dtype on the device
 (the cpu backend and half types) is skipped with the reason.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,7 +179,7 @@ def _conv_bn_relu_timed(benchmark, bench, device, layer, impl, mode):
     go = randn((N, layer.OC) + layer.out_hw, device, 3, variant=v) if backward else None
     names = (["x"] if x.requires_grad else []) + [n for n, _ in named_params(plain)]
 
-    def run(m):
+    def run(m, x=x, go=go):
         if not backward:
             return m(x)
         leaves = ([x] if x.requires_grad else []) + [p for _, p in named_params(m)]
@@ -190,14 +192,38 @@ def _conv_bn_relu_timed(benchmark, bench, device, layer, impl, mode):
             return [r for n, r in zip(names, result) if n != "conv.bias"]
         return result
 
+    def float64_results():
+        """eager's results computed in float64, as float32."""
+        plain64 = copy.deepcopy(plain).double()
+        x64 = x.detach().double().requires_grad_(x.requires_grad)
+        out = run(plain64, x64, go.double() if backward else None)
+        return checked([t.float() for t in out] if backward else out.float())
+
+    def assert_as_close(actual, expected):
+        """actual within the tolerance of eager's float32 results, or, for cnnops in float32
+        on the CPU, at least as close to float64's as eager's are. float32 eager rounds past
+        the tolerance in channels_last: its stem weight gradient (3x224x224 k7) came 2.5e-3 of
+        its largest value from float64's, where cnnops' came within 1e-6."""
+        try:
+            assert_close(actual, expected, impl, tol=tol)
+        except AssertionError:
+            if impl in (EAGER, COMPILE) or device != "cpu" or v.dtype != torch.float32:
+                raise
+            truth = float64_results()
+            pairs = zip(actual, expected, truth) if backward else [(actual, expected, truth)]
+            for i, (a, e, t) in enumerate(pairs):
+                ours, eagers = (a - t).abs().max().item(), (e - t).abs().max().item()
+                assert ours <= eagers, "%s[%d]: max |impl - float64| = %.3g > eager's %.3g" % (
+                    impl, i, ours, eagers)
+
     assert [n for n, _ in named_params(module)] == [n for n, _ in named_params(plain)]
     tol = bench.tol("op_grad" if backward else "op", device)
     with torch.set_grad_enabled(train), running(impl, device, train, benchmark.extra_info):
         expected = checked(run(plain))
-        assert_close(checked(run(module)), expected, impl, tol=tol)  # torch.compile compiles
+        assert_as_close(checked(run(module)), expected)  # torch.compile compiles
         result = time_it(benchmark, bench, lambda: run(module), device,
                          baseline=paired(impl, lambda: run(plain)))
-    assert_close(checked(result), expected, impl + " (timed)", tol=tol)
+    assert_as_close(checked(result), expected)
     finish(benchmark, bench, device,
            flops=layer.train_flops(N) if backward else layer.flops(N))
 
