@@ -341,8 +341,6 @@ at::Tensor avg_pool_backward(const at::Tensor& grad_output, const at::Tensor& in
   return grad_input.contiguous(fmt);
 }
 
-}  // namespace
-
 // max_pool2d over a channels_last input into channels_last output and indices:
 // one task per output row of an image, each pixel's C channels in one vector
 // loop (max_pool_pixel_nhwc).
@@ -351,7 +349,8 @@ void max_pool2d_nhwc(const at::Tensor& input, at::Tensor& output, at::Tensor& in
                      const std::vector<Span>& cols, at::IntArrayRef kernel_size,
                      at::IntArrayRef dilation, bool small) {
   const int64_t C = s.C, row_work = s.OW * C * kernel_size[0] * kernel_size[1];
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, row_work));
+  const int64_t grain =
+      std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, row_work));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnops_max_pool2d_nhwc_cpu", [&] {
     const scalar_t* in_data = input.const_data_ptr<scalar_t>();
     scalar_t* out_data = output.mutable_data_ptr<scalar_t>();
@@ -423,6 +422,8 @@ void max_pool2d_backward_nhwc(const at::Tensor& gout, const at::Tensor& idx,
     });
   });
 }
+
+}  // namespace
 
 // input [N, C, H, W] -> (output [N, C, OH, OW], indices [N, C, OH, OW] int64,
 // flat offsets h*W + w into each input plane, -1 for a window with no tap).
