@@ -43,6 +43,9 @@ IMPL_ORDER = ["torch eager", "torch.compile", "cnnops cpu", "cnnops cpu (im2col)
               "cnnops cpu + torch.compile", "cnnops cuda + torch.compile",
               "cnnops triton + torch.compile"]
 DEFAULT_VARIANT = ("float32", "nchw", False)
+# The CPU targets are judged on float32 NCHW rows, or, in a run with none (the
+# --bench-channels-last one), on float32 channels_last rows against eager in channels_last.
+CHANNELS_LAST_VARIANT = ("float32", "channels_last", False)
 
 # CPU targets (float32 NCHW). Per layer: the "cnnops cpu" rows (core auto) over the
 # ResNet-18 and ResNet-50 layer sets at batch 8, against a baseline row of the same group;
@@ -220,11 +223,24 @@ def _baseline_name(baseline):
     return "torch.compile (freezing)" if baseline == COMPILE else baseline
 
 
-def _layer_target(rows, by_group, op, mode, baseline, goal, floor, what):
+def _target_variant(rows):
+    """The variant the CPU targets are judged on (see CHANNELS_LAST_VARIANT)."""
+    cpu = {r.variant for r in rows if r.device == "cpu"}
+    return CHANNELS_LAST_VARIANT if DEFAULT_VARIANT not in cpu and CHANNELS_LAST_VARIANT in cpu \
+        else DEFAULT_VARIANT
+
+
+def _in_variant(what, variant):
+    return what if variant == DEFAULT_VARIANT else "%s (%s)" % (what, variant_label(variant))
+
+
+def _layer_target(rows, by_group, op, mode, baseline, goal, floor, what,
+                  variant=DEFAULT_VARIANT):
     """(what, measured text, goal text, status) of one per-layer CPU target."""
+    what = _in_variant(what, variant)
     goal_text = ">= %.2fx%s" % (goal, ", every layer >= %.2fx" % floor if floor else "")
     group_rows = [r for r in rows if r.op == op and r.mode == mode and r.device == "cpu"
-                  and r.info.get("batch") == 8 and r.variant == DEFAULT_VARIANT
+                  and r.info.get("batch") == 8 and r.variant == variant
                   and set(r.info.get("sets", [])) & set(TARGET_NETS)]
     compiles = [r for r in group_rows if r.impl == COMPILE]
     if baseline == COMPILE and compiles and not any(r.info.get("freezing") for r in compiles):
@@ -258,13 +274,14 @@ def _layer_target(rows, by_group, op, mode, baseline, goal, floor, what):
             goal_text, status)
 
 
-def _model_targets(rows, by_group, model, mode, baseline, goal):
+def _model_targets(rows, by_group, model, mode, baseline, goal, variant=DEFAULT_VARIANT):
     """[(what, measured text, goal text, status)] of one model CPU target, one per case."""
     goal_text = ">= %.2fx" % goal
-    what = "cnnops.fuse(%s) %s vs %s" % (model, "inference" if mode == "eval" else
-                                          "training step", _baseline_name(baseline))
+    what = _in_variant("cnnops.fuse(%s) %s vs %s" % (
+        model, "inference" if mode == "eval" else "training step", _baseline_name(baseline)),
+        variant)
     sel = [r for r in rows if r.op == "model" and r.info.get("model") == model
-           and r.mode == mode and r.device == "cpu" and r.variant == DEFAULT_VARIANT]
+           and r.mode == mode and r.device == "cpu" and r.variant == variant]
     fused = [r for r in sel if r.impl == FUSE and r.speedup]
     if not sel:
         return [(what, "not measured in this run", goal_text, "–")]
@@ -298,16 +315,16 @@ MEMORY_TARGETS = [(FUSE_LEAN, EAGER, "bytes", 0.60), (FUSE, EAGER, "bytes", 1.00
                   (FUSE_LEAN, FUSE, "time", 1.25)]
 
 
-def _memory_targets(rows, model):
+def _memory_targets(rows, model, variant=DEFAULT_VARIANT):
     """[(what, measured text, goal text, status)] of the memory targets of one model."""
     sel = {r.impl: r for r in rows if r.op == "model" and r.mode == "memory" and r.device == "cpu"
-           and r.info.get("model") == model and r.variant == DEFAULT_VARIANT}
+           and r.info.get("model") == model and r.variant == variant}
     out = []
     for impl, base, kind, goal in MEMORY_TARGETS:
         a, b = sel.get(impl), sel.get(base)
-        label = "%s training step: %s, %s vs %s" % (
+        label = _in_variant("%s training step: %s, %s vs %s" % (
             model, "activation bytes saved for backward" if kind == "bytes" else "time",
-            impl, base)
+            impl, base), variant)
         if kind == "bytes":
             ratio = (a.info["saved_bytes"] / b.info["saved_bytes"]
                      if a and b and a.info.get("saved_bytes") and b.info.get("saved_bytes")
@@ -327,11 +344,12 @@ def target_results(rows):
     by_group = {}
     for r in rows:
         by_group.setdefault(r.group, {})[r.impl] = r
-    out = [_layer_target(rows, by_group, *target) for target in LAYER_TARGETS]
+    variant = _target_variant(rows)
+    out = [_layer_target(rows, by_group, *target, variant=variant) for target in LAYER_TARGETS]
     for target in MODEL_TARGETS:
-        out += _model_targets(rows, by_group, *target)
+        out += _model_targets(rows, by_group, *target, variant=variant)
     for model in MEMORY_TARGET_MODELS:
-        out += _memory_targets(rows, model)
+        out += _memory_targets(rows, model, variant)
     return out
 
 
