@@ -1,7 +1,28 @@
-"""Output-shape rules, shared by argument checking (functional.py) and the fake kernels (ops.py).
+"""Output-shape and output-layout rules, shared by argument checking (functional.py), the fake
+kernels (ops.py) and the Triton launchers.
 
 They mirror csrc/include/cnnops/common.h.
 """
+import torch
+from torch._prims_common import suggest_memory_format
+
+
+def memory_format(t):
+    """Output layout rule of every op (output_memory_format): channels_last in (and not also
+    contiguous), channels_last out; anything else gives an NCHW-contiguous output."""
+    if (t.dim() == 4 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv_memory_format(input, weight):
+    """A convolution's output layout (conv_memory_format): the rule above, and channels_last
+    too when the weight suggests it, as PyTorch decides."""
+    if memory_format(input) == torch.channels_last or (
+            weight.dim() == 4 and suggest_memory_format(weight) == torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def conv_output_size(size, kernel, padding, stride, dilation):

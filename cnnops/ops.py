@@ -17,10 +17,11 @@ per-channel vectors [C] (or [OC]), output [N, OC, OH, OW].
 import functools
 
 import torch
-from torch._prims_common import suggest_memory_format
 
 from . import _ext
+from ._shapes import conv_memory_format as _conv_fmt
 from ._shapes import conv_output_shape as _conv_out
+from ._shapes import memory_format as _fmt
 from ._shapes import pool_output_shape as _pool_out
 
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -28,22 +29,6 @@ _REDUCED = (torch.float16, torch.bfloat16)
 
 # ---------------------------------------------------------------------------
 # Shape rules shared by the fake kernels (they mirror csrc/include/cnnops).
-
-def _fmt(t):
-    """Output layout rule of every op: channels_last in, channels_last out."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _conv_fmt(input, weight):
-    """A convolution's output layout (csrc/include/cnnops/common.h, conv_memory_format): the
-    rule above, and channels_last too when the weight suggests it, as PyTorch decides."""
-    if _fmt(input) == torch.channels_last or (
-            weight.dim() == 4 and suggest_memory_format(weight) == torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
 
 def _stat_dtype(t):
     return torch.float32 if t.dtype in _REDUCED else t.dtype

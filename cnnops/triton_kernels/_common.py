@@ -1,32 +1,17 @@
 """What every launcher shares: output layouts, accumulator precision, launch configs."""
 import torch
-from torch._prims_common import suggest_memory_format
 import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .._shapes import conv_memory_format, memory_format  # noqa: F401 (the layout rules)
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
 def channels_last(t):
     """The project's layout rule: channels_last in (and not also contiguous), channels_last out."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
-        memory_format=torch.channels_last)
-
-
-def memory_format(t):
-    """The memory format of outputs computed from t (see channels_last)."""
-    return torch.channels_last if channels_last(t) else torch.contiguous_format
-
-
-def conv_memory_format(input, weight):
-    """A convolution's output layout: the rule above, and channels_last too when the weight
-    suggests it, as PyTorch decides (csrc/include/cnnops/common.h, conv_memory_format)."""
-    if channels_last(input) or (weight.dim() == 4 and suggest_memory_format(weight)
-                                == torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    return memory_format(t) == torch.channels_last
 
 
 def empty(like, shape, dtype=None, fmt=None):
