@@ -51,6 +51,8 @@ def explain(model, *inputs, train=False):
 
 def explain_table(rows):
     """The rows of explain() as aligned text, one line per call."""
+    from . import _C
     lines = ["%-7s %s  [%s]" % (r["core"], r["call"], r["reason"]) for r in rows]
-    header = "CPU convolution core setting: %s; %d calls" % (backends.get_cpu_conv(), len(rows))
+    header = "CPU convolution core setting: %s; %d calls; CPU kernels: %s" % (
+        backends.get_cpu_conv(), len(rows), _C._cpu_vector_level())
     return "\n".join([header] + lines)

@@ -26,10 +26,12 @@
 #include <cstring>
 
 #include "cpu/conv_core.h"
+#include "cpu/vectorised.h"
 
 // `import cnnops._C` loads this library, whose static initialisers register the
 // ops below. The module's only functions set and report the CPU convolution
-// core (cnnops.set_cpu_conv, cnnops.cpu_conv_choices, cnnops.explain): process
+// core (cnnops.set_cpu_conv, cnnops.cpu_conv_choices, cnnops.explain) and the
+// vectorised kernels' instruction set (cnnops.explain_table): process
 // settings, not ops, so they stay out of the op library and of torch.compile.
 namespace {
 
@@ -85,11 +87,18 @@ PyObject* cpu_conv_trace(PyObject*, PyObject* arg) {
   return out;
 }
 
+// _cpu_vector_level() -> str: the instruction set the vectorised CPU kernels
+// run at here (cpu/vectorised.h).
+PyObject* cpu_vector_level(PyObject*, PyObject*) {
+  return PyUnicode_FromString(cnnops::cpu::vector_level());
+}
+
 PyMethodDef methods[] = {
     {"_cpu_conv_mode", cpu_conv_mode, METH_NOARGS, nullptr},
     {"_set_cpu_conv_mode", set_cpu_conv_mode, METH_O, nullptr},
     {"_cpu_conv_choices", cpu_conv_choices, METH_NOARGS, nullptr},
     {"_cpu_conv_trace", cpu_conv_trace, METH_O, nullptr},
+    {"_cpu_vector_level", cpu_vector_level, METH_NOARGS, nullptr},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -48,6 +48,34 @@ def test_bn_relu_matches_torch(backend, relu, residual, training, affine, layout
         assert_close(a, e)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bn_relu_channels_last_many_rows(backend, training):
+    """channels_last over several NHWC row blocks (297 positions, the last block partial) and
+    an odd channel count, with a large mean, against float64: values, statistics, layout and
+    every gradient."""
+    torch.manual_seed(0)
+    N, C, H, W = 3, 37, 9, 11
+    x = (make_input((N, C, H, W), "channels_last", scale=2.0) + 50.0).requires_grad_()
+    r = make_input((N, C, H, W), "channels_last", requires_grad=True)
+    w = (torch.rand(C) + 0.5).requires_grad_()
+    b = torch.randn(C, requires_grad=True)
+    rm, rv = torch.randn(C) + 50.0, torch.rand(C) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    actual = CF.bn_relu(x, rm2, rv2, w, b, training, 0.1, 1e-5, relu=True, residual=r)
+    rm64, rv64 = rm.double(), rv.double()
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b, r)]
+    expected = F.relu(F.batch_norm(leaves[0], rm64, rv64, leaves[1], leaves[2], training,
+                                   0.1, 1e-5) + leaves[3])
+    assert_close(actual, expected.float())
+    if backend != "reference":
+        assert actual.is_contiguous(memory_format=torch.channels_last)
+    assert_close(rm2, rm64.float())
+    assert_close(rv2, rv64.float())
+    g = torch.randn_like(expected)
+    for a, e in zip(grads(actual, (x, w, b, r), g.float()), grads(expected, leaves, g)):
+        assert_close(a, e.float(), rtol=1e-4, atol=2e-4)
+
+
 def test_batch_norm_without_running_stats(backend):
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
@@ -58,10 +86,12 @@ def test_batch_norm_without_running_stats(backend):
     assert_close(grads(actual, (x,), g)[0], grads(expected, (x,), g)[0])
 
 
-def test_batch_norm_large_mean_is_stable(backend):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_large_mean_is_stable(backend, layout):
     # E[x^2] - E[x]^2 in float32 would lose every digit of this variance.
+    # (256 positions: two NHWC row blocks, merged.)
     torch.manual_seed(0)
-    x = torch.randn(4, 2, 8, 8) * 0.01 + 1000.0
+    x = make_input((4, 2, 8, 8), layout) * 0.01 + 1000.0
     rm, rv = torch.zeros(2), torch.ones(2)
     CF.batch_norm(x, rm, rv, training=True, momentum=1.0)
     exact = x.double().transpose(0, 1).reshape(2, -1)

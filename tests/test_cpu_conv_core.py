@@ -443,7 +443,9 @@ def test_explain_table():
                  core="onednn", reason=FORCED)]
     with cnnops.use_cpu_conv("onednn"):
         lines = cnnops.explain_table(rows).splitlines()
-    assert lines[0] == "CPU convolution core setting: onednn; 2 calls"
+    level = cnnops._C._cpu_vector_level()
+    assert level in ("AVX-512 (x86-64-v4)", "AVX2 (x86-64-v3)", "baseline")
+    assert lines[0] == "CPU convolution core setting: onednn; 2 calls; CPU kernels: " + level
     assert lines[1:] == ["%-7s %s  [%s]" % (r["core"], r["call"], r["reason"]) for r in rows]
     with cnnops.use_backend("cpu"):
         real = cnnops.explain(_small_model(), torch.randn(SMALL_INPUT))

@@ -12,7 +12,9 @@
 // oneDNN core. Inference: BN folded into the weight and bias, and conv + bias
 // (+ residual) + ReLU as one oneDNN primitive. Training: oneDNN's convolution,
 // then one statistics pass and one apply pass; the backward writes the
-// conv-output gradient once and hands it to oneDNN's backward. bfloat16 runs
+// conv-output gradient once and hands it to oneDNN's backward. Every tensor
+// stays in the call's layout (cnnops::conv_memory_format): the BN passes read
+// channels_last as it is. (The im2col core works in NCHW.) bfloat16 runs
 // here, with the BN arithmetic in float32 (statistics, BN weight and bias
 // gradients float32, as aten's batch norm keeps them).
 #include <ATen/ATen.h>
@@ -35,9 +37,15 @@ at::ScalarType compute_dtype(const at::Tensor& input) {
   return input.scalar_type() == at::kBFloat16 ? at::kFloat : input.scalar_type();
 }
 
-// t (undefined, or of input's dtype) NCHW-contiguous in the compute dtype.
-at::Tensor in_compute_dtype(const at::Tensor& t, const at::Tensor& input) {
-  return t.defined() ? t.to(compute_dtype(input)).contiguous() : t;
+// t (undefined, or of input's dtype) contiguous in fmt, in the compute dtype.
+at::Tensor in_compute_dtype(const at::Tensor& t, const at::Tensor& input,
+                            at::MemoryFormat fmt = at::MemoryFormat::Contiguous) {
+  return t.defined() ? t.to(compute_dtype(input)).contiguous(fmt) : t;
+}
+
+// The layout a core computes in: oneDNN the call's, im2col NCHW.
+at::MemoryFormat working_format(cpu::Core core, at::MemoryFormat fmt) {
+  return core == cpu::Core::OneDNN ? fmt : at::MemoryFormat::Contiguous;
 }
 
 // The per-channel arguments, contiguous in the compute dtype (undefined when
@@ -48,30 +56,22 @@ struct BNArgs {
   std::vector<at::Tensor> given;  // conv weight, then the five above as passed
 };
 
-// Training forward, one plane at a time after the convolution: the batch
-// statistics from per-(image, channel) moments merged in image order, then
-// out = relu?(conv_out * scale + shift + residual?).
+// Training forward after the convolution: the batch statistics from each
+// channel's moments m, then out = relu?(conv_out * scale + shift + residual?)
+// over the activation in its layout.
 template <typename T>
-void normalise(const ConvShape& s, const T* cp, std::vector<cpu::Moments>& tile, const BNArgs& p,
-               const T* rp, T* op, T* mean, T* invstd, double eps, bool relu) {
-  const int64_t L = s.L(), OC = s.OC;
-  std::vector<double> scale(OC), shift(OC);
-  for (int64_t c = 0; c < OC; ++c) {
-    cpu::Moments m;
-    for (int64_t n = 0; n < s.N; ++n) m.merge(tile[n * OC + c]);
-    const double is = 1.0 / std::sqrt(m.biased_var() + eps);
-    mean[c] = static_cast<T>(m.mean);
+void normalise(const T* cp, const cpu::Activation& act, const std::vector<cpu::Moments>& m,
+               const BNArgs& p, const T* rp, T* op, T* mean, T* invstd, double eps,
+               bool relu) {
+  std::vector<double> scale(act.C), shift(act.C);
+  for (int64_t c = 0; c < act.C; ++c) {
+    const double is = 1.0 / std::sqrt(m[c].biased_var() + eps);
+    mean[c] = static_cast<T>(m[c].mean);
     invstd[c] = static_cast<T>(is);
     scale[c] = cpu::channel_value<T>(p.weight, c, 1.0) * is;
-    shift[c] = cpu::channel_value<T>(p.bias, c, 0.0) - m.mean * scale[c];
+    shift[c] = cpu::channel_value<T>(p.bias, c, 0.0) - m[c].mean * scale[c];
   }
-  at::parallel_for(0, s.N * OC, 1, [&](int64_t b, int64_t e) {
-    for (int64_t plane = b; plane < e; ++plane) {
-      const int64_t c = plane % OC;
-      cpu::bn_forward_plane(cp + plane * L, rp ? rp + plane * L : nullptr, op + plane * L, L,
-                            static_cast<T>(scale[c]), static_cast<T>(shift[c]), relu);
-    }
-  });
+  cpu::channel_affine(cp, rp, op, act, scale, shift, relu);
 }
 
 // Inference: BN as y * scale + shift with, per channel,
@@ -125,9 +125,12 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
     return {out, at::empty({0}, input.options()), mean, invstd};
   }
 
-  const at::Tensor x = input.contiguous(), w = weight.contiguous();
-  const at::Tensor residual = in_compute_dtype(residual_in, input);
-  at::Tensor out = at::empty({s.N, OC, s.OH, s.OW}, stat_opts);
+  // oneDNN reads the input in any layout; im2col wants it NCHW.
+  const at::MemoryFormat work = working_format(core, fmt);
+  const at::Tensor x = onednn ? input : input.contiguous();
+  const at::Tensor w = onednn ? weight : weight.contiguous();
+  const at::Tensor residual = in_compute_dtype(residual_in, input, work);
+  at::Tensor out = at::empty({s.N, OC, s.OH, s.OW}, stat_opts.memory_format(work));
   at::Tensor conv_out;  // training: the conv output (+ conv bias), saved for backward
   AT_DISPATCH_FLOATING_TYPES(compute_dtype(input), "conv_bn_relu_cpu", [&] {
     using T = scalar_t;
@@ -150,22 +153,17 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
       for (int64_t c = 0; c < OC; ++c) invstd.mutable_data_ptr<T>()[c] = static_cast<T>(is[c]);
       return;
     }
-    // Moments of each (image, channel) pair: in the GEMM epilogue, tile by tile
-    // in position order while each tile is hot (im2col), or one pass over each
-    // plane of oneDNN's output.
-    std::vector<cpu::Moments> tile(s.N * OC);
+    // Each channel's moments: one pass over oneDNN's output, or (im2col) from
+    // each (image, channel) pair's moments taken in the GEMM epilogue, tile by
+    // tile in position order while each tile is hot, merged in image order.
+    std::vector<cpu::Moments> m(OC);
     at::Tensor cf;  // conv_out in T
     if (onednn) {
-      conv_out = aten_conv(x, w, p.conv_bias_in, args,
-                                  at::MemoryFormat::Contiguous);
-      cf = in_compute_dtype(conv_out, input);
-      const T* cp = cf.const_data_ptr<T>();
-      at::parallel_for(0, s.N * OC, 1, [&](int64_t b, int64_t e) {
-        for (int64_t plane = b; plane < e; ++plane) {
-          tile[plane] = cpu::plane_moments(cp + plane * L, L);
-        }
-      });
+      conv_out = aten_conv(x, w, p.conv_bias_in, args, fmt);
+      cf = in_compute_dtype(conv_out, input, fmt);
+      m = cpu::channel_moments(cf.const_data_ptr<T>(), cpu::Activation(cf, fmt));
     } else {
+      std::vector<cpu::Moments> tile(s.N * OC);
       conv_out = cf = at::empty({s.N, OC, s.OH, s.OW}, input.options());
       T* cop = conv_out.mutable_data_ptr<T>();
       cpu::conv_forward<T>(s, x, w, [&](int64_t n, int64_t la, int64_t lb, const T* y,
@@ -176,9 +174,12 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
           tile[n * OC + c].merge(cpu::plane_moments(dst + c * L, lb - la));
         }
       });
+      for (int64_t c = 0; c < OC; ++c) {
+        for (int64_t n = 0; n < s.N; ++n) m[c].merge(tile[n * OC + c]);
+      }
     }
-    normalise<T>(s, cf.const_data_ptr<T>(), tile, p, rp, op, mean.mutable_data_ptr<T>(),
-                 invstd.mutable_data_ptr<T>(), eps, relu);
+    normalise<T>(cf.const_data_ptr<T>(), cpu::Activation(cf, work), m, p, rp, op,
+                 mean.mutable_data_ptr<T>(), invstd.mutable_data_ptr<T>(), eps, relu);
   });
   if (!training) conv_out = at::empty({0}, input.options());
   return {out.to(input.scalar_type()).contiguous(fmt), conv_out, mean, invstd};
@@ -244,17 +245,19 @@ Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
              need_gbw = a.mask[3] && a.p.weight.defined(), need_gbb = a.mask[4],
              need_gr = a.mask[5];
   const auto copts = input.options().dtype(compute_dtype(input));
-  const at::Tensor x = input.contiguous(), w = a.weight.contiguous();
-  const at::Tensor g = in_compute_dtype(a.grad_output, input);
-  const at::Tensor o = a.relu ? in_compute_dtype(a.output, input) : at::Tensor();
+  const at::MemoryFormat fmt = conv_memory_format(input, a.weight);
+  const at::MemoryFormat work = working_format(core, fmt);
+  const at::Tensor x = onednn ? input : input.contiguous();
+  const at::Tensor w = onednn ? a.weight : a.weight.contiguous();
+  const at::Tensor g = in_compute_dtype(a.grad_output, input, work);
+  const at::Tensor o = a.relu ? in_compute_dtype(a.output, input, work) : at::Tensor();
   // The normalised activations' source: saved in training; recomputed in
   // inference only when the BN weight gradient needs it.
   at::Tensor co;
   if (a.training) {
-    co = in_compute_dtype(a.conv_output, input);
+    co = in_compute_dtype(a.conv_output, input, work);
   } else if (need_gbw && onednn) {
-    co = in_compute_dtype(aten_conv(x, w, a.p.conv_bias_in, args,
-                                           at::MemoryFormat::Contiguous), input);
+    co = in_compute_dtype(aten_conv(x, w, a.p.conv_bias_in, args, fmt), input, work);
   } else if (need_gbw) {
     co = at::empty({s.N, OC, s.OH, s.OW}, input.options());
   }
@@ -266,7 +269,7 @@ Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
   }
   at::Tensor gbw = need_gbw ? at::empty({OC}, copts) : not_requested(input);
   at::Tensor gbb = need_gbb ? at::empty({OC}, copts) : not_requested(input);
-  at::Tensor gr = need_gr ? at::empty({s.N, OC, s.OH, s.OW}, copts) : not_requested(input);
+  at::Tensor gr = need_gr ? at::empty_like(g) : not_requested(input);
 
   AT_DISPATCH_FLOATING_TYPES(compute_dtype(input), "conv_bn_relu_backward_cpu", [&] {
     using T = scalar_t;
@@ -278,60 +281,45 @@ Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
         cpu::copy_channel_bias(y, ld, cop + n * OC * L + la, L, cbp, OC, lb - la);
       });
     }
+    const cpu::Activation act(g, work);
     const T* gp = g.const_data_ptr<T>();
     const T* op = o.defined() ? o.const_data_ptr<T>() : nullptr;
     const T* cp = co.defined() ? co.const_data_ptr<T>() : nullptr;
-    std::vector<cpu::BNBackwardCoef> coef(OC);
-    std::vector<double> mean_d(OC);
-    at::parallel_for(0, OC, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        mean_d[c] = a.mean.const_data_ptr<T>()[c];
-        const double is = a.invstd.const_data_ptr<T>()[c];
-        double sum_gy = 0.0, sum_gy_xc = 0.0;
-        if (a.training || need_gbw || need_gbb) {
-          for (int64_t n = 0; n < s.N; ++n) {
-            const int64_t off = (n * OC + c) * L;
-            cpu::bn_backward_reduce_plane(gp + off, op ? op + off : nullptr,
-                                          cp ? cp + off : nullptr, L, mean_d[c], sum_gy,
-                                          sum_gy_xc);
-          }
-        }
-        if (need_gbw) gbw.mutable_data_ptr<T>()[c] = static_cast<T>(sum_gy_xc * is);
-        if (need_gbb) gbb.mutable_data_ptr<T>()[c] = static_cast<T>(sum_gy);
-        coef[c] = cpu::bn_backward_coef(a.training, cpu::channel_value<T>(a.p.weight, c, 1.0),
-                                        is, sum_gy, sum_gy_xc, s.N * L);
-      }
-    });
-    if (need_gr) {
-      T* grp = gr.mutable_data_ptr<T>();
-      at::parallel_for(0, s.N * OC * L, 4096, [&](int64_t b, int64_t e) {
-        cpu::relu_grad_plane(gp + b, op ? op + b : nullptr, grp + b, e - b);
-      });
+    std::vector<double> mean_d(OC), sum_gy(OC, 0.0), sum_gy_xc(OC, 0.0);
+    for (int64_t c = 0; c < OC; ++c) mean_d[c] = a.mean.const_data_ptr<T>()[c];
+    if (a.training || need_gbw || need_gbb) {
+      cpu::channel_grad_sums(gp, op, cp, act, mean_d, sum_gy, sum_gy_xc);
     }
+    std::vector<cpu::BNBackwardCoef> coef(OC);
+    for (int64_t c = 0; c < OC; ++c) {
+      const double is = a.invstd.const_data_ptr<T>()[c];
+      if (need_gbw) gbw.mutable_data_ptr<T>()[c] = static_cast<T>(sum_gy_xc[c] * is);
+      if (need_gbb) gbb.mutable_data_ptr<T>()[c] = static_cast<T>(sum_gy[c]);
+      coef[c] = cpu::bn_backward_coef(a.training, cpu::channel_value<T>(a.p.weight, c, 1.0),
+                                      is, sum_gy[c], sum_gy_xc[c], act.rows());
+    }
+    if (need_gr) cpu::relu_grad_all(gp, op, gr.mutable_data_ptr<T>(), g.numel());
     if (!(need_gi || need_gw || need_gcb)) return;
-    // The conv-output gradient of image n at positions [la, lb), channel c at dst[c*ld + j].
-    auto grad_of = [&](int64_t n, int64_t la, int64_t lb, T* dst, int64_t ld) {
-      for (int64_t c = 0; c < OC; ++c) {
-        const int64_t off = (n * OC + c) * L + la;
-        cpu::bn_backward_apply_plane(gp + off, op ? op + off : nullptr,
-                                     a.training ? cp + off : nullptr, dst + c * ld, lb - la,
-                                     coef[c], mean_d[c]);
-      }
-    };
-    if (!onednn) {  // computed tile by tile, inside the conv backward
+    const T* xn = a.training ? cp : nullptr;  // BN's input, read by the training gradient
+    if (!onednn) {
+      // The conv-output gradient of image n at positions [la, lb), channel c at
+      // dst[c*ld + j], computed tile by tile inside the conv backward.
+      auto grad_of = [&](int64_t n, int64_t la, int64_t lb, T* dst, int64_t ld) {
+        for (int64_t c = 0; c < OC; ++c) {
+          const int64_t off = (n * OC + c) * L + la;
+          cpu::bn_backward_apply_plane(gp + off, op ? op + off : nullptr,
+                                       xn ? xn + off : nullptr, dst + c * ld, lb - la,
+                                       coef[c], mean_d[c]);
+        }
+      };
       cpu::conv_backward<T>(s, x, w, grad_of, gi, gw, gcb);
       return;
     }
-    at::Tensor gconv = at::empty({s.N, OC, s.OH, s.OW}, copts);
-    T* gcp = gconv.mutable_data_ptr<T>();
-    at::parallel_for(0, s.N, 1, [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) grad_of(n, 0, L, gcp + n * OC * L, L);
-    });
-    std::tie(gi, gw, gcb) = aten_conv_backward(
-        gconv.to(input.scalar_type()), x, w, args, at::MemoryFormat::Contiguous,
-        {need_gi, need_gw, need_gcb});
+    at::Tensor gconv = at::empty_like(g);
+    cpu::channel_grad_apply(gp, op, xn, gconv.mutable_data_ptr<T>(), act, coef, mean_d);
+    std::tie(gi, gw, gcb) = aten_conv_backward(gconv.to(input.scalar_type()), x, w, args, fmt,
+                                               {need_gi, need_gw, need_gcb});
   });
-  const at::MemoryFormat fmt = conv_memory_format(input, a.weight);
   return {gi.defined() ? gi.contiguous(fmt) : not_requested(input),
           gw.defined() ? gw : not_requested(input),
           gcb.defined() ? gcb : not_requested(input),
