@@ -536,6 +536,18 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
     input [N, C, H, W] -> [N, C, OH, OW]; [C, H, W] -> [C, OH, OW]. count_include_pad
     counts zero padding in the divisor; divisor_override (a non-zero int) replaces the divisor.
     """
+    impl = _fast_impl(input)
+    if (impl is not None and type(ceil_mode) is bool and type(count_include_pad) is bool
+            and (divisor_override is None or type(divisor_override) is int)):
+        kernel = _plain_pair(kernel_size)
+        geometry = (kernel, kernel if stride is None else _plain_pair(stride),
+                    _plain_pair(padding))
+        if None not in geometry:
+            try:
+                return impl.avg_pool2d(input, *geometry, ceil_mode, count_include_pad,
+                                       divisor_override)
+            except _OP_ERRORS:
+                pass  # as in conv2d
     if _is_unbatched(input):
         return avg_pool2d(input.unsqueeze(0), kernel_size, stride, padding, ceil_mode,
                           count_include_pad, divisor_override).squeeze(0)
@@ -559,6 +571,13 @@ def adaptive_avg_pool2d(input, output_size):
     or a pair whose entries may be None (keep that input size). Bin i covers
     [floor(i*H/OH), ceil((i+1)*H/OH)).
     """
+    impl = _fast_impl(input)
+    size = _plain_pair(output_size)
+    if impl is not None and size is not None:
+        try:
+            return impl.adaptive_avg_pool2d(input, size)
+        except _OP_ERRORS:
+            pass  # as in conv2d
     if _is_unbatched(input):
         return adaptive_avg_pool2d(input.unsqueeze(0), output_size).squeeze(0)
     _check_input(input, unbatched=True)

@@ -389,6 +389,25 @@ def test_adaptive_avg_pool2d_zero_output_size(backend):
     assert actual.shape == expected.shape == (2, 3, 0, 3)
 
 
+@pytest.mark.parametrize("channels", [17, 67, 130])
+def test_avg_pools_channels_last_many_channels(backend, channels):
+    """The CPU's NHWC average-pooling kernels sum a pixel's channels as one vector loop and run
+    the backward in blocks of 64 channels: counts past a vector, a block and two blocks, with
+    overlapping, padded and ceil-mode windows, a divisor override, and global pooling."""
+    torch.manual_seed(channels)
+    x = make_input((2, channels, 7, 9), "channels_last", requires_grad=True)
+    _check_avg_pool2d(backend, x, (3, 3), 2, 1, True, True, None)
+    _check_avg_pool2d(backend, x, (2, 3), (1, 2), (1, 0), False, False, 5)
+    for size in [(1, 1), (3, 4), (9, 11)]:
+        expected = F.adaptive_avg_pool2d(x, size)
+        actual = CF.adaptive_avg_pool2d(x, size)
+        assert_close(actual, expected)
+        g = torch.randn_like(expected)
+        (grad_actual,), (grad_expected,) = grads(actual, (x,), g), grads(expected, (x,), g)
+        assert_close(grad_actual, grad_expected)
+        _assert_layout(backend, x, actual, grad_actual)
+
+
 # ---------------------------------------------------------------------------
 # Arguments PyTorch rejects: cnnops raises too.
 

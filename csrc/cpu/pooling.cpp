@@ -1,18 +1,23 @@
 // CPU pooling kernels: max, average and adaptive average pooling over the
 // H x W planes of an [N, C, H, W] tensor, forward and backward.
 //
-// Layout: the kernels read and write NCHW-contiguous buffers, one H*W plane per
-// task. Planes are independent, so parallelising over N*C keeps the
-// scatter-add backward ops race-free without atomics. max_pool2d has NHWC
-// kernels as well, vectorised over C, which channels_last inputs take. Other
-// inputs are copied to NCHW first and results are converted to
-// cnnops::output_memory_format(input) at the end.
+// Layout: NCHW tensors run one H*W plane per task. Planes are independent, so
+// parallelising over N*C keeps the scatter-add backward ops race-free without
+// atomics. channels_last tensors run NHWC kernels, vectorised over C: the
+// forward one output row per task, the backward one (image, block of channels)
+// per task, which owns that slice of the input gradient. Other strided inputs
+// are copied to NCHW first. Results come back in
+// cnnops::output_memory_format(input).
+//
+// The leaf kernels (a plane, an output row, an image's channel block) are
+// CNNOPS_VECTORISED: built for AVX-512, AVX2 and the baseline.
 //
 // Semantics and rounding follow aten's CPU kernels (MaxPoolKernel.cpp,
 // AvgPoolKernel.cpp, AdaptiveAvgPoolKernel.cpp): window sums accumulate in
 // at::opmath_type and are divided once per output element.
 
 #include "cnnops/common.h"
+#include "vectorised.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -105,7 +110,7 @@ struct AvgDivisor {
 // lanes' width). Each window still sees its taps in scan order (ih, then iw),
 // so ties and NaNs resolve as in a window-by-window scan and in aten.
 template <typename scalar_t, typename Idx>
-void max_pool_plane(const scalar_t* in, scalar_t* out, int64_t* indices, int64_t W,
+CNNOPS_VECTORISED void max_pool_plane(const scalar_t* in, scalar_t* out, int64_t* indices, int64_t W,
                     int64_t OW, const std::vector<Span>& rows, const std::vector<Span>& cols,
                     int64_t kW, int64_t sW, int64_t pW, int64_t dH, int64_t dW, Idx* best) {
   for (const Span& h : rows) {
@@ -144,7 +149,7 @@ void max_pool_plane(const scalar_t* in, scalar_t* out, int64_t* indices, int64_t
 }
 
 template <typename scalar_t>
-void avg_pool_plane(const scalar_t* in, scalar_t* out, int64_t W,
+CNNOPS_VECTORISED void avg_pool_plane(const scalar_t* in, scalar_t* out, int64_t W,
                     const std::vector<Span>& rows, const std::vector<Span>& cols,
                     const AvgDivisor& divisor) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -170,7 +175,7 @@ void avg_pool_plane(const scalar_t* in, scalar_t* out, int64_t W,
 }
 
 template <typename scalar_t>
-void avg_pool_backward_plane(const scalar_t* grad_out, scalar_t* grad_in,
+CNNOPS_VECTORISED void avg_pool_backward_plane(const scalar_t* grad_out, scalar_t* grad_in,
                              int64_t W, const std::vector<Span>& rows,
                              const std::vector<Span>& cols,
                              const AvgDivisor& divisor) {
@@ -212,6 +217,72 @@ void max_pool_pixel_nhwc(const scalar_t* in, scalar_t* out, int64_t* indices, in
     }
   }
   for (int64_t c = 0; c < C; ++c) indices[c] = best[c];
+}
+
+// One output row of NHWC max pooling: the OW pixels of output row `h` (the
+// input rows it spans) of one image.
+template <typename scalar_t, typename Idx>
+CNNOPS_VECTORISED void max_pool_row_nhwc(const scalar_t* image, scalar_t* out,
+                                         int64_t* indices, int64_t W, int64_t C,
+                                         const Span& h, const std::vector<Span>& cols,
+                                         int64_t dH, int64_t dW, Idx* best) {
+  for (size_t ow = 0; ow < cols.size(); ++ow) {
+    max_pool_pixel_nhwc(image, out + ow * C, indices + ow * C, W, C, h, cols[ow], dH, dW, best);
+  }
+}
+
+// One output row of NHWC average pooling (the rows and columns as
+// avg_pool_plane's), window sums in acc (C values of scratch).
+template <typename scalar_t>
+CNNOPS_VECTORISED void avg_pool_row_nhwc(const scalar_t* image, scalar_t* out, int64_t W,
+                                         int64_t C, const Span& h,
+                                         const std::vector<Span>& cols,
+                                         const AvgDivisor& divisor,
+                                         at::opmath_type<scalar_t>* acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (const Span& w : cols) {
+    std::fill(acc, acc + C, acc_t(0));
+    for (int64_t ih = h.begin; ih < h.end; ++ih) {
+      for (int64_t iw = w.begin; iw < w.end; ++iw) {
+        const scalar_t* src = image + (ih * W + iw) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) acc[c] += src[c];
+      }
+    }
+    // The padding rules leave no window empty; guard the division anyway.
+    const bool empty = h.empty() || w.empty();
+    const acc_t d = empty ? acc_t(1) : static_cast<acc_t>(divisor(h, w));
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[c] = empty ? scalar_t(0) : static_cast<scalar_t>(acc[c] / d);
+    out += C;
+  }
+}
+
+// NHWC average-pooling backward of one image's channels [c0, c0 + width): its
+// input-gradient slice gin (stride C between positions) is zeroed, then each
+// output gradient, divided by its window's divisor, is added over its window.
+template <typename scalar_t>
+CNNOPS_VECTORISED void avg_pool_backward_image_nhwc(const scalar_t* g, scalar_t* gin, int64_t H,
+                                                    int64_t W, int64_t C, int64_t width,
+                                                    const std::vector<Span>& rows,
+                                                    const std::vector<Span>& cols,
+                                                    const AvgDivisor& divisor) {
+  for (int64_t p = 0; p < H * W; ++p) std::fill(gin + p * C, gin + p * C + width, scalar_t(0));
+  for (const Span& h : rows) {
+    for (const Span& w : cols) {
+      const scalar_t* gp = g;
+      g += C;
+      if (h.empty() || w.empty()) continue;
+      const scalar_t div = static_cast<scalar_t>(divisor(h, w));
+      for (int64_t ih = h.begin; ih < h.end; ++ih) {
+        for (int64_t iw = w.begin; iw < w.end; ++iw) {
+          scalar_t* dst = gin + (ih * W + iw) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) dst[c] += gp[c] / div;
+        }
+      }
+    }
+  }
 }
 
 // Runs f(plane) for every plane, in parallel. `work_per_plane` (roughly the
@@ -303,6 +374,24 @@ at::Tensor avg_pool_forward(const at::Tensor& input, int64_t OH, int64_t OW,
   const auto fmt = output_memory_format(input);
   const int64_t N = input.size(0), C = input.size(1);
   const int64_t H = input.size(2), W = input.size(3);
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    at::Tensor output = at::empty({N, C, OH, OW}, input.options().memory_format(fmt));
+    if (output.numel() == 0) return output;
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnops_avg_pool_nhwc_cpu", [&] {
+      const scalar_t* in_data = input.const_data_ptr<scalar_t>();
+      scalar_t* out_data = output.mutable_data_ptr<scalar_t>();
+      const int64_t grain = std::max<int64_t>(
+          1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, OW * C * window));
+      at::parallel_for(0, N * OH, grain, [&](int64_t begin, int64_t end) {
+        std::vector<at::opmath_type<scalar_t>> acc(C);
+        for (int64_t r = begin; r < end; ++r) {
+          avg_pool_row_nhwc(in_data + r / OH * H * W * C, out_data + r * OW * C, W, C,
+                            rows[r % OH], cols, divisor, acc.data());
+        }
+      });
+    });
+    return output;
+  }
   at::Tensor output = empty_nchw({N, C, OH, OW}, input);
   if (output.numel() == 0) return output.contiguous(fmt);
   const at::Tensor in = input.contiguous();
@@ -325,6 +414,29 @@ at::Tensor avg_pool_backward(const at::Tensor& grad_output, const at::Tensor& in
   const auto fmt = output_memory_format(input);
   const int64_t H = input.size(2), W = input.size(3);
   const int64_t OH = grad_output.size(2), OW = grad_output.size(3);
+  if (fmt == at::MemoryFormat::ChannelsLast && grad_output.numel() > 0) {
+    at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(fmt));
+    const at::Tensor gout = grad_output.contiguous(fmt);
+    const int64_t N = input.size(0), C = input.size(1);
+    constexpr int64_t kChannels = 64;  // channels per task
+    const int64_t blocks = (C + kChannels - 1) / kChannels;
+    const int64_t grain = std::max<int64_t>(
+        1, at::internal::GRAIN_SIZE /
+               std::max<int64_t>(1, (H * W + OH * OW * window) * std::min(C, kChannels)));
+    AT_DISPATCH_FLOATING_TYPES(gout.scalar_type(), "cnnops_avg_pool_backward_nhwc_cpu", [&] {
+      const scalar_t* g_data = gout.const_data_ptr<scalar_t>();
+      scalar_t* gin_data = grad_input.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, N * blocks, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t n = task / blocks, c0 = task % blocks * kChannels;
+          avg_pool_backward_image_nhwc(g_data + n * OH * OW * C + c0,
+                                       gin_data + n * H * W * C + c0, H, W, C,
+                                       std::min(kChannels, C - c0), rows, cols, divisor);
+        }
+      });
+    });
+    return grad_input;
+  }
   at::Tensor grad_input = zeros_nchw(input.sizes(), input);
   if (grad_input.numel() == 0 || grad_output.numel() == 0) {
     return grad_input.contiguous(fmt);
@@ -342,8 +454,7 @@ at::Tensor avg_pool_backward(const at::Tensor& grad_output, const at::Tensor& in
 }
 
 // max_pool2d over a channels_last input into channels_last output and indices:
-// one task per output row of an image, each pixel's C channels in one vector
-// loop (max_pool_pixel_nhwc).
+// one task per output row of an image (max_pool_row_nhwc).
 void max_pool2d_nhwc(const at::Tensor& input, at::Tensor& output, at::Tensor& indices,
                      const PoolShape& s, const std::vector<Span>& rows,
                      const std::vector<Span>& cols, at::IntArrayRef kernel_size,
@@ -367,17 +478,15 @@ void max_pool2d_nhwc(const at::Tensor& input, at::Tensor& output, at::Tensor& in
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = r / s.OH, oh = r % s.OH;
         const scalar_t* image = in_data + n * s.H * s.W * C;
-        for (int64_t ow = 0; ow < s.OW; ++ow) {
-          const int64_t at = (r * s.OW + ow) * C;
-          const auto run = [&](auto* best) {
-            max_pool_pixel_nhwc(image, out_data + at, idx_data + at, s.W, C, rows[oh], cols[ow],
-                                dilation[0], dilation[1], best);
-          };
-          if (small) {
-            run(best32.data());
-          } else {
-            run(best64.data());
-          }
+        const int64_t at = r * s.OW * C;
+        const auto run = [&](auto* best) {
+          max_pool_row_nhwc(image, out_data + at, idx_data + at, s.W, C, rows[oh], cols,
+                            dilation[0], dilation[1], best);
+        };
+        if (small) {
+          run(best32.data());
+        } else {
+          run(best64.data());
         }
       }
     });
