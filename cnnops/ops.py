@@ -113,11 +113,10 @@ if _ext.LOADED:
           stride, padding, dilation, groups, training, eps, relu):
         shape = _conv_out(input, weight, stride, padding, dilation)
         OC = shape[1]
-        # conv_output (kept for backward) is the convolution's own output: NCHW on the CPU,
-        # in the output's layout from cuDNN.
+        # conv_output (kept for backward) is the convolution's own output, in the output's
+        # layout.
         fmt = _conv_fmt(input, weight)
-        conv_fmt = fmt if input.device.type == "cuda" else torch.contiguous_format
-        conv_output = _like(input, shape, conv_fmt) if training else _none(input)
+        conv_output = _like(input, shape, fmt) if training else _none(input)
         stats = _like(input, (OC,), dtype=_stat_dtype(input))
         return _like(input, shape, fmt), conv_output, stats, torch.empty_like(stats)
 

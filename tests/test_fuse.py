@@ -1772,6 +1772,43 @@ def test_fuse_runs_cpu_inference_in_channels_last(layout):
     assert_close(fused(x)[1], model.train()(x)[1])
 
 
+class _PreActNet(nn.Module):
+    """DenseNet's pattern: BN-ReLU before each conv (cnnops bn_relu sites), concatenation,
+    average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1, self.conv1 = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.conv0(x)
+        x = torch.cat([x, self.conv1(F.relu(self.bn1(x)))], 1)
+        x = F.avg_pool2d(F.relu(self.bn2(x)), 2)
+        return x, self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_fuse_runs_bn_relu_sites_in_channels_last():
+    """BN-ReLU sites run cnnops' BN kernels, which read channels_last as it is: a
+    pre-activation graph is taken to channels_last too, with eager's values and layouts."""
+    torch.manual_seed(18)
+    model = _PreActNet().eval()
+    for bn in (model.bn1, model.bn2):
+        bn.running_var.uniform_(0.5, 2)
+        bn.running_mean.uniform_(-1, 1)
+    fused = cnnops.fuse(model)
+    source = _eval_source(fused)
+    assert "to_channels_last(" in source and "bn_relu" in source
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        (f_e, y_e), (f_f, y_f) = model(x), fused(x)
+    assert_close(f_f, f_e)
+    assert_close(y_f, y_e)
+    assert f_f.stride() == f_e.stride()
+
+
 def test_fuse_keeps_the_layout_of_graphs_with_other_ops():
     """A .view() (which raises on a channels_last activation) or any op outside the
     layout-free set keeps the eval graph in the layout it is given."""

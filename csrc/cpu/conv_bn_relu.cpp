@@ -181,7 +181,9 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
     normalise<T>(cf.const_data_ptr<T>(), cpu::Activation(cf, work), m, p, rp, op,
                  mean.mutable_data_ptr<T>(), invstd.mutable_data_ptr<T>(), eps, relu);
   });
-  if (!training) conv_out = at::empty({0}, input.options());
+  // conv_out, saved for the backward, is in the call's layout whichever core ran (the
+  // fake kernel's rule): a copy on the im2col core's channels_last calls only.
+  conv_out = training ? conv_out.contiguous(fmt) : at::empty({0}, input.options());
   return {out.to(input.scalar_type()).contiguous(fmt), conv_out, mean, invstd};
 }
 
