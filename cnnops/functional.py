@@ -161,6 +161,13 @@ def _plain_conv_geometry(stride, padding, dilation, groups):
     return None if None in pairs else pairs
 
 
+def _plain_bn_scalars(training, momentum, eps, relu):
+    """Whether a BN call's scalar arguments are plain (bools, float momentum and eps), as a
+    module passes them: the fast path's condition."""
+    return (type(training) is bool and type(relu) is bool and type(eps) is float
+            and type(momentum) is float)
+
+
 # The errors a C++ op raises for arguments it refuses (TORCH_CHECK, _VALUE, _TYPE, _INDEX).
 _OP_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 
@@ -387,6 +394,24 @@ def bn_relu(input, running_mean, running_var, weight, bias, training=False, mome
     memory: "fast" or "lean" (cnnops.lean); the same here, where nothing is kept that the
     neighbouring ops do not keep.
     """
+    impl = (_fast_impl(input, running_mean, running_var, weight, bias, residual)
+            if process_group is None and memory == "fast" and _plain_bn_scalars(
+                training, momentum, eps, relu) else None)
+    if impl is not None and (not training or _values_per_channel(input.shape) > 1):
+        try:
+            if residual is None and not relu:
+                out, mean, invstd = impl.batch_norm(input, weight, bias, running_mean,
+                                                    running_var, training, eps)
+            else:
+                out, mean, invstd = impl.bn_relu(input, weight, bias, running_mean, running_var,
+                                                 residual, training, eps, relu)
+        except _OP_ERRORS:
+            pass  # as in conv2d
+        else:
+            if training:
+                _update_running_stats(impl, running_mean, running_var, mean, invstd,
+                                      _values_per_channel(input.shape), momentum, eps)
+            return out
     lean.check_memory(memory)
     _check_input(input)
     C = input.shape[1]
@@ -430,6 +455,26 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
     which recomputes it (cnnops.lean); about half the activation memory of a conv-BN-ReLU
     network for one more convolution forward per layer and step.
     """
+    impl = (_fast_impl(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                       residual)
+            if process_group is None and memory == "fast" and _plain_bn_scalars(
+                training, momentum, eps, relu) else None)
+    geometry = None if impl is None else _plain_conv_geometry(stride, padding, dilation, groups)
+    if geometry is not None:
+        try:
+            out, mean, invstd = impl.conv_bn_relu(input, weight, bias, bn_weight, bn_bias,
+                                                  running_mean, running_var, residual,
+                                                  *geometry, groups, training, eps, relu)
+        except _OP_ERRORS:
+            pass  # as in conv2d
+        else:
+            count = _values_per_channel(out.shape)
+            if not training:
+                return out
+            if count > 1:  # else the full path raises, as torch does
+                _update_running_stats(impl, running_mean, running_var, mean, invstd, count,
+                                      momentum, eps)
+                return out
     lean.check_memory(memory)
     input, weight, bias, residual = _autocast(input, weight, bias, residual)
     input, stride, padding, dilation, groups = _conv_args(input, weight, bias, stride, padding,

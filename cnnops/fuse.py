@@ -1347,6 +1347,17 @@ def restore_layout(out, *pairs):
                     else t, out)
 
 
+def conv_channels_last(conv, x):
+    """conv(x) for an nn.Conv2d of a graph the channels_last pass rewrote. When x was taken
+    to channels_last (a CPU tensor, see to_channels_last) it runs cnnops.functional.conv2d,
+    whose oneDNN core keeps the weight packed in oneDNN's layout; nn.Conv2d would copy its
+    NCHW weight to channels_last, and oneDNN reorder it, on every call. Otherwise conv(x)."""
+    if x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last):
+        return conv(x)
+    x, padding = _conv_input_and_padding(conv, x)
+    return CF.conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+
+
 # What the channels_last pass allows in a graph: ops whose results do not depend on the
 # input's layout (a .view() of a channels_last activation raises, and other code may read
 # strides, so any other op keeps the graph in the layout it was given).
@@ -1383,6 +1394,15 @@ def _channels_last_inputs(graph, root):
     output = next(n for n in graph.nodes if n.op == "output")
     if not inputs:
         return False
+    for node in list(graph.nodes):  # the convolutions fuse left as modules
+        if (node.op == "call_module" and type(mods.get(node.target)) is nn.Conv2d
+                and len(node.args) == 1 and not node.kwargs):
+            with graph.inserting_before(node):
+                conv = graph.call_function(conv_channels_last,
+                                           (graph.get_attr(node.target), node.args[0]))
+            conv.meta = dict(node.meta)
+            node.replace_all_uses_with(conv)
+            graph.erase_node(node)
     pairs = []
     with graph.inserting_after(inputs[-1]):
         for x in reversed(inputs):

@@ -91,7 +91,14 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   const at::MemoryFormat fmt = conv_memory_format(input, weight);
   const cpu::CoreKey key("conv2d", s, input, fmt, {{"bias", bias.defined()}});
   return cpu::with_core(key, [&](cpu::Core core) {
-    if (core == cpu::Core::OneDNN) return aten_conv(input, weight, bias, args, fmt);
+    if (core == cpu::Core::OneDNN) {
+      // channels_last float32: the primitive with a packed weight (conv_core.h)
+      if (fmt == at::MemoryFormat::ChannelsLast && input.scalar_type() == at::kFloat) {
+        return cpu::onednn_conv_relu(input, weight, bias, at::Tensor(), /*relu=*/false, args,
+                                     fmt);
+      }
+      return aten_conv(input, weight, bias, args, fmt);
+    }
     return conv2d_im2col(s, input, weight, bias);
   });
 }
