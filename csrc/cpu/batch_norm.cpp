@@ -68,13 +68,6 @@ void backward_apply(const BackwardActivations& a, const std::vector<double>& mea
   });
 }
 
-// A [C] tensor's values in double.
-template <typename T>
-std::vector<double> channel_values(const at::Tensor& t) {
-  const T* p = t.const_data_ptr<T>();
-  return std::vector<double>(p, p + t.numel());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
@@ -91,9 +84,11 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input)
     using T = scalar_t;
     const std::vector<cpu::Moments> m =
         cpu::channel_moments(x.const_data_ptr<T>(), cpu::Activation(x, fmt));
+    T* mp = mean.mutable_data_ptr<T>();
+    T* vp = var.mutable_data_ptr<T>();
     for (int64_t c = 0; c < C; ++c) {
-      mean.mutable_data_ptr<T>()[c] = static_cast<T>(m[c].mean);
-      var.mutable_data_ptr<T>()[c] = static_cast<T>(m[c].biased_var());
+      mp[c] = static_cast<T>(m[c].mean);
+      vp[c] = static_cast<T>(m[c].biased_var());
     }
   });
   return {mean, var};
@@ -135,17 +130,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_cpu(
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bn_relu_cpu", [&] {
     using T = scalar_t;
     const T* xp = x.const_data_ptr<T>();
-    std::vector<double> mean_d(C), scale(C), shift(C);
+    std::vector<double> scale(C), shift(C);
     const std::vector<cpu::Moments> m =
         training ? cpu::channel_moments(xp, act) : std::vector<cpu::Moments>();
+    const std::vector<double> rm = cpu::channel_values<T>(rmean, C, 0.0),
+                              rv = cpu::channel_values<T>(rvar, C, 1.0),
+                              w = cpu::channel_values<T>(weight, C, 1.0),
+                              b = cpu::channel_values<T>(bias, C, 0.0);
+    T* mp = mean.mutable_data_ptr<T>();
+    T* ip = invstd.mutable_data_ptr<T>();
     for (int64_t c = 0; c < C; ++c) {
-      const double mu = training ? m[c].mean : cpu::channel_value<T>(rmean, c, 0.0);
-      const double var = training ? m[c].biased_var() : cpu::channel_value<T>(rvar, c, 1.0);
-      const double is = 1.0 / std::sqrt(var + eps);
-      mean.mutable_data_ptr<T>()[c] = static_cast<T>(mu);
-      invstd.mutable_data_ptr<T>()[c] = static_cast<T>(is);
-      scale[c] = cpu::channel_value<T>(weight, c, 1.0) * is;
-      shift[c] = cpu::channel_value<T>(bias, c, 0.0) - mu * scale[c];
+      const double mu = training ? m[c].mean : rm[c];
+      const double is = 1.0 / std::sqrt((training ? m[c].biased_var() : rv[c]) + eps);
+      mp[c] = static_cast<T>(mu);
+      ip[c] = static_cast<T>(is);
+      scale[c] = w[c] * is;
+      shift[c] = b[c] - mu * scale[c];
     }
     cpu::channel_affine(xp, residual.defined() ? residual.const_data_ptr<T>() : nullptr,
                         y.mutable_data_ptr<T>(), act, scale, shift, relu);
@@ -177,7 +177,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
   std::vector<double> mean_d;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bn_relu_backward_cpu", [&] {
     using T = scalar_t;
-    mean_d = channel_values<T>(mean);
+    mean_d = cpu::channel_values<T>(mean, C, 0.0);
+    const std::vector<double> is = cpu::channel_values<T>(invstd, C, 1.0),
+                              w = cpu::channel_values<T>(weight, C, 1.0);
     std::vector<double> sum_gy(C, 0.0), sum_gy_xc(C, 0.0);
     if (training || need_gw || need_gb) {
       cpu::channel_grad_sums(a.g.const_data_ptr<T>(),
@@ -185,12 +187,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
                              a.x.const_data_ptr<T>(), a.layout(),
                              mean_d, sum_gy, sum_gy_xc);
     }
+    T* gwp = need_gw ? gw.mutable_data_ptr<T>() : nullptr;
+    T* gbp = need_gb ? gb.mutable_data_ptr<T>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
-      const double is = invstd.const_data_ptr<T>()[c];
-      if (need_gw) gw.mutable_data_ptr<T>()[c] = static_cast<T>(sum_gy_xc[c] * is);
-      if (need_gb) gb.mutable_data_ptr<T>()[c] = static_cast<T>(sum_gy[c]);
-      coef[c] = cpu::bn_backward_coef(training, cpu::channel_value<T>(weight, c, 1.0), is,
-                                      sum_gy[c], sum_gy_xc[c], a.layout().rows());
+      if (gwp) gwp[c] = static_cast<T>(sum_gy_xc[c] * is[c]);
+      if (gbp) gbp[c] = static_cast<T>(sum_gy[c]);
+      coef[c] = cpu::bn_backward_coef(training, w[c], is[c], sum_gy[c], sum_gy_xc[c],
+                                      a.layout().rows());
     }
   });
   backward_apply(a, mean_d, coef, gi, gr);
@@ -219,12 +222,14 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_elemt_cpu(
   std::vector<double> mean_d;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bn_relu_backward_elemt_cpu", [&] {
     using T = scalar_t;
-    mean_d = channel_values<T>(mean);
+    mean_d = cpu::channel_values<T>(mean, C, 0.0);
+    const std::vector<double> is = cpu::channel_values<T>(invstd, C, 1.0),
+                              w = cpu::channel_values<T>(weight, C, 1.0),
+                              dy = cpu::channel_values<T>(mdy, C, 0.0),
+                              dx = cpu::channel_values<T>(mdx, C, 0.0);
     for (int64_t c = 0; c < C; ++c) {
-      const double is = invstd.const_data_ptr<T>()[c];
-      coef[c] = cpu::bn_backward_coef(/*training=*/true, cpu::channel_value<T>(weight, c, 1.0),
-                                      is, mdy.const_data_ptr<T>()[c],
-                                      mdx.const_data_ptr<T>()[c] / is, /*count=*/1);
+      coef[c] = cpu::bn_backward_coef(/*training=*/true, w[c], is[c], dy[c], dx[c] / is[c],
+                                      /*count=*/1);
     }
   });
   at::Tensor gi = output_mask[0] ? at::empty_like(a.x, a.fmt) : at::Tensor();

@@ -348,10 +348,18 @@ CNNOPS_VECTORISED void bn_backward_apply_rows(const T* grad, const T* out, const
   }
 }
 
-// Per-channel value of an optional [C] tensor, or `fallback` when absent.
+// The C values of an optional [C] tensor (contiguous, of type T) in double,
+// or C times `fallback` when it is absent. (Read once per call: a tensor's
+// data pointer checks its dtype and storage each time it is taken, which over
+// every channel of a 512-channel layer cost more than a small BN pass.)
 template <typename T>
-inline double channel_value(const at::Tensor& t, int64_t c, double fallback) {
-  return t.defined() ? static_cast<double>(t.const_data_ptr<T>()[c]) : fallback;
+std::vector<double> channel_values(const at::Tensor& t, int64_t C, double fallback) {
+  std::vector<double> v(C, fallback);
+  if (t.defined()) {
+    const T* p = t.const_data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) v[c] = static_cast<double>(p[c]);
+  }
+  return v;
 }
 
 // ---- whole activations, in either layout ------------------------------------

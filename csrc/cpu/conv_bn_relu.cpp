@@ -64,12 +64,14 @@ void normalise(const T* cp, const cpu::Activation& act, const std::vector<cpu::M
                const BNArgs& p, const T* rp, T* op, T* mean, T* invstd, double eps,
                bool relu) {
   std::vector<double> scale(act.C), shift(act.C);
+  const std::vector<double> w = cpu::channel_values<T>(p.weight, act.C, 1.0),
+                            b = cpu::channel_values<T>(p.bias, act.C, 0.0);
   for (int64_t c = 0; c < act.C; ++c) {
     const double is = 1.0 / std::sqrt(m[c].biased_var() + eps);
     mean[c] = static_cast<T>(m[c].mean);
     invstd[c] = static_cast<T>(is);
-    scale[c] = cpu::channel_value<T>(p.weight, c, 1.0) * is;
-    shift[c] = cpu::channel_value<T>(p.bias, c, 0.0) - m[c].mean * scale[c];
+    scale[c] = w[c] * is;
+    shift[c] = b[c] - m[c].mean * scale[c];
   }
   cpu::channel_affine(cp, rp, op, act, scale, shift, relu);
 }
@@ -81,12 +83,15 @@ void normalise(const T* cp, const cpu::Activation& act, const std::vector<cpu::M
 template <typename T>
 void inference_affine(const BNArgs& p, int64_t OC, double eps, std::vector<double>& scale,
                       std::vector<double>& shift, std::vector<double>& invstd) {
+  const std::vector<double> rm = cpu::channel_values<T>(p.running_mean, OC, 0.0),
+                            rv = cpu::channel_values<T>(p.running_var, OC, 1.0),
+                            w = cpu::channel_values<T>(p.weight, OC, 1.0),
+                            b = cpu::channel_values<T>(p.bias, OC, 0.0),
+                            cb = cpu::channel_values<T>(p.conv_bias, OC, 0.0);
   for (int64_t c = 0; c < OC; ++c) {
-    invstd[c] = 1.0 / std::sqrt(cpu::channel_value<T>(p.running_var, c, 1.0) + eps);
-    scale[c] = cpu::channel_value<T>(p.weight, c, 1.0) * invstd[c];
-    const double mean = cpu::channel_value<T>(p.running_mean, c, 0.0) -
-                        cpu::channel_value<T>(p.conv_bias, c, 0.0);
-    shift[c] = cpu::channel_value<T>(p.bias, c, 0.0) - mean * scale[c];
+    invstd[c] = 1.0 / std::sqrt(rv[c] + eps);
+    scale[c] = w[c] * invstd[c];
+    shift[c] = b[c] - (rm[c] - cb[c]) * scale[c];
   }
 }
 
@@ -150,7 +155,7 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
         }
       });
       mean.copy_(p.running_mean);
-      for (int64_t c = 0; c < OC; ++c) invstd.mutable_data_ptr<T>()[c] = static_cast<T>(is[c]);
+      std::copy(is.begin(), is.end(), invstd.mutable_data_ptr<T>());
       return;
     }
     // Each channel's moments: one pass over oneDNN's output, or (im2col) from
@@ -287,18 +292,21 @@ Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
     const T* gp = g.const_data_ptr<T>();
     const T* op = o.defined() ? o.const_data_ptr<T>() : nullptr;
     const T* cp = co.defined() ? co.const_data_ptr<T>() : nullptr;
-    std::vector<double> mean_d(OC), sum_gy(OC, 0.0), sum_gy_xc(OC, 0.0);
-    for (int64_t c = 0; c < OC; ++c) mean_d[c] = a.mean.const_data_ptr<T>()[c];
+    const std::vector<double> mean_d = cpu::channel_values<T>(a.mean, OC, 0.0),
+                              is = cpu::channel_values<T>(a.invstd, OC, 1.0),
+                              bn_w = cpu::channel_values<T>(a.p.weight, OC, 1.0);
+    std::vector<double> sum_gy(OC, 0.0), sum_gy_xc(OC, 0.0);
     if (a.training || need_gbw || need_gbb) {
       cpu::channel_grad_sums(gp, op, cp, act, mean_d, sum_gy, sum_gy_xc);
     }
     std::vector<cpu::BNBackwardCoef> coef(OC);
+    T* gbwp = need_gbw ? gbw.mutable_data_ptr<T>() : nullptr;
+    T* gbbp = need_gbb ? gbb.mutable_data_ptr<T>() : nullptr;
     for (int64_t c = 0; c < OC; ++c) {
-      const double is = a.invstd.const_data_ptr<T>()[c];
-      if (need_gbw) gbw.mutable_data_ptr<T>()[c] = static_cast<T>(sum_gy_xc[c] * is);
-      if (need_gbb) gbb.mutable_data_ptr<T>()[c] = static_cast<T>(sum_gy[c]);
-      coef[c] = cpu::bn_backward_coef(a.training, cpu::channel_value<T>(a.p.weight, c, 1.0),
-                                      is, sum_gy[c], sum_gy_xc[c], act.rows());
+      if (gbwp) gbwp[c] = static_cast<T>(sum_gy_xc[c] * is[c]);
+      if (gbbp) gbbp[c] = static_cast<T>(sum_gy[c]);
+      coef[c] = cpu::bn_backward_coef(a.training, bn_w[c], is[c], sum_gy[c], sum_gy_xc[c],
+                                      act.rows());
     }
     if (need_gr) cpu::relu_grad_all(gp, op, gr.mutable_data_ptr<T>(), g.numel());
     if (!(need_gi || need_gw || need_gcb)) return;
