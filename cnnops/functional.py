@@ -161,11 +161,22 @@ def _plain_conv_geometry(stride, padding, dilation, groups):
     return None if None in pairs else pairs
 
 
-def _plain_bn_scalars(training, momentum, eps, relu):
-    """Whether a BN call's scalar arguments are plain (bools, float momentum and eps), as a
-    module passes them: the fast path's condition."""
-    return (type(training) is bool and type(relu) is bool and type(eps) is float
-            and type(momentum) is float)
+def _plain_pool_geometry(kernel_size, stride, padding):
+    """(kernel, stride, padding) as pairs for the fast path (stride None: the kernel), or
+    None."""
+    kernel = _plain_pair(kernel_size)
+    geometry = (kernel, kernel if stride is None else _plain_pair(stride), _plain_pair(padding))
+    return None if None in geometry else geometry
+
+
+def _fast_bn_impl(input, others, training, momentum, eps, relu, process_group, memory):
+    """_fast_impl for a BN call (others: its other tensors) whose remaining arguments are
+    plain, as a module passes them: bool flags, float momentum and eps, no process group,
+    memory="fast". Else None."""
+    if (process_group is not None or memory != "fast" or type(training) is not bool
+            or type(relu) is not bool or type(eps) is not float or type(momentum) is not float):
+        return None
+    return _fast_impl(input, *others)
 
 
 # The errors a C++ op raises for arguments it refuses (TORCH_CHECK, _VALUE, _TYPE, _INDEX).
@@ -394,9 +405,8 @@ def bn_relu(input, running_mean, running_var, weight, bias, training=False, mome
     memory: "fast" or "lean" (cnnops.lean); the same here, where nothing is kept that the
     neighbouring ops do not keep.
     """
-    impl = (_fast_impl(input, running_mean, running_var, weight, bias, residual)
-            if process_group is None and memory == "fast" and _plain_bn_scalars(
-                training, momentum, eps, relu) else None)
+    impl = _fast_bn_impl(input, (running_mean, running_var, weight, bias, residual), training,
+                         momentum, eps, relu, process_group, memory)
     if impl is not None and (not training or _values_per_channel(input.shape) > 1):
         try:
             if residual is None and not relu:
@@ -455,10 +465,8 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
     which recomputes it (cnnops.lean); about half the activation memory of a conv-BN-ReLU
     network for one more convolution forward per layer and step.
     """
-    impl = (_fast_impl(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                       residual)
-            if process_group is None and memory == "fast" and _plain_bn_scalars(
-                training, momentum, eps, relu) else None)
+    impl = _fast_bn_impl(input, (weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                 residual), training, momentum, eps, relu, process_group, memory)
     geometry = None if impl is None else _plain_conv_geometry(stride, padding, dilation, groups)
     if geometry is not None:
         try:
@@ -554,12 +562,11 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     """
     impl = _fast_impl(input)
     if impl is not None and type(ceil_mode) is bool:
-        kernel = _plain_pair(kernel_size)
-        geometry = (kernel, kernel if stride is None else _plain_pair(stride),
-                    _plain_pair(padding), _plain_pair(dilation))
-        if None not in geometry:
+        geometry = _plain_pool_geometry(kernel_size, stride, padding)
+        dilation_pair = _plain_pair(dilation)
+        if geometry is not None and dilation_pair is not None:
             try:
-                out, indices = impl.max_pool2d(input, *geometry, ceil_mode)
+                out, indices = impl.max_pool2d(input, *geometry, dilation_pair, ceil_mode)
                 return (out, indices) if return_indices else out
             except _OP_ERRORS:
                 pass  # as in conv2d
@@ -584,10 +591,8 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
     impl = _fast_impl(input)
     if (impl is not None and type(ceil_mode) is bool and type(count_include_pad) is bool
             and (divisor_override is None or type(divisor_override) is int)):
-        kernel = _plain_pair(kernel_size)
-        geometry = (kernel, kernel if stride is None else _plain_pair(stride),
-                    _plain_pair(padding))
-        if None not in geometry:
+        geometry = _plain_pool_geometry(kernel_size, stride, padding)
+        if geometry is not None:
             try:
                 return impl.avg_pool2d(input, *geometry, ceil_mode, count_include_pad,
                                        divisor_override)

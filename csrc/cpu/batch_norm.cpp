@@ -4,7 +4,6 @@
 // NCHW or channels_last (the passes of bn_kernels.h read both), and returns its
 // results in it; other strided inputs are made NCHW-contiguous first.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
