@@ -25,6 +25,12 @@ def conv_memory_format(input, weight):
     return torch.contiguous_format
 
 
+def weight_grad_memory_format(weight):
+    """A convolution's weight gradient's layout (weight_grad_memory_format): the weight's own, as
+    autograd stores it in .grad."""
+    return suggest_memory_format(weight)
+
+
 def conv_output_size(size, kernel, padding, stride, dilation):
     """floor((size + 2p - d(k-1) - 1) / s) + 1"""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1

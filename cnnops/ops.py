@@ -23,6 +23,7 @@ from ._shapes import conv_memory_format as _conv_fmt
 from ._shapes import conv_output_shape as _conv_out
 from ._shapes import memory_format as _fmt
 from ._shapes import pool_output_shape as _pool_out
+from ._shapes import weight_grad_memory_format as _weight_grad_fmt
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
@@ -57,7 +58,7 @@ if _ext.LOADED:
     def _(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
         fmt = _conv_fmt(input, weight)
         return (_like(input, input.shape, fmt) if output_mask[0] else _none(input),
-                _like(weight, weight.shape) if output_mask[1] else _none(input),
+                _like(weight, weight.shape, _weight_grad_fmt(weight)) if output_mask[1] else _none(input),
                 _like(input, (weight.shape[0],)) if output_mask[2] else _none(input))
 
     @torch.library.register_fake("cnnops::conv2d_relu")
@@ -127,7 +128,7 @@ if _ext.LOADED:
         vec = lambda wanted, dtype=None: _like(input, (OC,), dtype=dtype) if wanted else _none(input)
         fmt = _conv_fmt(input, weight)
         return (_like(input, input.shape, fmt) if output_mask[0] else _none(input),
-                _like(weight, weight.shape) if output_mask[1] else _none(input),
+                _like(weight, weight.shape, _weight_grad_fmt(weight)) if output_mask[1] else _none(input),
                 vec(output_mask[2]),
                 vec(output_mask[3] and bn_weight is not None, _stat_dtype(input)),
                 vec(output_mask[4], _stat_dtype(input)),

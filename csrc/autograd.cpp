@@ -21,7 +21,9 @@
 #include <array>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 namespace cnnops {
 namespace {
@@ -97,6 +99,12 @@ template <typename Signature, typename... Args>
 auto below_autograd(const c10::TypedOperatorHandle<Signature>& handle, Args&&... args) {
   at::AutoDispatchBelowADInplaceOrView guard;
   return handle.call(std::forward<Args>(args)...);
+}
+
+// (std::integral_constant<size_t, 0>{}, ..., <n - 1>{})
+template <size_t... i>
+auto index_tuple(std::index_sequence<i...>) {
+  return std::make_tuple(std::integral_constant<size_t, i>{}...);
 }
 
 // Which arguments of a forward call autograd counts as inputs: the tensors,
@@ -437,16 +445,49 @@ namespace {
 
 // ---- the Autograd kernels (the ops' own signatures) -------------------------------
 
+// Whether a call's tensors need an autograd node: grad mode is on and one
+// requires grad, or one carries a forward-mode tangent (which Function::apply
+// refuses, naming the op). Other calls (inference under torch.no_grad, the
+// forward of a frozen layer) go straight to the kernel: a node made and
+// dropped costs several microseconds, a third of a small layer's time.
+bool wants_autograd(const Tensor& t, bool grad_mode) {
+  return t.defined() && ((grad_mode && t.requires_grad()) || t._fw_grad(/*level=*/0).defined());
+}
+bool wants_autograd(const OptTensor& t, bool grad_mode) {
+  return t.has_value() && wants_autograd(*t, grad_mode);
+}
+template <typename T>
+bool wants_autograd(const T&, bool) {
+  return false;
+}
+
+// The op's result, through Function Fn (its autograd node) when a tensor needs
+// one, else from the kernel below autograd.
+template <typename Fn, typename Result, typename... Params, typename... Args>
+Result autograd_call(const c10::TypedOperatorHandle<Result(Params...)>& op, const Args&... args) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  if (!(wants_autograd(args, grad_mode) || ...)) return below_autograd(op, args...);
+  if constexpr (std::is_same_v<Result, Tensor>) {
+    return Fn::apply(args...);
+  } else {
+    // variable_list -> the op's tuple of tensors
+    const variable_list r = Fn::apply(args...);
+    return std::apply([&](auto... i) { return Result(r[decltype(i)::value]...); },
+                      index_tuple(std::make_index_sequence<std::tuple_size_v<Result>>{}));
+  }
+}
+
 Tensor conv2d_autograd(const Tensor& input, const Tensor& weight, const OptTensor& bias,
                        Ints stride, Ints padding, Ints dilation, int64_t groups) {
-  return Conv2dBackward::apply(input, weight, bias, stride, padding, dilation, groups);
+  return autograd_call<Conv2dBackward>(conv2d_op(), input, weight, bias, stride, padding,
+                                       dilation, groups);
 }
 
 Tensor conv2d_relu_autograd(const Tensor& input, const Tensor& weight, const OptTensor& bias,
                             const OptTensor& residual, Ints stride, Ints padding, Ints dilation,
                             int64_t groups) {
-  return Conv2dReluBackward::apply(input, weight, bias, residual, stride, padding, dilation,
-                                   groups);
+  return autograd_call<Conv2dReluBackward>(conv2d_relu_op(), input, weight, bias, residual,
+                                           stride, padding, dilation, groups);
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(const Tensor& input, const OptTensor& weight,
@@ -454,8 +495,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(const Tensor& input, cons
                                                        const OptTensor& running_mean,
                                                        const OptTensor& running_var, bool training,
                                                        double eps) {
-  auto r = BatchNormBackward::apply(input, weight, bias, running_mean, running_var, training, eps);
-  return {r[0], r[1], r[2]};
+  return autograd_call<BatchNormBackward>(batch_norm_op(), input, weight, bias, running_mean,
+                                          running_var, training, eps);
 }
 
 std::tuple<Tensor, Tensor, Tensor> bn_relu_autograd(const Tensor& input, const OptTensor& weight,
@@ -464,9 +505,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_autograd(const Tensor& input, const O
                                                     const OptTensor& running_var,
                                                     const OptTensor& residual, bool training,
                                                     double eps, bool relu) {
-  auto r = BnReluBackward::apply(input, weight, bias, running_mean, running_var, residual, training,
-                                 eps, relu);
-  return {r[0], r[1], r[2]};
+  return autograd_call<BnReluBackward>(bn_relu_op(), input, weight, bias, running_mean,
+                                       running_var, residual, training, eps, relu);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_relu_autograd(
@@ -474,31 +514,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_relu_autograd(
     const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
     const OptTensor& running_var, const OptTensor& residual, Ints stride, Ints padding,
     Ints dilation, int64_t groups, bool training, double eps, bool relu) {
-  auto r = ConvBnReluBackward::apply(input, weight, conv_bias, bn_weight, bn_bias, running_mean,
-                                     running_var, residual, stride, padding, dilation, groups,
-                                     training, eps, relu);
-  return {r[0], r[1], r[2], r[3]};
+  return autograd_call<ConvBnReluBackward>(conv_bn_relu_op(), input, weight, conv_bias, bn_weight,
+                                           bn_bias, running_mean, running_var, residual, stride,
+                                           padding, dilation, groups, training, eps, relu);
 }
 
 std::tuple<Tensor, Tensor> max_pool2d_autograd(const Tensor& input, Ints kernel_size, Ints stride,
                                                Ints padding, Ints dilation, bool ceil_mode) {
-  auto r = MaxPool2dBackward::apply(input, kernel_size, stride, padding, dilation, ceil_mode);
-  return {r[0], r[1]};
+  return autograd_call<MaxPool2dBackward>(max_pool2d_op(), input, kernel_size, stride, padding,
+                                          dilation, ceil_mode);
 }
 
 Tensor avg_pool2d_autograd(const Tensor& input, Ints kernel_size, Ints stride, Ints padding,
                            bool ceil_mode, bool count_include_pad,
                            c10::optional<int64_t> divisor_override) {
-  return AvgPool2dBackward::apply(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                                  divisor_override);
+  return autograd_call<AvgPool2dBackward>(avg_pool2d_op(), input, kernel_size, stride, padding,
+                                          ceil_mode, count_include_pad, divisor_override);
 }
 
 Tensor adaptive_avg_pool2d_autograd(const Tensor& input, Ints output_size) {
-  return AdaptiveAvgPool2dBackward::apply(input, output_size);
+  return autograd_call<AdaptiveAvgPool2dBackward>(adaptive_avg_pool2d_op(), input, output_size);
 }
 
 Tensor add_relu_autograd(const Tensor& input, const Tensor& other) {
-  return AddReluBackward::apply(input, other);
+  return autograd_call<AddReluBackward>(add_relu_op(), input, other);
 }
 
 }  // namespace

@@ -96,7 +96,11 @@ def test_conv_layout_follows_a_channels_last_weight(backend, case):
         assert_close(actual, reference)
         if backend != "reference":
             assert actual.is_contiguous(memory_format=torch.channels_last), (name, actual.stride())
-        assert_close_all(grads(actual, (x, w, b), g), grads(reference, (x, w, b), g))
+        got = grads(actual, (x, w, b), g)
+        assert_close_all(got, grads(reference, (x, w, b), g))
+        if backend != "reference":
+            # the weight's gradient in the weight's layout, so that it reaches .grad uncopied
+            assert got[1].is_contiguous(memory_format=torch.channels_last), (name, got[1].stride())
 
 
 def assert_close_all(actual, expected):

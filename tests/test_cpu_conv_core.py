@@ -917,6 +917,47 @@ def test_inference_follows_parameter_changes(residual, core, layout, context):
                 assert_close(CF.conv2d_relu(x, conv.weight, conv.bias, 1, 1, residual=r), y)
 
 
+def _weight_packs(step, steps):
+    """How many times oneDNN packs a weight (mkldnn::_reorder_convolution_weight) over
+    ``steps`` calls of step()."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return sum(e.count for e in prof.key_averages()
+               if e.key == "mkldnn::_reorder_convolution_weight")
+
+
+def test_training_does_not_pack_weights_every_step():
+    """A channels_last weight that training changes every step runs as it is (its pack would
+    be remade every step); once training stops and the weight stays, inference packs it once
+    and reuses the pack."""
+    torch.manual_seed(16)
+    model = nn.Sequential(cnnops.nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+                          cnnops.nn.Conv2d(8, 8, 3, padding=1))
+    model = model.to(memory_format=torch.channels_last)
+    x = make_input((2, 4, 6, 6), "channels_last")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def train_step():
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+
+    with cnnops.use_backend("cpu"), cnnops.use_cpu_conv("onednn"):
+        train_step()
+        train_step()
+        assert _weight_packs(train_step, 3) == 0
+        with torch.no_grad():
+            # the first call finds each weight changed since the last step's forward and
+            # runs it as it is; the second finds it unchanged and packs it
+            assert _weight_packs(lambda: model(x), 3) == 2
+            assert _weight_packs(lambda: model(x), 3) == 0
+            expected = F.conv2d(F.relu(F.conv2d(x, model[0].weight, model[0].bias, padding=1)),
+                                model[2].weight, model[2].bias, padding=1)
+            assert_close(model(x), expected)
+
+
 def test_auto_keys_on_layout():
     """An NCHW and a channels_last call of one shape are two configurations (oneDNN runs
     channels_last natively, im2col converts it), recorded as such."""

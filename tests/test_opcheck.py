@@ -54,8 +54,16 @@ def _backward_samples():
     idx = torch.ops.cnnops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)[1]
     cout, conv_out, cmean, cinvstd = torch.ops.cnnops.conv_bn_relu(
         x, w, None, _t(6), _t(6), None, None, None, [1, 1], [1, 1], [1, 2], 2, True, 1e-5, True)
+    # a channels_last weight: its gradient comes back channels_last (weight_grad_memory_format)
+    w_cl = w.contiguous(memory_format=torch.channels_last)
+    cl_out, cl_conv_out, cl_mean, cl_invstd = torch.ops.cnnops.conv_bn_relu(
+        x, w_cl, None, _t(6), _t(6), None, None, None, [1, 1], [1, 1], [1, 2], 2, True, 1e-5, True)
     return [
         ("conv2d_backward", (g, x, w, [1, 1], [1, 1], [1, 2], 2, [True, True, True])),
+        ("conv2d_backward", (g, x, w_cl, [1, 1], [1, 1], [1, 2], 2, [True, True, True])),
+        ("conv_bn_relu_backward", (_t(2, 6, 6, 3), cl_out, x, w_cl, None, cl_conv_out, _t(6),
+                                   cl_mean, cl_invstd, [1, 1], [1, 1], [1, 2], 2, True, True,
+                                   [True] * 6)),
         ("conv2d_backward", (g, x, w, [1, 1], [1, 1], [1, 2], 2, [False, True, False])),
         ("batch_norm_backward", (_t(2, 4, 6, 5), x, _t(4), mean, invstd, True, [True, True, True])),
         ("bn_relu_backward", (_t(2, 4, 6, 5), out, x, None, mean, invstd, False, True,

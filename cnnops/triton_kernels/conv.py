@@ -398,15 +398,18 @@ def input_grad(grad_output, weight, input_shape, stride, padding, dilation, grou
 _WGRAD_CHUNK = 4096 if not common.INTERPRET else 512
 
 
-def weight_grad(grad_output, input, weight_shape, stride, padding, dilation, groups):
-    """grad_weight [OC, C/groups, KH, KW] (contiguous, input's dtype)."""
+def weight_grad(grad_output, input, weight, stride, padding, dilation, groups):
+    """grad_weight [OC, C/groups, KH, KW] in the input's dtype and the weight's layout
+    (common.weight_grad_memory_format)."""
     N, C, H, W = input.shape
-    OC, CG, KH, KW = weight_shape
+    OC, CG, KH, KW = weight_shape = weight.shape
+    fmt = common.weight_grad_memory_format(weight)
     OH, OW = grad_output.shape[2], grad_output.shape[3]
     M = N * OH * OW
     acc = common.stat_dtype(input.dtype)
     if M == 0:
-        return torch.zeros(tuple(weight_shape), dtype=input.dtype, device=input.device)
+        return torch.zeros(tuple(weight_shape), dtype=input.dtype,
+                           device=input.device).contiguous(memory_format=fmt)
     splits = triton.cdiv(M, _WGRAD_CHUNK)
     part = torch.empty((splits, OC, CG, KH, KW), dtype=acc, device=input.device)
     grid = lambda meta: (triton.cdiv(OC // groups, meta["BLOCK_M"]) * triton.cdiv(CG, meta["BLOCK_N"]),
@@ -419,4 +422,4 @@ def weight_grad(grad_output, input, weight_shape, stride, padding, dilation, gro
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=KH, KW=KW, FP64=fp64,
         PRECISION=common.dot_precision(input.dtype), UPCAST=common.dot_upcast(input.dtype))
-    return part.sum(0).to(input.dtype)
+    return part.sum(0).to(input.dtype).contiguous(memory_format=fmt)

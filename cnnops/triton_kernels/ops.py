@@ -43,7 +43,7 @@ def conv2d_backward(grad_output: Tensor, input: Tensor, weight: Tensor, stride: 
     geometry = (stride, padding, dilation, groups)
     gi = (conv.input_grad(grad_output, weight, input.shape, *geometry, like=input)
           if output_mask[0] else _none(input))
-    gw = (conv.weight_grad(grad_output, input, weight.shape, *geometry)
+    gw = (conv.weight_grad(grad_output, input, weight, *geometry)
           if output_mask[1] else _none(input))
     # Summed in float32 for half types, rounded once to the bias's (the input's) dtype.
     gb = (norm.backward_constants(grad_output)["sum_g"].to(input.dtype) if output_mask[2]
@@ -213,7 +213,7 @@ def conv_bn_relu_backward(grad_output: Tensor, output: Tensor, input: Tensor, we
     if output_mask[0]:
         gi = conv.input_grad(gy, weight, input.shape, *geometry, like=input)
     if output_mask[1]:
-        gw = conv.weight_grad(gy, input, weight.shape, *geometry)
+        gw = conv.weight_grad(gy, input, weight, *geometry)
     if output_mask[2]:
         # The conv bias gradient is the sum of gy: taken from BN's float sums (see
         # _bn_backward), in the conv bias's dtype, which is the input's.

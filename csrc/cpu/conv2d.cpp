@@ -76,7 +76,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_im2col(
     cpu::conv_backward<T>(s, x, w, grad_of, gi, gw, gb);
   });
   return {gi.defined() ? gi.contiguous(conv_memory_format(input, weight)) : not_requested(input),
-          gw.defined() ? gw : not_requested(input), gb.defined() ? gb : not_requested(input)};
+          gw.defined() ? gw.contiguous(weight_grad_memory_format(weight)) : not_requested(input),
+          gb.defined() ? gb : not_requested(input)};
 }
 
 }  // namespace

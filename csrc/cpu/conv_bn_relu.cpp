@@ -331,7 +331,7 @@ Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
                                                {need_gi, need_gw, need_gcb});
   });
   return {gi.defined() ? gi.contiguous(fmt) : not_requested(input),
-          gw.defined() ? gw : not_requested(input),
+          gw.defined() ? gw.contiguous(weight_grad_memory_format(a.weight)) : not_requested(input),
           gcb.defined() ? gcb : not_requested(input),
           gbw,
           gbb,

@@ -4,7 +4,6 @@
 #include "bn_kernels.h"
 
 #include <ATen/Parallel.h>
-#include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -190,9 +189,9 @@ bool DerivedTensors::cacheable(const std::vector<at::Tensor>& sources) {
   return true;
 }
 
-bool DerivedTensors::matches(const Entry& e, const std::vector<at::Tensor>& sources,
-                             double scalar, const std::vector<int64_t>& tag) {
-  if (e.scalar != scalar || e.tag != tag || e.sources.size() != sources.size()) return false;
+bool DerivedTensors::same_tensors(const Entry& e, const std::vector<at::Tensor>& sources,
+                                  bool and_versions) {
+  if (e.sources.size() != sources.size()) return false;
   for (size_t i = 0; i < sources.size(); ++i) {
     const Source& s = e.sources[i];
     const at::Tensor& t = sources[i];
@@ -202,7 +201,7 @@ bool DerivedTensors::matches(const Entry& e, const std::vector<at::Tensor>& sour
     }
     // lock() (not a pointer compare): a dead tensor's address may be reused.
     if (!s.impl || s.impl->lock().get() != t.unsafeGetTensorImpl() || s.data != t.const_data_ptr() ||
-        s.version != static_cast<uint32_t>(t._version())) {
+        (and_versions && s.version != static_cast<uint32_t>(t._version()))) {
       return false;
     }
   }
@@ -214,17 +213,25 @@ std::vector<at::Tensor> DerivedTensors::get(const std::vector<at::Tensor>& sourc
                                             const std::vector<int64_t>& tag) {
   if (!cacheable(sources)) return make();
   const c10::TensorImpl* key = sources[0].unsafeGetTensorImpl();
+  bool make_now = true;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = entries_.find(key);
-    if (it != entries_.end() && matches(it->second, sources, scalar, tag)) {
-      return it->second.derived;
+    if (it != entries_.end() && same_tensors(it->second, sources, /*and_versions=*/false)) {
+      const Entry& e = it->second;
+      if (!same_tensors(e, sources, /*and_versions=*/true)) {
+        // changed in place since the previous call (training): a settled_only
+        // cache waits for a call that finds them as this one leaves them
+        make_now = !settled_only_;
+      } else if (e.scalar == scalar && e.tag == tag && !e.derived.empty()) {
+        return e.derived;
+      }
     }
   }
-  // (made as normal tensors even under torch.inference_mode, so that what is
-  // derived from them in turn can be kept: the packed copy of a folded weight)
   std::vector<at::Tensor> derived;
-  {
+  if (make_now) {
+    // (made as normal tensors even under torch.inference_mode, so that what is
+    // derived from them in turn can be kept: the packed copy of a folded weight)
     c10::InferenceMode normal_tensors(false);
     derived = make();
   }
@@ -241,13 +248,19 @@ std::vector<at::Tensor> DerivedTensors::get(const std::vector<at::Tensor>& sourc
   }
   std::vector<at::Tensor> out = e.derived;
   std::lock_guard<std::mutex> lock(mutex_);
-  // Sets whose weight is gone go now (a new entry is made once per weight, so
-  // this sweep is rare); if all are live and the cache is full, it starts over.
+  const auto it = entries_.find(key);
+  if (it != entries_.end()) {
+    it->second = std::move(e);
+    return out;
+  }
+  // Before a new entry, sets whose weight is gone go (a new entry is made once
+  // per weight, so this sweep is rare); if all are live and the cache is full,
+  // it starts over.
   for (auto it = entries_.begin(); it != entries_.end();) {
     it = it->second.sources[0].impl->expired() ? entries_.erase(it) : std::next(it);
   }
   if (entries_.size() >= kMaxEntries) entries_.clear();
-  entries_[key] = std::move(e);
+  entries_.emplace(key, std::move(e));
   return out;
 }
 
@@ -257,7 +270,7 @@ DerivedTensors& folded_bn_cache() {
 }
 
 DerivedTensors& packed_weight_cache() {
-  static DerivedTensors cache;
+  static DerivedTensors cache(/*settled_only=*/true);
   return cache;
 }
 
@@ -298,16 +311,15 @@ at::Tensor packed_weight(const at::Tensor& w, const at::Tensor& x, const ConvArg
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("mkldnn::_reorder_convolution_weight", "")
                              .typed<ReorderFn>();
-  // A weight remade every call would be packed every call, and so would one
-  // that training changes every step: those run as they are.
-  if (!DerivedTensors::cacheable({w}) || (at::GradMode::is_enabled() && w.requires_grad())) {
-    return w.contiguous(at::MemoryFormat::ChannelsLast);
-  }
+  // A weight remade every call would be packed every call: those run as they
+  // are, and so does one that training changes (packed_weight_cache).
+  if (!DerivedTensors::cacheable({w})) return w.contiguous(at::MemoryFormat::ChannelsLast);
   const std::vector<int64_t> tag(x.sizes().begin(), x.sizes().end());
-  return packed_weight_cache().get({w}, 0.0, [&] {
+  std::vector<at::Tensor> packed = packed_weight_cache().get({w}, 0.0, [&] {
     return std::vector<at::Tensor>{op.call(w.contiguous(), a.padding, a.stride, a.dilation,
                                            a.groups, x.sizes())};
-  }, tag)[0];
+  }, tag);
+  return packed.empty() ? w.contiguous(at::MemoryFormat::ChannelsLast) : packed[0];
 }
 
 }  // namespace

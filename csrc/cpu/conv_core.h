@@ -163,8 +163,12 @@ auto with_core(const CoreKey& key, const Run& run) -> decltype(run(Core::Im2col)
 class DerivedTensors {
  public:
   static constexpr size_t kMaxEntries = 1024;
+  // settled_only: make a set only once its sources have been seen unchanged on
+  // two calls in a row (see packed_weight_cache); until then get returns {}.
+  explicit DerivedTensors(bool settled_only = false) : settled_only_(settled_only) {}
   // sources[0] must be defined; the others may be undefined. scalar and tag are
-  // the non-tensor inputs of make (eps; the input's sizes and layout).
+  // the non-tensor inputs of make (eps; the input's sizes and layout). Returns
+  // what make returns, or {} where a settled_only cache declines to make it.
   std::vector<at::Tensor> get(const std::vector<at::Tensor>& sources, double scalar,
                               const std::function<std::vector<at::Tensor>()>& make,
                               const std::vector<int64_t>& tag = {});
@@ -182,10 +186,13 @@ class DerivedTensors {
     std::vector<Source> sources;
     double scalar;
     std::vector<int64_t> tag;
-    std::vector<at::Tensor> derived;
+    std::vector<at::Tensor> derived;  // empty: seen, not made (settled_only)
   };
-  static bool matches(const Entry& e, const std::vector<at::Tensor>& sources, double scalar,
-                      const std::vector<int64_t>& tag);
+  // Whether e was made from these tensors (alive, same data), and_versions: as
+  // they are now.
+  static bool same_tensors(const Entry& e, const std::vector<at::Tensor>& sources,
+                           bool and_versions);
+  const bool settled_only_;
   std::mutex mutex_;
   std::unordered_map<const c10::TensorImpl*, Entry> entries_;
 };
@@ -200,9 +207,15 @@ DerivedTensors& folded_bn_cache();
 // this cache, as torch.compile's CPU freezing packs its weights. (For NCHW
 // inputs oneDNN reorders the activations too, and a packed weight measured no
 // faster: they keep the plain weight.) The cache holds one packed copy of each
-// weight seen, while that weight lives and is unchanged. A weight that training
-// updates every step (grad mode on, requires_grad) is not packed: its pack
-// would be remade on every call.
+// weight seen, while that weight lives and is unchanged.
+//
+// A weight that training updates in place every step would be packed on every
+// call, and the forward of a training step runs with grad mode off (inside the
+// autograd Function), so grad mode cannot tell. The cache is settled_only
+// instead: a weight packed once and then found at a new version is run as it
+// is until a call finds it unchanged since the previous one (evaluation after
+// training). Repacking every step cost 5 reorders and 15 weight copies per
+// training step of the main job's network in channels_last.
 DerivedTensors& packed_weight_cache();
 
 // ---- the oneDNN core: ATen's convolution ------------------------------------

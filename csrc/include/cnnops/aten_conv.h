@@ -5,7 +5,7 @@
 // PyTorch does.
 //
 // Layouts: results come back in fmt (cnnops::conv_memory_format of the input
-// and the weight), the weight gradient contiguous. ATen picks its own layout from the
+// and the weight), the weight gradient in the weight's (weight_grad_memory_format). ATen picks its own layout from the
 // input's and the weight's (channels_last if either is), so the weight is
 // brought to fmt first: a copy only when a model mixes layouts.
 #pragma once
@@ -14,6 +14,8 @@
 
 #include <array>
 #include <tuple>
+
+#include "cnnops/common.h"
 
 namespace cnnops {
 
@@ -47,7 +49,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> aten_conv_backward(
   auto [gi, gw, gb] = at::convolution_backward(
       dy, x, w.contiguous(fmt), mask[2] ? at::OptionalIntArrayRef(bias_sizes) : c10::nullopt,
       a.stride, a.padding, a.dilation, /*transposed=*/false, no_output_padding, a.groups, mask);
-  return {mask[0] ? gi.contiguous(fmt) : at::Tensor(), mask[1] ? gw.contiguous() : at::Tensor(),
+  return {mask[0] ? gi.contiguous(fmt) : at::Tensor(), mask[1] ? gw.contiguous(weight_grad_memory_format(w)) : at::Tensor(),
           mask[2] ? gb : at::Tensor()};
 }
 

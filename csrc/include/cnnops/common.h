@@ -38,6 +38,14 @@ inline at::MemoryFormat conv_memory_format(const at::Tensor& input, const at::Te
   return at::MemoryFormat::Contiguous;
 }
 
+// A convolution's weight gradient's layout: the weight's own, as autograd
+// stores it in .grad (AccumulateGrad copies a gradient of another layout), so
+// a gradient reaches .grad without a copy. The fake kernels in cnnops/ops.py
+// apply the same rule (cnnops/_shapes.py, weight_grad_memory_format).
+inline at::MemoryFormat weight_grad_memory_format(const at::Tensor& weight) {
+  return weight.suggest_memory_format();
+}
+
 inline void check_4d(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor, got None");
   TORCH_CHECK_VALUE(t.dim() == 4, "expected ", name,
