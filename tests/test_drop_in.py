@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import cnnops
 import cnnops.functional as CF
-from conftest import assert_close, conv_cores, make_input, no_conv
+from conftest import CONV_BACKENDS, CPU_CORES, assert_close, conv_cores, make_input, no_conv
 
 
 def _compare(ours, theirs, inputs):
@@ -187,3 +187,23 @@ def test_double_backward_raises_naming_the_op(backend, name, fn):
         torch.autograd.grad(gx.square().sum(), w)
     with pytest.raises(RuntimeError, match=r"cnnops::%s: double backward" % name):
         torch.autograd.grad(fn(x, w).square().sum(), x, create_graph=True)[0].sum().backward()
+
+
+# The compiled ops' Autograd kernels (csrc/autograd.cpp): the reference backend is plain
+# PyTorch, which has forward-mode AD.
+COMPILED_CONV_BACKENDS = [b for b in CONV_BACKENDS if b in CPU_CORES]
+
+
+@pytest.mark.parametrize("backend", COMPILED_CONV_BACKENDS, indirect=True)
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("name, fn", _cases(DOUBLE))
+def test_forward_mode_ad_raises(backend, name, fn, grad_mode):
+    """A forward-mode tangent is refused, never silently dropped: also under torch.no_grad,
+    where the compiled ops skip their autograd node for plain tensors."""
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(5)
+    x, w = torch.randn(2, C, 6, 6), torch.randn(C, C, 3, 3)
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            fn(dual, w)
