@@ -234,6 +234,22 @@ def _in_variant(what, variant):
     return what if variant == DEFAULT_VARIANT else "%s (%s)" % (what, variant_label(variant))
 
 
+def fusion_ceiling(rows, variant=DEFAULT_VARIANT):
+    """(geo-mean, layer count) of eager's conv2d alone over eager's Conv2d -> BatchNorm2d ->
+    ReLU, per ResNet-18/50 layer at batch 8, each from the same run: the most a fused
+    inference block can gain over eager while its convolution runs at eager's (oneDNN's)
+    speed and BN and ReLU cost nothing. None where the run has no such pairs."""
+    eager = {}
+    for r in rows:
+        if (r.impl == EAGER and r.mode == "eval" and r.op in ("conv2d", "conv_bn_relu")
+                and r.device == "cpu" and r.info.get("batch") == 8 and r.variant == variant
+                and set(r.info.get("sets", [])) & set(TARGET_NETS)):
+            eager[(r.op, r.info.get("shape"))] = r.median
+    ratios = [eager[("conv_bn_relu", shape)] / conv for (op, shape), conv in eager.items()
+              if op == "conv2d" and ("conv_bn_relu", shape) in eager]
+    return (geomean(ratios), len(ratios)) if ratios else None
+
+
 def _layer_target(rows, by_group, op, mode, baseline, goal, floor, what,
                   variant=DEFAULT_VARIANT):
     """(what, measured text, goal text, status) of one per-layer CPU target."""
@@ -266,11 +282,15 @@ def _layer_target(rows, by_group, op, mode, baseline, goal, floor, what,
     status = "NOT met (%s)" % "; ".join(misses) if misses else "met"
     if len(sel) < TARGET_LAYER_COUNT:
         status += " (incomplete run)"
+    ceiling = fusion_ceiling(rows, variant) if (op, mode, baseline) == (
+        "conv_bn_relu", "eval", EAGER) else None
     return ("%s (cnnops cpu, core auto; geo-mean over %d of the %d ResNet-18/50 layers, batch 8)"
             % (what, len(sel), TARGET_LAYER_COUNT),
-            "%.2fx (min %.2fx at %s, max %.2fx%s)" % (
+            "%.2fx (min %.2fx at %s, max %.2fx%s%s)" % (
                 g, worst, worst_row.info.get("shape"), max(v for v, _ in sel),
-                "; core forced: " + ", ".join(forced) if forced else ""),
+                "; core forced: " + ", ".join(forced) if forced else "",
+                "; ceiling at eager's convolution speed %.2fx over %d layers" % ceiling
+                if ceiling else ""),
             goal_text, status)
 
 

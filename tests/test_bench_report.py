@@ -1,0 +1,35 @@
+"""bench/report.py's arithmetic on synthetic rows (the benchmark suite itself runs under
+pytest bench/ --benchmark-only)."""
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+import report  # noqa: E402
+
+
+def _row(op, impl, shape, median, sets=("resnet18",), batch=8):
+    info = dict(op=op, mode="eval", device="cpu", impl=impl, shape=shape, batch=batch,
+                sets=list(sets))
+    return report.Row("%s eval | %s" % (op, shape), impl, median, info)
+
+
+def test_fusion_ceiling_is_eager_block_over_eager_conv():
+    rows = [
+        _row("conv2d", report.EAGER, "64x56x56 k3 s1 -> 64", 4.0),
+        _row("conv_bn_relu", report.EAGER, "64x56x56 k3 s1 -> 64", 5.0),
+        _row("conv2d", report.EAGER, "64x56x56 k1 s2 -> 128", 1.0),
+        _row("conv_bn_relu", report.EAGER, "64x56x56 k1 s2 -> 128", 1.5),
+        # not counted: a layer without its eager conv2d row, another batch, another net
+        _row("conv_bn_relu", report.EAGER, "3x224x224 k7 s2 -> 64", 9.0),
+        _row("conv2d", report.EAGER, "128x28x28 k3 s1 -> 128", 1.0, batch=32),
+        _row("conv_bn_relu", report.EAGER, "128x28x28 k3 s1 -> 128", 3.0, batch=32),
+        _row("conv2d", report.EAGER, "1x1 k1 s1 -> 1", 1.0, sets=("densenet121",)),
+        _row("conv_bn_relu", report.EAGER, "1x1 k1 s1 -> 1", 3.0, sets=("densenet121",)),
+        _row("conv_bn_relu", report.CPU, "64x56x56 k3 s1 -> 64", 1.0),
+    ]
+    ceiling, layers = report.fusion_ceiling(rows)
+    assert layers == 2
+    assert math.isclose(ceiling, math.sqrt(1.25 * 1.5))
+    assert report.fusion_ceiling(rows[4:]) is None
