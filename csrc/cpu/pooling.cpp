@@ -103,48 +103,56 @@ struct AvgDivisor {
   }
 };
 
-// One plane, scanned output row by output row and, within a row, tap by tap:
-// tap (ih, kw) compares one input value for every output column whose window
-// holds it, a branch-free select the compiler vectorises (with the row's
-// indices held as Idx, int32_t when the plane allows, so they share the value
-// lanes' width). Each window still sees its taps in scan order (ih, then iw),
+// Max pooling of NCHW planes, each scanned output row by output row and,
+// within a row, tap by tap: tap (ih, kw) compares one input value for every
+// output column whose window holds it, a branch-free select the compiler
+// vectorises (with the row's indices held as Idx, int32_t when the plane
+// allows, so they share the value lanes' width). Each window still sees its taps in scan order (ih, then iw),
 // so ties and NaNs resolve as in a window-by-window scan and in aten.
+//
+// `planes` consecutive planes per call (H*W inputs and rows.size()*OW outputs
+// apart): on small planes (8x8 into 4x4) a call per plane cost more than the
+// plane. `best` is OW Idx of scratch.
 template <typename scalar_t, typename Idx>
-CNNOPS_VECTORISED void max_pool_plane(const scalar_t* in, scalar_t* out, int64_t* indices, int64_t W,
-                    int64_t OW, const std::vector<Span>& rows, const std::vector<Span>& cols,
-                    int64_t kW, int64_t sW, int64_t pW, int64_t dH, int64_t dW, Idx* best) {
-  for (const Span& h : rows) {
-    // Like aten, a window whose taps are all -inf reports its first tap. A
-    // window with no tap at all (dilation larger than the input) gets -1,
-    // the "no maximum" marker the backward skips; aten reports an offset
-    // outside the plane there, and its backward writes out of bounds.
-    for (int64_t ow = 0; ow < OW; ++ow) {
-      out[ow] = -std::numeric_limits<scalar_t>::infinity();
-      best[ow] = static_cast<Idx>((h.empty() || cols[ow].empty()) ? -1
-                                                                  : h.begin * W + cols[ow].begin);
-    }
-    for (int64_t ih = h.begin; ih < h.end; ih += dH) {
-      for (int64_t kw = 0; kw < kW; ++kw) {
-        // Output columns ow in [lo, hi) read input column ow*sW + off in [0, W).
-        const int64_t off = kw * dW - pW;
-        const int64_t lo = std::min(OW, off >= 0 ? 0 : (-off + sW - 1) / sW);
-        const int64_t hi = std::max(lo, std::min(OW, W - off <= 0 ? 0 : (W - off + sW - 1) / sW));
-        const Idx base = static_cast<Idx>(ih * W + off);
-        const Idx step = static_cast<Idx>(sW);
-        const scalar_t* src = in + ih * W + off;
-        for (int64_t ow = lo; ow < hi; ++ow) {
-          const scalar_t v = src[ow * sW];
-          // Strict '>' keeps the first of equal maxima; a NaN replaces
-          // anything (so the last NaN wins), exactly as in aten.
-          const bool take = v > out[ow] || v != v;
-          out[ow] = take ? v : out[ow];
-          best[ow] = take ? static_cast<Idx>(base + static_cast<Idx>(ow) * step) : best[ow];
+CNNOPS_VECTORISED void max_pool_planes(const scalar_t* in, scalar_t* out, int64_t* indices,
+                                       int64_t planes, int64_t H, int64_t W, int64_t OW,
+                                       const std::vector<Span>& rows,
+                                       const std::vector<Span>& cols, int64_t kW, int64_t sW,
+                                       int64_t pW, int64_t dH, int64_t dW, Idx* best) {
+  for (int64_t plane = 0; plane < planes; ++plane, in += H * W) {
+    for (const Span& h : rows) {
+      // Like aten, a window whose taps are all -inf reports its first tap. A
+      // window with no tap at all (dilation larger than the input) gets -1,
+      // the "no maximum" marker the backward skips; aten reports an offset
+      // outside the plane there, and its backward writes out of bounds.
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        out[ow] = -std::numeric_limits<scalar_t>::infinity();
+        best[ow] = static_cast<Idx>((h.empty() || cols[ow].empty()) ? -1
+                                                                    : h.begin * W + cols[ow].begin);
+      }
+      for (int64_t ih = h.begin; ih < h.end; ih += dH) {
+        for (int64_t kw = 0; kw < kW; ++kw) {
+          // Output columns ow in [lo, hi) read input column ow*sW + off in [0, W).
+          const int64_t off = kw * dW - pW;
+          const int64_t lo = std::min(OW, off >= 0 ? 0 : (-off + sW - 1) / sW);
+          const int64_t hi = std::max(lo, std::min(OW, W - off <= 0 ? 0 : (W - off + sW - 1) / sW));
+          const Idx base = static_cast<Idx>(ih * W + off);
+          const Idx step = static_cast<Idx>(sW);
+          const scalar_t* src = in + ih * W + off;
+          for (int64_t ow = lo; ow < hi; ++ow) {
+            const scalar_t v = src[ow * sW];
+            // Strict '>' keeps the first of equal maxima; a NaN replaces
+            // anything (so the last NaN wins), exactly as in aten.
+            const bool take = v > out[ow] || v != v;
+            out[ow] = take ? v : out[ow];
+            best[ow] = take ? static_cast<Idx>(base + static_cast<Idx>(ow) * step) : best[ow];
+          }
         }
       }
+      for (int64_t ow = 0; ow < OW; ++ow) indices[ow] = best[ow];
+      out += OW;
+      indices += OW;
     }
-    for (int64_t ow = 0; ow < OW; ++ow) indices[ow] = best[ow];
-    out += OW;
-    indices += OW;
   }
 }
 
@@ -218,7 +226,7 @@ C10_ALWAYS_INLINE void for_channel_groups(int64_t C, const F& f) {
 }
 
 // The taps of a max-pooling window in scan order (ih, then iw), as in
-// max_pool_plane, so ties and NaNs resolve the same: update(src, tap) for each,
+// max_pool_planes, so ties and NaNs resolve the same: update(src, tap) for each,
 // src the tap's C values in image `in` [H, W, C].
 template <typename scalar_t, typename Idx, typename F>
 C10_ALWAYS_INLINE void for_each_max_tap(const scalar_t* in, int64_t W, int64_t C, const Span& h,
@@ -231,7 +239,7 @@ C10_ALWAYS_INLINE void for_each_max_tap(const scalar_t* in, int64_t W, int64_t C
 }
 
 // The max-pool step of one channel: a NaN replaces anything, strict '>' keeps
-// the first of equal maxima (as max_pool_plane).
+// the first of equal maxima (as max_pool_planes).
 template <typename scalar_t, typename Idx>
 C10_ALWAYS_INLINE void max_step(scalar_t v, Idx tap, scalar_t& best, Idx& at) {
   const bool take = v > best || v != v;
@@ -240,7 +248,7 @@ C10_ALWAYS_INLINE void max_step(scalar_t v, Idx tap, scalar_t& best, Idx& at) {
 }
 
 // One NHWC max-pooling output pixel: window (h, w) into the pixel's C values
-// and indices, indices compared as Idx (see max_pool_plane); `wide` is C Idx
+// and indices, indices compared as Idx (see max_pool_planes); `wide` is C Idx
 // of scratch, used when C > kGroupedChannels.
 template <typename scalar_t, typename Idx>
 C10_ALWAYS_INLINE void max_pool_pixel_nhwc(const scalar_t* in, scalar_t* out, int64_t* indices,
@@ -360,14 +368,20 @@ CNNOPS_VECTORISED void avg_pool_backward_image_nhwc(const scalar_t* g, scalar_t*
   }
 }
 
-// Runs f(plane) for every plane, in parallel. `work_per_plane` (roughly the
-// scalar operations in one plane) sizes the chunks so that small problems are
-// not split into tasks costlier to schedule than to run.
+// Runs f(begin, end) over chunks of the planes, in parallel. `work_per_plane`
+// (roughly the scalar operations in one plane) sizes the chunks so that small
+// problems are not split into tasks costlier to schedule than to run.
 template <typename F>
-void for_each_plane(int64_t planes, int64_t work_per_plane, const F& f) {
+void for_plane_chunks(int64_t planes, int64_t work_per_plane, const F& f) {
   const int64_t grain = std::max<int64_t>(
       1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work_per_plane));
-  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, planes, grain, f);
+}
+
+// Runs f(plane) for every plane, in parallel (chunks as for_plane_chunks).
+template <typename F>
+void for_each_plane(int64_t planes, int64_t work_per_plane, const F& f) {
+  for_plane_chunks(planes, work_per_plane, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) f(plane);
   });
 }
@@ -629,21 +643,19 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(
     scalar_t* out_data = output.mutable_data_ptr<scalar_t>();
     int64_t* idx_data = indices.mutable_data_ptr<int64_t>();
     const int64_t plane_out = s.OH * s.OW;
-    for_each_plane(s.N * s.C, plane_out * kernel_size[0] * kernel_size[1], [&](int64_t p) {
+    const int64_t window = kernel_size[0] * kernel_size[1];
+    for_plane_chunks(s.N * s.C, plane_out * window, [&](int64_t begin, int64_t end) {
       const auto run = [&](auto* best) {
-        max_pool_plane(in_data + p * s.H * s.W, out_data + p * plane_out,
-                       idx_data + p * plane_out, s.W, s.OW, rows, cols, kernel_size[1],
-                       stride[1], padding[1], dilation[0], dilation[1], best);
+        max_pool_planes(in_data + begin * s.H * s.W, out_data + begin * plane_out,
+                        idx_data + begin * plane_out, end - begin, s.H, s.W, s.OW, rows, cols,
+                        kernel_size[1], stride[1], padding[1], dilation[0], dilation[1], best);
       };
-      // A row of indices per call (thread-local scratch, no allocation per plane).
-      thread_local std::vector<int32_t> best32;
-      thread_local std::vector<int64_t> best64;
       if (small) {
-        best32.resize(s.OW);
-        run(best32.data());
+        std::vector<int32_t> best(s.OW);
+        run(best.data());
       } else {
-        best64.resize(s.OW);
-        run(best64.data());
+        std::vector<int64_t> best(s.OW);
+        run(best.data());
       }
     });
   });
