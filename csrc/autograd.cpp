@@ -4,7 +4,8 @@
 // autograd, saves what its backward op reads, and whose backward calls that
 // backward op (csrc/cnnops.cpp) through the dispatcher, so the CPU and CUDA
 // kernels share one formula. Batch statistics and max-pool indices are outputs
-// without gradients.
+// without gradients. A call whose tensors need no gradient (torch.no_grad,
+// frozen weights) skips the Function and runs the op below autograd.
 //
 // These are C++ rather than torch.library.register_autograd formulas because
 // the Python glue costs 60-250 us per call in torch 2.13 (it rebuilds the
@@ -99,12 +100,6 @@ template <typename Signature, typename... Args>
 auto below_autograd(const c10::TypedOperatorHandle<Signature>& handle, Args&&... args) {
   at::AutoDispatchBelowADInplaceOrView guard;
   return handle.call(std::forward<Args>(args)...);
-}
-
-// (std::integral_constant<size_t, 0>{}, ..., <n - 1>{})
-template <size_t... i>
-auto index_tuple(std::index_sequence<i...>) {
-  return std::make_tuple(std::integral_constant<size_t, i>{}...);
 }
 
 // Which arguments of a forward call autograd counts as inputs: the tensors,
@@ -461,6 +456,12 @@ bool wants_autograd(const T&, bool) {
   return false;
 }
 
+// A Function's outputs as the op's tuple of tensors.
+template <typename Result, size_t... i>
+Result as_tuple(const variable_list& outputs, std::index_sequence<i...>) {
+  return Result(outputs[i]...);
+}
+
 // The op's result, through Function Fn (its autograd node) when a tensor needs
 // one, else from the kernel below autograd.
 template <typename Fn, typename Result, typename... Params, typename... Args>
@@ -470,10 +471,8 @@ Result autograd_call(const c10::TypedOperatorHandle<Result(Params...)>& op, cons
   if constexpr (std::is_same_v<Result, Tensor>) {
     return Fn::apply(args...);
   } else {
-    // variable_list -> the op's tuple of tensors
-    const variable_list r = Fn::apply(args...);
-    return std::apply([&](auto... i) { return Result(r[decltype(i)::value]...); },
-                      index_tuple(std::make_index_sequence<std::tuple_size_v<Result>>{}));
+    return as_tuple<Result>(Fn::apply(args...),
+                            std::make_index_sequence<std::tuple_size_v<Result>>{});
   }
 }
 

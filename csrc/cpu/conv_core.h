@@ -163,8 +163,9 @@ auto with_core(const CoreKey& key, const Run& run) -> decltype(run(Core::Im2col)
 class DerivedTensors {
  public:
   static constexpr size_t kMaxEntries = 1024;
-  // settled_only: make a set only once its sources have been seen unchanged on
-  // two calls in a row (see packed_weight_cache); until then get returns {}.
+  // settled_only: once a set's sources have changed in place, make it again
+  // only when a call finds them unchanged since the previous call; until then
+  // get returns {} (see packed_weight_cache).
   explicit DerivedTensors(bool settled_only = false) : settled_only_(settled_only) {}
   // sources[0] must be defined; the others may be undefined. scalar and tag are
   // the non-tensor inputs of make (eps; the input's sizes and layout). Returns

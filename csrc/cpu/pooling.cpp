@@ -107,8 +107,9 @@ struct AvgDivisor {
 // within a row, tap by tap: tap (ih, kw) compares one input value for every
 // output column whose window holds it, a branch-free select the compiler
 // vectorises (with the row's indices held as Idx, int32_t when the plane
-// allows, so they share the value lanes' width). Each window still sees its taps in scan order (ih, then iw),
-// so ties and NaNs resolve as in a window-by-window scan and in aten.
+// allows, so they share the value lanes' width). Each window still sees its
+// taps in scan order (ih, then iw), so ties and NaNs resolve as in a
+// window-by-window scan and in aten.
 //
 // `planes` consecutive planes per call (H*W inputs and rows.size()*OW outputs
 // apart): on small planes (8x8 into 4x4) a call per plane cost more than the
