@@ -801,7 +801,6 @@ def machine_info():
             "cnnops_backends": cnnops.available_backends(),
             "mkldnn": torch.backends.mkldnn.is_available(),
             "mkl": torch.backends.mkl.is_available(),
-            "cnnops_fuse": hasattr(cnnops, "fuse"),
             "cnnops_path": os.path.dirname(os.path.abspath(cnnops.__file__))}
     try:
         info["loadavg"] = [round(v, 2) for v in os.getloadavg()]

@@ -190,9 +190,8 @@ def pytest_report_header(config):
                      % (info.get("gpu", "?"), torch.backends.cudnn.benchmark,
                         torch.backends.cudnn.allow_tf32))
     lines += ["cnnops bench: " + note for note in s.notes]
-    lines.append("cnnops bench: %s, %s cores, torch %s with %d threads, cnnops.fuse %s"
-                 % (info["cpu_model"], info["cpu_count"], info["torch"], info["torch_threads"],
-                    "available" if info["cnnops_fuse"] else "not available (those rows skip)"))
+    lines.append("cnnops bench: %s, %s cores, torch %s with %d threads"
+                 % (info["cpu_model"], info["cpu_count"], info["torch"], info["torch_threads"]))
     lines.append("cnnops bench: timing cnnops from %s" % info["cnnops_path"])
     return lines
 

@@ -497,10 +497,9 @@ def _machine_lines(data):
                  ("; GPU %s (cuDNN %s%s)" % (cb["gpu"], cb.get("cudnn"), "".join(
                      ", %s %s" % (k, cb[v]) for k, v in (("CUDA", "cuda"), ("Triton", "triton"))
                      if cb.get(v)))) if cb.get("gpu") else ""),
-             "- cnnops %s; backends available: %s; timed: %s; cnnops.fuse: %s" % (
+             "- cnnops %s; backends available: %s; timed: %s" % (
                  cb.get("cnnops", "?"), ", ".join(cb.get("cnnops_backends", [])),
-                 ", ".join(cb.get("backends", [])),
-                 "available" if cb.get("cnnops_fuse") else "not available"),
+                 ", ".join(cb.get("backends", []))),
              "- Suite: %s" % _suite_text(cb),
              "- %s (%s torch.mm, best of 7): %s" % (
                  "sgemm" if cb.get("gemm_dtype", "float32") == "float32" else "GEMM rate",

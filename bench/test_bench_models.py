@@ -89,16 +89,9 @@ def _build(name, impl, device, train, variant):
     if impl == CHECKPOINT:
         return checkpoint_blocks(_twin(name, device, variant).train(train))
     if impl in (FUSE, FUSE_LEAN):
-        if not hasattr(cnnops, "fuse"):
-            pytest.skip("cnnops.fuse is not available in this version of cnnops")
         twin = _twin(name, device, variant).train(train)
-        try:
-            fused = cnnops.fuse(twin, memory="lean") if impl == FUSE_LEAN else cnnops.fuse(twin)
-        except Exception as e:  # noqa: BLE001  (an unsupported mode is a skip, not a result)
-            if train:
-                pytest.skip("cnnops.fuse does not support a model in training mode: %s" % e)
-            raise
-        return (twin if fused is None else fused).train(train)
+        fused = cnnops.fuse(twin, memory="lean") if impl == FUSE_LEAN else cnnops.fuse(twin)
+        return fused.train(train)
     model = _cnnops_model(name, device, variant).train(train)
     return compiled(model) if impl.endswith("+ torch.compile") else model
 
