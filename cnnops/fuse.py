@@ -69,6 +69,7 @@ from torch.utils._pytree import tree_map
 from . import backends
 from . import functional as CF
 from . import nn as cnn
+from ._shapes import conv_output_size
 from . import lean as _lean
 from .lean import check_memory
 from .nn import _conv_input_and_padding, apply_bn_relu, apply_conv_bn_relu, apply_conv_relu
@@ -118,7 +119,7 @@ def _conv_out_shape(conv, x):
         padding = (0, 0)
     else:
         padding = conv.padding
-    out = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
+    out = [conv_output_size(size, k, p, s, d) for size, p, d, k, s in
            zip((h, w), padding, conv.dilation, conv.kernel_size, conv.stride)]
     return (n, conv.out_channels, out[0], out[1])
 

@@ -13,6 +13,8 @@ the batch statistics and the caller updates the running ones with it.
 import torch
 import torch.nn.functional as F
 
+from ._shapes import conv_output_shape, pool_output_size
+
 __all__ = [
     "conv2d",
     "batch_norm",
@@ -28,16 +30,6 @@ __all__ = [
 ]
 
 
-def _out_size(size, kernel, stride, padding, dilation, ceil_mode=False):
-    """Output length of a sliding window along one dimension, as PyTorch computes it."""
-    span = dilation * (kernel - 1) + 1
-    out = (size + 2 * padding - span + (stride - 1 if ceil_mode else 0)) // stride + 1
-    # Ceil mode may add a window; PyTorch drops it when it would start in the right padding.
-    if ceil_mode and (out - 1) * stride >= size + padding:
-        out -= 1
-    return out
-
-
 def conv2d(input, weight, bias, stride, padding, dilation, groups):
     """2-D cross-correlation computed as im2col + grouped matrix multiply.
 
@@ -46,8 +38,7 @@ def conv2d(input, weight, bias, stride, padding, dilation, groups):
     """
     n, _, h, w = input.shape
     oc, cg, kh, kw = weight.shape
-    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    _, _, oh, ow = conv_output_shape(input, weight, stride, padding, dilation)
     # cols[n, c*KH*KW + i*KW + j, l]: tap (i, j) of channel c in window l. Channels are the
     # slowest index, so each group's channels form one contiguous block of rows.
     cols = F.unfold(input, (kh, kw), dilation=dilation, padding=padding, stride=stride)
@@ -194,7 +185,7 @@ def _pool_windows(input, kernel_size, stride, padding, dilation, ceil_mode, fill
     """
     coords, pads = [], []
     for size, k, s, p, d in zip(input.shape[2:], kernel_size, stride, padding, dilation):
-        out = _out_size(size, k, s, p, d, ceil_mode)
+        out = pool_output_size(size, k, p, s, d, ceil_mode)
         starts = torch.arange(out, device=input.device) * s - p
         coords.append(starts[:, None] + torch.arange(k, device=input.device) * d)
         # The last ceil-mode window may reach past the padding: pad far enough to cover it.

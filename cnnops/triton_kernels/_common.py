@@ -4,8 +4,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .._shapes import (conv_memory_format, memory_format,  # noqa: F401 (the layout rules)
-                       weight_grad_memory_format)
+from .._shapes import (conv_memory_format, conv_output_shape,  # noqa: F401 (shared rules)
+                       memory_format, weight_grad_memory_format)
 
 _HALF = (torch.float16, torch.bfloat16)
 

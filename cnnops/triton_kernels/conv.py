@@ -320,8 +320,7 @@ _WEIGHT_GRAD_KERNEL = _autotuned(_weight_grad, _INTERPRETED_WGRAD, _KEY + ["sxc"
 def _geometry(input, weight, stride, padding, dilation, groups):
     N, C, H, W = input.shape
     OC, CG, KH, KW = weight.shape
-    OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
-    OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    _, _, OH, OW = common.conv_output_shape(input, weight, stride, padding, dilation)
     return N, C, H, W, OC, CG, OC // groups, KH, KW, OH, OW
 
 
