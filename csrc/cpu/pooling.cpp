@@ -17,6 +17,7 @@
 // at::opmath_type and are divided once per output element.
 
 #include "cnnops/common.h"
+#include "cnnops/pool_shape.h"
 #include "vectorised.h"
 
 #include <ATen/Dispatch.h>
@@ -387,67 +388,6 @@ void for_each_plane(int64_t planes, int64_t work_per_plane, const F& f) {
   });
 }
 
-struct PoolShape {
-  int64_t N, C, H, W, OH, OW;
-};
-
-// What max_pool2d and avg_pool2d (and their backward ops) check, as aten's
-// pool2d_shape_check does. `dilation` is empty for avg_pool2d.
-PoolShape check_pool2d(const char* op, const at::Tensor& input,
-                       at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef dilation,
-                       bool ceil_mode) {
-  check_4d(input, "input");
-  check_cpu_float(input, "input");
-  check_pair(kernel_size, "kernel_size", 1);
-  check_pair(stride, "stride", 1);
-  check_pair(padding, "padding", 0);
-  const bool dilated = !dilation.empty();
-  if (dilated) check_pair(dilation, "dilation", 1);
-  // aten bounds the padding by half the kernel size, not the dilated extent,
-  // for max_pool2d too.
-  TORCH_CHECK_VALUE(
-      padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, op,
-      ": expected padding to be at most half of kernel_size, i.e. <= [",
-      kernel_size[0] / 2, ", ", kernel_size[1] / 2, "] for kernel_size ",
-      kernel_size, ", got padding ", padding);
-  // Only the batch may be empty, as in PyTorch.
-  TORCH_CHECK_VALUE(
-      input.size(1) > 0 && input.size(2) > 0 && input.size(3) > 0, op,
-      ": expected input with non-zero C, H and W (only the batch dimension may "
-      "be 0), got shape ",
-      input.sizes());
-  PoolShape s{input.size(0), input.size(1), input.size(2), input.size(3), 0, 0};
-  const int64_t dH = dilated ? dilation[0] : 1;
-  const int64_t dW = dilated ? dilation[1] : 1;
-  s.OH = pool_output_size(s.H, kernel_size[0], padding[0], stride[0], dH, ceil_mode);
-  s.OW = pool_output_size(s.W, kernel_size[1], padding[1], stride[1], dW, ceil_mode);
-  TORCH_CHECK_VALUE(
-      s.OH >= 1 && s.OW >= 1, op, ": input of spatial size ", s.H, "x", s.W,
-      " gives an output of size ", s.OH, "x", s.OW, " with kernel_size ",
-      kernel_size, ", stride ", stride, ", padding ", padding,
-      (dilated ? c10::str(", dilation ", dilation) : std::string()),
-      ", ceil_mode=", (ceil_mode ? "True" : "False"),
-      "; the output must be at least 1x1");
-  return s;
-}
-
-void check_divisor_override(const char* op, std::optional<int64_t> divisor_override) {
-  TORCH_CHECK_VALUE(!divisor_override.has_value() || *divisor_override != 0,
-                    op, ": expected divisor_override to be non-zero or None, got 0");
-}
-
-// grad_output of a pooling op: 4-D, the input's dtype, and the input's N and C.
-void check_grad_output(const char* op, const at::Tensor& grad_output,
-                       const at::Tensor& input) {
-  check_4d(grad_output, "grad_output");
-  check_same(grad_output, input, "grad_output", "input");
-  TORCH_CHECK_VALUE(
-      grad_output.size(0) == input.size(0) && grad_output.size(1) == input.size(1),
-      op, ": expected grad_output to have the batch and channel sizes of input [",
-      input.size(0), ", ", input.size(1), ", *, *], got shape ", grad_output.sizes());
-}
-
 at::Tensor empty_nchw(at::IntArrayRef sizes, const at::Tensor& like) {
   return at::empty(sizes, like.options().memory_format(at::MemoryFormat::Contiguous));
 }
@@ -622,7 +562,7 @@ void max_pool2d_backward_nhwc(const at::Tensor& gout, const at::Tensor& idx,
 std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(
     const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
-  const PoolShape s = check_pool2d("max_pool2d", input, kernel_size, stride,
+  const PoolShape s = check_pool2d("max_pool2d", input, check_cpu_float, kernel_size, stride,
                                    padding, dilation, ceil_mode);
   const auto fmt = output_memory_format(input);
   at::Tensor output = at::empty({s.N, s.C, s.OH, s.OW}, input.options().memory_format(fmt));
@@ -677,7 +617,7 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output,
   check_pair(dilation, "dilation", 1);
   check_4d(input, "input");
   check_cpu_float(input, "input");
-  check_grad_output("max_pool2d_backward", grad_output, input);
+  check_pool_grad_output("max_pool2d_backward", grad_output, input);
   TORCH_CHECK_TYPE(indices.defined() && indices.scalar_type() == at::kLong,
                    "max_pool2d_backward: expected indices of dtype int64, got ",
                    indices.defined() ? c10::toString(indices.scalar_type()) : "None");
@@ -730,7 +670,7 @@ at::Tensor avg_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           bool ceil_mode, bool count_include_pad,
                           std::optional<int64_t> divisor_override) {
-  const PoolShape s = check_pool2d("avg_pool2d", input, kernel_size, stride,
+  const PoolShape s = check_pool2d("avg_pool2d", input, check_cpu_float, kernel_size, stride,
                                    padding, {}, ceil_mode);
   check_divisor_override("avg_pool2d", divisor_override);
   return avg_pool_forward(
@@ -747,7 +687,7 @@ at::Tensor avg_pool2d_backward_cpu(const at::Tensor& grad_output,
                                    at::IntArrayRef stride, at::IntArrayRef padding,
                                    bool ceil_mode, bool count_include_pad,
                                    std::optional<int64_t> divisor_override) {
-  const PoolShape s = check_pool2d("avg_pool2d_backward", input, kernel_size,
+  const PoolShape s = check_pool2d("avg_pool2d_backward", input, check_cpu_float, kernel_size,
                                    stride, padding, {}, ceil_mode);
   check_divisor_override("avg_pool2d_backward", divisor_override);
   check_4d(grad_output, "grad_output");
@@ -769,14 +709,6 @@ at::Tensor avg_pool2d_backward_cpu(const at::Tensor& grad_output,
 namespace {
 // adaptive_avg_pool2d allows N = 0 and C = 0 but needs a non-empty plane to
 // bin, as in PyTorch.
-void check_adaptive_input(const char* op, const at::Tensor& input) {
-  check_4d(input, "input");
-  check_cpu_float(input, "input");
-  TORCH_CHECK_VALUE(input.size(2) > 0 && input.size(3) > 0, op,
-                    ": expected input with non-zero H and W, got shape ",
-                    input.sizes());
-}
-
 // Bins overlap by at most one element per side, so a window spans about
 // ceil(H/OH) + 1 rows.
 int64_t adaptive_window(int64_t H, int64_t W, int64_t OH, int64_t OW) {
@@ -786,7 +718,7 @@ int64_t adaptive_window(int64_t H, int64_t W, int64_t OH, int64_t OW) {
 
 at::Tensor adaptive_avg_pool2d_cpu(const at::Tensor& input,
                                    at::IntArrayRef output_size) {
-  check_adaptive_input("adaptive_avg_pool2d", input);
+  check_adaptive_input("adaptive_avg_pool2d", input, check_cpu_float);
   check_pair(output_size, "output_size", 0);
   const int64_t H = input.size(2), W = input.size(3);
   const int64_t OH = output_size[0], OW = output_size[1];
@@ -797,8 +729,8 @@ at::Tensor adaptive_avg_pool2d_cpu(const at::Tensor& input,
 
 at::Tensor adaptive_avg_pool2d_backward_cpu(const at::Tensor& grad_output,
                                             const at::Tensor& input) {
-  check_adaptive_input("adaptive_avg_pool2d_backward", input);
-  check_grad_output("adaptive_avg_pool2d_backward", grad_output, input);
+  check_adaptive_input("adaptive_avg_pool2d_backward", input, check_cpu_float);
+  check_pool_grad_output("adaptive_avg_pool2d_backward", grad_output, input);
   const int64_t H = input.size(2), W = input.size(3);
   const int64_t OH = grad_output.size(2), OW = grad_output.size(3);
   return avg_pool_backward(grad_output, input, adaptive_spans(H, OH),

@@ -25,6 +25,7 @@
 
 #include <optional>
 
+#include "cnnops/pool_shape.h"
 #include "common.cuh"
 
 namespace cnnops {
@@ -272,65 +273,6 @@ __global__ void avg_pool_backward_kernel(const scalar_t* __restrict__ g, Strides
   }
 }
 
-// ---- argument checks (the CPU kernels' rules and messages) -----------------------
-
-struct PoolShape {
-  int64_t N, C, H, W, OH, OW;
-};
-
-PoolShape check_pool2d(const char* op, const at::Tensor& input, at::IntArrayRef kernel_size,
-                       at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation, bool ceil_mode) {
-  check_4d(input, "input");
-  check_cuda_float(input, "input");
-  check_pair(kernel_size, "kernel_size", 1);
-  check_pair(stride, "stride", 1);
-  check_pair(padding, "padding", 0);
-  const bool dilated = !dilation.empty();
-  if (dilated) check_pair(dilation, "dilation", 1);
-  TORCH_CHECK_VALUE(
-      padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, op,
-      ": expected padding to be at most half of kernel_size, i.e. <= [", kernel_size[0] / 2,
-      ", ", kernel_size[1] / 2, "] for kernel_size ", kernel_size, ", got padding ", padding);
-  TORCH_CHECK_VALUE(input.size(1) > 0 && input.size(2) > 0 && input.size(3) > 0, op,
-                    ": expected input with non-zero C, H and W (only the batch dimension may "
-                    "be 0), got shape ",
-                    input.sizes());
-  PoolShape s{input.size(0), input.size(1), input.size(2), input.size(3), 0, 0};
-  const int64_t dH = dilated ? dilation[0] : 1;
-  const int64_t dW = dilated ? dilation[1] : 1;
-  s.OH = pool_output_size(s.H, kernel_size[0], padding[0], stride[0], dH, ceil_mode);
-  s.OW = pool_output_size(s.W, kernel_size[1], padding[1], stride[1], dW, ceil_mode);
-  TORCH_CHECK_VALUE(s.OH >= 1 && s.OW >= 1, op, ": input of spatial size ", s.H, "x", s.W,
-                    " gives an output of size ", s.OH, "x", s.OW, " with kernel_size ",
-                    kernel_size, ", stride ", stride, ", padding ", padding,
-                    (dilated ? c10::str(", dilation ", dilation) : std::string()),
-                    ", ceil_mode=", (ceil_mode ? "True" : "False"),
-                    "; the output must be at least 1x1");
-  return s;
-}
-
-void check_divisor_override(const char* op, std::optional<int64_t> divisor_override) {
-  TORCH_CHECK_VALUE(!divisor_override.has_value() || *divisor_override != 0, op,
-                    ": expected divisor_override to be non-zero or None, got 0");
-}
-
-void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& input) {
-  check_4d(grad_output, "grad_output");
-  check_same(grad_output, input, "grad_output", "input");
-  TORCH_CHECK_VALUE(
-      grad_output.size(0) == input.size(0) && grad_output.size(1) == input.size(1), op,
-      ": expected grad_output to have the batch and channel sizes of input [", input.size(0),
-      ", ", input.size(1), ", *, *], got shape ", grad_output.sizes());
-}
-
-void check_adaptive_input(const char* op, const at::Tensor& input) {
-  check_4d(input, "input");
-  check_cuda_float(input, "input");
-  TORCH_CHECK_VALUE(input.size(2) > 0 && input.size(3) > 0, op,
-                    ": expected input with non-zero H and W, got shape ", input.sizes());
-}
-
 // ---- launchers ---------------------------------------------------------------------
 
 at::Tensor avg_forward(const at::Tensor& input, int64_t OH, int64_t OW, const PoolParams& pp,
@@ -408,8 +350,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& input,
                                                    at::IntArrayRef kernel_size,
                                                    at::IntArrayRef stride, at::IntArrayRef padding,
                                                    at::IntArrayRef dilation, bool ceil_mode) {
-  const gpu::PoolShape s =
-      gpu::check_pool2d("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolShape s = check_pool2d("max_pool2d", input, gpu::check_cuda_float, kernel_size,
+                                   stride, padding, dilation, ceil_mode);
   c10::cuda::CUDAGuard guard(input.device());
   const auto fmt = output_memory_format(input);
   at::Tensor y = at::empty({s.N, s.C, s.OH, s.OW}, input.options().memory_format(fmt));
@@ -450,7 +392,7 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
   check_pair(dilation, "dilation", 1);
   check_4d(input, "input");
   gpu::check_cuda_float(input, "input");
-  gpu::check_grad_output("max_pool2d_backward", grad_output, input);
+  check_pool_grad_output("max_pool2d_backward", grad_output, input);
   TORCH_CHECK_TYPE(indices.defined() && indices.scalar_type() == at::kLong,
                    "max_pool2d_backward: expected indices of dtype int64, got ",
                    indices.defined() ? c10::toString(indices.scalar_type()) : "None");
@@ -491,9 +433,9 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
 at::Tensor avg_pool2d_cuda(const at::Tensor& input, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
                            bool count_include_pad, std::optional<int64_t> divisor_override) {
-  const gpu::PoolShape s =
-      gpu::check_pool2d("avg_pool2d", input, kernel_size, stride, padding, {}, ceil_mode);
-  gpu::check_divisor_override("avg_pool2d", divisor_override);
+  const PoolShape s = check_pool2d("avg_pool2d", input, gpu::check_cuda_float, kernel_size,
+                                   stride, padding, {}, ceil_mode);
+  check_divisor_override("avg_pool2d", divisor_override);
   c10::cuda::CUDAGuard guard(input.device());
   return gpu::avg_forward(
       input, s.OH, s.OW,
@@ -506,9 +448,9 @@ at::Tensor avg_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
                                     at::IntArrayRef padding, bool ceil_mode,
                                     bool count_include_pad,
                                     std::optional<int64_t> divisor_override) {
-  const gpu::PoolShape s = gpu::check_pool2d("avg_pool2d_backward", input, kernel_size, stride,
-                                             padding, {}, ceil_mode);
-  gpu::check_divisor_override("avg_pool2d_backward", divisor_override);
+  const PoolShape s = check_pool2d("avg_pool2d_backward", input, gpu::check_cuda_float,
+                                   kernel_size, stride, padding, {}, ceil_mode);
+  check_divisor_override("avg_pool2d_backward", divisor_override);
   check_4d(grad_output, "grad_output");
   check_same(grad_output, input, "grad_output", "input");
   const std::vector<int64_t> expected{s.N, s.C, s.OH, s.OW};
@@ -524,7 +466,7 @@ at::Tensor avg_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
 }
 
 at::Tensor adaptive_avg_pool2d_cuda(const at::Tensor& input, at::IntArrayRef output_size) {
-  gpu::check_adaptive_input("adaptive_avg_pool2d", input);
+  check_adaptive_input("adaptive_avg_pool2d", input, gpu::check_cuda_float);
   check_pair(output_size, "output_size", 0);
   c10::cuda::CUDAGuard guard(input.device());
   return gpu::avg_forward(input, output_size[0], output_size[1], gpu::adaptive_params(),
@@ -533,8 +475,8 @@ at::Tensor adaptive_avg_pool2d_cuda(const at::Tensor& input, at::IntArrayRef out
 
 at::Tensor adaptive_avg_pool2d_backward_cuda(const at::Tensor& grad_output,
                                              const at::Tensor& input) {
-  gpu::check_adaptive_input("adaptive_avg_pool2d_backward", input);
-  gpu::check_grad_output("adaptive_avg_pool2d_backward", grad_output, input);
+  check_adaptive_input("adaptive_avg_pool2d_backward", input, gpu::check_cuda_float);
+  check_pool_grad_output("adaptive_avg_pool2d_backward", grad_output, input);
   c10::cuda::CUDAGuard guard(input.device());
   return gpu::avg_backward(grad_output, input, gpu::adaptive_params(), /*adaptive=*/true);
 }
