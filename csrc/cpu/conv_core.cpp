@@ -313,13 +313,15 @@ at::Tensor packed_weight(const at::Tensor& w, const at::Tensor& x, const ConvArg
                              .typed<ReorderFn>();
   // A weight remade every call would be packed every call: those run as they
   // are, and so does one that training changes (packed_weight_cache).
-  if (!DerivedTensors::cacheable({w})) return w.contiguous(at::MemoryFormat::ChannelsLast);
-  const std::vector<int64_t> tag(x.sizes().begin(), x.sizes().end());
-  std::vector<at::Tensor> packed = packed_weight_cache().get({w}, 0.0, [&] {
-    return std::vector<at::Tensor>{op.call(w.contiguous(), a.padding, a.stride, a.dilation,
-                                           a.groups, x.sizes())};
-  }, tag);
-  return packed.empty() ? w.contiguous(at::MemoryFormat::ChannelsLast) : packed[0];
+  if (DerivedTensors::cacheable({w})) {
+    const std::vector<int64_t> tag(x.sizes().begin(), x.sizes().end());
+    const std::vector<at::Tensor> packed = packed_weight_cache().get({w}, 0.0, [&] {
+      return std::vector<at::Tensor>{op.call(w.contiguous(), a.padding, a.stride, a.dilation,
+                                             a.groups, x.sizes())};
+    }, tag);
+    if (!packed.empty()) return packed[0];
+  }
+  return w.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 }  // namespace
