@@ -1,5 +1,5 @@
-"""cnnops.models against plain torch.nn twins written here, independently, with the same
-module names as d2l / torchvision.
+"""cnnops.models against their plain torch.nn twins (cnnops.models.plain: the same
+definitions on torch.nn's layers, with d2l's / torchvision's forwards and module names).
 
 For each model: parameter count and state_dict keys equal to the twin's (the
 full-size constructors are compared on the meta device, without running them),
@@ -30,69 +30,6 @@ from cnnops.models.plain import TvBasicBlock, TvBottleneck, TvDenseNet, TvResNet
 
 
 # ---------------------------------------------------------------------------
-# torch.nn twins: d2l (Dive into Deep Learning, PyTorch edition)
-
-def twin_alexnet(num_classes=10, in_channels=1, hidden=4096):
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 96, kernel_size=11, stride=4, padding=1), nn.ReLU(),
-        nn.MaxPool2d(kernel_size=3, stride=2),
-        nn.Conv2d(96, 256, kernel_size=5, padding=2), nn.ReLU(),
-        nn.MaxPool2d(kernel_size=3, stride=2),
-        nn.Conv2d(256, 384, kernel_size=3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 384, kernel_size=3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(kernel_size=3, stride=2),
-        nn.Flatten(),
-        nn.Linear(6400, hidden), nn.ReLU(), nn.Dropout(p=0.5),
-        nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(p=0.5),
-        nn.Linear(hidden, num_classes))
-
-
-def _twin_vgg_block(num_convs, in_channels, out_channels):
-    layers = []
-    for _ in range(num_convs):
-        layers.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
-        layers.append(nn.ReLU())
-        in_channels = out_channels
-    layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-    return nn.Sequential(*layers)
-
-
-def twin_vgg(conv_arch=((1, 64), (1, 128), (2, 256), (2, 512), (2, 512)), num_classes=10,
-             in_channels=1, hidden=4096, side=7):
-    conv_blks = []
-    for (num_convs, out_channels) in conv_arch:
-        conv_blks.append(_twin_vgg_block(num_convs, in_channels, out_channels))
-        in_channels = out_channels
-    return nn.Sequential(
-        *conv_blks, nn.Flatten(),
-        nn.Linear(out_channels * side * side, hidden), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(hidden, num_classes))
-
-
-def _twin_nin_block(in_channels, out_channels, kernel_size, strides, padding):
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, strides, padding), nn.ReLU(),
-        nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU(),
-        nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU())
-
-
-def twin_nin(num_classes=10, in_channels=1):
-    return nn.Sequential(
-        _twin_nin_block(in_channels, 96, kernel_size=11, strides=4, padding=0),
-        nn.MaxPool2d(3, stride=2),
-        _twin_nin_block(96, 256, kernel_size=5, strides=1, padding=2),
-        nn.MaxPool2d(3, stride=2),
-        _twin_nin_block(256, 384, kernel_size=3, strides=1, padding=1),
-        nn.MaxPool2d(3, stride=2),
-        nn.Dropout(0.5),
-        _twin_nin_block(384, num_classes, kernel_size=3, strides=1, padding=1),
-        nn.AdaptiveAvgPool2d((1, 1)),
-        nn.Flatten())
-
-
-# ---------------------------------------------------------------------------
 # The cases
 
 Case = collections.namedtuple("Case", "make twin shape ops")
@@ -103,13 +40,12 @@ CASES = {
     "lenet": Case(lambda: M.lenet(), lambda: P.lenet(), (4, 1, 28, 28),
                   {"conv2d": 2, "avg_pool2d": 2}),
     # the full conv stack needs 224x224 input; the hidden Linear layers are narrowed
-    "alexnet": Case(lambda: M.alexnet(hidden_features=32), lambda: twin_alexnet(hidden=32),
+    "alexnet": Case(lambda: M.alexnet(hidden_features=32), lambda: P.alexnet(hidden_features=32),
                     (1, 1, 224, 224), {"conv2d_relu": 5, "max_pool2d": 3}),
     "vgg11": Case(lambda: M.vgg11(width_divisor=16, hidden_features=32, input_size=32),
-                  lambda: twin_vgg(((1, 4), (1, 8), (2, 16), (2, 32), (2, 32)), hidden=32,
-                                   side=1),
+                  lambda: P.vgg11(width_divisor=16, hidden_features=32, input_size=32),
                   (2, 1, 32, 32), {"conv2d_relu": 8, "max_pool2d": 5}),
-    "nin": Case(lambda: M.nin(), lambda: twin_nin(), (2, 1, 67, 67),
+    "nin": Case(lambda: M.nin(), lambda: P.nin(), (2, 1, 67, 67),
                 {"conv2d_relu": 12, "max_pool2d": 3, "adaptive_avg_pool2d": 1}),
     # 48x48 leaves b5 a 2x2 map (32x32 would leave 1x1: see test_googlenet_tiny_input)
     "googlenet": Case(lambda: M.googlenet(), lambda: twin_googlenet(), (2, 1, 48, 48),
@@ -151,9 +87,9 @@ CASES = {
 # Full-size constructors and their twins (compared on the meta device, not run).
 FULL = {
     "lenet": (M.lenet, P.lenet),
-    "alexnet": (M.alexnet, twin_alexnet),
-    "vgg11": (M.vgg11, twin_vgg),
-    "nin": (M.nin, twin_nin),
+    "alexnet": (M.alexnet, P.alexnet),
+    "vgg11": (M.vgg11, P.vgg11),
+    "nin": (M.nin, P.nin),
     "googlenet": (M.googlenet, twin_googlenet),
     "resnet18": (M.resnet18, lambda: TvResNet(TvBasicBlock, [2, 2, 2, 2])),
     "resnet34": (M.resnet34, lambda: TvResNet(TvBasicBlock, [3, 4, 6, 3])),

@@ -1,5 +1,9 @@
 """The reference models, built from cnnops.nn modules and fused ops.
 
+Each network is defined once, in cnnops.models.plain (its plain torch.nn twin), on a
+layer kit; the constructors here build it on the cnnops.nn kit, with fused forwards,
+so a model and its twin have the same state_dict keys.
+
 Each constructor takes ``num_classes`` (and ``in_channels``); ``resnet*`` and
 ``densenet121`` have torchvision's state_dict keys, the d2l models (lenet,
 alexnet, vgg11, nin, googlenet) d2l's nn.Sequential indices.

@@ -1,8 +1,10 @@
 """ResNet-18/34/50 with torchvision's module names (checkpoints load with strict=True).
 
-Every conv -> BN pair runs as one cnnops::conv_bn_relu call through
-cnnops.nn.apply_conv_bn_relu, on the block's own ``convN`` / ``bnN`` modules so
-the state_dict keys stay torchvision's:
+The structure is cnnops.models.plain's torchvision ResNet (TvBasicBlock, TvBottleneck,
+TvResNet), built on the cnnops.nn kit; the classes here subclass it with forwards in
+which every conv -> BN pair runs as one cnnops::conv_bn_relu call through
+cnnops.nn.apply_conv_bn_relu, on the block's own ``convN`` / ``bnN`` modules so the
+state_dict keys stay torchvision's:
 
 - stem: conv1 -> bn1 -> ReLU fused; maxpool on cnnops.nn.MaxPool2d
 - block interior: conv -> bn -> ReLU fused
@@ -11,13 +13,16 @@ the state_dict keys stay torchvision's:
   conv -> bn fused with relu=False
 - head: cnnops.nn.AdaptiveAvgPool2d, torch flatten + Linear
 
+(The ``relu`` modules are the torch.nn forward's; the fused forwards do not call them.)
+
 Bottleneck is v1.5 (stride on the 3x3 convolution), as torchvision.
 """
 import torch
 from torch import nn
 
-from .. import nn as cnn
 from ..nn import apply_conv_bn_relu
+from . import plain
+from ._kit import CNNOPS
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50"]
 
@@ -33,21 +38,12 @@ def _conv_bn_shortcut(downsample, x):
     return downsample(x)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(plain.TvBasicBlock):
     """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); 3x3 convs, stride on conv1.
 
     [N, inplanes, H, W] -> [N, planes, H/stride, W/stride]
     """
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, bias=False):
-        super().__init__()
-        self.conv1 = cnn.Conv2d(inplanes, planes, 3, stride, 1, bias=bias)
-        self.bn1 = cnn.BatchNorm2d(planes)
-        self.conv2 = cnn.Conv2d(planes, planes, 3, 1, 1, bias=bias)
-        self.bn2 = cnn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
+    kit = CNNOPS
 
     def forward(self, x):
         identity = _conv_bn_shortcut(self.downsample, x)
@@ -55,23 +51,12 @@ class BasicBlock(nn.Module):
         return apply_conv_bn_relu(self.conv2, self.bn2, out, residual=identity)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(plain.TvBottleneck):
     """1x1 -> 3x3 (stride) -> 1x1 (x4 channels), each with BN, ReLU after the residual add.
 
     [N, inplanes, H, W] -> [N, 4 * planes, H/stride, W/stride]
     """
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, bias=False):
-        super().__init__()
-        self.conv1 = cnn.Conv2d(inplanes, planes, 1, bias=bias)
-        self.bn1 = cnn.BatchNorm2d(planes)
-        self.conv2 = cnn.Conv2d(planes, planes, 3, stride, 1, bias=bias)
-        self.bn2 = cnn.BatchNorm2d(planes)
-        self.conv3 = cnn.Conv2d(planes, planes * self.expansion, 1, bias=bias)
-        self.bn3 = cnn.BatchNorm2d(planes * self.expansion)
-        self.downsample = downsample
-        self.stride = stride
+    kit = CNNOPS
 
     def forward(self, x):
         identity = _conv_bn_shortcut(self.downsample, x)
@@ -80,7 +65,7 @@ class Bottleneck(nn.Module):
         return apply_conv_bn_relu(self.conv3, self.bn3, out, residual=identity)
 
 
-class ResNet(nn.Module):
+class ResNet(plain.TvResNet):
     """torchvision's ResNet on cnnops ops. input [N, in_channels, H, W] -> logits [N, num_classes].
 
     block: BasicBlock or Bottleneck; layers: blocks per stage; width: channels of
@@ -89,41 +74,16 @@ class ResNet(nn.Module):
     Initialisation as torchvision (Kaiming normal, fan_out, for convolutions;
     BN weight 1, bias 0).
     """
+    kit = CNNOPS
 
     def __init__(self, block, layers, num_classes=1000, in_channels=3, width=64, conv_bias=False):
-        super().__init__()
-        self._conv_bias = conv_bias
-        self.inplanes = width
-        self.conv1 = cnn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3,
-                                bias=conv_bias)
-        self.bn1 = cnn.BatchNorm2d(width)
-        self.maxpool = cnn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, width, layers[0])
-        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
-        self.avgpool = cnn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
-
+        super().__init__(block, layers, num_classes, in_channels, width, bias=conv_bias)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
-
-    def _make_layer(self, block, planes, blocks, stride=1):
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                cnn.Conv2d(self.inplanes, planes * block.expansion, 1, stride,
-                           bias=self._conv_bias),
-                cnn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample, bias=self._conv_bias)]
-        self.inplanes = planes * block.expansion
-        for _ in range(1, blocks):
-            layers.append(block(self.inplanes, planes, bias=self._conv_bias))
-        return nn.Sequential(*layers)
 
     def forward(self, x):
         x = apply_conv_bn_relu(self.conv1, self.bn1, x)

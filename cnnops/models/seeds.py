@@ -8,12 +8,13 @@
   pools on cnnops pooling modules, ReLU and torch.cat stay torch.
 - residual_net: conv -> max pool -> ReLU -> ResidualBlock -> conv -> max pool -> ReLU ->
   ResidualBlock -> Linear, for 1x28x28 input; each block is two cnnops::conv2d_relu.
-"""
-import torch
-from torch import nn
 
-from .. import functional as CF
+inception_net and residual_net are cnnops.models.plain's InceptionNet / ResidualNet
+(their definitions) on the cnnops.nn kit; only ResidualBlock has a forward of its own.
+"""
 from .. import nn as cnn
+from . import plain
+from ._kit import CNNOPS
 from .resnet import BasicBlock, ResNet
 
 __all__ = ["resnet_classifier", "InceptionA", "InceptionNet", "inception_net", "ResidualBlock",
@@ -31,52 +32,18 @@ def resnet_classifier(num_classes=11, in_channels=3, layers=(2, 2, 2, 2), width=
     return ResNet(BasicBlock, layers, num_classes, in_channels, width, conv_bias=True)
 
 
-class InceptionA(nn.Module):
-    """Four branches concatenated to 88 channels, in this order:
+class InceptionA(plain.InceptionA):
+    """plain.InceptionA (88 channels out, no activations) on cnnops.nn convolutions and pools.
 
-    avg pool 3x3 (stride 1, pad 1) -> 1x1 conv (24); 1x1 conv (16);
-    1x1 (16) -> 5x5 pad 2 (24); 1x1 (16) -> 3x3 pad 1 (24) -> 3x3 pad 1 (24).
-    No activations inside. [N, in_channels, H, W] -> [N, 88, H, W]
+    [N, in_channels, H, W] -> [N, 88, H, W]
     """
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch_pool_avg = cnn.AvgPool2d(kernel_size=3, stride=1, padding=1)
-        self.branch_pool = cnn.Conv2d(in_channels, 24, kernel_size=1)
-        self.branch1x1 = cnn.Conv2d(in_channels, 16, kernel_size=1)
-        self.branch5x5_1 = cnn.Conv2d(in_channels, 16, kernel_size=1)
-        self.branch5x5_2 = cnn.Conv2d(16, 24, kernel_size=5, padding=2)
-        self.branch3x3_1 = cnn.Conv2d(in_channels, 16, kernel_size=1)
-        self.branch3x3_2 = cnn.Conv2d(16, 24, kernel_size=3, padding=1)
-        self.branch3x3_3 = cnn.Conv2d(24, 24, kernel_size=3, padding=1)
-
-    def forward(self, x):
-        branch_pool = self.branch_pool(self.branch_pool_avg(x))
-        branch1x1 = self.branch1x1(x)
-        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
-        branch3x3 = self.branch3x3_3(self.branch3x3_2(self.branch3x3_1(x)))
-        return torch.cat([branch_pool, branch1x1, branch5x5, branch3x3], dim=1)
+    kit = CNNOPS
 
 
-class InceptionNet(nn.Module):
+class InceptionNet(plain.InceptionNet):
     """input [N, in_channels, 28, 28] -> logits [N, num_classes] (Linear 1408 -> num_classes)."""
-
-    def __init__(self, num_classes=10, in_channels=1):
-        super().__init__()
-        self.conv1 = cnn.Conv2d(in_channels, 10, kernel_size=5)
-        self.conv2 = cnn.Conv2d(88, 20, kernel_size=5)
-        self.incep1 = InceptionA(in_channels=10)
-        self.incep2 = InceptionA(in_channels=20)
-        self.mp = cnn.MaxPool2d(2)
-        self.fc = nn.Linear(1408, num_classes)
-
-    def forward(self, x):
-        x = torch.relu(self.mp(self.conv1(x)))
-        x = self.incep1(x)
-        x = torch.relu(self.mp(self.conv2(x)))
-        x = self.incep2(x)
-        x = torch.flatten(x, 1)
-        return self.fc(x)
+    kit = CNNOPS
+    inception = InceptionA
 
 
 def inception_net(num_classes=10, in_channels=1):
@@ -84,42 +51,22 @@ def inception_net(num_classes=10, in_channels=1):
     return InceptionNet(num_classes, in_channels)
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(plain.ResidualBlock):
     """relu(x + conv2(relu(conv1(x)))), 3x3 convolutions with padding 1: two cnnops::conv2d_relu.
 
     [N, channels, H, W] -> same
     """
-
-    def __init__(self, channels):
-        super().__init__()
-        self.channels = channels
-        self.conv1 = cnn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        self.conv2 = cnn.Conv2d(channels, channels, kernel_size=3, padding=1)
+    kit = CNNOPS
 
     def forward(self, x):
         y = cnn.apply_conv_relu(self.conv1, x)
         return cnn.apply_conv_relu(self.conv2, y, residual=x)
 
 
-class ResidualNet(nn.Module):
+class ResidualNet(plain.ResidualNet):
     """input [N, in_channels, 28, 28] -> logits [N, num_classes] (Linear 512 -> num_classes)."""
-
-    def __init__(self, num_classes=10, in_channels=1):
-        super().__init__()
-        self.conv1 = cnn.Conv2d(in_channels, 16, kernel_size=5)
-        self.conv2 = cnn.Conv2d(16, 32, kernel_size=5)
-        self.mp = cnn.MaxPool2d(2)
-        self.rblock1 = ResidualBlock(16)
-        self.rblock2 = ResidualBlock(32)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x):
-        x = torch.relu(self.mp(self.conv1(x)))
-        x = self.rblock1(x)
-        x = torch.relu(self.mp(self.conv2(x)))
-        x = self.rblock2(x)
-        x = torch.flatten(x, 1)
-        return self.fc(x)
+    kit = CNNOPS
+    block = ResidualBlock
 
 
 def residual_net(num_classes=10, in_channels=1):
