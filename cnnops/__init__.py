@@ -10,7 +10,7 @@ get_cpu_conv(), set_cpu_conv(mode), use_cpu_conv(mode), cpu_conv_choices(), and
 explain(model, *inputs), which lists the core each convolution call ran.
 """
 from . import _ext  # noqa: F401  (loads the C++ extension first)
-from . import backends, distributed, functional, nn, ops, reference  # noqa: F401
+from . import backends, distributed, functional, nn, op_table, reference  # noqa: F401
 from .backends import (available_backends, cpu_conv_choices, get_backend, get_cpu_conv,
                        set_backend, set_cpu_conv, use_backend, use_cpu_conv)
 from .explain import explain, explain_table

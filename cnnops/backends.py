@@ -210,7 +210,7 @@ def _implementation(name, tensor):
     if name == "triton":
         from .triton_kernels.ops import TRITON
         return TRITON
-    from .ops import COMPILED, COMPILED_BFLOAT16_CPU
+    from .op_table import COMPILED, COMPILED_BFLOAT16_CPU
     if name == "cpu" and tensor.dtype == torch.bfloat16:
         return COMPILED_BFLOAT16_CPU
     return COMPILED

@@ -108,8 +108,8 @@ class _SyncBNReLU(torch.autograd.Function):
         stat_dtype = reference._stat_dtype(input)
         # Inference-mode bn_relu with the global statistics standing in for the running ones:
         # normalise, affine, residual and ReLU in one pass; it returns mean and 1/sqrt(var+eps).
-        out, save_mean, save_invstd = ops.bn_relu(input, weight, bias, mean.to(stat_dtype),
-                                                  var.to(stat_dtype), residual, False, eps, relu)
+        out, save_mean, save_invstd = ops.bn_relu(input, mean.to(stat_dtype), var.to(stat_dtype),
+                                                  weight, bias, residual, False, eps, relu)
         ctx.save_for_backward(input, weight, save_mean, save_invstd, out if relu else None)
         ctx.ops, ctx.group, ctx.relu, ctx.total = ops, group, relu, total
         ctx.has_bias = bias is not None

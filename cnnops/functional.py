@@ -410,10 +410,10 @@ def bn_relu(input, running_mean, running_var, weight, bias, training=False, mome
     if impl is not None and (not training or _values_per_channel(input.shape) > 1):
         try:
             if residual is None and not relu:
-                out, mean, invstd = impl.batch_norm(input, weight, bias, running_mean,
-                                                    running_var, training, eps)
+                out, mean, invstd = impl.batch_norm(input, running_mean, running_var, weight,
+                                                    bias, training, eps)
             else:
-                out, mean, invstd = impl.bn_relu(input, weight, bias, running_mean, running_var,
+                out, mean, invstd = impl.bn_relu(input, running_mean, running_var, weight, bias,
                                                  residual, training, eps, relu)
         except _OP_ERRORS:
             pass  # as in conv2d
@@ -436,10 +436,10 @@ def bn_relu(input, running_mean, running_var, weight, bias, training=False, mome
     if training:
         _verify_batch_size(count, input.shape)
     if residual is None and not relu:
-        out, mean, invstd = impl.batch_norm(input, weight, bias, running_mean, running_var,
+        out, mean, invstd = impl.batch_norm(input, running_mean, running_var, weight, bias,
                                             training, eps)
     else:
-        out, mean, invstd = impl.bn_relu(input, weight, bias, running_mean, running_var,
+        out, mean, invstd = impl.bn_relu(input, running_mean, running_var, weight, bias,
                                          residual, training, eps, relu)
     if training:
         _update_running_stats(impl, running_mean, running_var, mean, invstd, count, momentum,
@@ -470,9 +470,9 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
     geometry = None if impl is None else _plain_conv_geometry(stride, padding, dilation, groups)
     if geometry is not None:
         try:
-            out, mean, invstd = impl.conv_bn_relu(input, weight, bias, bn_weight, bn_bias,
-                                                  running_mean, running_var, residual,
-                                                  *geometry, groups, training, eps, relu)
+            out, _, mean, invstd = impl.conv_bn_relu(input, weight, bias, bn_weight, bn_bias,
+                                                     running_mean, running_var, residual,
+                                                     *geometry, groups, training, eps, relu)
         except _OP_ERRORS:
             pass  # as in conv2d
         else:
@@ -509,9 +509,9 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
                                               residual, stride, padding, dilation, groups, eps,
                                               relu)
     else:
-        out, mean, invstd = impl.conv_bn_relu(input, weight, bias, bn_weight, bn_bias,
-                                              running_mean, running_var, residual, stride,
-                                              padding, dilation, groups, training, eps, relu)
+        out, _, mean, invstd = impl.conv_bn_relu(input, weight, bias, bn_weight, bn_bias,
+                                                 running_mean, running_var, residual, stride,
+                                                 padding, dilation, groups, training, eps, relu)
     if training:
         _update_running_stats(impl, running_mean, running_var, mean, invstd, count, momentum,
                               eps)

@@ -66,7 +66,7 @@ class _LeanConvBNReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, conv_bias, bn_weight, bn_bias, residual, ops, geometry, eps,
                 relu):
-        out, conv_out, mean, invstd = ops.conv_bn_relu_op(
+        out, conv_out, mean, invstd = ops.conv_bn_relu(
             input, weight, conv_bias, bn_weight, bn_bias, None, None, residual, *geometry, True,
             eps, relu)
         del conv_out  # the point of the mode

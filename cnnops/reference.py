@@ -61,11 +61,11 @@ def _stat_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def batch_norm(input, weight, bias, running_mean, running_var, training, eps):
+def batch_norm(input, running_mean, running_var, weight, bias, training, eps):
     """Batch normalisation over (N, H, W) per channel.
 
-    input [N, C, H, W]; weight, bias [C] or None (affine off); running_mean, running_var [C]
-    (used only when not training).
+    input [N, C, H, W]; running_mean, running_var [C] (used only when not training); weight,
+    bias [C] or None (affine off). The arguments are in torch.nn.functional.batch_norm's order.
     -> (output [N, C, H, W] in input's dtype, save_mean [C], save_invstd [C]); the statistics are
     float32 for float16/bfloat16 input, else input's dtype.
 
@@ -112,13 +112,13 @@ def update_running_stats(running_mean, running_var, save_mean, save_invstd, coun
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
-def bn_relu(input, weight, bias, running_mean, running_var, residual, training, eps, relu):
+def bn_relu(input, running_mean, running_var, weight, bias, residual, training, eps, relu):
     """relu?(batch_norm(input) + residual?): the end of a residual block, or a pre-activation.
 
     input [N, C, H, W]; residual [N, C, H, W] or None; relu a bool; the rest as batch_norm.
     -> (output [N, C, H, W], save_mean [C], save_invstd [C])
     """
-    out, mean, invstd = batch_norm(input, weight, bias, running_mean, running_var, training, eps)
+    out, mean, invstd = batch_norm(input, running_mean, running_var, weight, bias, training, eps)
     if residual is not None:
         out = out + residual
     if relu:
@@ -169,11 +169,14 @@ def conv_bn_relu(input, weight, conv_bias, bn_weight, bn_bias, running_mean, run
 
     input [N, C, H, W], weight [OC, C/groups, KH, KW], conv_bias [OC] or None;
     bn_weight, bn_bias [OC] or None; running_mean, running_var [OC]; residual [N, OC, OH, OW]
-    or None. -> (output [N, OC, OH, OW], save_mean [OC], save_invstd [OC])
+    or None. -> (output [N, OC, OH, OW], conv_output, save_mean [OC], save_invstd [OC]), as the
+    op returns: conv_output is the convolution's output [N, OC, OH, OW] in training (what the
+    op keeps for its backward), an empty tensor otherwise.
     """
-    out = conv2d(input, weight, conv_bias, stride, padding, dilation, groups)
-    return bn_relu(out, bn_weight, bn_bias, running_mean, running_var, residual,
-                   training, eps, relu)
+    conv_output = conv2d(input, weight, conv_bias, stride, padding, dilation, groups)
+    out, mean, invstd = bn_relu(conv_output, running_mean, running_var, bn_weight, bn_bias,
+                                residual, training, eps, relu)
+    return out, conv_output if training else input.new_empty(0), mean, invstd
 
 
 def _pool_windows(input, kernel_size, stride, padding, dilation, ceil_mode, fill):

@@ -116,13 +116,6 @@ struct TensorArgs {
   }
 };
 
-template <typename... Args>
-void save_tensor_args(AutogradContext* ctx, const Args&... args) {
-  TensorArgs a;
-  (a(args), ...);
-  ctx->saved_data["tensor_args"] = a.mask;
-}
-
 // Which of a forward's arguments need a gradient, by argument position.
 class NeedsGrad {
  public:
@@ -132,19 +125,52 @@ class NeedsGrad {
       needs_[arg] = ((mask >> arg) & 1) && ctx->needs_input_grad(edge++);
     }
   }
-  // The output_mask of a backward op whose gradients are those of `args`.
-  template <size_t n>
-  std::array<bool, n> mask(std::array<size_t, n> args) const {
-    std::array<bool, n> m;
-    for (size_t i = 0; i < n; ++i) m[i] = needs_[args[i]];
-    return m;
-  }
-  // `g` for an argument that needs it, else undefined (backward ops return an
-  // empty tensor for gradients not asked for).
-  Tensor operator()(size_t arg, const Tensor& g) const { return needs_[arg] ? g : Tensor(); }
+  bool operator[](size_t arg) const { return needs_[arg]; }
 
  private:
   std::array<bool, 64> needs_{};
+};
+
+// The n arguments of a forward op that its backward op differentiates, named
+// as in the op's schema (csrc/cnnops.cpp), in the order of the backward op's
+// gradients: their positions come from the registered schema, not from
+// numbers written here.
+template <size_t n>
+class Differentiable {
+ public:
+  Differentiable(const c10::OperatorHandle& op, const std::array<const char*, n>& names)
+      : op_name_(op.schema().name()), n_args_(op.schema().arguments().size()) {
+    for (size_t i = 0; i < n; ++i) {
+      const auto position = op.schema().argumentIndexWithName(names[i]);
+      TORCH_INTERNAL_ASSERT(position.has_value(), op_name_, " has no argument ", names[i]);
+      positions_[i] = static_cast<size_t>(*position);
+    }
+  }
+  // The output_mask of a backward op whose gradients are those of the first m
+  // arguments: which of them need one in this backward.
+  template <size_t m = n>
+  Mask<m> mask(const NeedsGrad& needs) const {
+    static_assert(m <= n);
+    Mask<m> out;
+    for (size_t i = 0; i < m; ++i) out[i] = needs[positions_[i]];
+    return out;
+  }
+  // What the autograd backward returns: one gradient per forward argument,
+  // grads[i] for the i-th differentiable argument where it needs one, undefined
+  // elsewhere (backward ops return an empty tensor for gradients not asked for).
+  variable_list place(const NeedsGrad& needs, const std::array<Tensor, n>& grads) const {
+    variable_list out(n_args_);
+    for (size_t i = 0; i < n; ++i) {
+      if (needs[positions_[i]]) out[positions_[i]] = grads[i];
+    }
+    return out;
+  }
+  const std::string& op_name() const { return op_name_; }
+
+ private:
+  std::string op_name_;
+  size_t n_args_;
+  std::array<size_t, n> positions_{};
 };
 
 // Saved geometry of a conv.
@@ -159,6 +185,8 @@ std::vector<int64_t> ints(AutogradContext* ctx, const char* key) {
   return ctx->saved_data[key].toIntVector();
 }
 
+bool flag(AutogradContext* ctx, const char* key) { return ctx->saved_data[key].toBool(); }
+
 // A new autograd node, held as this torch's Edge holds nodes (std::shared_ptr
 // before torch 2.13, c10::intrusive_ptr since).
 template <typename T, typename... Args>
@@ -171,8 +199,7 @@ auto make_node(Args&&... args) {
   }
 }
 
-// What a backward returns for the op `name` with `n_args` arguments: `grads`
-// for the first ones, undefined for the rest (non-tensor arguments included).
+// What a backward returns: `grads`, one per forward argument (Differentiable::place).
 //
 // The backward ops have no derivatives of their own. Under create_graph=True
 // (grad mode on during backward), when the gradients depend on something that
@@ -180,15 +207,14 @@ auto make_node(Args&&... args) {
 // they are attached to a node that raises, naming the op, when a second
 // backward reaches it, rather than coming back as constants that silently
 // drop out of second derivatives.
-variable_list backward_result(const char* name, AutogradContext* ctx, const variable_list& incoming,
-                              variable_list grads, size_t n_args) {
-  grads.resize(n_args);
+variable_list backward_result(const std::string& op_name, AutogradContext* ctx,
+                              const variable_list& incoming, variable_list grads) {
   if (!at::GradMode::is_enabled()) return grads;
   variable_list sources = ctx->get_saved_variables();
   sources.insert(sources.end(), incoming.begin(), incoming.end());
   if (!torch::autograd::compute_requires_grad(sources)) return grads;
   const auto error = make_node<torch::autograd::Error>(
-      std::string("cnnops::") + name +
+      op_name +
           ": double backward (differentiating its gradient, as create_graph=True allows) is "
           "not supported; compute second derivatives through torch.nn.functional instead",
       torch::autograd::collect_next_edges(sources));
@@ -200,13 +226,46 @@ variable_list backward_result(const char* name, AutogradContext* ctx, const vari
   return grads;
 }
 
+template <size_t n>
+variable_list backward_result(const Differentiable<n>& args, AutogradContext* ctx,
+                              const NeedsGrad& needs, const variable_list& incoming,
+                              const std::array<Tensor, n>& grads) {
+  return backward_result(args.op_name(), ctx, incoming, args.place(needs, grads));
+}
+
+// The base of every op's Function: forward records which arguments are
+// tensors (for NeedsGrad), runs the op below autograd and hands the result to
+// Fn::save, which saves what the backward op reads. Fn provides op() (its
+// typed handle), save(ctx, result, args...) and backward.
+template <typename Fn>
+struct OpFunction : torch::autograd::Function<Fn> {
+  template <typename... Args>
+  static auto forward(AutogradContext* ctx, const Args&... args) {
+    TensorArgs tensor_args;
+    (tensor_args(args), ...);
+    ctx->saved_data["tensor_args"] = tensor_args.mask;
+    auto result = below_autograd(Fn::op(), args...);
+    Fn::save(ctx, result, args...);
+    if constexpr (std::is_same_v<decltype(result), Tensor>) {
+      return result;
+    } else {
+      return std::apply([](const auto&... t) { return variable_list{t...}; }, result);
+    }
+  }
+};
+
 // conv2d_backward of a saved conv, for the gradient `grad` of its output.
-std::tuple<Tensor, Tensor, Tensor> conv_backward(AutogradContext* ctx, const NeedsGrad& needs,
+std::tuple<Tensor, Tensor, Tensor> conv_backward(AutogradContext* ctx, Mask<3> mask,
                                                  const Tensor& grad, const Tensor& input,
                                                  const Tensor& weight) {
   return below_autograd(conv2d_backward_op(), grad, input, weight, ints(ctx, "stride"),
                         ints(ctx, "padding"), ints(ctx, "dilation"),
-                        ctx->saved_data["groups"].toInt(), needs.mask<3>({0, 1, 2}));
+                        ctx->saved_data["groups"].toInt(), mask);
+}
+
+// (output, save_mean, save_invstd): the statistics have no gradient.
+void mark_stats(AutogradContext* ctx, const std::tuple<Tensor, Tensor, Tensor>& r) {
+  ctx->mark_non_differentiable({std::get<1>(r), std::get<2>(r)});
 }
 
 }  // namespace
@@ -217,172 +276,169 @@ std::tuple<Tensor, Tensor, Tensor> conv_backward(AutogradContext* ctx, const Nee
 
 // ---- convolution --------------------------------------------------------------
 
-struct Conv2dBackward : torch::autograd::Function<Conv2dBackward> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
-                        const OptTensor& bias, Ints stride, Ints padding, Ints dilation,
-                        int64_t groups) {
-    ctx->save_for_backward({input, weight});
-    save_tensor_args(ctx, input, weight, bias, stride, padding, dilation, groups);
-    save_conv(ctx, stride, padding, dilation, groups);
-    return below_autograd(conv2d_op(), input, weight, bias, stride, padding, dilation, groups);
+struct Conv2dBackward : OpFunction<Conv2dBackward> {
+  static const auto& op() { return conv2d_op(); }
+  static const Differentiable<3>& grads() {
+    static const Differentiable<3> d(op(), {"input", "weight", "bias"});
+    return d;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static void save(AutogradContext* ctx, const Tensor&, const Tensor& input, const Tensor& weight,
+                   const OptTensor&, Ints stride, Ints padding, Ints dilation, int64_t groups) {
+    ctx->save_for_backward({input, weight});
+    save_conv(ctx, stride, padding, dilation, groups);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
-    auto [gi, gw, gb] = conv_backward(ctx, needs, grads[0], s[0], s[1]);
-    return backward_result("conv2d", ctx, grads, {needs(0, gi), needs(1, gw), needs(2, gb)}, 7);
+    auto [gi, gw, gb] = conv_backward(ctx, grads().mask(needs), incoming[0], s[0], s[1]);
+    return backward_result(grads(), ctx, needs, incoming, {gi, gw, gb});
   }
 };
 
-struct Conv2dReluBackward : torch::autograd::Function<Conv2dReluBackward> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
-                        const OptTensor& bias, const OptTensor& residual, Ints stride, Ints padding,
-                        Ints dilation, int64_t groups) {
-    Tensor out = below_autograd(conv2d_relu_op(), input, weight, bias, residual, stride, padding,
-                                dilation, groups);
-    ctx->save_for_backward({input, weight, out});
-    save_tensor_args(ctx, input, weight, bias, residual, stride, padding, dilation, groups);
-    save_conv(ctx, stride, padding, dilation, groups);
-    return out;
+struct Conv2dReluBackward : OpFunction<Conv2dReluBackward> {
+  static const auto& op() { return conv2d_relu_op(); }
+  static const Differentiable<4>& grads() {
+    static const Differentiable<4> d(op(), {"input", "weight", "bias", "residual"});
+    return d;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static void save(AutogradContext* ctx, const Tensor& out, const Tensor& input,
+                   const Tensor& weight, const OptTensor&, const OptTensor&, Ints stride,
+                   Ints padding, Ints dilation, int64_t groups) {
+    ctx->save_for_backward({input, weight, out});
+    save_conv(ctx, stride, padding, dilation, groups);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
     // Through the ReLU: also the residual's gradient.
-    const Tensor g = below_autograd(add_relu_backward_op(), grads[0], s[2]);
-    auto [gi, gw, gb] = conv_backward(ctx, needs, g, s[0], s[1]);
-    return backward_result("conv2d_relu", ctx, grads,
-                           {needs(0, gi), needs(1, gw), needs(2, gb), needs(3, g)}, 8);
+    const Tensor g = below_autograd(add_relu_backward_op(), incoming[0], s[2]);
+    auto [gi, gw, gb] = conv_backward(ctx, grads().mask<3>(needs), g, s[0], s[1]);
+    return backward_result(grads(), ctx, needs, incoming, {gi, gw, gb, g});
   }
 };
 
 // ---- batch normalisation ---------------------------------------------------------
 
-// (output, save_mean, save_invstd) as the forward's outputs; the statistics
-// have no gradient.
-variable_list with_stats(AutogradContext* ctx, const std::tuple<Tensor, Tensor, Tensor>& r) {
-  ctx->mark_non_differentiable({std::get<1>(r), std::get<2>(r)});
-  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
-}
-
-struct BatchNormBackward : torch::autograd::Function<BatchNormBackward> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
-                               const OptTensor& bias, const OptTensor& running_mean,
-                               const OptTensor& running_var, bool training, double eps) {
-    const auto r = below_autograd(batch_norm_op(), input, weight, bias, running_mean, running_var,
-                                  training, eps);
-    ctx->save_for_backward({input, weight.value_or(Tensor()), std::get<1>(r), std::get<2>(r)});
-    save_tensor_args(ctx, input, weight, bias, running_mean, running_var, training, eps);
-    ctx->saved_data["training"] = training;
-    return with_stats(ctx, r);
+struct BatchNormBackward : OpFunction<BatchNormBackward> {
+  static const auto& op() { return batch_norm_op(); }
+  static const Differentiable<3>& grads() {
+    static const Differentiable<3> d(op(), {"input", "weight", "bias"});
+    return d;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static void save(AutogradContext* ctx, const std::tuple<Tensor, Tensor, Tensor>& r,
+                   const Tensor& input, const OptTensor&, const OptTensor&,
+                   const OptTensor& weight, const OptTensor&, bool training, double) {
+    mark_stats(ctx, r);
+    ctx->save_for_backward({input, weight.value_or(Tensor()), std::get<1>(r), std::get<2>(r)});
+    ctx->saved_data["training"] = training;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
-    auto [gi, gw, gb] =
-        below_autograd(batch_norm_backward_op(), grads[0], s[0], s[1], s[2], s[3],
-                       ctx->saved_data["training"].toBool(), needs.mask<3>({0, 1, 2}));
-    return backward_result("batch_norm", ctx, grads, {needs(0, gi), needs(1, gw), needs(2, gb)}, 7);
+    auto [gi, gw, gb] = below_autograd(batch_norm_backward_op(), incoming[0], s[0], s[1], s[2],
+                                       s[3], flag(ctx, "training"), grads().mask(needs));
+    return backward_result(grads(), ctx, needs, incoming, {gi, gw, gb});
   }
 };
 
-struct BnReluBackward : torch::autograd::Function<BnReluBackward> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
-                               const OptTensor& bias, const OptTensor& running_mean,
-                               const OptTensor& running_var, const OptTensor& residual,
-                               bool training, double eps, bool relu) {
-    const auto r = below_autograd(bn_relu_op(), input, weight, bias, running_mean, running_var,
-                                  residual, training, eps, relu);
+struct BnReluBackward : OpFunction<BnReluBackward> {
+  static const auto& op() { return bn_relu_op(); }
+  static const Differentiable<4>& grads() {
+    static const Differentiable<4> d(op(), {"input", "weight", "bias", "residual"});
+    return d;
+  }
+  static void save(AutogradContext* ctx, const std::tuple<Tensor, Tensor, Tensor>& r,
+                   const Tensor& input, const OptTensor&, const OptTensor&,
+                   const OptTensor& weight, const OptTensor&, const OptTensor&, bool training,
+                   double, bool relu) {
+    mark_stats(ctx, r);
     ctx->save_for_backward({input, weight.value_or(Tensor()), std::get<1>(r), std::get<2>(r),
                             relu ? std::get<0>(r) : Tensor()});
-    save_tensor_args(ctx, input, weight, bias, running_mean, running_var, residual, training, eps,
-                     relu);
     ctx->saved_data["training"] = training;
     ctx->saved_data["relu"] = relu;
-    return with_stats(ctx, r);
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
     auto [gi, gw, gb, gr] =
-        below_autograd(bn_relu_backward_op(), grads[0], s[4], s[0], s[1], s[2], s[3],
-                       ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool(),
-                       needs.mask<4>({0, 1, 2, 5}));
-    return backward_result(
-        "bn_relu", ctx, grads,
-        {needs(0, gi), needs(1, gw), needs(2, gb), Tensor(), Tensor(), needs(5, gr)}, 9);
+        below_autograd(bn_relu_backward_op(), incoming[0], s[4], s[0], s[1], s[2], s[3],
+                       flag(ctx, "training"), flag(ctx, "relu"), grads().mask(needs));
+    return backward_result(grads(), ctx, needs, incoming, {gi, gw, gb, gr});
   }
 };
 
-struct ConvBnReluBackward : torch::autograd::Function<ConvBnReluBackward> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
-                               const OptTensor& conv_bias, const OptTensor& bn_weight,
-                               const OptTensor& bn_bias, const OptTensor& running_mean,
-                               const OptTensor& running_var, const OptTensor& residual, Ints stride,
-                               Ints padding, Ints dilation, int64_t groups, bool training,
-                               double eps, bool relu) {
-    auto [out, conv_out, mean, invstd] = below_autograd(
-        conv_bn_relu_op(), input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
-        residual, stride, padding, dilation, groups, training, eps, relu);
+struct ConvBnReluBackward : OpFunction<ConvBnReluBackward> {
+  static const auto& op() { return conv_bn_relu_op(); }
+  static const Differentiable<6>& grads() {
+    static const Differentiable<6> d(
+        op(), {"input", "weight", "conv_bias", "bn_weight", "bn_bias", "residual"});
+    return d;
+  }
+  static void save(AutogradContext* ctx, const std::tuple<Tensor, Tensor, Tensor, Tensor>& r,
+                   const Tensor& input, const Tensor& weight, const OptTensor& conv_bias,
+                   const OptTensor& bn_weight, const OptTensor&, const OptTensor&,
+                   const OptTensor&, const OptTensor&, Ints stride, Ints padding, Ints dilation,
+                   int64_t groups, bool training, double, bool relu) {
+    const auto& [out, conv_out, mean, invstd] = r;
     ctx->mark_non_differentiable({conv_out, mean, invstd});
     // The training backward reads the output only for the ReLU mask: without a ReLU it is
     // not kept (a conv -> BN whose output feeds a residual add would keep it for nothing).
     const Tensor kept_out = (relu || !training) ? out : Tensor();
     ctx->save_for_backward({input, weight, conv_bias.value_or(Tensor()),
                             bn_weight.value_or(Tensor()), kept_out, conv_out, mean, invstd});
-    save_tensor_args(ctx, input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
-                     residual, stride, padding, dilation, groups, training, eps, relu);
     save_conv(ctx, stride, padding, dilation, groups);
     ctx->saved_data["training"] = training;
     ctx->saved_data["relu"] = relu;
-    return {out, conv_out, mean, invstd};
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
-    // (output: any tensor of its shape where it is not read, see forward)
+    // (output: any tensor of its shape where it is not read, see save)
     const Tensor& output = s[4].defined() ? s[4] : s[5];
-    auto [gi, gw, gcb, gbw, gbb, gr] =
-        below_autograd(conv_bn_relu_backward_op(), grads[0], output, s[0], s[1], s[2], s[5], s[3],
-                       s[6], s[7], ints(ctx, "stride"), ints(ctx, "padding"), ints(ctx, "dilation"),
-                       ctx->saved_data["groups"].toInt(), ctx->saved_data["training"].toBool(),
-                       ctx->saved_data["relu"].toBool(), needs.mask<6>({0, 1, 2, 3, 4, 7}));
-    return backward_result("conv_bn_relu", ctx, grads,
-                           {needs(0, gi), needs(1, gw), needs(2, gcb), needs(3, gbw), needs(4, gbb),
-                            Tensor(), Tensor(), needs(7, gr)},
-                           15);
+    auto [gi, gw, gcb, gbw, gbb, gr] = below_autograd(
+        conv_bn_relu_backward_op(), incoming[0], output, s[0], s[1], s[2], s[5], s[3], s[6], s[7],
+        ints(ctx, "stride"), ints(ctx, "padding"), ints(ctx, "dilation"),
+        ctx->saved_data["groups"].toInt(), flag(ctx, "training"), flag(ctx, "relu"),
+        grads().mask(needs));
+    return backward_result(grads(), ctx, needs, incoming, {gi, gw, gcb, gbw, gbb, gr});
   }
 };
 
 // ---- pooling ------------------------------------------------------------------------
 
-struct MaxPool2dBackward : torch::autograd::Function<MaxPool2dBackward> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, Ints kernel_size,
-                               Ints stride, Ints padding, Ints dilation, bool ceil_mode) {
-    auto [out, indices] =
-        below_autograd(max_pool2d_op(), input, kernel_size, stride, padding, dilation, ceil_mode);
-    ctx->mark_non_differentiable({indices});
-    ctx->save_for_backward({input, indices});
+struct MaxPool2dBackward : OpFunction<MaxPool2dBackward> {
+  static const auto& op() { return max_pool2d_op(); }
+  static const Differentiable<1>& grads() {
+    static const Differentiable<1> d(op(), {"input"});
+    return d;
+  }
+  static void save(AutogradContext* ctx, const std::tuple<Tensor, Tensor>& r, const Tensor& input,
+                   Ints kernel_size, Ints stride, Ints padding, Ints dilation, bool) {
+    ctx->mark_non_differentiable({std::get<1>(r)});
+    ctx->save_for_backward({input, std::get<1>(r)});
     ctx->saved_data["kernel_size"] = kernel_size;
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["dilation"] = dilation;
-    return {out, indices};
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
     const auto s = ctx->get_saved_variables();
-    return backward_result(
-        "max_pool2d", ctx, grads,
-        {below_autograd(max_pool2d_backward_op(), grads[0], s[0], s[1], ints(ctx, "kernel_size"),
-                        ints(ctx, "stride"), ints(ctx, "padding"), ints(ctx, "dilation"))},
-        6);
+    const Tensor gi = below_autograd(max_pool2d_backward_op(), incoming[0], s[0], s[1],
+                                     ints(ctx, "kernel_size"), ints(ctx, "stride"),
+                                     ints(ctx, "padding"), ints(ctx, "dilation"));
+    return backward_result(grads(), ctx, NeedsGrad(ctx), incoming, {gi});
   }
 };
 
-struct AvgPool2dBackward : torch::autograd::Function<AvgPool2dBackward> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, Ints kernel_size, Ints stride,
-                        Ints padding, bool ceil_mode, bool count_include_pad,
-                        c10::optional<int64_t> divisor_override) {
+struct AvgPool2dBackward : OpFunction<AvgPool2dBackward> {
+  static const auto& op() { return avg_pool2d_op(); }
+  static const Differentiable<1>& grads() {
+    static const Differentiable<1> d(op(), {"input"});
+    return d;
+  }
+  static void save(AutogradContext* ctx, const Tensor&, const Tensor& input, Ints kernel_size,
+                   Ints stride, Ints padding, bool ceil_mode, bool count_include_pad,
+                   c10::optional<int64_t> divisor_override) {
     ctx->save_for_backward({input});
     auto& d = ctx->saved_data;
     d["kernel_size"] = kernel_size;
@@ -391,54 +447,54 @@ struct AvgPool2dBackward : torch::autograd::Function<AvgPool2dBackward> {
     d["ceil_mode"] = ceil_mode;
     d["count_include_pad"] = count_include_pad;
     d["divisor_override"] = divisor_override;
-    return below_autograd(avg_pool2d_op(), input, kernel_size, stride, padding, ceil_mode,
-                          count_include_pad, divisor_override);
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
     const auto s = ctx->get_saved_variables();
-    auto& d = ctx->saved_data;
-    return backward_result(
-        "avg_pool2d", ctx, grads,
-        {below_autograd(avg_pool2d_backward_op(), grads[0], s[0], ints(ctx, "kernel_size"),
-                        ints(ctx, "stride"), ints(ctx, "padding"), d["ceil_mode"].toBool(),
-                        d["count_include_pad"].toBool(),
-                        d["divisor_override"].toOptional<int64_t>())},
-        7);
+    const Tensor gi = below_autograd(
+        avg_pool2d_backward_op(), incoming[0], s[0], ints(ctx, "kernel_size"),
+        ints(ctx, "stride"), ints(ctx, "padding"), flag(ctx, "ceil_mode"),
+        flag(ctx, "count_include_pad"), ctx->saved_data["divisor_override"].toOptional<int64_t>());
+    return backward_result(grads(), ctx, NeedsGrad(ctx), incoming, {gi});
   }
 };
 
-struct AdaptiveAvgPool2dBackward : torch::autograd::Function<AdaptiveAvgPool2dBackward> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, Ints output_size) {
-    ctx->save_for_backward({input});
-    return below_autograd(adaptive_avg_pool2d_op(), input, output_size);
+struct AdaptiveAvgPool2dBackward : OpFunction<AdaptiveAvgPool2dBackward> {
+  static const auto& op() { return adaptive_avg_pool2d_op(); }
+  static const Differentiable<1>& grads() {
+    static const Differentiable<1> d(op(), {"input"});
+    return d;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static void save(AutogradContext* ctx, const Tensor&, const Tensor& input, Ints) {
+    ctx->save_for_backward({input});
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
     const auto s = ctx->get_saved_variables();
-    return backward_result("adaptive_avg_pool2d", ctx, grads,
-                           {below_autograd(adaptive_avg_pool2d_backward_op(), grads[0], s[0])}, 2);
+    const Tensor gi = below_autograd(adaptive_avg_pool2d_backward_op(), incoming[0], s[0]);
+    return backward_result(grads(), ctx, NeedsGrad(ctx), incoming, {gi});
   }
 };
 
 // ---- elementwise ----------------------------------------------------------------------
 
-struct AddReluBackward : torch::autograd::Function<AddReluBackward> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& other) {
-    Tensor out = below_autograd(add_relu_op(), input, other);
-    ctx->save_for_backward({out});
-    save_tensor_args(ctx, input, other);
-    return out;
+struct AddReluBackward : OpFunction<AddReluBackward> {
+  static const auto& op() { return add_relu_op(); }
+  static const Differentiable<2>& grads() {
+    static const Differentiable<2> d(op(), {"input", "other"});
+    return d;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static void save(AutogradContext* ctx, const Tensor& out, const Tensor&, const Tensor&) {
+    ctx->save_for_backward({out});
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
     const auto s = ctx->get_saved_variables();
-    const NeedsGrad needs(ctx);
-    const Tensor g = below_autograd(add_relu_backward_op(), grads[0], s[0]);
-    return backward_result("add_relu", ctx, grads, {needs(0, g), needs(1, g)}, 2);
+    const Tensor g = below_autograd(add_relu_backward_op(), incoming[0], s[0]);
+    return backward_result(grads(), ctx, NeedsGrad(ctx), incoming, {g, g});
   }
 };
 
 namespace {
 
-// ---- the Autograd kernels (the ops' own signatures) -------------------------------
+// ---- the Autograd kernels -----------------------------------------------------------
 
 // Whether a call's tensors need an autograd node: grad mode is on and one
 // requires grad, or one carries a forward-mode tangent (which Function::apply
@@ -462,95 +518,38 @@ Result as_tuple(const variable_list& outputs, std::index_sequence<i...>) {
   return Result(outputs[i]...);
 }
 
-// The op's result, through Function Fn (its autograd node) when a tensor needs
-// one, else from the kernel below autograd.
-template <typename Fn, typename Result, typename... Params, typename... Args>
-Result autograd_call(const c10::TypedOperatorHandle<Result(Params...)>& op, const Args&... args) {
-  const bool grad_mode = at::GradMode::is_enabled();
-  if (!(wants_autograd(args, grad_mode) || ...)) return below_autograd(op, args...);
-  if constexpr (std::is_same_v<Result, Tensor>) {
-    return Fn::apply(args...);
-  } else {
-    return as_tuple<Result>(Fn::apply(args...),
-                            std::make_index_sequence<std::tuple_size_v<Result>>{});
+// The Autograd kernel of the op of Function Fn, with the op's own signature:
+// the op's result through Fn (its autograd node) when a tensor needs one, else
+// from the kernel below autograd.
+template <typename Fn, typename Handle = std::decay_t<decltype(Fn::op())>>
+struct Kernel;
+
+template <typename Fn, typename Result, typename... Params>
+struct Kernel<Fn, c10::TypedOperatorHandle<Result(Params...)>> {
+  static Result call(Params... args) {
+    const bool grad_mode = at::GradMode::is_enabled();
+    if (!(wants_autograd(args, grad_mode) || ...)) return below_autograd(Fn::op(), args...);
+    if constexpr (std::is_same_v<Result, Tensor>) {
+      return Fn::apply(args...);
+    } else {
+      return as_tuple<Result>(Fn::apply(args...),
+                              std::make_index_sequence<std::tuple_size_v<Result>>{});
+    }
   }
-}
-
-Tensor conv2d_autograd(const Tensor& input, const Tensor& weight, const OptTensor& bias,
-                       Ints stride, Ints padding, Ints dilation, int64_t groups) {
-  return autograd_call<Conv2dBackward>(conv2d_op(), input, weight, bias, stride, padding,
-                                       dilation, groups);
-}
-
-Tensor conv2d_relu_autograd(const Tensor& input, const Tensor& weight, const OptTensor& bias,
-                            const OptTensor& residual, Ints stride, Ints padding, Ints dilation,
-                            int64_t groups) {
-  return autograd_call<Conv2dReluBackward>(conv2d_relu_op(), input, weight, bias, residual,
-                                           stride, padding, dilation, groups);
-}
-
-std::tuple<Tensor, Tensor, Tensor> batch_norm_autograd(const Tensor& input, const OptTensor& weight,
-                                                       const OptTensor& bias,
-                                                       const OptTensor& running_mean,
-                                                       const OptTensor& running_var, bool training,
-                                                       double eps) {
-  return autograd_call<BatchNormBackward>(batch_norm_op(), input, weight, bias, running_mean,
-                                          running_var, training, eps);
-}
-
-std::tuple<Tensor, Tensor, Tensor> bn_relu_autograd(const Tensor& input, const OptTensor& weight,
-                                                    const OptTensor& bias,
-                                                    const OptTensor& running_mean,
-                                                    const OptTensor& running_var,
-                                                    const OptTensor& residual, bool training,
-                                                    double eps, bool relu) {
-  return autograd_call<BnReluBackward>(bn_relu_op(), input, weight, bias, running_mean,
-                                       running_var, residual, training, eps, relu);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_relu_autograd(
-    const Tensor& input, const Tensor& weight, const OptTensor& conv_bias,
-    const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
-    const OptTensor& running_var, const OptTensor& residual, Ints stride, Ints padding,
-    Ints dilation, int64_t groups, bool training, double eps, bool relu) {
-  return autograd_call<ConvBnReluBackward>(conv_bn_relu_op(), input, weight, conv_bias, bn_weight,
-                                           bn_bias, running_mean, running_var, residual, stride,
-                                           padding, dilation, groups, training, eps, relu);
-}
-
-std::tuple<Tensor, Tensor> max_pool2d_autograd(const Tensor& input, Ints kernel_size, Ints stride,
-                                               Ints padding, Ints dilation, bool ceil_mode) {
-  return autograd_call<MaxPool2dBackward>(max_pool2d_op(), input, kernel_size, stride, padding,
-                                          dilation, ceil_mode);
-}
-
-Tensor avg_pool2d_autograd(const Tensor& input, Ints kernel_size, Ints stride, Ints padding,
-                           bool ceil_mode, bool count_include_pad,
-                           c10::optional<int64_t> divisor_override) {
-  return autograd_call<AvgPool2dBackward>(avg_pool2d_op(), input, kernel_size, stride, padding,
-                                          ceil_mode, count_include_pad, divisor_override);
-}
-
-Tensor adaptive_avg_pool2d_autograd(const Tensor& input, Ints output_size) {
-  return autograd_call<AdaptiveAvgPool2dBackward>(adaptive_avg_pool2d_op(), input, output_size);
-}
-
-Tensor add_relu_autograd(const Tensor& input, const Tensor& other) {
-  return autograd_call<AddReluBackward>(add_relu_op(), input, other);
-}
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnnops, Autograd, m) {
-  m.impl("conv2d", &conv2d_autograd);
-  m.impl("conv2d_relu", &conv2d_relu_autograd);
-  m.impl("batch_norm", &batch_norm_autograd);
-  m.impl("bn_relu", &bn_relu_autograd);
-  m.impl("conv_bn_relu", &conv_bn_relu_autograd);
-  m.impl("max_pool2d", &max_pool2d_autograd);
-  m.impl("avg_pool2d", &avg_pool2d_autograd);
-  m.impl("adaptive_avg_pool2d", &adaptive_avg_pool2d_autograd);
-  m.impl("add_relu", &add_relu_autograd);
+  m.impl("conv2d", &Kernel<Conv2dBackward>::call);
+  m.impl("conv2d_relu", &Kernel<Conv2dReluBackward>::call);
+  m.impl("batch_norm", &Kernel<BatchNormBackward>::call);
+  m.impl("bn_relu", &Kernel<BnReluBackward>::call);
+  m.impl("conv_bn_relu", &Kernel<ConvBnReluBackward>::call);
+  m.impl("max_pool2d", &Kernel<MaxPool2dBackward>::call);
+  m.impl("avg_pool2d", &Kernel<AvgPool2dBackward>::call);
+  m.impl("adaptive_avg_pool2d", &Kernel<AdaptiveAvgPool2dBackward>::call);
+  m.impl("add_relu", &Kernel<AddReluBackward>::call);
 }
 
 }  // namespace cnnops

@@ -125,8 +125,9 @@ TORCH_LIBRARY(cnnops, m) {
 
   // ---- batch normalisation ----------------------------------------------
   // -> (output, save_mean, save_invstd)
-  m.def("batch_norm(Tensor input, Tensor? weight, Tensor? bias, "
-        "Tensor? running_mean, Tensor? running_var, bool training, float eps) "
+  // (arguments in torch.nn.functional.batch_norm's order, as cnnops.functional)
+  m.def("batch_norm(Tensor input, Tensor? running_mean, Tensor? running_var, "
+        "Tensor? weight, Tensor? bias, bool training, float eps) "
         "-> (Tensor, Tensor, Tensor)");
   // -> (grad_input, grad_weight, grad_bias)
   m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, "
@@ -161,8 +162,8 @@ TORCH_LIBRARY(cnnops, m) {
         "Tensor mean_dy_xhat, bool relu, bool[2] output_mask) -> (Tensor, Tensor)");
 
   // relu?(batch_norm(input) + residual?) -> (output, save_mean, save_invstd)
-  m.def("bn_relu(Tensor input, Tensor? weight, Tensor? bias, "
-        "Tensor? running_mean, Tensor? running_var, Tensor? residual, "
+  m.def("bn_relu(Tensor input, Tensor? running_mean, Tensor? running_var, "
+        "Tensor? weight, Tensor? bias, Tensor? residual, "
         "bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
   // output is the forward result (its sign is the ReLU mask); may be None when relu=False.
   // -> (grad_input, grad_weight, grad_bias, grad_residual)

@@ -16,15 +16,6 @@
 namespace cnnops {
 namespace {
 
-// The ops take tensors of any rank (output_memory_format picks channels_last
-// only for 4-D ones); the shapes must agree exactly.
-void check_same_shape(const char* op, const at::Tensor& t, const at::Tensor& like,
-                      const char* name, const char* like_name) {
-  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), op, ": expected ", name,
-                    " to have the shape of ", like_name, " ", like.sizes(),
-                    ", got ", t.sizes());
-}
-
 // float32 and float64, and bfloat16 (the ReLU after a bfloat16 convolution, whose
 // backward is add_relu_backward): a sum rounded once, and a select, are exact
 // in any of them.

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "bn_kernels.h"
-#include "cnnops/common.h"
+#include "cnnops/bn_shape.h"
 
 namespace cnnops {
 namespace {
@@ -27,22 +27,12 @@ struct BackwardActivations {
 BackwardActivations backward_activations(const at::Tensor& grad_output,
                                          const c10::optional<at::Tensor>& output_opt,
                                          const at::Tensor& input, bool relu, const char* op) {
-  check_4d(input, "input");
-  check_cpu_float(input, "input");
-  check_same(grad_output, input, "grad_output", "input");
-  TORCH_CHECK_VALUE(grad_output.sizes() == input.sizes(), "expected grad_output of shape ",
-                    input.sizes(), ", got ", grad_output.sizes());
+  const at::Tensor out =
+      check_bn_backward(op, grad_output, output_opt, input, relu, check_cpu_float);
   const at::MemoryFormat fmt = output_memory_format(input);
   BackwardActivations a;
   a.fmt = fmt;
-  if (relu) {
-    TORCH_CHECK_VALUE(output_opt.has_value() && output_opt->defined(), op,
-                      " with relu=True needs the forward output");
-    check_same(*output_opt, input, "output", "input");
-    TORCH_CHECK_VALUE(output_opt->sizes() == input.sizes(), "expected output of shape ",
-                      input.sizes(), ", got ", output_opt->sizes());
-    a.out = output_opt->contiguous(fmt);
-  }
+  if (out.defined()) a.out = out.contiguous(fmt);
   a.g = grad_output.contiguous(fmt);
   a.x = input.contiguous(fmt);
   return a;
@@ -94,30 +84,22 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input)
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_cpu(
-    const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
-    const c10::optional<at::Tensor>& bias_opt,
-    const c10::optional<at::Tensor>& running_mean_opt,
+    const at::Tensor& input, const c10::optional<at::Tensor>& running_mean_opt,
     const c10::optional<at::Tensor>& running_var_opt,
+    const c10::optional<at::Tensor>& weight_opt, const c10::optional<at::Tensor>& bias_opt,
     const c10::optional<at::Tensor>& residual_opt, bool training, double eps,
     bool relu) {
   check_4d(input, "input");
   check_cpu_float(input, "input");
   const int64_t C = input.size(1);
-  const at::Tensor weight = optional_channel(weight_opt, input, C, "weight");
-  const at::Tensor bias = optional_channel(bias_opt, input, C, "bias");
-  const at::Tensor rmean = optional_channel(running_mean_opt, input, C, "running_mean");
-  const at::Tensor rvar = optional_channel(running_var_opt, input, C, "running_var");
-  TORCH_CHECK_VALUE(training || (rmean.defined() && rvar.defined()),
-                    "batch_norm in inference mode (training=False) needs running_mean "
-                    "and running_var");
-  TORCH_CHECK_VALUE(eps >= 0, "expected eps >= 0, got ", eps);
+  const BNParams p = check_bn_params("batch_norm", input, C, running_mean_opt, running_var_opt,
+                                     weight_opt, bias_opt, training, eps);
+  const at::Tensor &weight = p.weight, &bias = p.bias, &rmean = p.running_mean,
+                   &rvar = p.running_var;
   const at::MemoryFormat fmt = output_memory_format(input);
-  at::Tensor residual;
-  if (residual_opt.has_value() && residual_opt->defined()) {
-    check_same(*residual_opt, input, "residual", "input");
-    TORCH_CHECK_VALUE(residual_opt->sizes() == input.sizes(), "expected residual of shape ",
-                      input.sizes(), " (the shape of input), got ", residual_opt->sizes());
-    residual = residual_opt->contiguous(fmt);
+  at::Tensor residual = check_bn_residual(residual_opt, input);
+  if (residual.defined()) {
+    residual = residual.contiguous(fmt);
   }
 
   const at::Tensor x = input.contiguous(fmt);
@@ -160,10 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
   const BackwardActivations a =
       backward_activations(grad_output, output_opt, input, relu, "bn_relu_backward");
   const int64_t C = input.size(1);
-  const at::Tensor weight = optional_channel(weight_opt, input, C, "weight");
-  const at::Tensor mean = optional_channel(save_mean, input, C, "save_mean");
-  const at::Tensor invstd = optional_channel(save_invstd, input, C, "save_invstd");
-  TORCH_CHECK_VALUE(mean.defined() && invstd.defined(), "save_mean and save_invstd are required");
+  const auto [weight, mean, invstd] =
+      check_bn_saved(input, C, weight_opt, save_mean, save_invstd);
 
   const bool need_gi = output_mask[0], need_gw = output_mask[1] && weight.defined(),
              need_gb = output_mask[2], need_gr = output_mask[3];
@@ -207,13 +187,11 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_elemt_cpu(
   const BackwardActivations a =
       backward_activations(grad_output, output_opt, input, relu, "bn_relu_backward_elemt");
   const int64_t C = input.size(1);
-  const at::Tensor weight = optional_channel(weight_opt, input, C, "weight");
-  const at::Tensor mean = optional_channel(save_mean, input, C, "save_mean");
-  const at::Tensor invstd = optional_channel(save_invstd, input, C, "save_invstd");
-  const at::Tensor mdy = optional_channel(mean_dy, input, C, "mean_dy");
-  const at::Tensor mdx = optional_channel(mean_dy_xhat, input, C, "mean_dy_xhat");
-  TORCH_CHECK_VALUE(mean.defined() && invstd.defined() && mdy.defined() && mdx.defined(),
-                    "save_mean, save_invstd, mean_dy and mean_dy_xhat are required");
+  const auto [weight, mean, invstd] =
+      check_bn_saved(input, C, weight_opt, save_mean, save_invstd);
+  const at::Tensor mdy = bn_channel_param(mean_dy, input, C, "mean_dy");
+  const at::Tensor mdx = bn_channel_param(mean_dy_xhat, input, C, "mean_dy_xhat");
+  TORCH_CHECK_VALUE(mdy.defined() && mdx.defined(), "mean_dy and mean_dy_xhat are required");
 
   // bn_backward_coef's training formula over a count of 1, whose sums are the
   // means: sum(gy) = mean_dy, sum(gy * (x - mean)) = mean_dy_xhat / invstd.
@@ -239,10 +217,10 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_elemt_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
-    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, bool training, double eps) {
-  return bn_relu_cpu(input, weight, bias, running_mean, running_var, c10::nullopt, training,
+    const at::Tensor& input, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, bool training, double eps) {
+  return bn_relu_cpu(input, running_mean, running_var, weight, bias, c10::nullopt, training,
                      eps, /*relu=*/false);
 }
 

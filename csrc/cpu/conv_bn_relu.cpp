@@ -25,7 +25,7 @@
 #include <vector>
 
 #include "bn_kernels.h"
-#include "cnnops/conv_shape.h"
+#include "cnnops/bn_shape.h"
 #include "conv_core.h"
 #include "conv_kernels.h"
 
@@ -208,18 +208,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
   check_cpu_conv(input, "input");
   const auto given = [](const c10::optional<at::Tensor>& t) { return t.value_or(at::Tensor()); };
   const at::Tensor cbias = optional_channel(conv_bias_opt, input, s.OC, "conv_bias");
+  const BNParams bn =
+      check_bn_params("conv_bn_relu", input, s.OC, running_mean_opt, running_var_opt,
+                      bn_weight_opt, bn_bias_opt, training, eps, "bn_weight", "bn_bias");
   const BNArgs p{in_compute_dtype(cbias, input),
-                 bn_channel_param(bn_weight_opt, input, s.OC, "bn_weight"),
-                 bn_channel_param(bn_bias_opt, input, s.OC, "bn_bias"),
-                 bn_channel_param(running_mean_opt, input, s.OC, "running_mean"),
-                 bn_channel_param(running_var_opt, input, s.OC, "running_var"),
+                 bn.weight,
+                 bn.bias,
+                 bn.running_mean,
+                 bn.running_var,
                  cbias,
                  {weight, given(conv_bias_opt), given(bn_weight_opt), given(bn_bias_opt),
                   given(running_mean_opt), given(running_var_opt)}};
-  TORCH_CHECK_VALUE(training || (p.running_mean.defined() && p.running_var.defined()),
-                    "conv_bn_relu in inference mode (training=False) needs running_mean "
-                    "and running_var");
-  TORCH_CHECK_VALUE(eps >= 0, "expected eps >= 0, got ", eps);
   // (in the input's layout: the oneDNN core reads it so; the other paths make it NCHW)
   const at::MemoryFormat fmt = conv_memory_format(input, weight);
   const at::Tensor residual = conv_residual(residual_opt, input, s, fmt);
@@ -352,26 +351,12 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
                           std::array<bool, 6> output_mask) {
   const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
   check_cpu_conv(input, "input");
-  const std::vector<int64_t> out_shape{s.N, s.OC, s.OH, s.OW};
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_output, "grad_output"},
-                                {output, "output"}}) {
-    check_same(t, input, name, "input");
-    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(out_shape), "expected ", name, " of shape ",
-                      at::IntArrayRef(out_shape), ", got ", t.sizes());
-  }
-  if (training) {
-    check_same(conv_output, input, "conv_output", "input");
-    TORCH_CHECK_VALUE(conv_output.sizes() == at::IntArrayRef(out_shape),
-                      "expected conv_output of shape ", at::IntArrayRef(out_shape), ", got ",
-                      conv_output.sizes());
-  }
-  const at::Tensor cbias = optional_channel(conv_bias_opt, input, s.OC, "conv_bias");
-  const BNArgs p{in_compute_dtype(cbias, input),
-                 bn_channel_param(bn_weight_opt, input, s.OC, "bn_weight"),
-                 {}, {}, {}, cbias, {}};
-  const at::Tensor mean = bn_channel_param(save_mean, input, s.OC, "save_mean");
-  const at::Tensor invstd = bn_channel_param(save_invstd, input, s.OC, "save_invstd");
-  TORCH_CHECK_VALUE(mean.defined() && invstd.defined(), "save_mean and save_invstd are required");
+  const at::Tensor cbias = check_conv_bn_relu_backward(grad_output, output, input, conv_bias_opt,
+                                                       conv_output, s, training);
+  const BNSaved saved =
+      check_bn_saved(input, s.OC, bn_weight_opt, save_mean, save_invstd, "bn_weight");
+  const at::Tensor &mean = saved.mean, &invstd = saved.invstd;
+  const BNArgs p{in_compute_dtype(cbias, input), saved.weight, {}, {}, {}, cbias, {}};
   const BackwardArgs a{grad_output, output, input, weight, conv_output, mean, invstd,
                        p, training, relu, output_mask};
   const ConvArgs args{stride, padding, dilation, groups};

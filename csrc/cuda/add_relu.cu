@@ -76,14 +76,6 @@ void launch_binary(const at::Tensor& a, const at::Tensor& b, const at::Tensor& o
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The ops take tensors of any rank (output_memory_format picks channels_last
-// only for 4-D ones); the shapes must agree exactly.
-void check_same_shape(const char* op, const at::Tensor& t, const at::Tensor& like,
-                      const char* name, const char* like_name) {
-  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), op, ": expected ", name, " to have the shape of ",
-                    like_name, " ", like.sizes(), ", got ", t.sizes());
-}
-
 }  // namespace
 }  // namespace gpu
 
@@ -91,7 +83,7 @@ at::Tensor add_relu_cuda(const at::Tensor& input, const at::Tensor& other) {
   gpu::check_cuda_float(input, "input");
   gpu::check_cuda_float(other, "other");
   check_same(other, input, "other", "input");
-  gpu::check_same_shape("add_relu", other, input, "other", "input");
+  check_same_shape("add_relu", other, input, "other", "input");
   c10::cuda::CUDAGuard guard(input.device());
   const auto fmt = output_memory_format(input);
   at::Tensor out = at::empty(input.sizes(), input.options().memory_format(fmt));
@@ -109,7 +101,7 @@ at::Tensor add_relu_backward_cuda(const at::Tensor& grad_output, const at::Tenso
   gpu::check_cuda_float(grad_output, "grad_output");
   gpu::check_cuda_float(output, "output");
   check_same(output, grad_output, "output", "grad_output");
-  gpu::check_same_shape("add_relu_backward", grad_output, output, "grad_output", "output");
+  check_same_shape("add_relu_backward", grad_output, output, "grad_output", "output");
   c10::cuda::CUDAGuard guard(output.device());
   const auto fmt = output_memory_format(output);
   at::Tensor grad_input = at::empty(output.sizes(), output.options().memory_format(fmt));

@@ -21,33 +21,24 @@
 #include <torch/library.h>
 
 #include "bn_kernels.cuh"
+#include "cnnops/bn_shape.h"
 
 namespace cnnops {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_cuda(
-    const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt,
-    const c10::optional<at::Tensor>& bias_opt, const c10::optional<at::Tensor>& running_mean_opt,
-    const c10::optional<at::Tensor>& running_var_opt,
-    const c10::optional<at::Tensor>& residual_opt, bool training, double eps, bool relu) {
+    const at::Tensor& input, const c10::optional<at::Tensor>& running_mean_opt,
+    const c10::optional<at::Tensor>& running_var_opt, const c10::optional<at::Tensor>& weight_opt,
+    const c10::optional<at::Tensor>& bias_opt, const c10::optional<at::Tensor>& residual_opt, bool training, double eps, bool relu) {
   check_4d(input, "input");
   gpu::check_cuda_float(input, "input");
   const int64_t N = input.size(0), C = input.size(1), L = input.size(2) * input.size(3);
-  const at::Tensor weight = gpu::bn_channel_param(weight_opt, input, C, "weight");
-  const at::Tensor bias = gpu::bn_channel_param(bias_opt, input, C, "bias");
-  const at::Tensor rmean = gpu::bn_channel_param(running_mean_opt, input, C, "running_mean");
-  const at::Tensor rvar = gpu::bn_channel_param(running_var_opt, input, C, "running_var");
-  TORCH_CHECK_VALUE(training || (rmean.defined() && rvar.defined()),
-                    "batch_norm in inference mode (training=False) needs running_mean "
-                    "and running_var");
-  TORCH_CHECK_VALUE(eps >= 0, "expected eps >= 0, got ", eps);
+  const BNParams p = check_bn_params("batch_norm", input, C, running_mean_opt, running_var_opt,
+                                     weight_opt, bias_opt, training, eps);
+  const at::Tensor &weight = p.weight, &bias = p.bias, &rmean = p.running_mean,
+                   &rvar = p.running_var;
   const auto fmt = output_memory_format(input);
-  at::Tensor residual;
-  if (residual_opt.has_value() && residual_opt->defined()) {
-    check_same(*residual_opt, input, "residual", "input");
-    TORCH_CHECK_VALUE(residual_opt->sizes() == input.sizes(), "expected residual of shape ",
-                      input.sizes(), " (the shape of input), got ", residual_opt->sizes());
-    residual = residual_opt->contiguous(fmt);
-  }
+  at::Tensor residual = check_bn_residual(residual_opt, input);
+  if (residual.defined()) residual = residual.contiguous(fmt);
   c10::cuda::CUDAGuard guard(input.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
 
@@ -86,23 +77,11 @@ BackwardArgs backward_args(const at::Tensor& grad_output,
                            const c10::optional<at::Tensor>& weight_opt,
                            const at::Tensor& save_mean, const at::Tensor& save_invstd, bool relu,
                            const char* op) {
-  check_4d(input, "input");
-  gpu::check_cuda_float(input, "input");
-  gpu::check_shape(grad_output, input.sizes(), "grad_output", input, "input");
-  const int64_t C = input.size(1);
-  BackwardArgs a;
-  if (relu) {
-    TORCH_CHECK_VALUE(output_opt.has_value() && output_opt->defined(), op,
-                      " with relu=True needs the forward output");
-    gpu::check_shape(*output_opt, input.sizes(), "output", input, "input");
-    a.out = output_opt->contiguous(output_memory_format(input));
-  }
-  a.weight = gpu::bn_channel_param(weight_opt, input, C, "weight");
-  a.mean = gpu::bn_channel_param(save_mean, input, C, "save_mean");
-  a.invstd = gpu::bn_channel_param(save_invstd, input, C, "save_invstd");
-  TORCH_CHECK_VALUE(a.mean.defined() && a.invstd.defined(),
-                    "save_mean and save_invstd are required");
-  return a;
+  const at::Tensor out =
+      check_bn_backward(op, grad_output, output_opt, input, relu, gpu::check_cuda_float);
+  const BNSaved s = check_bn_saved(input, input.size(1), weight_opt, save_mean, save_invstd);
+  return {out.defined() ? out.contiguous(output_memory_format(input)) : out, s.weight, s.mean,
+          s.invstd};
 }
 
 }  // namespace
@@ -221,10 +200,10 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_elemt_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cuda(
-    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, bool training, double eps) {
-  return bn_relu_cuda(input, weight, bias, running_mean, running_var, c10::nullopt, training, eps,
+    const at::Tensor& input, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, bool training, double eps) {
+  return bn_relu_cuda(input, running_mean, running_var, weight, bias, c10::nullopt, training, eps,
                       /*relu=*/false);
 }
 

@@ -48,15 +48,6 @@ inline void check_cuda_float(const at::Tensor& t, const char* name) {
                    name, " has dtype ", st);
 }
 
-// A 4-D tensor of a given shape, with the dtype and device of `like`.
-inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name,
-                        const at::Tensor& like, const char* like_name) {
-  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor, got None");
-  check_same(t, like, name, like_name);
-  TORCH_CHECK_VALUE(t.sizes() == shape, "expected ", name, " of shape ", shape, ", got ",
-                    t.sizes());
-}
-
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 

@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     std::array<bool, 3> output_mask) {
   const ConvShape s = checked_conv(input, weight, at::Tensor(), stride, padding, dilation, groups);
   const int64_t out_shape[] = {s.N, s.OC, s.OH, s.OW};
-  gpu::check_shape(grad_output, out_shape, "grad_output", input, "input");
+  check_shape(grad_output, out_shape, "grad_output", input, "input");
   c10::cuda::CUDAGuard guard(input.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const auto fmt = conv_memory_format(input, weight);

@@ -18,6 +18,7 @@
 // weight is channels_last, NCHW otherwise.
 #include <torch/library.h>
 
+#include "cnnops/bn_shape.h"
 #include "conv_cudnn.cuh"
 
 namespace cnnops {
@@ -35,14 +36,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cuda(
   const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
   gpu::check_cuda_float(input, "input");
   const int64_t OC = s.OC, L = s.L();
-  const at::Tensor bnw = gpu::bn_channel_param(bn_weight_opt, input, OC, "bn_weight");
-  const at::Tensor bnb = gpu::bn_channel_param(bn_bias_opt, input, OC, "bn_bias");
-  const at::Tensor rmean = gpu::bn_channel_param(running_mean_opt, input, OC, "running_mean");
-  const at::Tensor rvar = gpu::bn_channel_param(running_var_opt, input, OC, "running_var");
-  TORCH_CHECK_VALUE(training || (rmean.defined() && rvar.defined()),
-                    "conv_bn_relu in inference mode (training=False) needs running_mean "
-                    "and running_var");
-  TORCH_CHECK_VALUE(eps >= 0, "expected eps >= 0, got ", eps);
+  const at::Tensor cbias = optional_channel(conv_bias_opt, input, OC, "conv_bias");
+  const BNParams bn =
+      check_bn_params("conv_bn_relu", input, OC, running_mean_opt, running_var_opt,
+                      bn_weight_opt, bn_bias_opt, training, eps, "bn_weight", "bn_bias");
+  const at::Tensor &bnw = bn.weight, &bnb = bn.bias, &rmean = bn.running_mean,
+                   &rvar = bn.running_var;
   const auto fmt = conv_memory_format(input, weight);
   const at::Tensor residual = conv_residual(residual_opt, input, s, fmt);
   c10::cuda::CUDAGuard guard(input.device());
@@ -51,16 +50,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cuda(
   const auto opts = input.options();
 
   if (!training) {
-    at::Tensor cbias = optional_channel(conv_bias_opt, input, OC, "conv_bias");
-    if (cbias.defined()) cbias = cbias.to(gpu::acc_dtype(input.scalar_type()));
-    const gpu::FoldedBN f = gpu::fold_bn(weight, fmt, rmean, rvar, bnw, bnb, cbias, eps);
+    const at::Tensor acc_cbias =
+        cbias.defined() ? cbias.to(gpu::acc_dtype(input.scalar_type())) : cbias;
+    const gpu::FoldedBN f = gpu::fold_bn(weight, fmt, rmean, rvar, bnw, bnb, acc_cbias, eps);
     at::Tensor out = gpu::conv_bias_relu(input, f.weight, f.bias, f.shift, residual, relu, args,
                                          fmt);
     return {out, at::empty({0}, opts), f.save_mean, f.save_invstd};
   }
 
   // Training: the convolution adds the conv bias, in the input's dtype.
-  const at::Tensor cbias = optional_channel(conv_bias_opt, input, OC, "conv_bias");
   const at::Tensor conv_out = aten_conv(input, weight, cbias, args, fmt);
   at::Tensor out = at::empty({s.N, OC, s.OH, s.OW}, opts.memory_format(fmt));
   const gpu::ActView v = fmt == at::MemoryFormat::ChannelsLast ? gpu::rows_view(s.N, OC, L)
@@ -94,15 +92,11 @@ conv_bn_relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& outp
   const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
   gpu::check_cuda_float(input, "input");
   const int64_t OC = s.OC, L = s.L();
-  const int64_t out_shape[] = {s.N, OC, s.OH, s.OW};
-  gpu::check_shape(grad_output, out_shape, "grad_output", input, "input");
-  gpu::check_shape(output, out_shape, "output", input, "input");
-  if (training) gpu::check_shape(conv_output, out_shape, "conv_output", input, "input");
-  const at::Tensor cbias = optional_channel(conv_bias_opt, input, OC, "conv_bias");
-  const at::Tensor bnw = gpu::bn_channel_param(bn_weight_opt, input, OC, "bn_weight");
-  const at::Tensor mean = gpu::bn_channel_param(save_mean, input, OC, "save_mean");
-  const at::Tensor invstd = gpu::bn_channel_param(save_invstd, input, OC, "save_invstd");
-  TORCH_CHECK_VALUE(mean.defined() && invstd.defined(), "save_mean and save_invstd are required");
+  const at::Tensor cbias = check_conv_bn_relu_backward(grad_output, output, input, conv_bias_opt,
+                                                       conv_output, s, training);
+  const BNSaved saved =
+      check_bn_saved(input, OC, bn_weight_opt, save_mean, save_invstd, "bn_weight");
+  const at::Tensor &bnw = saved.weight, &mean = saved.mean, &invstd = saved.invstd;
   c10::cuda::CUDAGuard guard(input.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
 

@@ -85,6 +85,27 @@ inline void check_same(const at::Tensor& t, const at::Tensor& like,
                     "), got ", t.device());
 }
 
+// A tensor of a given shape, with the dtype and device of `like`.
+inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name,
+                        const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor, got None");
+  check_same(t, like, name, like_name);
+  TORCH_CHECK_VALUE(t.sizes() == shape, "expected ", name, " of shape ", shape, ", got ",
+                    t.sizes());
+}
+
+// The shape of `like`, exactly (the elementwise ops take tensors of any rank).
+inline void check_same_shape(const char* op, const at::Tensor& t, const at::Tensor& like,
+                             const char* name, const char* like_name) {
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), op, ": expected ", name, " to have the shape of ",
+                    like_name, " ", like.sizes(), ", got ", t.sizes());
+}
+
+// A tensor check of one device: raises unless t suits that device's kernels
+// (check_cpu_float, gpu::check_cuda_float). The shared checks of an op family
+// (pool_shape.h, bn_shape.h) take it for the input.
+using DeviceCheck = void (*)(const at::Tensor& t, const char* name);
+
 // A per-channel vector ([C]) when defined.
 inline void check_channel_vector(const at::Tensor& t, int64_t channels,
                                  const char* name) {

@@ -10,9 +10,6 @@
 
 namespace cnnops {
 
-// A tensor check of one device: raises unless t suits that device's kernels.
-using DeviceCheck = void (*)(const at::Tensor& t, const char* name);
-
 struct PoolShape {
   int64_t N, C, H, W, OH, OW;
 };
