@@ -10,7 +10,7 @@
 // ops) has no autocast kernel, so autocast falls through and they run in the
 // dtype of their input.
 //
-// Each wrapper casts, then calls the op again below the autocast key, so the
+// Each kernel casts, then calls the op again below the autocast key, so the
 // casts are recorded by autograd and gradients reach the fp32 parameters.
 // On the CPU the autocast dtype is bfloat16 by default, which the CPU
 // convolutions run on their oneDNN core (csrc/cpu/conv_core.h); cnnops.functional
@@ -21,8 +21,12 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <optional>
-#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "op_handles.h"
 
 namespace cnnops {
 namespace {
@@ -44,74 +48,66 @@ std::optional<at::Tensor> cast(const std::optional<at::Tensor>& t) {
   return at::autocast::cached_cast(at::autocast::get_autocast_dtype(D), t, D);
 }
 
-using Conv2dFn = at::Tensor(const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
-                            at::IntArrayRef, int64_t);
-using Conv2dReLUFn = at::Tensor(const at::Tensor&, const at::Tensor&,
-                                const std::optional<at::Tensor>&,
-                                const std::optional<at::Tensor>&, at::IntArrayRef,
-                                at::IntArrayRef, at::IntArrayRef, int64_t);
-using ConvBNReLUFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-    int64_t, bool, double, bool);
+// The argument names autocast casts: the convolution's tensors. BN's weight,
+// bias and running statistics (bn_weight, bn_bias, running_mean, running_var)
+// are deliberately not cast.
+constexpr const char* kCastArguments[] = {"input", "weight", "bias", "conv_bias", "residual"};
 
-template <typename Fn>
-c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+// A bit per argument of op's schema: whether autocast casts it.
+uint64_t cast_mask(const c10::OperatorHandle& op) {
+  uint64_t mask = 0;
+  for (const char* name : kCastArguments) {
+    if (op.schema().argumentIndexWithName(name).has_value()) {
+      mask |= uint64_t{1} << ops::arg_position(op, name);
+    }
+  }
+  return mask;
 }
 
 template <c10::DeviceType D>
-at::Tensor conv2d_autocast(const at::Tensor& input, const at::Tensor& weight,
-                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<D>());
-  static const auto op = op_handle<Conv2dFn>("cnnops::conv2d");
-  return op.call(cast<D>(input), cast<D>(weight), cast<D>(bias), stride, padding, dilation, groups);
+at::Tensor maybe_cast(const at::Tensor& t, bool wanted) {
+  return wanted ? cast<D>(t) : t;
+}
+template <c10::DeviceType D>
+std::optional<at::Tensor> maybe_cast(const std::optional<at::Tensor>& t, bool wanted) {
+  return wanted ? cast<D>(t) : t;
+}
+template <c10::DeviceType D, typename T>
+const T& maybe_cast(const T& value, bool) {
+  return value;
 }
 
-template <c10::DeviceType D>
-at::Tensor conv2d_relu_autocast(const at::Tensor& input, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias,
-                                const std::optional<at::Tensor>& residual,
-                                at::IntArrayRef stride, at::IntArrayRef padding,
-                                at::IntArrayRef dilation, int64_t groups) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<D>());
-  static const auto op = op_handle<Conv2dReLUFn>("cnnops::conv2d_relu");
-  return op.call(cast<D>(input), cast<D>(weight), cast<D>(bias), cast<D>(residual), stride, padding,
-                 dilation, groups);
-}
+// The autocast kernel of the op whose handle `op()` returns, with the op's own
+// signature: casts the arguments named in kCastArguments, then calls the op
+// again below the autocast key.
+template <c10::DeviceType D, auto op, typename Handle = std::decay_t<decltype(op())>>
+struct Autocast;
 
-template <c10::DeviceType D>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_autocast(
-    const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& conv_bias, const std::optional<at::Tensor>& bn_weight,
-    const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    bool training, double eps, bool relu) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<D>());
-  static const auto op = op_handle<ConvBNReLUFn>("cnnops::conv_bn_relu");
-  // BN parameters and statistics are deliberately not cast.
-  return op.call(cast<D>(input), cast<D>(weight), cast<D>(conv_bias), bn_weight, bn_bias, running_mean,
-                 running_var, cast<D>(residual), stride, padding, dilation, groups, training, eps,
-                 relu);
-}
+template <c10::DeviceType D, auto op, typename Result, typename... Params>
+struct Autocast<D, op, c10::TypedOperatorHandle<Result(Params...)>> {
+  static Result call(Params... args) { return cast_and_call(std::index_sequence_for<Params...>{}, args...); }
+
+ private:
+  template <size_t... i>
+  static Result cast_and_call(std::index_sequence<i...>, Params... args) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<D>());
+    static const uint64_t mask = cast_mask(op());
+    return op().call(maybe_cast<D>(args, (mask >> i) & 1)...);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnnops, AutocastCUDA, m) {
-  m.impl("conv2d", &conv2d_autocast<c10::DeviceType::CUDA>);
-  m.impl("conv2d_relu", &conv2d_relu_autocast<c10::DeviceType::CUDA>);
-  m.impl("conv_bn_relu", &conv_bn_relu_autocast<c10::DeviceType::CUDA>);
+  m.impl("conv2d", &Autocast<c10::DeviceType::CUDA, ops::conv2d_op>::call);
+  m.impl("conv2d_relu", &Autocast<c10::DeviceType::CUDA, ops::conv2d_relu_op>::call);
+  m.impl("conv_bn_relu", &Autocast<c10::DeviceType::CUDA, ops::conv_bn_relu_op>::call);
 }
 
 TORCH_LIBRARY_IMPL(cnnops, AutocastCPU, m) {
-  m.impl("conv2d", &conv2d_autocast<c10::DeviceType::CPU>);
-  m.impl("conv2d_relu", &conv2d_relu_autocast<c10::DeviceType::CPU>);
-  m.impl("conv_bn_relu", &conv_bn_relu_autocast<c10::DeviceType::CPU>);
+  m.impl("conv2d", &Autocast<c10::DeviceType::CPU, ops::conv2d_op>::call);
+  m.impl("conv2d_relu", &Autocast<c10::DeviceType::CPU, ops::conv2d_relu_op>::call);
+  m.impl("conv_bn_relu", &Autocast<c10::DeviceType::CPU, ops::conv_bn_relu_op>::call);
 }
 
 }  // namespace cnnops

@@ -19,6 +19,8 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include "op_handles.h"
+
 #include <array>
 #include <memory>
 #include <string>
@@ -29,71 +31,10 @@
 namespace cnnops {
 namespace {
 
-using at::Tensor;
+using namespace ops;  // the ops' typed handles and argument types (op_handles.h)
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptTensor = c10::optional<at::Tensor>;
 
-// The typed dispatcher handle of each op, looked up once: `name_op()`.
-#define CNNOPS_OP(fn, name, ...)                                                                  \
-  const c10::TypedOperatorHandle<__VA_ARGS__>& fn() {                                             \
-    static const auto handle =                                                                    \
-        c10::Dispatcher::singleton().findSchemaOrThrow("cnnops::" name, "").typed<__VA_ARGS__>(); \
-    return handle;                                                                                \
-  }
-
-using Ints = at::IntArrayRef;
-template <size_t n>
-using Mask = std::array<bool, n>;
-
-CNNOPS_OP(conv2d_op, "conv2d",
-          Tensor(const Tensor&, const Tensor&, const OptTensor&, Ints, Ints, Ints, int64_t))
-CNNOPS_OP(conv2d_backward_op, "conv2d_backward",
-          std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, Ints,
-                                             Ints, Ints, int64_t, Mask<3>))
-CNNOPS_OP(conv2d_relu_op, "conv2d_relu",
-          Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, Ints, Ints, Ints,
-                 int64_t))
-CNNOPS_OP(batch_norm_op, "batch_norm",
-          std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
-                                             const OptTensor&, const OptTensor&, bool, double))
-CNNOPS_OP(batch_norm_backward_op, "batch_norm_backward",
-          std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
-                                             const Tensor&, const Tensor&, bool, Mask<3>))
-CNNOPS_OP(bn_relu_op, "bn_relu",
-          std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
-                                             const OptTensor&, const OptTensor&, const OptTensor&,
-                                             bool, double, bool))
-CNNOPS_OP(bn_relu_backward_op, "bn_relu_backward",
-          std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&,
-                                                     const OptTensor&, const Tensor&, const Tensor&,
-                                                     bool, bool, Mask<4>))
-CNNOPS_OP(conv_bn_relu_op, "conv_bn_relu",
-          std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
-                                                     const OptTensor&, const OptTensor&,
-                                                     const OptTensor&, const OptTensor&,
-                                                     const OptTensor&, Ints, Ints, Ints, int64_t,
-                                                     bool, double, bool))
-CNNOPS_OP(conv_bn_relu_backward_op, "conv_bn_relu_backward",
-          std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-              const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-              const Tensor&, const OptTensor&, const Tensor&, const Tensor&, Ints, Ints, Ints,
-              int64_t, bool, bool, Mask<6>))
-CNNOPS_OP(max_pool2d_op, "max_pool2d",
-          std::tuple<Tensor, Tensor>(const Tensor&, Ints, Ints, Ints, Ints, bool))
-CNNOPS_OP(max_pool2d_backward_op, "max_pool2d_backward",
-          Tensor(const Tensor&, const Tensor&, const Tensor&, Ints, Ints, Ints, Ints))
-CNNOPS_OP(avg_pool2d_op, "avg_pool2d",
-          Tensor(const Tensor&, Ints, Ints, Ints, bool, bool, c10::optional<int64_t>))
-CNNOPS_OP(avg_pool2d_backward_op, "avg_pool2d_backward",
-          Tensor(const Tensor&, const Tensor&, Ints, Ints, Ints, bool, bool,
-                 c10::optional<int64_t>))
-CNNOPS_OP(adaptive_avg_pool2d_op, "adaptive_avg_pool2d", Tensor(const Tensor&, Ints))
-CNNOPS_OP(adaptive_avg_pool2d_backward_op, "adaptive_avg_pool2d_backward",
-          Tensor(const Tensor&, const Tensor&))
-CNNOPS_OP(add_relu_op, "add_relu", Tensor(const Tensor&, const Tensor&))
-CNNOPS_OP(add_relu_backward_op, "add_relu_backward", Tensor(const Tensor&, const Tensor&))
-#undef CNNOPS_OP
 
 // Calls an op below autograd (on the device kernel).
 template <typename Signature, typename... Args>
@@ -140,11 +81,7 @@ class Differentiable {
  public:
   Differentiable(const c10::OperatorHandle& op, const std::array<const char*, n>& names)
       : op_name_(op.schema().name()), n_args_(op.schema().arguments().size()) {
-    for (size_t i = 0; i < n; ++i) {
-      const auto position = op.schema().argumentIndexWithName(names[i]);
-      TORCH_INTERNAL_ASSERT(position.has_value(), op_name_, " has no argument ", names[i]);
-      positions_[i] = static_cast<size_t>(*position);
-    }
+    for (size_t i = 0; i < n; ++i) positions_[i] = arg_position(op, names[i]);
   }
   // The output_mask of a backward op whose gradients are those of the first m
   // arguments: which of them need one in this backward.
