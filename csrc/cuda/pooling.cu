@@ -386,22 +386,8 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
                                     const at::Tensor& indices, at::IntArrayRef kernel_size,
                                     at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation) {
-  check_pair(kernel_size, "kernel_size", 1);
-  check_pair(stride, "stride", 1);
-  check_pair(padding, "padding", 0);
-  check_pair(dilation, "dilation", 1);
-  check_4d(input, "input");
-  gpu::check_cuda_float(input, "input");
-  check_pool_grad_output("max_pool2d_backward", grad_output, input);
-  TORCH_CHECK_TYPE(indices.defined() && indices.scalar_type() == at::kLong,
-                   "max_pool2d_backward: expected indices of dtype int64, got ",
-                   indices.defined() ? c10::toString(indices.scalar_type()) : "None");
-  TORCH_CHECK_VALUE(indices.device() == input.device(),
-                    "max_pool2d_backward: expected indices on the device of input (",
-                    input.device(), "), got ", indices.device());
-  TORCH_CHECK_VALUE(indices.sizes() == grad_output.sizes(),
-                    "max_pool2d_backward: expected indices of the shape of grad_output ",
-                    grad_output.sizes(), ", got ", indices.sizes());
+  check_max_pool2d_backward(grad_output, input, indices, gpu::check_cuda_float, kernel_size,
+                            stride, padding, dilation);
   c10::cuda::CUDAGuard guard(input.device());
   const auto fmt = output_memory_format(input);
   at::Tensor gi = at::empty(input.sizes(), input.options().memory_format(fmt));

@@ -67,6 +67,30 @@ inline void check_pool_grad_output(const char* op, const at::Tensor& grad_output
       ", ", input.size(1), ", *, *], got shape ", grad_output.sizes());
 }
 
+// What max_pool2d_backward checks: the geometry, the input, grad_output, and
+// indices (int64, input's device, grad_output's shape: the forward's).
+inline void check_max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                      const at::Tensor& indices, DeviceCheck check_device,
+                                      at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_pair(kernel_size, "kernel_size", 1);
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
+  check_4d(input, "input");
+  check_device(input, "input");
+  check_pool_grad_output("max_pool2d_backward", grad_output, input);
+  TORCH_CHECK_TYPE(indices.defined() && indices.scalar_type() == at::kLong,
+                   "max_pool2d_backward: expected indices of dtype int64, got ",
+                   indices.defined() ? c10::toString(indices.scalar_type()) : "None");
+  TORCH_CHECK_VALUE(indices.device() == input.device(),
+                    "max_pool2d_backward: expected indices on the device of input (",
+                    input.device(), "), got ", indices.device());
+  TORCH_CHECK_VALUE(indices.sizes() == grad_output.sizes(),
+                    "max_pool2d_backward: expected indices of the shape of grad_output ",
+                    grad_output.sizes(), ", got ", indices.sizes());
+}
+
 // The input of adaptive_avg_pool2d (and its backward): H and W non-zero.
 inline void check_adaptive_input(const char* op, const at::Tensor& input,
                                  DeviceCheck check_device) {
