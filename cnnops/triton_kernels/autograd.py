@@ -8,6 +8,7 @@ Python anyway. Tests compare both backends' gradients with torch.
 Which forward arguments a backward op differentiates is written by name, as in the op's
 schema (csrc/cnnops.cpp); their positions come from the registered schema.
 """
+import collections
 import functools
 
 import torch
@@ -21,6 +22,12 @@ class _Differentiable:
         args = [a.name for a in op.default._schema.arguments]
         self.positions = [args.index(name) for name in names]
         self.n_args = len(args)
+        self._inputs = collections.namedtuple(op.default._schema.name.split("::")[-1] + "_inputs",
+                                              args)
+
+    def inputs(self, inputs):
+        """A forward call's arguments (setup_context's ``inputs``), named as in the schema."""
+        return self._inputs(*inputs)
 
     def mask(self, ctx, n=None):
         """The output_mask of a backward op whose gradients are those of the first n."""
@@ -91,9 +98,9 @@ def register_autograd(ns):
     conv2d_args = _Differentiable(lib.conv2d, "input", "weight", "bias")
 
     def _conv2d_setup(ctx, inputs, output):
-        input, weight, bias, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(input, weight)
-        ctx.conv = (stride, padding, dilation, groups)
+        a = conv2d_args.inputs(inputs)
+        ctx.save_for_backward(a.input, a.weight)
+        ctx.conv = (a.stride, a.padding, a.dilation, a.groups)
 
     def _conv2d_backward(ctx, grad):
         input, weight = ctx.saved_tensors
@@ -105,9 +112,9 @@ def register_autograd(ns):
     conv2d_relu_args = _Differentiable(lib.conv2d_relu, "input", "weight", "bias", "residual")
 
     def _conv2d_relu_setup(ctx, inputs, output):
-        input, weight, bias, residual, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(input, weight, output)
-        ctx.conv = (stride, padding, dilation, groups)
+        a = conv2d_relu_args.inputs(inputs)
+        ctx.save_for_backward(a.input, a.weight, output)
+        ctx.conv = (a.stride, a.padding, a.dilation, a.groups)
 
     def _conv2d_relu_backward(ctx, grad):
         input, weight, out = ctx.saved_tensors
@@ -121,10 +128,10 @@ def register_autograd(ns):
     batch_norm_args = _Differentiable(lib.batch_norm, "input", "weight", "bias")
 
     def _bn_setup(ctx, inputs, output):
-        input, running_mean, running_var, weight, bias, training, eps = inputs
+        a = batch_norm_args.inputs(inputs)
         ctx.mark_non_differentiable(output[1], output[2])
-        ctx.save_for_backward(input, weight, output[1], output[2])
-        ctx.training = training
+        ctx.save_for_backward(a.input, a.weight, output[1], output[2])
+        ctx.training = a.training
 
     def _batch_norm_backward(ctx, grad, _gm, _gi):
         input, weight, mean, invstd = ctx.saved_tensors
@@ -137,10 +144,11 @@ def register_autograd(ns):
     bn_relu_args = _Differentiable(lib.bn_relu, "input", "weight", "bias", "residual")
 
     def _bn_relu_setup(ctx, inputs, output):
-        input, running_mean, running_var, weight, bias, residual, training, eps, relu = inputs
+        a = bn_relu_args.inputs(inputs)
         ctx.mark_non_differentiable(output[1], output[2])
-        ctx.save_for_backward(input, weight, output[1], output[2], output[0] if relu else None)
-        ctx.training, ctx.relu = training, relu
+        ctx.save_for_backward(a.input, a.weight, output[1], output[2],
+                              output[0] if a.relu else None)
+        ctx.training, ctx.relu = a.training, a.relu
 
     def _bn_relu_backward(ctx, grad, _gm, _gi):
         input, weight, mean, invstd, out = ctx.saved_tensors
@@ -154,16 +162,15 @@ def register_autograd(ns):
                                "bn_bias", "residual")
 
     def _cbr_setup(ctx, inputs, output):
-        (input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
-         stride, padding, dilation, groups, training, eps, relu) = inputs
+        a = cbr_args.inputs(inputs)
         out, conv_out, mean, invstd = output
         ctx.mark_non_differentiable(conv_out, mean, invstd)
         # The training backward reads the output only for the ReLU mask (csrc/autograd.cpp)
-        kept_out = out if relu or not training else None
-        ctx.save_for_backward(input, weight, conv_bias, bn_weight, kept_out, conv_out, mean,
-                              invstd)
-        ctx.conv = (stride, padding, dilation, groups)
-        ctx.training, ctx.relu = training, relu
+        kept_out = out if a.relu or not a.training else None
+        ctx.save_for_backward(a.input, a.weight, a.conv_bias, a.bn_weight, kept_out, conv_out,
+                              mean, invstd)
+        ctx.conv = (a.stride, a.padding, a.dilation, a.groups)
+        ctx.training, ctx.relu = a.training, a.relu
 
     def _cbr_backward(ctx, grad, _gc, _gm, _gi):
         input, weight, conv_bias, bn_weight, out, conv_out, mean, invstd = ctx.saved_tensors
@@ -177,10 +184,10 @@ def register_autograd(ns):
     max_pool_args = _Differentiable(lib.max_pool2d, "input")
 
     def _max_pool_setup(ctx, inputs, output):
-        input, kernel_size, stride, padding, dilation, ceil_mode = inputs
+        a = max_pool_args.inputs(inputs)
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(input, output[1])
-        ctx.geometry = (kernel_size, stride, padding, dilation)
+        ctx.save_for_backward(a.input, output[1])
+        ctx.geometry = (a.kernel_size, a.stride, a.padding, a.dilation)
 
     def _max_pool_backward(ctx, grad, _gidx):
         input, indices = ctx.saved_tensors
