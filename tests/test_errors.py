@@ -6,7 +6,9 @@ Two layers are checked (DESIGN.md, "Errors"):
   raises ValueError / TypeError whose message names the argument and what was expected or
   given;
 * the compiled ops torch.ops.cnnops.* called directly, bypassing the Python checks: the C++
-  TORCH_CHECKs must turn each bad call into a Python exception before memory is touched.
+  TORCH_CHECKs must turn each bad call into a Python exception before memory is touched;
+* the Triton ops torch.ops.cnnops_triton.* called directly, the same way: their checks
+  (cnnops/triton_kernels/checks.py) raise the compiled ops' exceptions and messages.
 
 Cases that once crashed the process (segfaults) run in a subprocess, so a regression fails
 one test instead of the whole run.
@@ -17,6 +19,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -418,7 +421,8 @@ def test_failed_training_call_leaves_running_stats_alone(backend):
 
 
 # ---------------------------------------------------------------------------
-# torch.ops.cnnops.* called directly: the C++ checks.
+# torch.ops.cnnops.* called directly: the C++ checks. (The cases call the ops through the
+# module global `ops`, which _child points at the Triton ops for their run.)
 
 S, P, D = [1, 1], [1, 1], [1, 1]
 MASK3, MASK4, MASK6 = [True] * 3, [True] * 4, [True] * 6
@@ -426,7 +430,6 @@ MASK3, MASK4, MASK6 = [True] * 3, [True] * 4, [True] * 6
 
 def _raw_inputs():
     """Valid inputs and forward results that the backward cases reuse (on the default device)."""
-    ops = torch.ops.cnnops
     x, w = _x(), _w()
     v = dict(x=x, w=w, go=torch.randn(N, OC, H, W), v4=torch.ones(C), z4=torch.zeros(C),
              v6=torch.ones(OC), z6=torch.zeros(OC))
@@ -441,7 +444,7 @@ def _raw_inputs():
 def _conv_raw(t, **kw):
     a = dict(input=t["x"], weight=t["w"], bias=None, stride=S, padding=P, dilation=D, groups=1)
     a.update(kw)
-    return torch.ops.cnnops.conv2d(*a.values())
+    return ops.conv2d(*a.values())
 
 
 def _cbr_raw(t, **kw):
@@ -449,7 +452,7 @@ def _cbr_raw(t, **kw):
              running_mean=None, running_var=None, residual=None, stride=S, padding=P,
              dilation=D, groups=1, training=True, eps=1e-5, relu=True)
     a.update(kw)
-    return torch.ops.cnnops.conv_bn_relu(*a.values())
+    return ops.conv_bn_relu(*a.values())
 
 
 def _cbr_back_raw(t, **kw):
@@ -459,7 +462,7 @@ def _cbr_back_raw(t, **kw):
              stride=S, padding=P, dilation=D, groups=1, training=True, relu=True,
              output_mask=MASK6)
     a.update(kw)
-    return torch.ops.cnnops.conv_bn_relu_backward(*a.values())
+    return ops.conv_bn_relu_backward(*a.values())
 
 
 def _bn_back_raw(t, **kw):
@@ -467,7 +470,7 @@ def _bn_back_raw(t, **kw):
     a = dict(grad_output=t["x"], output=out, input=t["x"], weight=None, save_mean=mean,
              save_invstd=invstd, training=True, relu=True, output_mask=MASK4)
     a.update(kw)
-    return torch.ops.cnnops.bn_relu_backward(*a.values())
+    return ops.bn_relu_backward(*a.values())
 
 
 def _elemt_raw(t, **kw):
@@ -476,7 +479,7 @@ def _elemt_raw(t, **kw):
              save_invstd=invstd, mean_dy=t["z4"], mean_dy_xhat=t["z4"], relu=True,
              output_mask=[True, True])
     a.update(kw)
-    return torch.ops.cnnops.bn_relu_backward_elemt(*a.values())
+    return ops.bn_relu_backward_elemt(*a.values())
 
 
 def _mp_back_raw(t, **kw):
@@ -484,28 +487,28 @@ def _mp_back_raw(t, **kw):
     a = dict(grad_output=out, input=t["x"], indices=idx, kernel_size=[2, 2], stride=[2, 2],
              padding=[0, 0], dilation=[1, 1])
     a.update(kw)
-    return torch.ops.cnnops.max_pool2d_backward(*a.values())
+    return ops.max_pool2d_backward(*a.values())
 
 
 def _ap_raw(t, **kw):
     a = dict(input=t["x"], kernel_size=[2, 2], stride=[2, 2], padding=[0, 0], ceil_mode=False,
              count_include_pad=True, divisor_override=None)
     a.update(kw)
-    return torch.ops.cnnops.avg_pool2d(*a.values())
+    return ops.avg_pool2d(*a.values())
 
 
 def _ap_back_raw(t, **kw):
     a = dict(grad_output=t["ap_go"], input=t["x"], kernel_size=[2, 2], stride=[2, 2],
              padding=[0, 0], ceil_mode=False, count_include_pad=True, divisor_override=None)
     a.update(kw)
-    return torch.ops.cnnops.avg_pool2d_backward(*a.values())
+    return ops.avg_pool2d_backward(*a.values())
 
 
 def _mp_raw(t, **kw):
     a = dict(input=t["x"], kernel_size=[2, 2], stride=[2, 2], padding=[0, 0], dilation=[1, 1],
              ceil_mode=False)
     a.update(kw)
-    return torch.ops.cnnops.max_pool2d(*a.values())
+    return ops.max_pool2d(*a.values())
 
 
 ops = torch.ops.cnnops
@@ -598,17 +601,17 @@ RAW_CASES = [
      CPU_DTYPE % ("input", "Half")),
     ("batch_norm-int", lambda t: ops.batch_norm(t["x"].long(), None, None, None, None, True,
                                                 1e-5), TypeError, CPU_DTYPE % ("input", "Long")),
-    ("batch_norm-weight-shape", lambda t: ops.batch_norm(t["x"], torch.ones(3), None, None, None,
+    ("batch_norm-weight-shape", lambda t: ops.batch_norm(t["x"], None, None, torch.ones(3), None,
                                                          True, 1e-5), ValueError,
      r"expected weight of shape \[4\], got \[3\]"),
-    ("batch_norm-bias-dtype", lambda t: ops.batch_norm(t["x"], None, t["z4"].double(), None,
-                                                       None, True, 1e-5), TypeError,
+    ("batch_norm-bias-dtype", lambda t: ops.batch_norm(t["x"], None, None, None,
+                                                       t["z4"].double(), True, 1e-5), TypeError,
      r"expected bias to have the dtype of input \(Float\), got Double"),
     ("batch_norm-running_mean-shape", lambda t: ops.batch_norm(
-        t["x"], None, None, torch.zeros(5), t["v4"], False, 1e-5), ValueError,
+        t["x"], torch.zeros(5), t["v4"], None, None, False, 1e-5), ValueError,
      r"expected running_mean of shape \[4\], got \[5\]"),
     ("batch_norm-running_var-2d", lambda t: ops.batch_norm(
-        t["x"], None, None, t["z4"], torch.ones(2, 2), False, 1e-5), ValueError,
+        t["x"], t["z4"], torch.ones(2, 2), None, None, False, 1e-5), ValueError,
      r"expected running_var of shape \[4\], got \[2, 2\]"),
     ("batch_norm-eval-without-stats", lambda t: ops.batch_norm(
         t["x"], None, None, None, None, False, 1e-5), ValueError,
@@ -897,7 +900,13 @@ def _expected(case, device):
 
 def _child(device, ids):
     """Runs the named cases on `device`, one JSON line before and one after each, then checks
-    that the library still gives torch's answers."""
+    that the library still gives torch's answers. A device "triton:<device>" runs them against
+    the Triton ops (torch.ops.cnnops_triton) on <device>."""
+    global ops
+    if device.startswith("triton:"):
+        from cnnops.triton_kernels import ops as _  # noqa: F401 (registers cnnops_triton)
+        ops = torch.ops.cnnops_triton
+        device = device.split(":", 1)[1]
     if device != "cpu":
         torch.set_default_device(device)
     torch.manual_seed(0)
@@ -993,6 +1002,205 @@ def test_raw_ops_still_work_after_the_errors(device):
 
 
 # ---------------------------------------------------------------------------
+# torch.ops.cnnops_triton.* called directly: the same cases. The Triton ops check their
+# arguments as the CUDA kernels of the compiled ops do (cnnops/triton_kernels/checks.py), so
+# each case expects its CUDA answer (_expected(case, "cuda"): the CUDA dtype message for an
+# integer input, a valid call for float16 / bfloat16), except the cases below.
+#
+# Triton runs CUDA tensors, and CPU tensors under its interpreter (conftest sets
+# TRITON_INTERPRET=1 without a GPU), where the cases run on the CPU.
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+# Cases whose answer on the Triton ops is not their CUDA answer: None for a call that returns,
+# else (exception class, message regex).
+TRITON_OUTCOMES = {
+    # The index values. The CPU kernel checks each index while it scatters the gradient; the
+    # Triton kernel gathers (as the CUDA one): each input element looks for its own offset
+    # among the indices of the windows that hold it, so an index outside the plane matches no
+    # element and nothing is read or written out of bounds. Checking the values up front
+    # would need them on the host (.item(): a device sync, and no trace under torch.compile).
+    # The call returns.
+    "max_pool2d_backward-index-too-large": None,
+    "max_pool2d_backward-index-negative": None,
+    "max_pool2d_backward-index-plane-size": None,
+    # float16 input with a float32 forward output (the case changes only grad_output and
+    # input): the CPU kernels stop at the input's dtype, the Triton ops (which take float16)
+    # at the output's, as the CUDA kernels do.
+    "bn_relu_backward-float16": (
+        TypeError, r"^expected output to have the dtype of input \(Half\), got Float$"),
+    "bn_relu_backward_elemt-float16": (
+        TypeError, r"^expected output to have the dtype of input \(Half\), got Float$"),
+    "conv_bn_relu_backward-float16": (
+        TypeError, r"^expected output to have the dtype of input \(Half\), got Float$"),
+}
+
+
+def _expected_triton(case):
+    if case[0] in TRITON_OUTCOMES:
+        return TRITON_OUTCOMES[case[0]]
+    return _expected(case, "cuda")
+
+
+def _triton_raw_results():
+    pytest.importorskip("triton")
+    if TRITON_DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("the Triton ops need a CUDA device or TRITON_INTERPRET=1")
+    return _raw_results("triton:" + TRITON_DEVICE)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in RAW_CASES])
+def test_triton_raw_op_bad_arguments_raise(case):
+    """The Triton ops raise the compiled ops' exception and message for each bad call."""
+    expected = _expected_triton(case)
+    result = _triton_raw_results()[case[0]]
+    assert "crashed" not in result, "the process died (exit status %s) instead of raising:\n%s" % (
+        result["crashed"], result["stderr"])
+    if expected is None:  # a valid call for the Triton ops: it must return
+        assert result.get("returned"), result
+        return
+    exc, match = expected
+    assert not result.get("returned"), "returned instead of raising %s" % exc.__name__
+    assert exc.__name__ in result["classes"], (result["classes"], result["message"])
+    assert re.search(match, result["message"]), (match, result["message"])
+    if expected == (case[2], case[3]) and _ext.LOADED:
+        # the compiled op's answer on the CPU: the very same message
+        assert result["message"] == _raw_results("cpu")[case[0]]["message"]
+
+
+def test_triton_outcomes_name_existing_cases():
+    assert set(TRITON_OUTCOMES) <= {case[0] for case in RAW_CASES}
+
+
+def test_triton_raw_ops_still_work_after_the_errors():
+    assert _triton_raw_results()["still_works"] is True
+
+
+def test_triton_checks_name_dtypes_as_cpp():
+    """checks.scalar_type_name gives c10's name of every dtype (the C++ messages print it)."""
+    if not _ext.LOADED:
+        pytest.skip("cnnops._C is not loaded: %s" % _ext.ERROR)
+    pytest.importorskip("triton")
+    from cnnops.triton_kernels import checks
+    x, compared = torch.zeros(2), 0
+    for dtype in {v for v in vars(torch).values() if isinstance(v, torch.dtype)}:
+        try:
+            with warnings.catch_warnings():  # experimental / deprecated dtypes
+                warnings.simplefilter("ignore")
+                y = torch.zeros(2, dtype=dtype)
+        except (RuntimeError, TypeError, NotImplementedError):
+            continue  # a dtype without plain tensors
+        try:
+            torch.ops.cnnops.add_relu(x, y)
+            continue  # float32
+        except (TypeError, ValueError) as e:
+            name = re.search(r"(?:has dtype|got) (\w+)$", str(e)).group(1)
+        except (RuntimeError, NotImplementedError):
+            continue  # no CPU kernel reaches the op for this dtype
+        assert checks.scalar_type_name(dtype) == name, dtype
+        compared += 1
+    assert compared >= 20
+    assert checks.scalar_type_name(torch.float32) == "Float"
+
+
+def test_triton_ops_refuse_other_devices():
+    """A tensor the Triton kernels cannot read (meta here, CPU on a GPU without the
+    interpreter) raises the CUDA kernels' device error instead of reaching a launch."""
+    pytest.importorskip("triton")
+    from cnnops.triton_kernels import ops as _  # noqa: F401 (registers cnnops_triton)
+    t_ops = torch.ops.cnnops_triton
+    x = _x().to("meta")
+    with pytest.raises(ValueError, match=r"^expected input on a CUDA device, got a tensor on "
+                                         r"meta$"):
+        t_ops.add_relu(x, x)
+    with pytest.raises(ValueError, match=r"^expected input on a CUDA device, got a tensor on "
+                                         r"meta$"):
+        t_ops.conv2d(x, _w().to("meta"), None, S, P, D, 1)
+    with pytest.raises(ValueError, match=r"^expected save_mean on a CUDA device, got meta$"):
+        t_ops.update_running_stats(None, None, torch.zeros(C, device="meta"),
+                                   torch.ones(C, device="meta"), 4, 0.1, 1e-5)
+
+
+def test_triton_ops_read_strided_channel_vectors():
+    """The kernels read per-channel vectors at unit stride; the checks hand them a contiguous
+    copy of a strided or expanded one (as the C++ ops' do), which they once read in place:
+    wrong values, and past the end of an expanded one's storage."""
+    pytest.importorskip("triton")
+    if TRITON_DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("the Triton ops need a CUDA device or TRITON_INTERPRET=1")
+    from cnnops.triton_kernels import ops as _  # noqa: F401 (registers cnnops_triton)
+    t_ops = torch.ops.cnnops_triton
+    torch.manual_seed(0)
+    dev = TRITON_DEVICE
+    x, w = _x().to(dev), _w().to(dev)
+    strided = lambda n: torch.randn(2 * n, device=dev)[::2]
+    expanded = lambda n: (torch.rand(1, device=dev) + 0.5).expand(n)
+    dense = lambda args: [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+    calls = [
+        (t_ops.batch_norm, [x, strided(C), expanded(C), strided(C), expanded(C), False, 1e-5]),
+        (t_ops.conv2d, [x, w, strided(OC), S, P, D, 1]),
+        (t_ops.conv_bn_relu, [x, w, strided(OC), expanded(OC), strided(OC), strided(OC),
+                              expanded(OC), None, S, P, D, 1, False, 1e-5, True]),
+    ]
+    for op, args in calls:
+        got, want = op(*args), op(*dense(args))
+        for g, e in zip(*((got, want) if isinstance(got, tuple) else ((got,), (want,)))):
+            torch.testing.assert_close(g, e)
+
+
+def test_triton_checks_trace():
+    """The checks read only metadata: torch.compile traces a valid call through them without a
+    graph break (dynamic shapes too), and the ops' fake kernels (the op functions, run on
+    FakeTensors while torch.compile traces) raise as the ops do. (The Triton ops themselves do
+    not compile on CPU tensors: under the interpreter their fake kernels would run the kernels
+    on FakeTensors. tests/test_gpu.py opchecks them on a GPU.)"""
+    pytest.importorskip("triton")
+    if TRITON_DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("the Triton ops need a CUDA device or TRITON_INTERPRET=1")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from cnnops.triton_kernels import checks
+    from cnnops.triton_kernels import ops as _  # noqa: F401 (registers cnnops_triton)
+    t_ops = torch.ops.cnnops_triton
+    dev = TRITON_DEVICE
+    x, w, v = _x().to(dev), _w().to(dev), torch.ones(OC, device=dev)
+    r, idx = torch.randn(N, OC, H, W, device=dev), torch.zeros(N, OC, 3, 3, dtype=torch.long,
+                                                               device=dev)
+
+    def checked(x, w, v, r, idx):  # the checks of conv_bn_relu, then of the pooling ops
+        s = checks.conv_shape(x, w, None, S, P, D, 1)
+        checks.check_cuda_float(x, "input")
+        _, _, v, _ = checks.check_bn_params("conv_bn_relu", x, s.OC, None, None, v, None, True,
+                                            1e-5, "bn_weight", "bn_bias")
+        r = checks.conv_residual(r, x, s)
+        p = checks.check_pool2d("max_pool2d", r, [2, 2], [2, 2], [0, 0], [1, 1], False)
+        g = torch.zeros(p.N, p.C, p.OH, p.OW, dtype=r.dtype, device=r.device)
+        checks.check_pool_grad_output("max_pool2d_backward", g, r)
+        checks.check_max_pool2d_backward(g, r, idx, [2, 2], [2, 2], [0, 0], [1, 1])
+        checks.check_same_shape("add_relu", r, r, "other", "input")
+        checks.check_running_stats_update(v, v, v, v, 5)
+        return r * v[:, None, None] + g.sum()
+
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(checked, backend="eager", fullgraph=True, dynamic=dynamic)
+        torch.testing.assert_close(compiled(x, w, v, r, idx), checked(x, w, v, r, idx))
+    torch._dynamo.reset()
+
+    v5, x64 = torch.ones(OC - 1, device=dev), x.double()
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor
+        with pytest.raises(ValueError, match=r"^expected bn_weight of shape \[6\], got \[5\]$"):
+            t_ops.conv_bn_relu(fake(x), fake(w), None, fake(v5), None, None, None, None, S, P, D,
+                               1, True, 1e-5, True)
+        with pytest.raises(TypeError, match=r"^expected other to have the dtype of input "
+                                            r"\(Float\), got Double$"):
+            t_ops.add_relu(fake(x), fake(x64))
+        with pytest.raises(ValueError, match=r"^max_pool2d: input of spatial size 6x6 gives an "
+                                             r"output of size 0x0 "):
+            t_ops.max_pool2d(fake(x), [7, 7], [1, 1], [0, 0], [1, 1], False)
+
+
+# ---------------------------------------------------------------------------
 # Known crashes: run in a subprocess so that a segfault fails one test, not the run.
 
 def _run(code):
@@ -1058,3 +1266,61 @@ def test_raw_conv2d_huge_dilation_raises(kernel_w, dilation_w):
         """ % (kernel_w, dilation_w))
     _check_script_ran(r)
     assert r.returncode == 0 and "RAISED" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+# ---------------------------------------------------------------------------
+# GPU: the C++ CUDA ops' bad arguments (moved from tests/test_gpu.py; marked `cuda`, see
+# tests/conftest.py). Every RAW_CASE above runs on CUDA too (RAW_DEVICES); these are the
+# CUDA-only cases.
+
+_CUDA_BAD_ARGUMENTS = """
+import pytest, torch
+cuda_ops = torch.ops.cnnops
+import cnnops  # loads cnnops._C
+DEVICE = "cuda"
+x = torch.randn(2, 4, 6, 6, device=DEVICE)
+w = torch.randn(6, 4, 3, 3, device=DEVICE)
+with pytest.raises(TypeError, match="float32, float64, float16 and bfloat16"):
+    cuda_ops.conv2d(x.int(), w.int(), None, [1, 1], [0, 0], [1, 1], 1)
+with pytest.raises(ValueError, match="weight on the device of input"):
+    cuda_ops.conv2d(x, w.cpu(), None, [1, 1], [0, 0], [1, 1], 1)
+with pytest.raises(ValueError, match=r"in_channels \\(4\\) must be divisible by groups \\(3\\)"):
+    cuda_ops.conv2d(x, w, None, [1, 1], [0, 0], [1, 1], 3)
+with pytest.raises(ValueError, match="expected padding <= 2147483647"):
+    cuda_ops.conv2d(x, w, None, [1, 1], [2 ** 40, 0], [1, 1], 1)
+with pytest.raises(TypeError, match="running_mean to have the dtype of input"):
+    cuda_ops.batch_norm(x, torch.zeros(4, device=DEVICE, dtype=torch.float64),
+                        torch.ones(4, device=DEVICE), None, None, False, 1e-5)
+with pytest.raises(ValueError, match="expected grad_output of shape"):
+    cuda_ops.conv2d_backward(torch.randn(2, 6, 5, 5, device=DEVICE), x, w, [1, 1], [0, 0],
+                             [1, 1], 1, [True, True, True])
+with pytest.raises(TypeError, match="indices of dtype int64"):
+    cuda_ops.max_pool2d_backward(torch.randn(2, 4, 3, 3, device=DEVICE), x,
+                                 torch.zeros(2, 4, 3, 3, device=DEVICE), [2, 2], [2, 2],
+                                 [0, 0], [1, 1])
+with pytest.raises(ValueError, match="padding to be at most half"):
+    cuda_ops.max_pool2d(x, [2, 2], [2, 2], [2, 2], [1, 1], False)
+with pytest.raises(ValueError, match="shape of input"):
+    cuda_ops.add_relu(x, x[:1])
+# half input, float32 BN tensors: accepted; float16 input, bfloat16 tensors: not
+xh = x.half()
+out = cuda_ops.batch_norm(xh, None, None, torch.ones(4, device=DEVICE), None, True, 1e-5)
+assert out[0].dtype == torch.float16 and out[1].dtype == torch.float32
+with pytest.raises(TypeError, match="or float32"):
+    cuda_ops.batch_norm(xh, None, None, torch.ones(4, device=DEVICE, dtype=torch.bfloat16),
+                        None, True, 1e-5)
+torch.cuda.synchronize()  # no asynchronous error either
+print("OK")
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_ops_reject_bad_arguments_cleanly(cuda_ops):
+    """Bad arguments raise Python exceptions naming the argument; nothing crashes. In a child
+    process, so a crash fails this test rather than the run (every RAW_CASE above runs on CUDA
+    the same way); these are the CUDA-only cases."""
+    r = subprocess.run([sys.executable, "-c", _CUDA_BAD_ARGUMENTS], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), (
+        "exit status %d\n%s" % (r.returncode, r.stderr[-3000:]))

@@ -1,8 +1,8 @@
 """The Triton ops: ``torch.ops.cnnops_triton.*``, registered with torch.library.triton_op.
 
-Same names, schemas and conventions as the compiled ops of csrc/cnnops.cpp (the
-autograd formulas of cnnops.ops are registered for both namespaces), so the
-``triton`` backend is cnnops.ops.Ops("cnnops_triton"). triton_op makes each
+Same names, schemas and conventions as the compiled ops of csrc/cnnops.cpp (their
+autograd formulas, those of csrc/autograd.cpp, are in autograd.py), so the ``triton``
+backend is cnnops.op_table.Ops("cnnops_triton"). triton_op makes each
 function its own fake kernel and lets torch.compile trace through it into the
 kernels, which it can then schedule with the rest of the graph.
 
@@ -10,6 +10,10 @@ Per-channel vectors ([C] tensors: BN parameters and statistics) are handled in
 float32 for float16/bfloat16 data and in the data's dtype otherwise; gradients of
 per-channel parameters come back in that dtype and autograd casts them to the
 parameter's.
+
+Every op first checks its arguments as the CUDA kernel of the compiled op does, in the same
+order and with the same messages (checks.py), before any launch: the ops are public and must
+never crash on bad arguments.
 """
 from typing import Optional
 
@@ -18,7 +22,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from . import _common as common
-from . import conv, elementwise, norm, pool
+from . import checks, conv, elementwise, norm, pool
 
 NS = "cnnops_triton"
 
@@ -33,13 +37,19 @@ def _none(t):
 @triton_op(NS + "::conv2d", mutates_args=())
 def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
            padding: list[int], dilation: list[int], groups: int) -> Tensor:
-    return conv.forward(input, weight, bias, stride, padding, dilation, groups)
+    checks.conv_shape(input, weight, bias, stride, padding, dilation, groups)
+    checks.check_cuda_float(input, "input")
+    return conv.forward(input, weight, checks.dense_channel(bias), stride, padding, dilation,
+                        groups)
 
 
 @triton_op(NS + "::conv2d_backward", mutates_args=())
 def conv2d_backward(grad_output: Tensor, input: Tensor, weight: Tensor, stride: list[int],
                     padding: list[int], dilation: list[int], groups: int,
                     output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    s = checks.conv_shape(input, weight, None, stride, padding, dilation, groups)
+    checks.check_cuda_float(input, "input")
+    checks.check_shape(grad_output, (s.N, s.OC, s.OH, s.OW), "grad_output", input, "input")
     geometry = (stride, padding, dilation, groups)
     gi = (conv.input_grad(grad_output, weight, input.shape, *geometry, like=input)
           if output_mask[0] else _none(input))
@@ -54,13 +64,23 @@ def conv2d_backward(grad_output: Tensor, input: Tensor, weight: Tensor, stride: 
 @triton_op(NS + "::conv2d_relu", mutates_args=())
 def conv2d_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                 stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:
-    return conv.forward(input, weight, bias, stride, padding, dilation, groups,
-                        residual=residual, relu=True)
+    s = checks.conv_shape(input, weight, bias, stride, padding, dilation, groups)
+    checks.check_cuda_float(input, "input")
+    residual = checks.conv_residual(residual, input, s)
+    return conv.forward(input, weight, checks.dense_channel(bias), stride, padding, dilation,
+                        groups, residual=residual, relu=True)
 
 
 # ---- batch normalisation ------------------------------------------------------
 
-def _bn_forward(input, weight, bias, running_mean, running_var, residual, training, eps, relu):
+def _bn_forward(input, running_mean, running_var, weight, bias, residual, training, eps, relu):
+    # bn_relu_cuda's checks (batch_norm's too: it is bn_relu without residual and ReLU).
+    checks.check_4d(input, "input")
+    checks.check_cuda_float(input, "input")
+    C = input.shape[1]
+    running_mean, running_var, weight, bias = checks.check_bn_params(
+        "batch_norm", input, C, running_mean, running_var, weight, bias, training, eps)
+    residual = checks.check_bn_residual(residual, input)
     # Three launches in all: statistics (or nothing), constants, the apply pass.
     if training:
         mean, invstd, scale = norm.batch_constants(norm.moments(input), weight, eps)
@@ -75,23 +95,24 @@ def _bn_forward(input, weight, bias, running_mean, running_var, residual, traini
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
                          save_mean: Tensor, save_invstd: Tensor, count: int, momentum: float,
                          eps: float) -> None:
-    norm.update_running_stats(running_mean, running_var, save_mean, save_invstd, count,
-                              momentum, eps)
+    checks.check_running_stats_update(running_mean, running_var, save_mean, save_invstd, count)
+    checks.check_cuda_device(save_mean, "save_mean")
+    norm.update_running_stats(running_mean, running_var, checks.dense_channel(save_mean),
+                              checks.dense_channel(save_invstd), count, momentum, eps)
 
 
 @triton_op(NS + "::batch_norm", mutates_args=())
-def batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-               running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
                eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _bn_forward(input, weight, bias, running_mean, running_var, None, training, eps, False)
+    return _bn_forward(input, running_mean, running_var, weight, bias, None, training, eps, False)
 
 
 @triton_op(NS + "::bn_relu", mutates_args=())
-def bn_relu(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-            running_mean: Optional[Tensor], running_var: Optional[Tensor],
-            residual: Optional[Tensor], training: bool, eps: float,
-            relu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _bn_forward(input, weight, bias, running_mean, running_var, residual, training, eps,
+def bn_relu(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+            weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+            training: bool, eps: float, relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _bn_forward(input, running_mean, running_var, weight, bias, residual, training, eps,
                        relu)
 
 
@@ -125,6 +146,10 @@ def _bn_backward(grad, output, x, weight, mean, invstd, training, relu, want, li
 def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
                         save_mean: Tensor, save_invstd: Tensor, training: bool,
                         output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    # batch_norm_backward_cuda is bn_relu_backward_cuda without ReLU: its checks.
+    checks.check_bn_backward("bn_relu_backward", grad_output, None, input, False)
+    weight, save_mean, save_invstd = checks.check_bn_saved(input, input.shape[1], weight,
+                                                           save_mean, save_invstd)
     grads = _bn_backward(grad_output, None, input, weight, save_mean, save_invstd, training,
                          False, list(output_mask) + [False], input)
     return tuple(g if g is not None else _none(input) for g in grads[:3])
@@ -135,6 +160,9 @@ def bn_relu_backward(grad_output: Tensor, output: Optional[Tensor], input: Tenso
                      weight: Optional[Tensor], save_mean: Tensor, save_invstd: Tensor,
                      training: bool, relu: bool,
                      output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    checks.check_bn_backward("bn_relu_backward", grad_output, output, input, relu)
+    weight, save_mean, save_invstd = checks.check_bn_saved(input, input.shape[1], weight,
+                                                           save_mean, save_invstd)
     grads = _bn_backward(grad_output, output, input, weight, save_mean, save_invstd, training,
                          relu, output_mask, input)
     return tuple(g if g is not None else _none(input) for g in grads[:4])
@@ -144,6 +172,7 @@ def bn_relu_backward(grad_output: Tensor, output: Optional[Tensor], input: Tenso
 
 @triton_op(NS + "::batch_norm_stats", mutates_args=())
 def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
+    checks.check_batch_norm_stats(input)
     return norm.batch_stats(input)
 
 
@@ -152,6 +181,10 @@ def bn_relu_backward_elemt(grad_output: Tensor, output: Optional[Tensor], input:
                            weight: Optional[Tensor], save_mean: Tensor, save_invstd: Tensor,
                            mean_dy: Tensor, mean_dy_xhat: Tensor, relu: bool,
                            output_mask: list[bool]) -> tuple[Tensor, Tensor]:
+    checks.check_bn_backward("bn_relu_backward_elemt", grad_output, output, input, relu)
+    weight, save_mean, save_invstd = checks.check_bn_saved(input, input.shape[1], weight,
+                                                           save_mean, save_invstd)
+    mean_dy, mean_dy_xhat = checks.check_elemt_means(mean_dy, mean_dy_xhat, input)
     # backward_apply's training formula, (g' - mg - (x - mean) * mgx) * k, with the means over
     # the whole batch: mg = mean_dy, mgx = mean_dy_xhat * invstd, k = weight * invstd.
     acc = common.stat_dtype(input.dtype)
@@ -173,6 +206,13 @@ def conv_bn_relu(input: Tensor, weight: Tensor, conv_bias: Optional[Tensor],
                  residual: Optional[Tensor], stride: list[int], padding: list[int],
                  dilation: list[int], groups: int, training: bool, eps: float,
                  relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    s = checks.conv_shape(input, weight, None, stride, padding, dilation, groups)
+    checks.check_cuda_float(input, "input")
+    conv_bias = checks.optional_channel(conv_bias, input, s.OC, "conv_bias")
+    running_mean, running_var, bn_weight, bn_bias = checks.check_bn_params(
+        "conv_bn_relu", input, s.OC, running_mean, running_var, bn_weight, bn_bias, training,
+        eps, "bn_weight", "bn_bias")
+    residual = checks.conv_residual(residual, input, s)
     geometry = (stride, padding, dilation, groups)
     if training:
         # The conv kernel stores the conv output and its per-tile moments in one pass; one
@@ -199,6 +239,12 @@ def conv_bn_relu_backward(grad_output: Tensor, output: Tensor, input: Tensor, we
                           groups: int, training: bool, relu: bool,
                           output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor,
                                                             Tensor, Tensor]:
+    s = checks.conv_shape(input, weight, None, stride, padding, dilation, groups)
+    checks.check_cuda_float(input, "input")
+    conv_bias = checks.check_conv_bn_relu_backward(grad_output, output, input, conv_bias,
+                                                   conv_output, s, training)
+    bn_weight, save_mean, save_invstd = checks.check_bn_saved(input, s.OC, bn_weight, save_mean,
+                                                              save_invstd, "bn_weight")
     geometry = (stride, padding, dilation, groups)
     want_conv = output_mask[0] or output_mask[1] or output_mask[2]
     y = conv_output
@@ -226,6 +272,7 @@ def conv_bn_relu_backward(grad_output: Tensor, output: Tensor, input: Tensor, we
 @triton_op(NS + "::max_pool2d", mutates_args=())
 def max_pool2d(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                dilation: list[int], ceil_mode: bool) -> tuple[Tensor, Tensor]:
+    checks.check_pool2d("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode)
     return pool.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
 
 
@@ -233,6 +280,8 @@ def max_pool2d(input: Tensor, kernel_size: list[int], stride: list[int], padding
 def max_pool2d_backward(grad_output: Tensor, input: Tensor, indices: Tensor,
                         kernel_size: list[int], stride: list[int], padding: list[int],
                         dilation: list[int]) -> Tensor:
+    checks.check_max_pool2d_backward(grad_output, input, indices, kernel_size, stride, padding,
+                                     dilation)
     return pool.max_pool2d_backward(grad_output, input, indices, kernel_size, stride, padding,
                                     dilation)
 
@@ -241,6 +290,8 @@ def max_pool2d_backward(grad_output: Tensor, input: Tensor, indices: Tensor,
 def avg_pool2d(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                ceil_mode: bool, count_include_pad: bool,
                divisor_override: Optional[int]) -> Tensor:
+    checks.check_pool2d("avg_pool2d", input, kernel_size, stride, padding, None, ceil_mode)
+    checks.check_divisor_override("avg_pool2d", divisor_override)
     return pool.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                            divisor_override)
 
@@ -249,17 +300,25 @@ def avg_pool2d(input: Tensor, kernel_size: list[int], stride: list[int], padding
 def avg_pool2d_backward(grad_output: Tensor, input: Tensor, kernel_size: list[int],
                         stride: list[int], padding: list[int], ceil_mode: bool,
                         count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
+    s = checks.check_pool2d("avg_pool2d_backward", input, kernel_size, stride, padding, None,
+                            ceil_mode)
+    checks.check_divisor_override("avg_pool2d_backward", divisor_override)
+    checks.check_avg_pool_grad_output(grad_output, input, s)
     return pool.avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_mode,
                                     count_include_pad, divisor_override)
 
 
 @triton_op(NS + "::adaptive_avg_pool2d", mutates_args=())
 def adaptive_avg_pool2d(input: Tensor, output_size: list[int]) -> Tensor:
+    checks.check_adaptive_input("adaptive_avg_pool2d", input)
+    checks.check_pair(output_size, "output_size", 0)
     return pool.adaptive_avg_pool2d(input, output_size)
 
 
 @triton_op(NS + "::adaptive_avg_pool2d_backward", mutates_args=())
 def adaptive_avg_pool2d_backward(grad_output: Tensor, input: Tensor) -> Tensor:
+    checks.check_adaptive_input("adaptive_avg_pool2d_backward", input)
+    checks.check_pool_grad_output("adaptive_avg_pool2d_backward", grad_output, input)
     return pool.adaptive_avg_pool2d_backward(grad_output, input)
 
 
@@ -267,20 +326,29 @@ def adaptive_avg_pool2d_backward(grad_output: Tensor, input: Tensor) -> Tensor:
 
 @triton_op(NS + "::add_relu", mutates_args=())
 def add_relu(input: Tensor, other: Tensor) -> Tensor:
+    checks.check_cuda_float(input, "input")
+    checks.check_cuda_float(other, "other")
+    checks.check_same(other, input, "other", "input")
+    checks.check_same_shape("add_relu", other, input, "other", "input")
     return elementwise.add_relu(input, other)
 
 
 @triton_op(NS + "::add_relu_backward", mutates_args=())
 def add_relu_backward(grad_output: Tensor, output: Tensor) -> Tensor:
+    checks.check_cuda_float(grad_output, "grad_output")
+    checks.check_cuda_float(output, "output")
+    checks.check_same(output, grad_output, "output", "grad_output")
+    checks.check_same_shape("add_relu_backward", grad_output, output, "grad_output", "output")
     return elementwise.add_relu_backward(grad_output, output)
 
 
 def _register():
-    from .. import ops
-    ops.register_autograd(NS)
-    ops.register_flops(NS)
-    return ops.Ops(NS)
+    from .. import op_meta, op_table
+    from .autograd import register_autograd
+    register_autograd(NS)
+    op_meta.register_flops(NS)
+    return op_table.Ops(NS)
 
 
-#: The triton backend's op set (see cnnops.ops.Ops).
+#: The triton backend's op table (see cnnops.op_table.Ops).
 TRITON = _register()
