@@ -74,8 +74,8 @@ def _op_calls(dtype):
         lambda: ops.conv_bn_relu_backward(y, y, x, w, b, y, gamma, mean, invstd, *geo, False,
                                           True, [True] * 6),
         # batch norm
-        lambda: ops.batch_norm(y, gamma, beta, rm, rv, True, 1e-5),
-        lambda: ops.bn_relu(y, gamma, beta, rm, rv, res, False, 1e-5, True),
+        lambda: ops.batch_norm(y, rm, rv, gamma, beta, True, 1e-5),
+        lambda: ops.bn_relu(y, rm, rv, gamma, beta, res, False, 1e-5, True),
         lambda: ops.batch_norm_backward(y, y, gamma, mean, invstd, True, [True] * 3),
         lambda: ops.bn_relu_backward(y, y, y, gamma, mean, invstd, False, True, [True] * 4),
         # the running statistics: one buffer of the input's dtype, one of the statistics'
