@@ -5,10 +5,13 @@
 #
 #   env.txt              GPU, driver, torch / CUDA / cuDNN / triton versions, date, commit
 #   build.log            the build (TORCH_CUDA_ARCH_LIST=9.0 unless set)
-#   tests.log            tests/test_gpu.py (cuda and triton halves side by side, pytest-xdist),
-#                        the C++ bad-argument cases on CUDA (each in a child process), the
-#                        timm fusion check (timm is on the GPU image) and the synchronised BN
-#                        on CUDA tensors (test_distributed.py: gloo on one GPU, nccl with two)
+#   tests.log            every GPU case of the suite, `pytest -m cuda tests/` (pytest-xdist):
+#                        the `cuda` and `triton-cuda` entries of the per-op files (each op on
+#                        the GPU grids, float16/bfloat16 included, side by side), the tests of
+#                        CUDA-only behaviour (cuDNN paths, autocast, streams, opcheck, compile),
+#                        the C++ bad-argument cases on CUDA (each in a child process) and the
+#                        synchronised BN on CUDA tensors (test_distributed.py: gloo on one GPU,
+#                        nccl with two); then the timm fusion check (timm is on the GPU image)
 #   bench-ops.json       conv2d / conv_bn_relu layer targets: ResNet-50 layers, float16,
 #                        channels_last, batch 32, eager cuDNN vs the cnnops backends
 #   bench-models.json    ResNet-50 under autocast float16, batch 32, 224x224: eager, cnnops
@@ -23,7 +26,7 @@
 # Usage: bash bench/gpu_check.sh            (from the repository root)
 # Then:  python bench/report.py OUT/bench-ops.json OUT/bench-models.json OUT/bench-compile.json \
 #          OUT/bench-memory.json --name <gpu>   (-> bench/results/<gpu>.md, .png)
-# Phase limits (seconds): BUILD_S, TESTS_S, OPS_S, MODELS_S, COMPILE_S, MEMORY_S.
+# Phase limits (seconds): BUILD_S, TESTS_S, TIMM_S, OPS_S, MODELS_S, COMPILE_S, MEMORY_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-check}
@@ -72,9 +75,12 @@ phase build "${BUILD_S:-240}" "$OUT/build.log" \
 "$PY" -c "import cnnops; print('backends:', cnnops.available_backends())" >> "$OUT/env.txt" 2>&1
 
 : > "$OUT/tests.log"
+# -m cuda: exactly the GPU cases (tests/conftest.py marks each GPU entry's case `cuda`); the
+# CPU entries are left to the CPU runs.
 phase tests "${TESTS_S:-210}" "$OUT/tests.log" \
-  "$PY" -m pytest -q -p no:cacheprovider -rf -n 16 tests/test_gpu.py tests/test_errors.py \
-  tests/test_fuse.py tests/test_distributed.py -k "test_gpu.py or cuda or real_timm"
+  "$PY" -m pytest -q -p no:cacheprovider -rf -n 16 -m cuda tests/
+phase timm "${TIMM_S:-60}" "$OUT/tests.log" \
+  "$PY" -m pytest -q -p no:cacheprovider -rf -n 3 tests/test_fuse.py -k real_timm
 
 BENCH=("$PY" -m pytest -q -p no:cacheprovider --benchmark-only --bench-devices cuda
        --bench-dtype float16 --bench-channels-last --bench-cudnn-benchmark)

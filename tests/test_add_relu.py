@@ -2,7 +2,8 @@
 
 Forward values, gradients w.r.t. both operands (torch.autograd.grad), broadcasting and type
 promotion as torch.add, special values, empty batches and, on the compiled backends, the output
-and gradient layout.
+and gradient layout. The GPU entries (`cuda`, `triton-cuda`) run their own grid of
+test_add_relu_matches_torch, float16/bfloat16 included (conftest.py).
 """
 import pytest
 import torch
@@ -12,7 +13,8 @@ from torch import nn
 import cnnops
 import cnnops.functional as CF
 import cnnops.nn as cnn
-from conftest import DTYPES, LAYOUTS, assert_close, expected_memory_format, grads, make_input
+from conftest import (DTYPES, GPU_DTYPES, LAYOUTS, assert_close, axis, const,
+                      expected_memory_format, grads, grid, make_input, on_gpu, per_device)
 
 ERRORS = (ValueError, TypeError, RuntimeError)
 N, C, H, W = 2, 3, 5, 7
@@ -57,10 +59,29 @@ def _check(backend, input, other, layout_of=None, equal_nan=False):
 OTHER_SHAPES = {"same": (N, C, H, W), "1C11": (1, C, 1, 1), "C11": (C, 1, 1), "0d": ()}
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("other_shape", list(OTHER_SHAPES))
-def test_add_relu_matches_torch(backend, other_shape, layout, dtype):
+# The GPU grid: (input shape, other shape)
+GPU_SHAPES = [((2, 3, 4, 5), (2, 3, 4, 5)), ((2, 33, 4, 5), (33, 1, 1)), ((7,), (7,)),
+              ((2, 3, 4, 5, 6), (2, 3, 4, 5, 6)), ((1001,), (1,))]
+
+
+@per_device(cpu=grid(axis("other_shape", list(OTHER_SHAPES)), axis("layout", LAYOUTS),
+                     axis("dtype", DTYPES, str), const(shapes=None)),
+            gpu=grid(axis("dtype", GPU_DTYPES, str), axis("layout", LAYOUTS),
+                     axis("shapes", GPU_SHAPES,
+                          ["same", "broadcast-channel", "1d", "5d", "odd-length"]),
+                     const(other_shape=None)))
+def test_add_relu_matches_torch(backend, other_shape, layout, dtype, shapes):
+    """CPU grid: input [N, C, H, W], other of OTHER_SHAPES[other_shape]; GPU grid: shapes."""
+    if backend.gpu:
+        torch.manual_seed(12)
+        a_shape, b_shape = shapes
+        a = backend.make(a_shape, dtype, layout if len(a_shape) == 4 or layout == "strided"
+                         else "contiguous", grad=True)
+        b = backend.make(b_shape, dtype, grad=True)
+        out = backend.run_pair(lambda a, b: CF.add_relu(a, b), lambda a, b: a + b, [a, b],
+                               dtype, relu=True, names=["input", "other"])
+        assert out.is_contiguous(memory_format=expected_memory_format(a))
+        return
     torch.manual_seed(0)
     x = make_input((N, C, H, W), layout, dtype, requires_grad=True)
     shape = OTHER_SHAPES[other_shape]
@@ -170,6 +191,18 @@ def test_add_relu_special_values(backend, layout):
 
     x, other = lay(values), lay(others)
     _check(backend, x, other, layout_of=x, equal_nan=True)
+
+
+@on_gpu()
+def test_add_relu_keeps_nan_and_passes_its_gradient(backend):
+    device = backend.device
+    a = torch.tensor([float("nan"), -1.0, 0.0, 2.0, -0.0], device=device, requires_grad=True)
+    b = torch.zeros(5, device=device)
+    out = CF.add_relu(a, b)
+    exp = torch.tensor([float("nan"), 0.0, 0.0, 2.0, 0.0], device=device)
+    torch.testing.assert_close(out, exp, equal_nan=True)
+    (g,) = torch.autograd.grad(out, a, torch.ones(5, device=device))
+    torch.testing.assert_close(g, torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0], device=device))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -330,16 +330,31 @@ def test_every_cuda_op_is_registered_in_the_sources():
                           "AutocastCPU": convolutions}
 
 
-def test_gpu_tests_collect_and_skip_cleanly_without_cuda():
-    """tests/test_gpu.py imports and collects on a CPU-only machine, every test in it is marked
-    `cuda`, and each one skips (none fails or errors) when no CUDA device is present."""
+# The per-op files that hold GPU entries (tests/conftest.py: per_device).
+GPU_TEST_FILES = ["tests/test_conv2d.py", "tests/test_batch_norm.py", "tests/test_conv_bn_relu.py",
+                  "tests/test_pooling.py", "tests/test_add_relu.py", "tests/test_opcheck.py",
+                  "tests/test_compile.py"]
+
+
+def test_gpu_cases_are_marked_cuda_and_skip_cleanly_without_cuda():
+    """`pytest -m cuda tests/` (bench/gpu_check.sh) must run exactly the GPU cases. In a dry run
+    (CNNOPS_GPU_TESTS_ON_CPU=1: the GPU entries of the `backend` fixture replaced by
+    `gpu-grid-on-cpu`) every case of that entry is marked `cuda` and none is left unmarked;
+    without it, on a CPU-only machine, the GPU-only tests collect as skipped cases (none fails
+    or errors)."""
     if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present: tests/test_gpu.py runs for real")
-    base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/test_gpu.py"]
-    unmarked = _run(base + ["--collect-only", "-q", "-m", "not cuda"])
-    assert unmarked.returncode == 5, unmarked.stdout[-3000:]  # 5: every test deselected
-    r = _run(base + ["-q", "-rs"])
+        pytest.skip("a CUDA device is present: the GPU cases run for real")
+    collect = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q"]
+    dry = ["env", "CNNOPS_GPU_TESTS_ON_CPU=1"]
+    marked = _run(dry + collect + ["-m", "cuda"] + GPU_TEST_FILES)
+    unmarked = _run(dry + collect + ["-m", "not cuda"] + GPU_TEST_FILES)
+    assert marked.returncode == unmarked.returncode == 0, (marked.stdout + unmarked.stdout)[-3000:]
+    assert len([line for line in marked.stdout.splitlines() if "[gpu-grid-on-cpu" in line]) \
+        >= 1000, marked.stdout[-3000:]
+    assert not [line for line in unmarked.stdout.splitlines() if "gpu-grid-on-cpu" in line]
+    r = _run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", "-m", "cuda"]
+             + GPU_TEST_FILES)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     summary = r.stdout.strip().splitlines()[-1]
-    assert re.search(r"^\d+ skipped in ", summary), summary
-    assert int(summary.split()[0]) >= 100, summary
+    assert re.search(r"^\d+ skipped(, \d+ deselected)? in ", summary), summary
+    assert int(summary.split()[0]) >= 15, summary

@@ -8,7 +8,7 @@ import torch
 import cnnops
 import cnnops.functional as CF
 from cnnops import triton_kernels
-from conftest import assert_close, conv_cores
+from conftest import assert_close, check, conv_cores, needs_cuda, on_gpu, twin_resnet
 
 
 class Net(torch.nn.Module):
@@ -39,7 +39,8 @@ class Net(torch.nn.Module):
 def test_compiled_matches_eager(backend, train):
     if backend == "triton" and triton_kernels.INTERPRET:
         pytest.skip("torch.compile cannot trace interpreted Triton kernels (torch runs them "
-                    "directly, on fake tensors); tests/test_gpu.py compiles them on a GPU")
+                    "directly, on fake tensors); test_compiled_fused_model_matches_eager "
+                    "compiles them on a GPU")
     torch.manual_seed(0)
     torch._dynamo.reset()
     eager = Net().train(train)
@@ -65,3 +66,19 @@ def test_inductor_eval():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert_close(compiled(x), model(x))
+
+
+@needs_cuda
+@on_gpu()
+def test_compiled_fused_model_matches_eager(backend):
+    """torch.compile(fullgraph=True) of a fused model on CUDA: same outputs and gradients."""
+    plain, fused = twin_resnet(torch.float32, "contiguous", backend.device)
+    x = backend.make((4, 3, 32, 32), torch.float32, grad=True)
+    fused.train()
+    compiled = torch.compile(fused, fullgraph=True)
+    eager_out = fused(x)
+    (eager_gx,) = torch.autograd.grad(eager_out.sum(), x)
+    out = compiled(x)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    check(out, eager_out, torch.float32)
+    check(gx, eager_gx, torch.float32, "grad of input")

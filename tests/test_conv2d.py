@@ -1,12 +1,16 @@
-"""conv2d on every backend against torch.nn.functional.conv2d, forward and backward."""
+"""conv2d and conv2d_relu on every backend against torch.nn.functional.conv2d, forward and
+backward: the CPU entries on the CPU grids, the GPU entries (`cuda`, `triton-cuda`) on the GPU
+grids, float16/bfloat16 included (conftest.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import cnnops
 import cnnops.functional as CF
-from conftest import (CPU_BACKENDS, DTYPES, TILE_CONFIGS, LAYOUTS, assert_close, conv_cores,
-                      expected_memory_format, grads, make_input)
+from conftest import (CPU_BACKENDS, DTYPES, GPU_CONV_CONFIGS, GPU_DTYPES, TILE_CONFIGS, LAYOUTS,
+                      DRY_RUN, assert_close, axis, conv_cores, conv_id, expected_memory_format,
+                      gpu_conv_tensors, grad_names, grads, grid, make_input, needs_cuda, on_gpu,
+                      per_device)
 
 # (in_channels, out_channels, kernel, stride, padding, dilation, groups, H, W)
 CONFIGS = [
@@ -35,28 +39,76 @@ def _ids(c):
     return "C%s-OC%s-k%s-s%s-p%s-d%s-g%s-%sx%s" % c
 
 
-@conv_cores
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+@per_device(
+    cpu=grid(axis("config", CONFIGS, _ids), axis("bias", [True, False], ["bias", "nobias"]),
+             axis("layout", LAYOUTS), axis("dtype", DTYPES, str)),
+    gpu=grid(axis("config", GPU_CONV_CONFIGS, conv_id), axis("dtype", GPU_DTYPES, str),
+             axis("layout", LAYOUTS), axis("bias", [True, False], ["bias", "no-bias"])),
+    conv=True)
 def test_conv2d_matches_torch(backend, config, bias, layout, dtype):
     C, OC, k, stride, padding, dilation, groups, H, W = config
     kh, kw = (k, k) if isinstance(k, int) else k
     torch.manual_seed(0)
-    x = make_input((2, C, H, W), layout, dtype, requires_grad=True)
-    w = make_input((OC, C // groups, kh, kw), "contiguous", dtype, requires_grad=True)
-    b = torch.randn(OC, dtype=dtype, requires_grad=True) if bias else None
-
-    expected = F.conv2d(x, w, b, stride, padding, dilation, groups)
-    actual = CF.conv2d(x, w, b, stride, padding, dilation, groups)
-    assert actual.shape == expected.shape
-    assert_close(actual, expected)
+    if backend.gpu:  # 3 images, the weight scaled by 1/sqrt(fan-in)
+        x, w, b, _ = gpu_conv_tensors(config, dtype, layout, bias, device=backend.device)
+    else:
+        x = make_input((2, C, H, W), layout, dtype, requires_grad=True)
+        w = make_input((OC, C // groups, kh, kw), "contiguous", dtype, requires_grad=True)
+        b = torch.randn(OC, dtype=dtype, requires_grad=True) if bias else None
+    args = (stride, padding, dilation, groups)
+    actual = backend.run_pair(lambda x, w, b: CF.conv2d(x, w, b, *args),
+                              lambda x, w, b: F.conv2d(x, w, b, *args), [x, w, b], dtype,
+                              names=grad_names(input=x, weight=w, bias=b))
+    assert actual.dtype == dtype
     if backend != "reference" and padding != "same":  # 'same' may pad (copy) the input first
         assert actual.is_contiguous(memory_format=expected_memory_format(x))
 
-    g = torch.randn_like(expected)
-    assert_close_all(grads(actual, (x, w, b), g), grads(expected, (x, w, b), g))
+
+@on_gpu(axis("layout", ["contiguous", "channels_last"]),
+        axis("grad_layout", ["contiguous", "channels_last"]))
+def test_conv2d_gradient_in_another_layout(backend, layout, grad_layout):
+    """The output gradient may arrive in a layout other than the output's."""
+    torch.manual_seed(1)
+    x, w, b, args = gpu_conv_tensors(GPU_CONV_CONFIGS[1], torch.float32, layout, True,
+                                     device=backend.device)
+    fmt = torch.channels_last if grad_layout == "channels_last" else torch.contiguous_format
+    backend.run_pair(lambda x, w, b: CF.conv2d(x, w, b, *args),
+                     lambda x, w, b: F.conv2d(x, w, b, *args), [x, w, b], torch.float32,
+                     grad_format=fmt)
+
+
+@on_gpu(axis("dtype", [d for d in (torch.float32, torch.bfloat16) if d in GPU_DTYPES], str),
+        axis("layout", ["contiguous", "channels_last"]))
+def test_conv2d_large_batch(backend, layout, dtype):
+    """100 images of 64x64x64: the weight gradient sums 409600 positions (split across blocks
+    and, in the Triton kernel, across fixed chunks): the splits must not show."""
+    torch.manual_seed(3)
+    N = 8 if DRY_RUN else 100
+    x = backend.make((N, 64, 64, 64), dtype, layout, grad=True)
+    w = backend.make((64, 64, 3, 3), dtype, grad=True, scale=1 / 24)
+    b = backend.make((64,), dtype, grad=True)
+    backend.run_pair(lambda x, w, b: CF.conv2d(x, w, b, 1, 1),
+                     lambda x, w, b: F.conv2d(x, w, b, 1, 1), [x, w, b], dtype,
+                     names=["input", "weight", "bias"])
+
+
+@needs_cuda
+@pytest.mark.skipif(DRY_RUN or not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs two CUDA devices")
+@on_gpu()
+def test_ops_run_on_the_inputs_device(backend):
+    """Inputs on cuda:1 while cuda:0 is current: kernels run on cuda:1 (device guard)."""
+    torch.manual_seed(15)
+    x = torch.randn(2, 3, 9, 9, device="cuda:1", requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device="cuda:1", requires_grad=True)
+    with torch.cuda.device(0):
+        out = CF.max_pool2d(CF.conv2d_relu(x, w, None, 1, 1), 2)
+        exp = F.max_pool2d(F.relu(F.conv2d(x, w, None, 1, 1)), 2)
+        assert out.device == x.device
+        torch.testing.assert_close(out, exp)
+        (gx,) = torch.autograd.grad(out.sum(), x)
+        (gx_exp,) = torch.autograd.grad(exp.sum(), x)
+        torch.testing.assert_close(gx, gx_exp)
 
 
 # (input shape, input layout, weight shape): convolutions whose weight is channels_last
@@ -162,25 +214,41 @@ def test_cpu_conv_tiles_match_torch(config):
     assert_close_all(grads(out, (x, w, b), g), grads(ref, (x, w, b), g))
 
 
-@conv_cores
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("config", CONFIGS[::3], ids=_ids)
+@per_device(
+    cpu=grid(axis("config", CONFIGS[::3], _ids), axis("residual", [False, True],
+                                                      ["plain", "residual"]),
+             axis("layout", LAYOUTS), axis("dtype", DTYPES, str)),
+    gpu=grid(axis("config", GPU_CONV_CONFIGS[:4] + GPU_CONV_CONFIGS[6:8], conv_id),
+             axis("dtype", GPU_DTYPES, str), axis("layout", LAYOUTS),
+             axis("residual", [True, False], ["residual", "no-residual"])),
+    conv=True)
 def test_conv2d_relu_matches_torch(backend, config, residual, layout, dtype):
     C, OC, k, stride, padding, dilation, groups, H, W = config
     kh, kw = (k, k) if isinstance(k, int) else k
-    torch.manual_seed(0)
-    x = make_input((2, C, H, W), layout, dtype, requires_grad=True)
-    w = make_input((OC, C // groups, kh, kw), "contiguous", dtype, requires_grad=True)
-    b = torch.randn(OC, dtype=dtype, requires_grad=True)
-    conv = F.conv2d(x, w, b, stride, padding, dilation, groups)
-    r = make_input(tuple(conv.shape), layout, dtype, requires_grad=True) if residual else None
-    expected = F.relu(conv + r if residual else conv)
-    actual = CF.conv2d_relu(x, w, b, stride, padding, dilation, groups, residual=r)
-    assert_close(actual, expected)
-    g = torch.randn_like(expected)
-    assert_close_all(grads(actual, (x, w, b, r), g), grads(expected, (x, w, b, r), g))
+    if backend.gpu:  # 3 images, the weight scaled by 1/sqrt(fan-in)
+        torch.manual_seed(2)
+        x, w, b, _ = gpu_conv_tensors(config, dtype, layout, True, device=backend.device)
+    else:
+        torch.manual_seed(0)
+        x = make_input((2, C, H, W), layout, dtype, requires_grad=True)
+        w = make_input((OC, C // groups, kh, kw), "contiguous", dtype, requires_grad=True)
+        b = torch.randn(OC, dtype=dtype, requires_grad=True)
+    args = (stride, padding, dilation, groups)
+    shape = F.conv2d(x.detach().float(), w.detach().float(), None, *args).shape
+    r = None
+    if residual:
+        r = backend.make(shape, dtype, layout, grad=True) if backend.gpu else \
+            make_input(tuple(shape), layout, dtype, requires_grad=True)
+
+    def reference(x, w, b, r):
+        y = F.conv2d(x, w, b, *args)
+        return y + r if r is not None else y
+
+    actual = backend.run_pair(lambda x, w, b, r: CF.conv2d_relu(x, w, b, *args, residual=r),
+                              reference, [x, w, b, r], dtype, relu=True,
+                              names=grad_names(input=x, weight=w, bias=b, residual=r))
+    if backend.gpu:
+        assert actual.is_contiguous(memory_format=expected_memory_format(x))
 
 
 @conv_cores

@@ -1,4 +1,7 @@
-"""conv_bn_relu and FusedConvBNReLU against conv -> BatchNorm -> (+residual) -> ReLU in torch."""
+"""conv_bn_relu and FusedConvBNReLU against conv -> BatchNorm -> (+residual) -> ReLU in torch:
+the CPU entries on the CPU grids, the GPU entries (`cuda`, `triton-cuda`) on the GPU grids,
+float16/bfloat16 included (conftest.py). The last section holds the GPU behaviour of every op:
+the cuda backend's inference paths, empty batches, determinism, streams and autocast."""
 import copy
 
 import pytest
@@ -7,8 +10,11 @@ import torch.nn.functional as F
 
 import cnnops
 import cnnops.functional as CF
-from conftest import (CPU_BACKENDS, DTYPES, TILE_CONFIGS, LAYOUTS, assert_close, conv_cores,
-                      expected_memory_format, grads, make_input)
+from conftest import (CPU_BACKENDS, DRY_RUN, DTYPES, GPU_BN_CASES, GPU_CONV_CONFIGS, GPU_DTYPES,
+                      HALF, TILE_CONFIGS, LAYOUTS, assert_close, axis, bn_case_id, check, const,
+                      conv_cores, conv_id, expected_memory_format, gpu_bn_tensors,
+                      gpu_conv_tensors, grad_names, grads, grid, make_input, needs_cuda, on_gpu,
+                      make, per_device, ref_dtype, run_pair, to_ref)
 
 # (in_channels, out_channels, kernel, stride, padding, dilation, groups, H, W)
 CONFIGS = [
@@ -29,42 +35,80 @@ def _torch_cbr(x, w, cb, bw, bb, rm, rv, stride, padding, dilation, groups, trai
     return F.relu(y) if relu else y
 
 
-@conv_cores
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("variant", ["plain", "conv-bias", "residual", "no-relu", "no-affine"])
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "C%s-OC%s-k%s-s%s-p%s-d%s-g%s-%sx%s" % c)
-def test_conv_bn_relu_matches_torch(backend, config, variant, training, layout, dtype):
+VARIANTS = ["plain", "conv-bias", "residual", "no-relu", "no-affine"]
+
+
+@per_device(
+    cpu=grid(axis("config", CONFIGS, conv_id), axis("variant", VARIANTS),
+             axis("training", [True, False], ["train", "eval"]), axis("layout", LAYOUTS),
+             axis("dtype", DTYPES, str), const(mixed=False)),
+    gpu=grid(axis("config", [GPU_CONV_CONFIGS[i] for i in (0, 1, 2, 3, 5, 9)], conv_id),
+             axis("dtype,mixed", GPU_BN_CASES, bn_case_id), axis("layout", LAYOUTS),
+             axis("training", [True, False], ["train", "eval"]), axis("variant", VARIANTS)),
+    conv=True)
+def test_conv_bn_relu_matches_torch(backend, config, variant, training, layout, dtype, mixed):
+    """Forward, backward (in eval too: the BN affine parameters train with frozen statistics)
+    and running statistics against conv2d -> batch_norm -> (+ residual) -> relu. GPU grid:
+    float32 BN tensors with a half input when `mixed`."""
     C, OC, k, stride, padding, dilation, groups, H, W = config
     kh, kw = (k, k) if isinstance(k, int) else k
-    torch.manual_seed(0)
-    x = make_input((3, C, H, W), layout, dtype, requires_grad=True)
-    w = make_input((OC, C // groups, kh, kw), "contiguous", dtype, requires_grad=True)
-    cb = torch.randn(OC, dtype=dtype, requires_grad=True) if variant == "conv-bias" else None
     affine = variant != "no-affine"
-    bw = (torch.rand(OC, dtype=dtype) + 0.5).requires_grad_() if affine else None
-    bb = torch.randn(OC, dtype=dtype, requires_grad=True) if affine else None
-    rm, rv = torch.randn(OC, dtype=dtype), torch.rand(OC, dtype=dtype) + 0.5
-    rm2, rv2 = rm.clone(), rv.clone()
+    if backend.gpu:  # 3 images, the weight scaled by 1/sqrt(fan-in)
+        torch.manual_seed(7)
+        x, w, cb, _ = gpu_conv_tensors(config, dtype, layout, variant == "conv-bias",
+                                       device=backend.device)
+        bw, bb, rm, rv = gpu_bn_tensors(OC, dtype, affine, mixed, device=backend.device)
+        rm_ref, rv_ref = to_ref(rm, ref_dtype(rm.dtype)), to_ref(rv, ref_dtype(rv.dtype))
+    else:
+        torch.manual_seed(0)
+        x = make_input((3, C, H, W), layout, dtype, requires_grad=True)
+        w = make_input((OC, C // groups, kh, kw), "contiguous", dtype, requires_grad=True)
+        cb = torch.randn(OC, dtype=dtype, requires_grad=True) if variant == "conv-bias" else None
+        bw = (torch.rand(OC, dtype=dtype) + 0.5).requires_grad_() if affine else None
+        bb = torch.randn(OC, dtype=dtype, requires_grad=True) if affine else None
+        rm_ref, rv_ref = torch.randn(OC, dtype=dtype), torch.rand(OC, dtype=dtype) + 0.5
+        rm, rv = rm_ref.clone(), rv_ref.clone()
     relu = variant != "no-relu"
-    out_shape = F.conv2d(x.detach(), w.detach(), None, stride, padding, dilation, groups).shape
-    r = make_input(tuple(out_shape), layout, dtype, requires_grad=True) \
-        if variant == "residual" else None
-    expected = _torch_cbr(x, w, cb, bw, bb, rm, rv, stride, padding, dilation, groups, training,
-                          1e-5, relu, r)
+    args = (stride, padding, dilation, groups)
+    shape = F.conv2d(x.detach().float(), w.detach().float(), None, *args).shape
+    r = None
+    if variant == "residual":
+        r = backend.make(shape, dtype, layout, grad=True) if backend.gpu else \
+            make_input(tuple(shape), layout, dtype, requires_grad=True)
 
-    actual = CF.conv_bn_relu(x, w, cb, bw, bb, rm2, rv2, stride, padding, dilation, groups,
-                             training, 0.1, 1e-5, relu, r)
-    assert_close(actual, expected)
+    def ours(x, w, cb, bw, bb, r):
+        return CF.conv_bn_relu(x, w, cb, bw, bb, rm, rv, *args, training, 0.1, 1e-5, relu, r)
+
+    def reference(x, w, cb, bw, bb, r):
+        return _torch_cbr(x, w, cb, bw, bb, rm_ref, rv_ref, *args, training, 1e-5, False, r)
+
+    actual = backend.run_pair(ours, reference, [x, w, cb, bw, bb, r], dtype, relu=relu,
+                              names=grad_names(input=x, weight=w, conv_bias=cb, bn_weight=bw,
+                                               bn_bias=bb, residual=r))
+    assert actual.dtype == dtype
     if backend != "reference":
         assert actual.is_contiguous(memory_format=expected_memory_format(x))
-    assert_close(rm2, rm)
-    assert_close(rv2, rv)
-    g = torch.randn_like(expected)
-    wrt = (x, w, cb, bw, bb, r)
-    for a, e in zip(grads(actual, wrt, g), grads(expected, wrt, g)):
-        assert_close(a, e)
+    backend.check(rm, rm_ref, dtype, "running_mean")
+    backend.check(rv, rv_ref, dtype, "running_var")
+
+
+@on_gpu(axis("layout", ["contiguous", "channels_last"]),
+        axis("training", [True, False], ["train", "eval"]))
+def test_conv_bn_relu_weight_gradient_only(backend, layout, training):
+    """Frozen input (no input gradient), BN weight only: the backward skips what is not
+    asked for and still gets the rest right."""
+    torch.manual_seed(8)
+    x, w, _, args = gpu_conv_tensors(GPU_CONV_CONFIGS[0], torch.float32, layout, False,
+                                     grad=False, device=backend.device)
+    w.requires_grad_()
+    bw, bb, rm, rv = gpu_bn_tensors(w.shape[0], torch.float32, True, False, grad=False,
+                                    device=backend.device)
+    bw.requires_grad_()
+    backend.run_pair(lambda w, bw: CF.conv_bn_relu(x, w, None, bw, bb, rm.clone(), rv.clone(),
+                                                   *args, training=training),
+                     lambda w, bw: F.batch_norm(F.conv2d(x, w, None, *args), rm.clone(),
+                                                rv.clone(), bw, bb, training),
+                     [w, bw], torch.float32, relu=True, names=["weight", "bn_weight"])
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension")
@@ -212,3 +256,247 @@ def test_bnrelu_module_and_apply_helpers(backend):
     out = cnnops.nn.apply_conv_bn_relu(conv, bn2, x, residual=r)
     assert_close(out, torch.relu(bn(conv(x)) + r))
     assert_close(bn2.running_mean, bn.running_mean)
+
+
+# ---------------------------------------------------------------------------
+# GPU entries only: the cuda backend's inference paths, and every op's GPU behaviour (empty
+# batches, determinism, streams, autocast)
+
+@needs_cuda
+@on_gpu(axis("config", [GPU_CONV_CONFIGS[i] for i in (0, 1, 3)], conv_id),
+        axis("dtype", GPU_DTYPES, str), axis("layout", LAYOUTS),
+        axis("residual", [False, True], ["no-residual", "residual"]),
+        axis("fusion", ["cudnn-fused", "fallback"]), backend=False)
+def test_cuda_inference_paths(cuda_ops, monkeypatch, config, dtype, layout, residual, fusion):
+    """The cuda backend's two inference paths for conv -> BN (-> + residual) -> ReLU and for
+    conv2d_relu: BN folded into one fused cuDNN conv + bias (+ add) + ReLU call, and the
+    fallback, cuDNN's convolution and one cnnops epilogue pass (CNNOPS_CUDNN_FUSION=0; also
+    what float64, relu=False and configurations cuDNN refuses take)."""
+    if fusion == "fallback":
+        monkeypatch.setenv("CNNOPS_CUDNN_FUSION", "0")
+    torch.manual_seed(19)
+    x, w, cb, args = gpu_conv_tensors(config, dtype, layout, True)
+    OC = w.shape[0]
+    bw, bb, rm, rv = gpu_bn_tensors(OC, dtype, True, dtype in HALF)
+    shape = F.conv2d(x.detach().float(), w.detach().float(), None, *args).shape
+    r = make(shape, dtype, layout, grad=True) if residual else None
+    with cnnops.use_backend("cuda"):
+        out, _ = run_pair(
+            lambda x, w, cb, r: CF.conv_bn_relu(x, w, cb, bw, bb, rm, rv, *args, residual=r),
+            lambda x, w, cb, r: (F.batch_norm(F.conv2d(x, w, cb, *args), rm.to(x.dtype),
+                                              rv.to(x.dtype), bw.to(x.dtype), bb.to(x.dtype))
+                                 + (r if r is not None else 0)),
+            [x, w, cb, r], dtype, relu=True, names=grad_names(input=x, weight=w, conv_bias=cb,
+                                                               residual=r))
+        assert out.is_contiguous(memory_format=expected_memory_format(x))
+        out, _ = run_pair(lambda x, w, cb, r: CF.conv2d_relu(x, w, cb, *args, residual=r),
+                          lambda x, w, cb, r: F.conv2d(x, w, cb, *args) + (r if r is not None
+                                                                           else 0),
+                          [x, w, cb, r], dtype, relu=True,
+                          names=grad_names(input=x, weight=w, bias=cb, residual=r))
+        assert out.is_contiguous(memory_format=expected_memory_format(x))
+
+
+@on_gpu(axis("dtype", [torch.float32, torch.float16] if not DRY_RUN else [torch.float32], str),
+        axis("layout", ["contiguous", "channels_last"]))
+def test_every_op_on_an_empty_batch(backend, dtype, layout):
+    """N = 0 behaves as in PyTorch: empty outputs, zero parameter gradients, running
+    statistics unchanged."""
+    x = backend.make((0, 4, 6, 6), dtype, layout, grad=True)
+    w = backend.make((6, 4, 3, 3), dtype, grad=True)
+    b = backend.make((6,), dtype, grad=True)
+    bw, bb, rm, rv = gpu_bn_tensors(6, dtype, True, False, device=backend.device)
+    rm0, rv0 = rm.clone(), rv.clone()
+    outs = [
+        CF.conv2d(x, w, b, 1, 1),
+        CF.conv2d_relu(x, w, b, 1, 1),
+        CF.conv_bn_relu(x, w, b, bw, bb, rm, rv, 1, 1, training=True),
+        CF.conv_bn_relu(x, w, b, bw, bb, rm, rv, 1, 1, training=False),
+        CF.batch_norm(x, rm[:4], rv[:4], bw[:4], bb[:4], training=True),
+        CF.bn_relu(x, rm[:4], rv[:4], bw[:4], bb[:4], training=False),
+        CF.max_pool2d(x, 2),
+        CF.avg_pool2d(x, 3, 2, 1, ceil_mode=True),
+        CF.adaptive_avg_pool2d(x, (2, 3)),
+        CF.add_relu(x, x),
+    ]
+    expected_shapes = [(0, 6, 6, 6)] * 4 + [(0, 4, 6, 6)] * 2 + [(0, 4, 3, 3), (0, 4, 4, 4),
+                                                                 (0, 4, 2, 3), (0, 4, 6, 6)]
+    for out, shape in zip(outs, expected_shapes):
+        assert tuple(out.shape) == shape and out.dtype == dtype
+    loss = sum(o.sum() for o in outs)
+    gx, gw, gb, gbw, gbb = torch.autograd.grad(loss, [x, w, b, bw, bb])
+    assert gx.shape == x.shape
+    for g in (gw, gb, gbw, gbb):
+        assert torch.count_nonzero(g) == 0
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+def _backward_run(fn, inputs):
+    for t in inputs:
+        t.grad = None
+    out = fn(*inputs)
+    g = torch.ones_like(out) if out.dim() == 0 else torch.linspace(
+        -1, 1, out.numel(), device=out.device, dtype=out.dtype).view(out.shape)
+    out.backward(g)
+    return [out.detach().clone()] + [t.grad.clone() for t in inputs]
+
+
+@needs_cuda
+@on_gpu(axis("layout", ["contiguous", "channels_last"]), backend=False)
+def test_cuda_backward_is_deterministic(cuda_ops, monkeypatch, layout):
+    """The cuda backend's reductions and scatters have a fixed order: two runs agree bit for
+    bit (overlapping max-pool windows included). The convolutions are cuDNN's, deterministic
+    when torch.backends.cudnn.deterministic says so, as in eager PyTorch."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    torch.manual_seed(13)
+    x = make((8, 24, 15, 15), torch.float32, layout, grad=True)
+    w = make((32, 24, 3, 3), torch.float32, grad=True, scale=0.1)
+    bw, bb, rm, rv = gpu_bn_tensors(32, torch.float32, True, False)
+    cases = [
+        (lambda x, w: CF.conv2d(x, w, None, 2, 1), [x, w]),
+        (lambda x, bw, bb: CF.batch_norm(x, None, None, bw[:24], bb[:24], True), [x, bw, bb]),
+        (lambda x, w, bw, bb: CF.conv_bn_relu(x, w, None, bw, bb, rm, rv, 1, 1, training=True),
+         [x, w, bw, bb]),
+        (lambda x: CF.max_pool2d(x, 3, 1, 1), [x]),
+        (lambda x: CF.avg_pool2d(x, 3, 2, 1, ceil_mode=True), [x]),
+        (lambda x: CF.adaptive_avg_pool2d(x, (4, 6)), [x]),
+    ]
+    with cnnops.use_backend("cuda"):
+        for fn, inputs in cases:
+            first = _backward_run(fn, inputs)
+            second = _backward_run(fn, inputs)
+            for a, b in zip(first, second):
+                assert torch.equal(a, b)
+
+
+@needs_cuda
+@on_gpu()
+def test_ops_run_on_the_current_stream(backend):
+    """Launched on a side stream, the ops give the default stream's results."""
+    torch.manual_seed(14)
+    x, w, _, args = gpu_conv_tensors(GPU_CONV_CONFIGS[0], torch.float32, "channels_last", False,
+                                     device=backend.device)
+    bw, bb, rm, rv = gpu_bn_tensors(w.shape[0], torch.float32, True, False,
+                                    device=backend.device)
+
+    def step():
+        out = CF.conv_bn_relu(x, w, None, bw, bb, rm.clone(), rv.clone(), *args, training=True)
+        out = CF.max_pool2d(out, 2)
+        gx, gw = torch.autograd.grad(out.square().sum(), [x, w])
+        return out.detach(), gx, gw
+
+    expected = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+@on_gpu(axis("layout", ["contiguous", "channels_last"]),
+        axis("training", [True, False], ["train", "eval"]), axis("amp_dtype", HALF, str))
+def test_autocast_conv_bn_relu(backend, amp_dtype, training, layout):
+    """Under torch.autocast the convolution runs in the autocast dtype (input, weight, conv
+    bias and residual cast) and BN keeps its float32 parameters and statistics, as
+    conv2d -> batch_norm -> add -> relu do in torch; gradients reach the float32 leaves.
+
+    The reference is torch in float32 on the values autocast rounds (the GPU rule for half
+    types), not torch under autocast: in training, the conv bias gradient is zero up to
+    rounding, and torch's bfloat16 sum of bfloat16-rounded terms is ~0.05 of noise where
+    cnnops' float32 sums give ~1e-7, so an autocast reference failed the more exact result."""
+    torch.manual_seed(16)
+    x = backend.make((4, 8, 10, 10), torch.float32, layout, grad=True)
+    w = backend.make((12, 8, 3, 3), torch.float32, grad=True, scale=0.12)
+    cb = backend.make((12,), torch.float32, grad=True)
+    bw, bb, rm, rv = gpu_bn_tensors(12, torch.float32, True, False, device=backend.device)
+    r = backend.make((4, 12, 10, 10), torch.float32, layout, grad=True)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    leaves = [x, w, cb, bw, bb, r]
+    ref_leaves = [to_ref(t, torch.float32) for t in leaves]
+    with torch.autocast("cuda", dtype=amp_dtype):
+        out = CF.conv_bn_relu(x, w, cb, bw, bb, rm, rv, 1, 1, training=training, residual=r)
+
+    def rounded(t):  # autocast's cast of the value; the gradient passes in float32
+        return t + (t.to(amp_dtype).float() - t).detach()
+
+    xr, wr, cbr, bwr, bbr, rr = ref_leaves
+    # cnnops casts the residual with the convolution's tensors (torch would promote
+    # half + float32 to float32), so it is rounded here too
+    pre = F.batch_norm(F.conv2d(rounded(xr), rounded(wr), rounded(cbr), 1, 1), rm_ref, rv_ref,
+                       bwr, bbr, training) + rounded(rr)
+    exp = F.relu(pre)
+    assert out.dtype == amp_dtype
+    check(out, exp, amp_dtype)
+    check(rm, rm_ref, amp_dtype, "running_mean")
+    check(rv, rv_ref, amp_dtype, "running_var")
+    g = torch.randn(tuple(out.shape), device=backend.device)
+    got = torch.autograd.grad((out.float() * g).sum(), leaves)
+    # through our output's ReLU mask (see conftest.run_pair)
+    want = torch.autograd.grad((pre * (out > 0) * g).sum(), ref_leaves)
+    for name, a, b in zip(["input", "weight", "conv_bias", "bn_weight", "bn_bias", "residual"],
+                          got, want):
+        assert a.dtype == torch.float32, name
+        check(a, b, amp_dtype, "grad of " + name)
+
+
+@needs_cuda
+@on_gpu(axis("amp_dtype", HALF, str))
+def test_autocast_other_ops_run_in_their_input_dtype(backend, amp_dtype):
+    x = backend.make((2, 6, 8, 8), torch.float32, grad=True)
+    w = backend.make((6, 6, 3, 3), torch.float32, grad=True)
+    device = backend.device
+    with torch.autocast("cuda", dtype=amp_dtype):
+        assert CF.conv2d(x, w, None, 1, 1).dtype == amp_dtype
+        assert CF.conv2d_relu(x, w, None, 1, 1).dtype == amp_dtype
+        assert CF.batch_norm(x, None, None, training=True).dtype == torch.float32
+        assert CF.bn_relu(x, None, None, None, None, training=True).dtype == torch.float32
+        assert CF.max_pool2d(x, 2).dtype == torch.float32
+        assert CF.avg_pool2d(x, 2).dtype == torch.float32
+        assert CF.adaptive_avg_pool2d(x, 1).dtype == torch.float32
+        assert CF.add_relu(x, x).dtype == torch.float32
+        y = CF.conv2d(x, w, None, 1, 1)
+        # a half activation with float32 BN tensors, as a network under autocast produces
+        z = CF.bn_relu(y, torch.zeros(6, device=device), torch.ones(6, device=device),
+                       torch.ones(6, device=device), torch.zeros(6, device=device),
+                       training=True)
+        assert z.dtype == amp_dtype
+    z.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
+@needs_cuda
+@on_gpu(axis("amp_dtype", HALF, str), backend=False)
+def test_autocast_kernels_of_the_cuda_ops(cuda_ops, amp_dtype):
+    """The AutocastCUDA kernels registered in C++ (csrc/autocast.cpp), called through
+    torch.ops directly: float32 arguments, the convolutions run in the autocast dtype, BN
+    tensors stay float32 (statistics float32), float64 is left alone, other ops untouched."""
+    x = torch.randn(2, 4, 7, 7, device="cuda")
+    w = torch.randn(6, 4, 3, 3, device="cuda")
+    b = torch.randn(6, device="cuda")
+    r = torch.randn(2, 6, 7, 7, device="cuda")
+    bw, bb = torch.rand(6, device="cuda") + 0.5, torch.randn(6, device="cuda")
+    rm, rv = torch.zeros(6, device="cuda"), torch.ones(6, device="cuda")
+    with torch.autocast("cuda", dtype=amp_dtype):
+        y = cuda_ops.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1)
+        y2 = cuda_ops.conv2d_relu(x, w, b, r, [1, 1], [1, 1], [1, 1], 1)
+        out, conv_out, mean, invstd = cuda_ops.conv_bn_relu(
+            x, w, b, bw, bb, rm, rv, r, [1, 1], [1, 1], [1, 1], 1, True, 1e-5, True)
+        out_eval = cuda_ops.conv_bn_relu(
+            x, w, b, bw, bb, rm, rv, r, [1, 1], [1, 1], [1, 1], 1, False, 1e-5, True)[0]
+        y64 = cuda_ops.conv2d(x.double(), w.double(), None, [1, 1], [1, 1], [1, 1], 1)
+        p = cuda_ops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)[0]
+        s = cuda_ops.add_relu(x, x)
+    assert y.dtype == y2.dtype == out.dtype == conv_out.dtype == out_eval.dtype == amp_dtype
+    assert mean.dtype == invstd.dtype == torch.float32
+    assert y64.dtype == torch.float64
+    assert p.dtype == s.dtype == torch.float32
+    exp = F.conv2d(x.to(amp_dtype).float(), w.to(amp_dtype).float(), b.to(amp_dtype).float(),
+                   1, 1)
+    check(y, exp, amp_dtype)
+    exp_out = F.relu(F.batch_norm(exp, None, None, bw, bb, True) + r.to(amp_dtype).float())
+    check(out, exp_out, amp_dtype)

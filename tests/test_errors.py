@@ -1152,7 +1152,7 @@ def test_triton_checks_trace():
     graph break (dynamic shapes too), and the ops' fake kernels (the op functions, run on
     FakeTensors while torch.compile traces) raise as the ops do. (The Triton ops themselves do
     not compile on CPU tensors: under the interpreter their fake kernels would run the kernels
-    on FakeTensors. tests/test_gpu.py opchecks them on a GPU.)"""
+    on FakeTensors. test_opcheck.py::test_opcheck_triton_ops opchecks them on a GPU.)"""
     pytest.importorskip("triton")
     if TRITON_DEVICE == "cuda" and not torch.cuda.is_available():
         pytest.skip("the Triton ops need a CUDA device or TRITON_INTERPRET=1")
@@ -1269,7 +1269,7 @@ def test_raw_conv2d_huge_dilation_raises(kernel_w, dilation_w):
 
 
 # ---------------------------------------------------------------------------
-# GPU: the C++ CUDA ops' bad arguments (moved from tests/test_gpu.py; marked `cuda`, see
+# GPU: the C++ CUDA ops' bad arguments (marked `cuda`, see
 # tests/conftest.py). Every RAW_CASE above runs on CUDA too (RAW_DEVICES); these are the
 # CUDA-only cases.
 

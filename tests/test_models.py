@@ -236,7 +236,8 @@ def test_small_configs_change_structure():
 # Numerics: the twin's weights, eval forward and one training step
 
 # Interpreted Triton needs minutes for one step of a full-size network; the seed networks
-# cover every fused op on the triton backend here, and tests/test_gpu.py runs it on a GPU.
+# cover every fused op on the triton backend here, and test_fuse.py's GPU cases run a ResNet
+# on it on a GPU.
 TRITON_INTERPRETED_MODELS = {"lenet", "residual_net", "inception_net"}
 
 

@@ -5,7 +5,8 @@ backends, the output layout. The geometry grids (kernel x stride x padding x dil
 ceil_mode x spatial size) rotate through the layouts and dtypes so that every combination of
 geometry is run once while each layout and dtype still meets every kind of geometry; a few
 representative configurations then run in every layout x dtype. Configurations that PyTorch
-rejects are tested too: cnnops must raise as well.
+rejects are tested too: cnnops must raise as well. The GPU entries (`cuda`, `triton-cuda`) run
+their own grids of the layouts-and-dtypes tests, float16/bfloat16 included (conftest.py).
 """
 import contextlib
 import itertools
@@ -18,7 +19,9 @@ from torch import nn
 import cnnops
 import cnnops.functional as CF
 import cnnops.nn as cnn
-from conftest import DTYPES, LAYOUTS, assert_close, expected_memory_format, grads, make_input
+from conftest import (DTYPES, GPU_DTYPES, LAYOUTS, assert_close, axis, const,
+                      expected_memory_format, grads, grid, make_input, on_gpu, per_device,
+                      ref_dtype)
 
 ERRORS = (ValueError, TypeError, RuntimeError)
 
@@ -137,6 +140,8 @@ MAX_GRID = [c for c in itertools.product(KERNELS, STRIDES, PADDINGS, [1, 2], [Fa
 
 def _check_max_pool2d(backend, x, kernel, stride, padding, dilation, ceil_mode, plain=True):
     args = (kernel, stride, padding, dilation, ceil_mode)
+    if getattr(backend, "gpu", False):  # (a GPU entry of the `backend` fixture)
+        return _check_max_pool2d_gpu(backend, x, args)
     expected, expected_idx = F.max_pool2d(x, *args, return_indices=True)
     actual, idx = CF.max_pool2d(x, *args, return_indices=True)
     assert actual.shape == expected.shape and actual.dtype == expected.dtype
@@ -155,6 +160,24 @@ def _check_max_pool2d(backend, x, kernel, stride, padding, dilation, ceil_mode, 
     assert grad_actual.dtype == x.dtype
     assert_close(grad_actual, grad_expected)
     _assert_layout(backend, x, actual, idx, grad_actual)
+
+
+def _check_max_pool2d_gpu(backend, x, args):
+    """The GPU entries' check: as exact, in every dtype (ties keep the first maximum in both);
+    the gradient under the GPU rules."""
+    dtype = x.dtype
+    out, idx = CF.max_pool2d(x, *args, return_indices=True)
+    xr = x.detach().clone().requires_grad_()
+    exp, exp_idx = F.max_pool2d(xr, *args, return_indices=True)
+    assert out.dtype == dtype and idx.dtype == torch.int64
+    assert out.is_contiguous(memory_format=expected_memory_format(x))
+    assert torch.equal(out, exp)
+    assert torch.equal(idx, exp_idx)
+    g = torch.randn(tuple(out.shape)).to(device=x.device, dtype=dtype)
+    (gi,) = torch.autograd.grad(out, x, g)
+    (gi_exp,) = torch.autograd.grad(exp, xr, g)
+    backend.check(gi, gi_exp.to(ref_dtype(dtype)), dtype, "grad of input")
+    assert gi.is_contiguous(memory_format=expected_memory_format(x))
 
 
 @pytest.mark.parametrize("config", MAX_GRID, ids=_ids)
@@ -190,16 +213,73 @@ MAX_CORE = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("config", MAX_CORE, ids=_ids)
-def test_max_pool2d_layouts_and_dtypes(backend, config, layout, dtype):
+# The GPU grid: (kernel, stride, padding, dilation, ceil_mode) on each of GPU_POOL_SHAPES; every
+# window holds at least one input element (torch reports no meaningful index otherwise; see
+# test_max_pool2d_edge_semantics_match_the_cpu_kernels).
+GPU_MAX_CONFIGS = [(2, 2, 0, 1, False), (3, 2, 1, 1, False), (3, 2, 1, 1, True),
+                   ((3, 2), (2, 1), (1, 1), (1, 2), True), (2, 1, 0, 2, False),
+                   (3, 3, 1, 1, True), (5, 2, 2, 1, False), (3, 1, 1, 1, False)]
+GPU_POOL_SHAPES = [(2, 3, 11, 10), (2, 40, 7, 9)]
+
+
+def _shape_id(s):
+    return "x".join(map(str, s))
+
+
+@per_device(cpu=grid(axis("config", MAX_CORE, _ids), axis("layout", LAYOUTS),
+                     axis("dtype", DTYPES, str), const(shape=None)),
+            gpu=grid(axis("config", GPU_MAX_CONFIGS, lambda c: "k%s-s%s-p%s-d%s-ceil%s" % c),
+                     axis("shape", GPU_POOL_SHAPES, _shape_id), axis("dtype", GPU_DTYPES, str),
+                     axis("layout", LAYOUTS)))
+def test_max_pool2d_layouts_and_dtypes(backend, config, layout, dtype, shape):
+    """Exact: values and indices equal torch's (same dtype), and the gradient is torch's. CPU
+    grid: config holds the spatial size; GPU grid: the input's shape."""
+    if backend.gpu:
+        torch.manual_seed(9)
+        x = backend.make(shape, dtype, layout, grad=True)
+        _check_max_pool2d(backend, x, *config)
+        return
     kernel, stride, padding, dilation, ceil_mode, (H, W) = config
     assert not _has_window_without_input((H, W), *config[:5])
     assert min(_out_hw((H, W), *config[:5])) >= 1
     torch.manual_seed(1)
     x = make_input((N, 3, H, W), layout, dtype, requires_grad=True)
     _check_max_pool2d(backend, x, kernel, stride, padding, dilation, ceil_mode)
+
+
+@on_gpu(axis("dtype", [torch.float32, torch.float64], str),
+        axis("layout", ["contiguous", "channels_last"]))
+def test_max_pool2d_edge_semantics_match_the_cpu_kernels(backend, dtype, layout):
+    """NaN wins (the last NaN of a window), all -inf windows report their first element,
+    windows with no element at all (dilation past the input) report -1 and get no gradient:
+    the same as the cpu backend, whose kernels define these cases."""
+    if "cpu" not in cnnops.available_backends():
+        pytest.skip("the cpu backend is not available")
+    torch.manual_seed(19)
+    x = torch.randn(2, 3, 5, 6, dtype=dtype)
+    x[0, 0, 1, 1] = float("nan")
+    x[0, 1, 2, 3] = float("nan")
+    x[0, 1, 2, 4] = float("nan")
+    x[1, 2, :3, :3] = float("-inf")
+    # kernel 2, dilation 3, padding 1 on 2 rows/columns: taps -1 and 2, both outside
+    tiny = torch.randn(2, 3, 2, 2, dtype=dtype)
+    cases = [(x, (3, 2, 1, 1, True)), (x, (3, 1, 1, 1, False)), (tiny, (2, 1, 1, 3, False))]
+    for x, (k, s, p, d, ceil) in cases:
+        xd = x.to(backend.device)
+        if layout == "channels_last":
+            xd = xd.contiguous(memory_format=torch.channels_last)
+        xd.requires_grad_()
+        out, idx = CF.max_pool2d(xd, k, s, p, d, ceil, return_indices=True)
+        xc = x.clone().requires_grad_()
+        with cnnops.use_backend("cpu"):
+            exp, exp_idx = CF.max_pool2d(xc, k, s, p, d, ceil, return_indices=True)
+        torch.testing.assert_close(out.cpu(), exp, equal_nan=True, rtol=0, atol=0)
+        assert torch.equal(idx.cpu(), exp_idx)
+        gg = torch.randn(tuple(out.shape), dtype=dtype)
+        (gi,) = torch.autograd.grad(out, xd, gg.to(backend.device))
+        (gi_exp,) = torch.autograd.grad(exp, xc, gg)
+        torch.testing.assert_close(gi.cpu(), gi_exp)
+    assert (idx == -1).any()  # the last case has windows without any element
 
 
 def _special_values(kind, shape, dtype):
@@ -315,10 +395,33 @@ AVG_CORE = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("config", AVG_CORE, ids=_ids)
-def test_avg_pool2d_layouts_and_dtypes(backend, config, layout, dtype):
+# The GPU grid: (kernel, stride, padding, ceil_mode, count_include_pad, divisor_override) on each
+# of GPU_POOL_SHAPES.
+GPU_AVG_CONFIGS = [(2, 2, 0, False, True, None), (3, 2, 1, False, True, None),
+                   (3, 2, 1, True, False, None), (3, 2, 1, True, True, None),
+                   ((3, 2), (2, 1), (1, 0), True, False, None), (2, 1, 1, False, True, 3),
+                   (3, 3, 1, True, True, None), (4, 3, 2, True, False, None),
+                   (3, 2, 1, True, True, -2)]
+
+
+@per_device(cpu=grid(axis("config", AVG_CORE, _ids), axis("layout", LAYOUTS),
+                     axis("dtype", DTYPES, str), const(shape=None)),
+            gpu=grid(axis("config", GPU_AVG_CONFIGS,
+                          lambda c: "k%s-s%s-p%s-ceil%s-pad%s-div%s" % c),
+                     axis("shape", GPU_POOL_SHAPES, _shape_id), axis("dtype", GPU_DTYPES, str),
+                     axis("layout", LAYOUTS)))
+def test_avg_pool2d_layouts_and_dtypes(backend, config, layout, dtype, shape):
+    """CPU grid: config holds the spatial size; GPU grid: the input's shape."""
+    if backend.gpu:
+        torch.manual_seed(10)
+        x = backend.make(shape, dtype, layout, grad=True)
+        # The reference pools an NCHW copy: torch's own CUDA avg_pool2d backward is wrong for
+        # channels_last input with padding > 0 (pytorch/pytorch#188344, seen with torch 2.11).
+        out = backend.run_pair(lambda x: CF.avg_pool2d(x, *config),
+                               lambda x: F.avg_pool2d(x.contiguous(), *config), [x], dtype)
+        assert out.dtype == dtype
+        assert out.is_contiguous(memory_format=expected_memory_format(x))
+        return
     kernel, stride, padding, ceil_mode, count_include_pad, divisor, (H, W) = config
     torch.manual_seed(1)
     x = make_input((N, 3, H, W), layout, dtype, requires_grad=True)
@@ -355,11 +458,22 @@ ADAPTIVE_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("config", ADAPTIVE_CONFIGS, ids=_ids)
+@per_device(cpu=grid(axis("config", ADAPTIVE_CONFIGS, _ids), axis("layout", LAYOUTS),
+                     axis("dtype", DTYPES, str)),
+            gpu=grid(axis("config", [((1, 1), (10, 9)), ((3, 5), (10, 9)), ((7, 7), (10, 9)),
+                                     ((4, 13), (10, 9)), ((10, 9), (10, 9))],
+                          lambda c: "%sx%s" % c[0]),
+                     axis("dtype", GPU_DTYPES, str), axis("layout", LAYOUTS)))
 def test_adaptive_avg_pool2d_matches_torch(backend, config, layout, dtype):
+    """config: (output_size, (H, W))."""
     output_size, (H, W) = config
+    if backend.gpu:  # 37 channels
+        torch.manual_seed(11)
+        x = backend.make((2, 37, H, W), dtype, layout, grad=True)
+        out = backend.run_pair(lambda x: CF.adaptive_avg_pool2d(x, output_size),
+                               lambda x: F.adaptive_avg_pool2d(x, output_size), [x], dtype)
+        assert out.is_contiguous(memory_format=expected_memory_format(x))
+        return
     torch.manual_seed(0)
     x = make_input((N, C, H, W), layout, dtype, requires_grad=True)
     expected = F.adaptive_avg_pool2d(x, output_size)
