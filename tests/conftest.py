@@ -216,6 +216,9 @@ TILE_CONFIGS = [
     (3, 8, 6, 5, 1, 0, 1, 12, 12),     # valid 5x5: im2col / col2im row by row (rows 8 apart)
     (2, 64, 72, 3, 1, 1, 1, 6, 6),     # 72 output channels, K = 576: the weight gradient
     (3, 64, 16, 3, 1, 1, 1, 5, 5),     # summed untransposed (the others: transposed)
+    (2, 64, 32, 3, 1, 1, 1, 2, 2),     # 2x2 images: one chunk, both in one thin tile (8 positions,
+    (1, 32, 48, 1, 1, 0, 1, 3, 3),     # GEMMs transposed); 1x1 on one 3x3 image: thin direct path;
+    (1, 8, 12, 3, 1, 1, 2, 3, 3),      # thin with groups
 ]
 
 

@@ -42,11 +42,19 @@ std::unique_ptr<T[]> scratch(int64_t n) {
   return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
 }
 
+// A GEMM over fewer output positions than this is thin: see tile_mm.
+constexpr int64_t kThinTile = 16;
+
 // Number of image chunks: one per thread, never more than images. (Even for
 // batches of small images, one single-threaded GEMM a thread beats one
-// multi-threaded GEMM over the batch.)
-inline int64_t num_chunks(int64_t images) {
-  return std::max<int64_t>(1, std::min<int64_t>(images, at::get_num_threads()));
+// multi-threaded GEMM over the batch.) Images of fewer than kThinTile positions
+// (2x2, 3x3) make one chunk: per thread, such an image is a thin GEMM that
+// streams the whole weight for a few columns; in one chunk the images share
+// their tiles (max_tile_images) and BLAS threads the GEMM (ResNet-50's last
+// stage at 64x64, batch 2: a 2048 x 1024 weight read once instead of twice).
+inline int64_t num_chunks(const ConvShape& s) {
+  if (s.L() < kThinTile) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(s.N, at::get_num_threads()));
 }
 
 // Runs fn(chunk, image_begin, image_end) for each chunk, in parallel.
@@ -478,6 +486,25 @@ void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
   }
 }
 
+// out = a @ b for a tile's GEMM, out [rows, width] contiguous. MKL runs a
+// product whose output has fewer than kThinTile columns 2-6x slower than the
+// same product transposed (measured here for widths 4 and 8 with rows and K of
+// 256-4608; from 16 columns on the plain product is as fast or faster), so a
+// thin one is computed as out^T = b^T @ a^T into `scratch` ([width, rows]) and
+// transposed into out.
+template <typename T>
+void tile_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, T* scratch) {
+  const int64_t rows = out.size(0), width = out.size(1);
+  if (width >= kThinTile) {
+    at::mm_out(out, a, b);
+    return;
+  }
+  TORCH_INTERNAL_ASSERT(out.stride(0) == width && out.stride(1) == 1);
+  at::Tensor out_t = matrix(scratch, width, rows, rows, out.options());
+  at::mm_out(out_t, b.t(), a.t());
+  transpose(scratch, width, rows, out.mutable_data_ptr<T>());
+}
+
 // The per-group weight matrices [OCg, K] of w ([OC, Cg, KH, KW], contiguous).
 inline std::vector<at::Tensor> group_weights(const ConvShape& s, const at::Tensor& w) {
   const at::Tensor w3 = w.view({s.groups, s.OCg(), s.K()});
@@ -500,18 +527,19 @@ void conv_forward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
   const auto opts = x.options();
   const std::vector<at::Tensor> wg = group_weights(s, w);
   const T* xp = x.const_data_ptr<T>();
-  for_each_chunk(s.N, num_chunks(s.N), [&](int64_t, int64_t nb, int64_t ne) {
+  for_each_chunk(s.N, num_chunks(s), [&](int64_t, int64_t nb, int64_t ne) {
     const int64_t max_width = max_tile_width(s, P);
     const auto cols_buf = scratch<T>(s.pointwise() && s.L() >= P ? 0 : K * max_width);
     const auto y_buf = scratch<T>(s.OC * max_width);
+    const auto thin_buf = scratch<T>(OCg * kThinTile);  // for tile_mm (any tile may be thin)
     GroupMatrices<T> cols(cols_buf.get(), 1, K, opts), y(y_buf.get(), s.groups, OCg, opts);
     PhaseBuffer<T> phases(s, max_tile_images(s, P));
     for_each_tile(s, P, nb, ne, [&](const Tile& t) {
       const int64_t width = t.width();
       phases.prepare(xp, t);
       for (int64_t g = 0; g < s.groups; ++g) {
-        at::Tensor yg = y.get(g, width);
-        at::mm_out(yg, wg[g], tile_columns(s, xp, t, g, cols, phases, opts));
+        tile_mm(y.get(g, width), wg[g], tile_columns(s, xp, t, g, cols, phases, opts),
+                thin_buf.get());
       }
       for (int64_t i = 0; i < t.images; ++i) {
         epilogue(t.n0 + i, t.la, t.lb, y.data() + i * t.seg(), width);
@@ -540,7 +568,7 @@ void conv_backward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
   T* gip = need_gi ? grad_input.mutable_data_ptr<T>() : nullptr;
   const int64_t image = s.C * s.H * s.W;
 
-  const int64_t chunks = num_chunks(s.N);
+  const int64_t chunks = num_chunks(s);
   // Each tile adds gw_g [OCg, K] += gy_g [OCg, P] @ cols^T. MKL runs that GEMM
   // (a transposed operand contracted over its long side) 2-4x slower than the
   // same product as gw_g^T [K, OCg] += cols [K, P] @ gy_g^T [P, OCg] for the
@@ -557,6 +585,7 @@ void conv_backward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
     const int64_t max_width = max_tile_width(s, P);
     const auto cols_buf = scratch<T>(K * max_width), gy_buf = scratch<T>(s.OC * max_width);
     const auto gyt_buf = scratch<T>(sum_transposed ? s.OC * max_width : 0);
+    const auto thin_buf = scratch<T>(need_gi ? K * kThinTile : 0);
     GroupMatrices<T> cols(cols_buf.get(), 1, K, opts), gy(gy_buf.get(), s.groups, OCg, opts);
     GroupMatrices<T> gyt(gyt_buf.get(), s.groups, OCg, opts, /*width_major=*/true);
     PhaseBuffer<T> phases(s, need_gw ? max_tile_images(s, P) : 0);
@@ -604,11 +633,9 @@ void conv_backward(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
         if (!need_gi) continue;
         T* gi0 = gip + t.n0 * image + g * s.Cg() * s.H * s.W;
         if (direct) {
-          at::Tensor gig = matrix(gi0 + t.la, K, seg, L, opts);
-          at::mm_out(gig, wgt[g], gyg);
+          tile_mm(matrix(gi0 + t.la, K, seg, L, opts), wgt[g], gyg, thin_buf.get());
         } else {
-          at::Tensor gcols = cols.get(0, width);
-          at::mm_out(gcols, wgt[g], gyg);
+          tile_mm(cols.get(0, width), wgt[g], gyg, thin_buf.get());
           for (int64_t i = 0; i < t.images; ++i) {
             col2im(s, cols.data() + i * seg, width, t.la, t.lb, gi0 + i * image);
           }
