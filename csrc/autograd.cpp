@@ -12,7 +12,7 @@
 // schema's argument list for every argument of every call), several times the
 // kernel on the small layers of LeNet, NiN or DenseNet. The Triton ops
 // (torch.ops.cnnops_triton, Python kernels) keep the same formulas in Python:
-// cnnops/ops.py, register_autograd.
+// cnnops/triton_kernels/autograd.py.
 
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
@@ -173,11 +173,25 @@ variable_list backward_result(const Differentiable<n>& args, AutogradContext* ct
 // The base of every op's Function: forward records which arguments are
 // tensors (for NeedsGrad), runs the op below autograd and hands the result to
 // Fn::save, which saves what the backward op reads. Fn provides op() (its
-// typed handle), save(ctx, result, args...) and backward.
+// typed handle), grads() (its Differentiable), save(ctx, result, args...) and
+// gradients(ctx, incoming), the backward for a defined output gradient.
+//
+// Only an op's first output is differentiable (the others, batch statistics,
+// max-pool indices and conv_bn_relu's saved conv output, are marked not), and
+// backward reads only its gradient. So the others' gradients stay undefined
+// rather than materialised as zeros: for conv_bn_relu that was an
+// activation-sized fill every backward.
 template <typename Fn>
 struct OpFunction : torch::autograd::Function<Fn> {
+  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
+    // (undefined when nothing downstream gave the output a gradient)
+    if (!incoming[0].defined()) return Fn::grads().place(NeedsGrad(ctx), {});
+    return Fn::gradients(ctx, incoming);
+  }
+
   template <typename... Args>
   static auto forward(AutogradContext* ctx, const Args&... args) {
+    ctx->set_materialize_grads(false);
     TensorArgs tensor_args;
     (tensor_args(args), ...);
     ctx->saved_data["tensor_args"] = tensor_args.mask;
@@ -224,7 +238,7 @@ struct Conv2dBackward : OpFunction<Conv2dBackward> {
     ctx->save_for_backward({input, weight});
     save_conv(ctx, stride, padding, dilation, groups);
   }
-  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
+  static variable_list gradients(AutogradContext* ctx, const variable_list& incoming) {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
     auto [gi, gw, gb] = conv_backward(ctx, grads().mask(needs), incoming[0], s[0], s[1]);
@@ -244,7 +258,7 @@ struct Conv2dReluBackward : OpFunction<Conv2dReluBackward> {
     ctx->save_for_backward({input, weight, out});
     save_conv(ctx, stride, padding, dilation, groups);
   }
-  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
+  static variable_list gradients(AutogradContext* ctx, const variable_list& incoming) {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
     // Through the ReLU: also the residual's gradient.
@@ -269,7 +283,7 @@ struct BatchNormBackward : OpFunction<BatchNormBackward> {
     ctx->save_for_backward({input, weight.value_or(Tensor()), std::get<1>(r), std::get<2>(r)});
     ctx->saved_data["training"] = training;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
+  static variable_list gradients(AutogradContext* ctx, const variable_list& incoming) {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
     auto [gi, gw, gb] = below_autograd(batch_norm_backward_op(), incoming[0], s[0], s[1], s[2],
@@ -294,7 +308,7 @@ struct BnReluBackward : OpFunction<BnReluBackward> {
     ctx->saved_data["training"] = training;
     ctx->saved_data["relu"] = relu;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
+  static variable_list gradients(AutogradContext* ctx, const variable_list& incoming) {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
     auto [gi, gw, gb, gr] =
@@ -327,7 +341,7 @@ struct ConvBnReluBackward : OpFunction<ConvBnReluBackward> {
     ctx->saved_data["training"] = training;
     ctx->saved_data["relu"] = relu;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
+  static variable_list gradients(AutogradContext* ctx, const variable_list& incoming) {
     const auto s = ctx->get_saved_variables();
     const NeedsGrad needs(ctx);
     // (output: any tensor of its shape where it is not read, see save)
@@ -358,7 +372,7 @@ struct MaxPool2dBackward : OpFunction<MaxPool2dBackward> {
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["dilation"] = dilation;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
+  static variable_list gradients(AutogradContext* ctx, const variable_list& incoming) {
     const auto s = ctx->get_saved_variables();
     const Tensor gi = below_autograd(max_pool2d_backward_op(), incoming[0], s[0], s[1],
                                      ints(ctx, "kernel_size"), ints(ctx, "stride"),
@@ -385,7 +399,7 @@ struct AvgPool2dBackward : OpFunction<AvgPool2dBackward> {
     d["count_include_pad"] = count_include_pad;
     d["divisor_override"] = divisor_override;
   }
-  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
+  static variable_list gradients(AutogradContext* ctx, const variable_list& incoming) {
     const auto s = ctx->get_saved_variables();
     const Tensor gi = below_autograd(
         avg_pool2d_backward_op(), incoming[0], s[0], ints(ctx, "kernel_size"),
@@ -404,7 +418,7 @@ struct AdaptiveAvgPool2dBackward : OpFunction<AdaptiveAvgPool2dBackward> {
   static void save(AutogradContext* ctx, const Tensor&, const Tensor& input, Ints) {
     ctx->save_for_backward({input});
   }
-  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
+  static variable_list gradients(AutogradContext* ctx, const variable_list& incoming) {
     const auto s = ctx->get_saved_variables();
     const Tensor gi = below_autograd(adaptive_avg_pool2d_backward_op(), incoming[0], s[0]);
     return backward_result(grads(), ctx, NeedsGrad(ctx), incoming, {gi});
@@ -422,7 +436,7 @@ struct AddReluBackward : OpFunction<AddReluBackward> {
   static void save(AutogradContext* ctx, const Tensor& out, const Tensor&, const Tensor&) {
     ctx->save_for_backward({out});
   }
-  static variable_list backward(AutogradContext* ctx, variable_list incoming) {
+  static variable_list gradients(AutogradContext* ctx, const variable_list& incoming) {
     const auto s = ctx->get_saved_variables();
     const Tensor g = below_autograd(add_relu_backward_op(), incoming[0], s[0]);
     return backward_result(grads(), ctx, NeedsGrad(ctx), incoming, {g, g});

@@ -219,6 +219,46 @@ def test_fused_module_residual_and_no_relu(backend):
     assert_close(fused(x, identity), bn(conv(x)) + identity)
 
 
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension")
+def test_backward_fills_no_gradient_for_outputs_without_one():
+    """The ops' extra outputs (batch statistics, max-pool indices, conv_bn_relu's saved conv
+    output) have no gradient: their nodes' backward gets them undefined, not as zeros made
+    every step (an activation-sized fill for the conv output). A node reached with no
+    gradient for its output gives none to its inputs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(cnnops.FusedConvBNReLU(3, 4, 3, padding=1), cnnops.nn.BNReLU(4),
+                                cnnops.nn.MaxPool2d(2)).train()
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    with cnnops.use_backend("cpu"):
+        model(x).sum().backward()  # (the core choice's first-call runs, outside the profile)
+        with torch.profiler.profile() as prof:
+            model(x).sum().backward()
+    nodes = [e for e in prof.events() if e.name.startswith("torch::autograd::CppNode<cnnops::")]
+    assert sorted({e.name for e in nodes}) == [
+        "torch::autograd::CppNode<cnnops::BnReluBackward>",
+        "torch::autograd::CppNode<cnnops::ConvBnReluBackward>",
+        "torch::autograd::CppNode<cnnops::MaxPool2dBackward>"]
+    fills = [e.name for e in prof.events()
+             if e.name in ("aten::zeros", "aten::zeros_like") and e.cpu_parent in nodes]
+    assert fills == []
+
+    class GradientForTheSecondOnly(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return b * 1.0
+
+        @staticmethod
+        def backward(ctx, g):
+            return None, g
+
+    x.grad = None
+    b = torch.ones(3, requires_grad=True)
+    with cnnops.use_backend("cpu"):
+        GradientForTheSecondOnly.apply(model(x), b).sum().backward()
+    assert x.grad is None and model[0].conv.weight.grad is not None  # (from the first backward)
+    assert_close(b.grad, torch.ones(3))
+
+
 def test_fused_module_state_dict_round_trip():
     torch.manual_seed(0)
     fused = cnnops.FusedConvBNReLU(3, 4, 3, padding=1, bias=True)
