@@ -249,8 +249,15 @@ void update_running_stats_cpu(const c10::optional<at::Tensor>& running_mean,
                           bool is_var) {
     if (!buffer.has_value() || !buffer->defined()) return;
     at::Tensor b = *buffer;
-    const at::Tensor batch_d = batch.to(at::kDouble).contiguous();
-    const double* bp = batch_d.const_data_ptr<double>();
+    // The batch statistic in double, read as it is (a converted copy was two tensor
+    // allocations a BatchNorm call, 106 a ResNet-50 step).
+    std::vector<double> bp(C);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, batch.scalar_type(),
+                                    "update_running_stats_cpu", [&] {
+      const scalar_t* q = batch.const_data_ptr<scalar_t>();
+      const int64_t qs = batch.stride(0);
+      for (int64_t c = 0; c < C; ++c) bp[c] = static_cast<double>(q[c * qs]);
+    });
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "update_running_stats_cpu", [&] {
       scalar_t* p = b.mutable_data_ptr<scalar_t>();
       const int64_t st = b.stride(0);
