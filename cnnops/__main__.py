@@ -107,8 +107,23 @@ def _keep_freed_memory():
     return bool(mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(mallopt(M_MMAP_THRESHOLD, 1 << 25))
 
 
-def cmd_train(args):
+def _model_pair(name, layout):
+    """The seed network ``name`` on cnnops (in ``layout``: "channels_last" or "nchw") and on
+    torch.nn (as written, NCHW), with the same initial weights. -> (cnnops', torch.nn's)"""
     from cnnops.models import MODELS
+    from cnnops.models.plain import PLAIN
+
+    ours = MODELS[name][0]()
+    theirs = PLAIN[name]()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    if layout == "channels_last":
+        # cnnops' outputs follow their input's or weight's layout, so channels_last weights
+        # put every activation in channels_last
+        ours.to(memory_format=torch.channels_last)
+    return ours, theirs
+
+
+def cmd_train(args):
     from cnnops.models.plain import PLAIN
 
     if args.distributed:
@@ -119,15 +134,16 @@ def cmd_train(args):
     kept = _keep_freed_memory()
     torch.manual_seed(args.seed)
     (train_x, train_y), (test_x, test_y) = load_digits(seed=args.seed)
-    ours = MODELS[args.model][0]()
-    theirs = PLAIN[args.model]()
-    theirs.load_state_dict(ours.state_dict(), strict=True)  # same initial weights
+    ours, theirs = _model_pair(args.model, args.layout)
     print("cnnops %s: training %s on scikit-learn digits (%d train / %d test images, 1x28x28), "
           "%d epochs, batch %d, %d threads" % (cnnops.__version__, args.model, len(train_y),
                                                len(test_y), args.epochs, args.batch_size,
                                                torch.get_num_threads()))
     print("backend: %s (resolves to %r for this data); reference: torch.nn with the same "
           "initial weights and batches" % (cnnops.get_backend(), cnnops.backends.resolve(train_x)))
+    print("layout: cnnops runs the network in %s; torch.nn as written (NCHW)" % (
+        "channels_last (oneDNN's native CPU layout, which torch.compile also picks for CPU "
+        "convolutions)" if args.layout == "channels_last" else "NCHW"))
     print("allocator: %s" % ("freed memory stays in the process (glibc mallopt), so neither run "
                              "pays page faults for the other's frees" if kept else
                              "not glibc; the epoch times include the allocator's page faults"))
@@ -551,6 +567,9 @@ def main(argv=None):
     train.add_argument("--plot", default=os.path.join("runs", "digits.png"),
                        help="where to save the loss/accuracy plot ('' for none; not with "
                             "--distributed)")
+    train.add_argument("--layout", default=None, choices=["channels_last", "nchw"],
+                       help="the memory format cnnops runs the network in; torch.nn runs it as "
+                            "written, NCHW (default: channels_last; not with --distributed)")
     train.add_argument("--distributed", action="store_true",
                        help="one of torchrun's processes: %s" % TORCHRUN_COMMAND)
     train.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -570,6 +589,10 @@ def main(argv=None):
         args = parser.parse_args(["train"] + (argv or []))
     if args.command == "train" and args.model is None:
         args.model = "resnet18_digits" if args.distributed else "residual_net"
+    if args.command == "train" and args.distributed and args.layout is not None:
+        train.error("--layout is for single-process runs")
+    if args.command == "train" and args.layout is None:
+        args.layout = "channels_last"
     if args.command == "train" and args.max_steps < 0:
         train.error("--max-steps must be 0 (no limit) or more")
     if args.command == "train" and not args.distributed and (
