@@ -219,6 +219,7 @@ TILE_CONFIGS = [
     (2, 64, 32, 3, 1, 1, 1, 2, 2),     # 2x2 images: one chunk, both in one thin tile (8 positions,
     (1, 32, 48, 1, 1, 0, 1, 3, 3),     # GEMMs transposed); 1x1 on one 3x3 image: thin direct path;
     (1, 8, 12, 3, 1, 1, 2, 3, 3),      # thin with groups
+    (2, 8, 6, 3, 2, 1, 1, 7, 7),       # stride 2 to 4x4: a small segment (im2col by tap table)
 ]
 
 

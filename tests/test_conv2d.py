@@ -214,6 +214,30 @@ def test_cpu_conv_tiles_match_torch(config):
     assert_close_all(grads(out, (x, w, b), g), grads(ref, (x, w, b), g))
 
 
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension")
+@pytest.mark.parametrize("config", [
+    # (N, C, OC, kernel, stride, padding, dilation, H, W): outputs of 16 positions or fewer,
+    # which im2col and col2im copy through a tap table
+    (2, 6, 5, (3, 2), (1, 2), (1, 0), 1, 4, 5),
+    (3, 4, 6, 3, 1, 1, 2, 4, 4),
+    (2, 5, 4, 5, 1, 2, 1, 3, 3),
+    (1, 3, 4, 2, 2, 0, 1, 5, 3),
+], ids=str)
+def test_cpu_conv_small_images_match_torch(config):
+    N, C, OC, k, stride, padding, dilation, H, W = config
+    kh, kw = (k, k) if isinstance(k, int) else k
+    torch.manual_seed(0)
+    x = torch.randn(N, C, H, W, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(OC, C, kh, kw, dtype=torch.float64, requires_grad=True)
+    with cnnops.use_backend("cpu"):
+        out = CF.conv2d(x, w, None, stride, padding, dilation)
+    ref = F.conv2d(x, w, None, stride, padding, dilation)
+    assert 0 < ref.shape[2] * ref.shape[3] <= 16
+    assert_close(out, ref)
+    g = torch.randn_like(ref)
+    assert_close_all(grads(out, (x, w), g), grads(ref, (x, w), g))
+
+
 @per_device(
     cpu=grid(axis("config", CONFIGS[::3], _ids), axis("residual", [False, True],
                                                       ["plain", "residual"]),
