@@ -128,16 +128,18 @@ def test_batch_norm_without_running_stats(backend):
     assert_close(grads(actual, (x,), g)[0], grads(expected, (x,), g)[0])
 
 
-@per_device(cpu=grid(axis("layout", ["contiguous", "channels_last"])),
-            gpu=grid(axis("layout", ["contiguous", "channels_last"])))
-def test_batch_norm_large_mean_is_stable(backend, layout):
+@per_device(cpu=grid(axis("layout", ["contiguous", "channels_last"]),
+                     axis("side", [8, 2], ["8x8", "2x2"])),
+            gpu=grid(axis("layout", ["contiguous", "channels_last"]), axis("side", [8], str)))
+def test_batch_norm_large_mean_is_stable(backend, layout, side):
     """E[x^2] - E[x]^2 in float32 would lose every digit of these variances; a Welford / Chan
     reduction and normalising as (x - mean) * invstd keep them. Float32 against float64 on the
     same values. CPU grid: mean 1000, standard deviation 0.01 over 256 positions (two NHWC row
-    blocks, merged); GPU grid: mean 100, standard deviation 0.1, the output compared too."""
+    blocks, merged), or over 16 images of 2x2 (NCHW: a channel's small planes as one set);
+    GPU grid: mean 100, standard deviation 0.1, the output compared too."""
     if not backend.gpu:
         torch.manual_seed(0)
-        x = make_input((4, 2, 8, 8), layout) * 0.01 + 1000.0
+        x = make_input((4 * (8 // side) ** 2, 2, side, side), layout) * 0.01 + 1000.0
         rm, rv = torch.zeros(2), torch.ones(2)
         CF.batch_norm(x, rm, rv, training=True, momentum=1.0)
         exact = x.double().transpose(0, 1).reshape(2, -1)
