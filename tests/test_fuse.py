@@ -1612,6 +1612,31 @@ def test_fuse_runs_bn_relu_sites_in_channels_last():
     assert f_f.stride() == f_e.stride()
 
 
+def test_lone_convs_run_cnnops_conv2d_on_the_cpu():
+    """A convolution with nothing after it to fuse (DenseNet's 3x3 ones, a pre-activation
+    net's) runs cnnops' conv2d on CPU tensors, in training and inference, with eager's values
+    and gradients; one with a hook stays a module call, so its hook runs."""
+    torch.manual_seed(19)
+    model = _PreActNet().double()
+    seen = []
+    model.conv0.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    fused = cnnops.fuse(model)
+    source = fused.__dict__["forward"].source
+    assert source.count("conv2d_on_cpu(") == 2  # conv1, in the train and the eval forward
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for train in (True, False):
+        model.train(train), fused.train(train)
+        out_m, gx_m = _step(model, x)
+        with torch.profiler.profile() as prof:
+            out_f, gx_f = _step(fused, x)
+        assert [e.name for e in prof.events()].count("cnnops::conv2d") == 1
+        for a, e in zip(out_f, out_m):
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(gx_f, gx_m, rtol=1e-8, atol=1e-9)
+        _assert_same_state(model, fused)
+    assert len(seen) == 4  # the hook ran in both models, both modes
+
+
 def test_fuse_keeps_the_layout_of_graphs_with_other_ops():
     """A .view() (which raises on a channels_last activation) or any op outside the
     layout-free set keeps the eval graph in the layout it is given."""

@@ -9,13 +9,34 @@ from torch import nn
 from .. import nn as cnn
 from .codegen import _FusedForward, _forward_source, _make_forward
 from .layout import _channels_last_inputs
-from .patterns import _bn_act_suffix, _bn_kind, _is_leaf_type
+from .patterns import _bn_act_suffix, _bn_kind, _conv_reason, _is_leaf_type
 from .records import FusionRecord
 from .rewrite import _Rewriter
+from .runtime import conv2d_on_cpu
 from .trace import _TraceFailure, _short, _trace
 
 # where fuse keeps a fused model's FusionRecords (an instance attribute)
 _RECORDS_ATTR = "_cnnops_fusion_records"
+
+
+def _lone_convs_to_cnnops(graph, module):
+    """Rewrites the nn.Conv2d calls the fusion left (nothing after them to fuse with) to
+    runtime.conv2d_on_cpu, which runs cnnops' conv2d on CPU tensors. Convolutions with hooks,
+    an overridden forward or lazy parameters stay calls. -> whether any was rewritten."""
+    mods = dict(module.named_modules())
+    changed = False
+    for node in list(graph.nodes):
+        m = mods.get(node.target) if node.op == "call_module" else None
+        if (isinstance(m, nn.Conv2d) and _conv_reason(m) is None and len(node.args) == 1
+                and not node.kwargs):
+            with graph.inserting_before(node):
+                conv = graph.call_function(conv2d_on_cpu, (graph.get_attr(node.target),
+                                                           node.args[0]))
+            conv.meta = dict(node.meta)
+            node.replace_all_uses_with(conv)
+            graph.erase_node(node)
+            changed = True
+    return changed
 
 
 def _fuse_one(module, prefix, records, install, memory):
@@ -27,6 +48,7 @@ def _fuse_one(module, prefix, records, install, memory):
         graph, through = _trace(module, mode, opaque, failed)
         rewriter = _Rewriter(graph, module, prefix, memory)
         recs, changed = rewriter.run()
+        changed = _lone_convs_to_cnnops(graph, module) or changed
         if not mode and changed and not prefix:  # the model's own eval forward
             _channels_last_inputs(graph, module)
         code = graph.python_code(root_module="self")

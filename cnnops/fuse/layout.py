@@ -1,6 +1,5 @@
 """The channels_last pass: an eval-mode graph of layout-free ops rewritten to run its 4-D CPU
-inputs in channels_last (the run-time side is runtime.to_channels_last, restore_layout and
-conv_channels_last).
+inputs in channels_last (the run-time side is runtime.to_channels_last and restore_layout).
 """
 import operator
 
@@ -11,7 +10,7 @@ from torch import nn
 from .. import nn as cnn
 from ._fx import BatchNormBase
 from .patterns import _is_cnnops_module
-from .runtime import conv_channels_last, restore_layout, to_channels_last
+from .runtime import restore_layout, to_channels_last
 
 
 # What the channels_last pass allows in a graph: ops whose results do not depend on the
@@ -51,15 +50,6 @@ def _channels_last_inputs(graph, root):
     output = next(n for n in graph.nodes if n.op == "output")
     if not inputs:
         return False
-    for node in list(graph.nodes):  # the convolutions fuse left as modules
-        if (node.op == "call_module" and type(mods.get(node.target)) is nn.Conv2d
-                and len(node.args) == 1 and not node.kwargs):
-            with graph.inserting_before(node):
-                conv = graph.call_function(conv_channels_last,
-                                           (graph.get_attr(node.target), node.args[0]))
-            conv.meta = dict(node.meta)
-            node.replace_all_uses_with(conv)
-            graph.erase_node(node)
     pairs = []
     with graph.inserting_after(inputs[-1]):
         for x in reversed(inputs):
