@@ -216,11 +216,11 @@ constexpr int64_t kSmallSegment = 16;
 // tap) row: most of a 2x2 or 4x4 layer's im2col (1x1 conv of [2, 1000, 2, 2]
 // to 128 channels, training forward: 167 -> 55 us).
 struct TapTable {
-  int64_t positions;
-  std::vector<int64_t> offset;  // [KH * KW, positions]
+  int64_t positions, taps;
+  std::vector<int64_t> offset;  // [taps, positions]
 
   TapTable(const ConvShape& s, int64_t la, int64_t lb)
-      : positions(lb - la), offset(s.KH * s.KW * (lb - la)) {
+      : positions(lb - la), taps(s.KH * s.KW), offset(taps * positions) {
     for (int64_t kh = 0; kh < s.KH; ++kh) {
       for (int64_t kw = 0; kw < s.KW; ++kw) {
         int64_t* row = offset.data() + (kh * s.KW + kw) * positions;
@@ -231,6 +231,15 @@ struct TapTable {
           row[l - la] = inside ? ih * s.W + iw : -1;
         }
       }
+    }
+  }
+
+  // fn(c, row, off) for each channel c < channels and tap t: row = c * taps + t
+  // (its row of the column matrix), off the tap's offsets for the positions.
+  template <typename F>
+  void for_each_row(int64_t channels, const F& fn) const {
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t t = 0; t < taps; ++t) fn(c, c * taps + t, offset.data() + t * positions);
     }
   }
 };
@@ -250,15 +259,11 @@ void im2col(const ConvShape& s, const T* x, int64_t la, int64_t lb, T* cols, int
             const T* phases = nullptr) {
   if (lb - la <= kSmallSegment) {
     const TapTable table(s, la, lb);
-    const int64_t taps = s.KH * s.KW, n = table.positions;
-    for (int64_t c = 0; c < s.Cg(); ++c) {
+    table.for_each_row(s.Cg(), [&](int64_t c, int64_t row, const int64_t* off) {
       const T* plane = x + c * s.H * s.W;
-      for (int64_t t = 0; t < taps; ++t) {
-        const int64_t* off = table.offset.data() + t * n;
-        T* crow = cols + (c * taps + t) * ld;
-        for (int64_t j = 0; j < n; ++j) crow[j] = off[j] >= 0 ? plane[off[j]] : T(0);
-      }
-    }
+      T* crow = cols + row * ld;
+      for (int64_t j = 0; j < table.positions; ++j) crow[j] = off[j] >= 0 ? plane[off[j]] : T(0);
+    });
     return;
   }
   const Phases ph(s);
@@ -376,17 +381,13 @@ template <typename T>
 void col2im(const ConvShape& s, const T* cols, int64_t ld, int64_t la, int64_t lb, T* x) {
   if (lb - la <= kSmallSegment) {  // (the same sums, in the same order)
     const TapTable table(s, la, lb);
-    const int64_t taps = s.KH * s.KW, n = table.positions;
-    for (int64_t c = 0; c < s.Cg(); ++c) {
+    table.for_each_row(s.Cg(), [&](int64_t c, int64_t row, const int64_t* off) {
       T* plane = x + c * s.H * s.W;
-      for (int64_t t = 0; t < taps; ++t) {
-        const int64_t* off = table.offset.data() + t * n;
-        const T* crow = cols + (c * taps + t) * ld;
-        for (int64_t j = 0; j < n; ++j) {
-          if (off[j] >= 0) plane[off[j]] += crow[j];
-        }
+      const T* crow = cols + row * ld;
+      for (int64_t j = 0; j < table.positions; ++j) {
+        if (off[j] >= 0) plane[off[j]] += crow[j];
       }
-    }
+    });
     return;
   }
   const int64_t OW = s.OW;
