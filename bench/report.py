@@ -19,8 +19,8 @@ ResNet-50 training step under autocast float16.
 Speed-up = torch eager's median / the implementation's median (--stat min: minima), within
 one group (same op, shape, inputs and device, measured in the same run): > 1 means faster.
 On the CPU the eager time is that of eager rounds alternated with the implementation's own
-(benchlib.time_it's baseline), so a slow spell of a shared machine hits both alike; the
-model training steps and CUDA rows use the group's separately timed eager row.
+(benchlib.time_it's baseline), so a slow spell of a shared machine hits both alike; CUDA
+rows use the group's separately timed eager row.
 GFLOP/s count convolution (and Linear) FLOPs only; sgemm fraction = GFLOP/s / this
 machine's float32 sgemm rate measured in the same session.
 """
@@ -642,7 +642,7 @@ def markdown(data, rows, chart_name=None, stat="median", others=()):
     out += ["",
             "Speed-up = torch eager %s / implementation %s within one group (same op, "
             "shape, inputs, device, one run; on the CPU the eager rounds alternate with the "
-            "implementation's, except in the model training steps); > 1 is faster than eager. "
+            "implementation's); > 1 is faster than eager. "
             "torch eager is PyTorch's "
             "native kernels (oneDNN/MKL on CPU, cuDNN on GPU) in unfused torch.nn modules. "
             "GFLOP/s count convolution and Linear FLOPs only (2 x MACs; training: forward + "

@@ -258,10 +258,11 @@ def _train_step(benchmark, bench, device, case, impl, mode):
             opt.step()
             return loss.detach()
 
-        # The memory group alternates each row's rounds with eager's (its time targets are
-        # ratios between rows); the training groups time each row alone.
+        # Each row's rounds alternate with eager's: in the memory group (its time targets are
+        # ratios between rows) and on the CPU, whose speed drifts within a minute (timed
+        # alone, the training-step ratios moved by up to 0.3x from one run to the next).
         baseline = None
-        if mode == "memory":
+        if mode == "memory" or device == "cpu":
             twin = _twin(case.name, device, v).train()
             twin_opt = torch.optim.SGD(twin.parameters(), lr=0.0, momentum=0.9)
 
