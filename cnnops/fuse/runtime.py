@@ -231,11 +231,11 @@ def restore_layout(out, *pairs):
 
 def conv2d_on_cpu(conv, x):
     """conv(x) for an nn.Conv2d that fuse left alone (nothing after it to fuse with). On a
-    CPU tensor it runs cnnops.functional.conv2d: the cpu backend's core choice (im2col, measured
-    faster on small images, e.g. DenseNet's 3x3 convolutions at 4x4 and 2x2, training forward +
-    backward 0.6x eager's time) and, in channels_last, oneDNN with the weight packed once
-    (nn.Conv2d would copy its NCHW weight to channels_last, and oneDNN reorder it, on every
-    call). On other devices conv(x)."""
+    CPU tensor it runs cnnops.functional.conv2d: the cpu backend's core choice (DenseNet's
+    3x3 convolutions at 4x4 and 2x2, batch 2, take the im2col core, measured at about a third
+    of oneDNN's time forward and backward) and, in channels_last, oneDNN with the weight
+    packed once (nn.Conv2d would copy its NCHW weight to channels_last, and oneDNN reorder it,
+    on every call). On other devices conv(x)."""
     if x.device.type != "cpu":
         return conv(x)
     x, padding = _conv_input_and_padding(conv, x)
