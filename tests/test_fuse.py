@@ -1635,6 +1635,19 @@ def test_lone_convs_run_cnnops_conv2d_on_the_cpu():
         torch.testing.assert_close(gx_f, gx_m, rtol=1e-8, atol=1e-9)
         _assert_same_state(model, fused)
     assert len(seen) == 4  # the hook ran in both models, both modes
+    # where the cpu backend does not run the call (float16 on the CPU, another backend
+    # chosen), the lone conv is torch's, as an unfused op is
+    half, x16 = model.half(), x.half()
+    fused16 = cnnops.fuse(half)
+    for backend in ("auto", "reference"):
+        with cnnops.use_backend(backend), torch.profiler.profile() as prof:
+            torch.testing.assert_close(fused16.eval()(x16)[1], half.eval()(x16)[1],
+                                       rtol=1e-2, atol=1e-3)  # (the BN sites round apart)
+        assert "cnnops::conv2d" not in [e.name for e in prof.events()]
+    # the cpu backend forced: a lone conv it cannot run is still torch's, not an error
+    alone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU()).half()
+    with cnnops.use_backend("cpu"):
+        torch.testing.assert_close(cnnops.fuse(alone)(x16), alone(x16))
 
 
 def test_fuse_keeps_the_layout_of_graphs_with_other_ops():

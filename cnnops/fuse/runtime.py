@@ -229,14 +229,24 @@ def restore_layout(out, *pairs):
                     else t, out)
 
 
+def _on_cpu_backend(x):
+    """Whether a call on x runs on cnnops' cpu backend (False for a tensor the backend
+    chosen cannot run: an unfused op is torch's, not an error)."""
+    try:
+        return isinstance(x, torch.Tensor) and backends.resolve(x) == "cpu"
+    except RuntimeError:
+        return False
+
+
 def conv2d_on_cpu(conv, x):
-    """conv(x) for an nn.Conv2d that fuse left alone (nothing after it to fuse with). On a
-    CPU tensor it runs cnnops.functional.conv2d: the cpu backend's core choice (DenseNet's
+    """conv(x) for an nn.Conv2d that fuse left alone (nothing after it to fuse with). Where
+    x resolves to the cpu backend it runs cnnops.functional.conv2d: the core choice (DenseNet's
     3x3 convolutions at 4x4 and 2x2, batch 2, take the im2col core, measured at about a third
     of oneDNN's time forward and backward) and, in channels_last, oneDNN with the weight
     packed once (nn.Conv2d would copy its NCHW weight to channels_last, and oneDNN reorder it,
-    on every call). On other devices conv(x)."""
-    if x.device.type != "cpu":
+    on every call). Elsewhere (other devices, float16 on the CPU, another backend chosen)
+    conv(x): torch's convolution, which no other cnnops backend beats on its own."""
+    if not _on_cpu_backend(x):
         return conv(x)
     x, padding = _conv_input_and_padding(conv, x)
     return CF.conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
