@@ -28,8 +28,8 @@ F.relu, torch.relu, x.relu(), ``x + y``, torch.add, ``out += identity``):
 - conv (+ bias) (-> + residual) -> ReLU, no BN    cnnops conv2d_relu
 - relu(x + y)                                     cnnops add_relu
 - max / avg / adaptive-avg pooling (2-D)          cnnops pooling
-- a convolution left alone (nothing after it to fuse with) runs cnnops conv2d on CPU tensors
-  (its measured core choice), torch's conv elsewhere
+- a convolution left alone (nothing after it to fuse with) runs cnnops conv2d where the call
+  resolves to the cpu backend (its measured core choice), torch's conv elsewhere
 
 nn.SyncBatchNorm and cnnops.nn.SyncBatchNorm fuse as BN does, their statistics synchronised
 over their process group in training (cnnops.distributed); alone too, since torch's own runs on
