@@ -112,6 +112,11 @@ if _ext.LOADED:
         stats = _like(input, (OC,), dtype=_stat_dtype(input))
         return _like(input, shape, fmt), conv_output, stats, torch.empty_like(stats)
 
+    @torch.library.register_fake("cnnops::conv_bn_relu_into_residual")
+    def _(residual, input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+          stride, padding, dilation, groups, eps, relu):
+        return None
+
     @torch.library.register_fake("cnnops::conv_bn_relu_backward")
     def _(grad_output, output, input, weight, conv_bias, conv_output, bn_weight, save_mean,
           save_invstd, stride, padding, dilation, groups, training, relu, output_mask):

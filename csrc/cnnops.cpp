@@ -180,6 +180,15 @@ TORCH_LIBRARY(cnnops, m) {
         "Tensor? running_var, Tensor? residual, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, bool training, float eps, bool relu) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Inference (BN from its running statistics) with the result written into
+  // residual, which must not share memory with the input:
+  // residual = relu?(batch_norm(conv2d(input)) + residual). CPU only, no
+  // autograd: cnnops.fuse runs it for a residual add whose residual nothing
+  // reads afterwards, saving the output's allocation and a cold write.
+  m.def("conv_bn_relu_into_residual(Tensor(a!) residual, Tensor input, Tensor weight, "
+        "Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
+        "Tensor running_var, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+        "float eps, bool relu) -> ()");
   // -> (grad_input, grad_weight, grad_conv_bias, grad_bn_weight, grad_bn_bias, grad_residual)
   // conv_bias is needed only in inference, to recompute conv_output when the
   // BN weight gradient is asked for (BN affine trained with frozen statistics).

@@ -259,6 +259,78 @@ def test_backward_fills_no_gradient_for_outputs_without_one():
     assert_close(b.grad, torch.ones(3))
 
 
+def _into_residual_case(dtype, layout, relu, conv_bias):
+    torch.manual_seed(5)
+    x = make_input((2, 6, 7, 6), layout, dtype=dtype)
+    w = torch.randn(8, 3, 3, 3, dtype=dtype)                     # groups=2, stride 2
+    cb = torch.randn(8, dtype=dtype) if conv_bias else None
+    bw, bb, rm = (torch.randn(8, dtype=dtype) for _ in range(3))
+    rv = torch.rand(8, dtype=dtype) + 0.5
+    r = make_input((2, 8, 4, 3), layout, dtype=dtype)
+    geometry = ([2, 2], [1, 1], [1, 1], 2)
+    return (x, w, cb, bw, bb, rm, rv), r, geometry
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension")
+@pytest.mark.parametrize("core,dtype", [(core, dtype) for core in ("im2col", "onednn", "auto")
+                                         for dtype in (torch.float32, torch.float64,
+                                                       torch.bfloat16)
+                                         if (core, dtype) not in (("im2col", torch.bfloat16),
+                                                                  ("onednn", torch.float64))],
+                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("relu,conv_bias", [(True, False), (False, True)],
+                         ids=["relu", "conv_bias-no_relu"])
+def test_conv_bn_relu_into_residual_matches_the_op(core, dtype, layout, relu, conv_bias):
+    """cnnops::conv_bn_relu_into_residual writes inference conv_bn_relu(..., residual) into
+    the residual's own memory, on each core and layout: in auto mode the configuration's
+    first call (the core measured on runs that leave the residual alone) and the calls
+    after it."""
+    (x, w, cb, bw, bb, rm, rv), r, geometry = _into_residual_case(dtype, layout, relu,
+                                                                  conv_bias)
+    with cnnops.use_cpu_conv(core), torch.no_grad():
+        for call in range(3):
+            x_before = x.clone()
+            out = r.clone()
+            address, strides = out.data_ptr(), out.stride()
+            torch.ops.cnnops.conv_bn_relu_into_residual(out, x, w, cb, bw, bb, rm, rv,
+                                                        *geometry, 1e-5, relu)
+            want = torch.ops.cnnops.conv_bn_relu(x, w, cb, bw, bb, rm, rv, r, *geometry,
+                                                 False, 1e-5, relu)[0]
+            assert (out.data_ptr(), out.stride()) == (address, strides)
+            # (bfloat16: both round the same float32 result once; oneDNN's in-place sum
+            # may differ from its out-of-place binary post-op by that rounding)
+            assert_close(out, want, torch.float32 if dtype == torch.bfloat16 else dtype,
+                         **(dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else {}))
+            assert torch.equal(x, x_before)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension")
+def test_conv_bn_relu_into_residual_refuses_what_it_cannot_do():
+    """A residual of another shape or dtype, or sharing the input's memory, is an error
+    before anything is written; so is a gradient asked through it (inference only)."""
+    (x, w, cb, bw, bb, rm, rv), r, geometry = _into_residual_case(torch.float32, "contiguous",
+                                                                  True, False)
+    op = torch.ops.cnnops.conv_bn_relu_into_residual
+    for bad, match in [(r[:, :4].clone(), "shape"), (r.double(), "dtype|float")]:
+        before = bad.clone()
+        with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+            op(bad, x, w, cb, bw, bb, rm, rv, *geometry, 1e-5, True)
+        assert torch.equal(bad, before)
+    square = torch.randn(2, 8, 4, 4)
+    with pytest.raises(ValueError, match="shares memory"):
+        op(square, square, torch.randn(8, 8, 1, 1), None, bw, bb, rm, rv, [1, 1], [0, 0],
+           [1, 1], 1, 1e-5, True)
+    w.requires_grad_(True)
+    out = r.clone()
+    with pytest.raises(RuntimeError, match="inference only"):
+        op(out, x, w, cb, bw, bb, rm, rv, *geometry, 1e-5, True)
+    assert torch.equal(out, r)
+    with torch.no_grad():
+        op(out, x, w, cb, bw, bb, rm, rv, *geometry, 1e-5, True)
+    assert out._version == r.clone()._version + 1
+
+
 def test_fused_module_state_dict_round_trip():
     torch.manual_seed(0)
     fused = cnnops.FusedConvBNReLU(3, 4, 3, padding=1, bias=True)

@@ -88,17 +88,30 @@ def _backward_samples():
     ]
 
 
+def _inference_samples():
+    """The inference-only op, which writes into its residual (no tensor requires grad)."""
+    out = []
+    for layout in (None, "channels_last"):
+        x = _t(2, 4, 6, 5, layout=layout)
+        out.append(("conv_bn_relu_into_residual",
+                    (_t(2, 6, 3, 3, layout=layout), x, _t(6, 2, 3, 3), _t(6), _t(6), _t(6),
+                     _t(6), _t(6, positive=True), [2, 1], [1, 1], [1, 2], 2, 1e-5, True)))
+    return out
+
+
 def _id(sample):
     return sample[0]
 
 
-@pytest.mark.parametrize("sample", _samples(grad=True) + _backward_samples(), ids=_id)
+@pytest.mark.parametrize("sample", _samples(grad=True) + _backward_samples()
+                         + _inference_samples(), ids=_id)
 def test_opcheck(sample):
     name, args = sample
     torch.library.opcheck(getattr(torch.ops.cnnops, name).default, args)
 
 
-CONV_OPS = ("conv2d", "conv2d_relu", "conv_bn_relu", "conv2d_backward", "conv_bn_relu_backward")
+CONV_OPS = ("conv2d", "conv2d_relu", "conv_bn_relu", "conv2d_backward", "conv_bn_relu_backward",
+            "conv_bn_relu_into_residual")
 
 
 def _cast(args, dtype):
@@ -111,7 +124,7 @@ def _onednn_params():
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         for i, (name, args) in enumerate(s for s in _samples(grad=True) + _backward_samples()
-                                         if s[0] in CONV_OPS):
+                                         + _inference_samples() if s[0] in CONV_OPS):
             out.append(pytest.param(name, args, dtype, id="%s-%d-%s" % (name, i, str(dtype)[6:])))
     return out
 

@@ -95,11 +95,36 @@ void inference_affine(const BNArgs& p, int64_t OC, double eps, std::vector<doubl
   }
 }
 
+// Inference on the oneDNN core: BN folded into the convolution, kept while
+// the tensors it came from stay unchanged (cpu::folded_bn_cache) -> (w', b',
+// invstd) with w' = weight * scale per output channel and b' = shift.
+std::vector<at::Tensor> folded_bn(const at::Tensor& input, const at::Tensor& weight,
+                                  const BNArgs& p, int64_t OC, double eps) {
+  return cpu::folded_bn_cache().get(p.given, eps, [&] {
+    std::vector<at::Tensor> f;
+    AT_DISPATCH_FLOATING_TYPES(compute_dtype(input), "conv_bn_relu_cpu", [&] {
+      std::vector<double> scale(OC), shift(OC), is(OC);
+      inference_affine<scalar_t>(p, OC, eps, scale, shift, is);
+      const auto dopts = at::TensorOptions().dtype(at::kDouble);
+      const at::Tensor sc =
+          at::from_blob(scale.data(), {OC, 1, 1, 1}, dopts).to(compute_dtype(input));
+      f = {(weight.to(compute_dtype(input)) * sc).to(input.scalar_type()).contiguous(),
+           at::from_blob(shift.data(), {OC}, dopts).to(input.scalar_type()),
+           at::from_blob(is.data(), {OC}, dopts).to(compute_dtype(input))};
+    });
+    return f;
+  });
+}
+
 using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// into (inference only; undefined otherwise): the residual, which the output
+// may overwrite (conv_bn_relu_into_residual). Where the core writes its output
+// in place, the output returned is `into` itself.
 Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
                 const at::Tensor& weight, const BNArgs& p, const at::Tensor& residual_in,
-                const ConvArgs& args, bool training, double eps, bool relu) {
+                const ConvArgs& args, bool training, double eps, bool relu,
+                const at::Tensor& into = at::Tensor()) {
   const int64_t L = s.L(), OC = s.OC;
   const bool onednn = core == cpu::Core::OneDNN;
   const at::MemoryFormat fmt = conv_memory_format(input, weight);
@@ -108,23 +133,13 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
 
   if (!training && onednn) {
     // BN folded into the weight and bias; conv + bias (+ residual) + ReLU in one primitive.
-    // (w', b', invstd): w' = w * scale per output channel, b' = shift.
-    const std::vector<at::Tensor> folded = cpu::folded_bn_cache().get(p.given, eps, [&] {
-      std::vector<at::Tensor> f;
-      AT_DISPATCH_FLOATING_TYPES(compute_dtype(input), "conv_bn_relu_cpu", [&] {
-        std::vector<double> scale(OC), shift(OC), is(OC);
-        inference_affine<scalar_t>(p, OC, eps, scale, shift, is);
-        const auto dopts = at::TensorOptions().dtype(at::kDouble);
-        const at::Tensor sc =
-            at::from_blob(scale.data(), {OC, 1, 1, 1}, dopts).to(compute_dtype(input));
-        f = {(weight.to(compute_dtype(input)) * sc).to(input.scalar_type()).contiguous(),
-             at::from_blob(shift.data(), {OC}, dopts).to(input.scalar_type()),
-             at::from_blob(is.data(), {OC}, dopts).to(compute_dtype(input))};
-      });
-      return f;
-    });
-    const at::Tensor out =
-        cpu::onednn_conv_relu(input, folded[0], folded[1], residual_in, relu, args, fmt);
+    const std::vector<at::Tensor> folded = folded_bn(input, weight, p, OC, eps);
+    at::Tensor out = into;
+    if (into.defined() && into.scalar_type() == at::kFloat && into.is_contiguous(fmt)) {
+      cpu::onednn_conv_relu_into(out, input, folded[0], folded[1], relu, args, fmt);
+    } else {
+      out = cpu::onednn_conv_relu(input, folded[0], folded[1], residual_in, relu, args, fmt);
+    }
     mean.copy_(p.running_mean);
     invstd.copy_(folded[2]);
     return {out, at::empty({0}, input.options()), mean, invstd};
@@ -135,7 +150,11 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
   const at::Tensor x = onednn ? input : input.contiguous();
   const at::Tensor w = onednn ? weight : weight.contiguous();
   const at::Tensor residual = in_compute_dtype(residual_in, input, work);
-  at::Tensor out = at::empty({s.N, OC, s.OH, s.OW}, stat_opts.memory_format(work));
+  // (the im2col epilogue reads each residual element before it writes that
+  // output element: in inference it writes over a residual it may reuse)
+  at::Tensor out = !training && into.defined() && into.is_same(residual)
+                       ? into
+                       : at::empty({s.N, OC, s.OH, s.OW}, stat_opts.memory_format(work));
   at::Tensor conv_out;  // training: the conv output (+ conv bias), saved for backward
   AT_DISPATCH_FLOATING_TYPES(compute_dtype(input), "conv_bn_relu_cpu", [&] {
     using T = scalar_t;
@@ -194,6 +213,55 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
 
 }  // namespace
 
+namespace {
+
+// A conv_bn_relu call's arguments, checked: the shape, the per-channel
+// arguments, the layout and the convolution geometry.
+struct Call {
+  ConvShape s;
+  BNArgs p;
+  at::MemoryFormat fmt;
+  ConvArgs args;
+};
+
+Call check_call(const at::Tensor& input, const at::Tensor& weight,
+                const c10::optional<at::Tensor>& conv_bias_opt,
+                const c10::optional<at::Tensor>& bn_weight_opt,
+                const c10::optional<at::Tensor>& bn_bias_opt,
+                const c10::optional<at::Tensor>& running_mean_opt,
+                const c10::optional<at::Tensor>& running_var_opt, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                bool training, double eps) {
+  const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
+  check_cpu_conv(input, "input");
+  const auto given = [](const c10::optional<at::Tensor>& t) { return t.value_or(at::Tensor()); };
+  const at::Tensor cbias = optional_channel(conv_bias_opt, input, s.OC, "conv_bias");
+  const BNParams bn =
+      check_bn_params("conv_bn_relu", input, s.OC, running_mean_opt, running_var_opt,
+                      bn_weight_opt, bn_bias_opt, training, eps, "bn_weight", "bn_bias");
+  return {s,
+          {in_compute_dtype(cbias, input),
+           bn.weight,
+           bn.bias,
+           bn.running_mean,
+           bn.running_var,
+           cbias,
+           {weight, given(conv_bias_opt), given(bn_weight_opt), given(bn_bias_opt),
+            given(running_mean_opt), given(running_var_opt)}},
+          // (in the input's layout: the oneDNN core reads it so; the other paths make it NCHW)
+          conv_memory_format(input, weight),
+          {stride, padding, dilation, groups}};
+}
+
+cpu::CoreKey forward_key(const Call& c, const at::Tensor& input, bool training, bool relu,
+                         bool residual) {
+  return cpu::CoreKey("conv_bn_relu", c.s, input, c.fmt,
+                      {{"train", training}, {"relu", relu}, {"residual", residual},
+                       {"conv_bias", c.p.conv_bias.defined()}});
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
     const at::Tensor& input, const at::Tensor& weight,
     const c10::optional<at::Tensor>& conv_bias_opt,
@@ -204,31 +272,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
     const c10::optional<at::Tensor>& residual_opt, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
     double eps, bool relu) {
-  const ConvShape s = conv_shape(input, weight, at::Tensor(), stride, padding, dilation, groups);
-  check_cpu_conv(input, "input");
-  const auto given = [](const c10::optional<at::Tensor>& t) { return t.value_or(at::Tensor()); };
-  const at::Tensor cbias = optional_channel(conv_bias_opt, input, s.OC, "conv_bias");
-  const BNParams bn =
-      check_bn_params("conv_bn_relu", input, s.OC, running_mean_opt, running_var_opt,
-                      bn_weight_opt, bn_bias_opt, training, eps, "bn_weight", "bn_bias");
-  const BNArgs p{in_compute_dtype(cbias, input),
-                 bn.weight,
-                 bn.bias,
-                 bn.running_mean,
-                 bn.running_var,
-                 cbias,
-                 {weight, given(conv_bias_opt), given(bn_weight_opt), given(bn_bias_opt),
-                  given(running_mean_opt), given(running_var_opt)}};
-  // (in the input's layout: the oneDNN core reads it so; the other paths make it NCHW)
-  const at::MemoryFormat fmt = conv_memory_format(input, weight);
-  const at::Tensor residual = conv_residual(residual_opt, input, s, fmt);
-  const ConvArgs args{stride, padding, dilation, groups};
-  const cpu::CoreKey key("conv_bn_relu", s, input, fmt,
-                         {{"train", training}, {"relu", relu}, {"residual", residual.defined()},
-                          {"conv_bias", p.conv_bias.defined()}});
-  return cpu::with_core(key, [&](cpu::Core core) {
-    return forward(core, s, input, weight, p, residual, args, training, eps, relu);
-  });
+  const Call c = check_call(input, weight, conv_bias_opt, bn_weight_opt, bn_bias_opt,
+                            running_mean_opt, running_var_opt, stride, padding, dilation, groups,
+                            training, eps);
+  const at::Tensor residual = conv_residual(residual_opt, input, c.s, c.fmt);
+  return cpu::with_core(forward_key(c, input, training, relu, residual.defined()),
+                        [&](cpu::Core core) {
+                          return forward(core, c.s, input, weight, c.p, residual, c.args,
+                                         training, eps, relu);
+                        });
+}
+
+void conv_bn_relu_into_residual_cpu(const at::Tensor& residual, const at::Tensor& input,
+                                    const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& conv_bias_opt,
+                                    const c10::optional<at::Tensor>& bn_weight_opt,
+                                    const c10::optional<at::Tensor>& bn_bias_opt,
+                                    const at::Tensor& running_mean,
+                                    const at::Tensor& running_var, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    int64_t groups, double eps, bool relu) {
+  const Call c = check_call(input, weight, conv_bias_opt, bn_weight_opt, bn_bias_opt,
+                            running_mean, running_var, stride, padding, dilation, groups,
+                            /*training=*/false, eps);
+  check_conv_residual(residual, input, c.s);
+  TORCH_CHECK_VALUE(!residual.is_alias_of(input), "conv_bn_relu_into_residual: the residual "
+                    "shares memory with the input, which the result would overwrite");
+  const cpu::CoreKey key = forward_key(c, input, /*training=*/false, relu, /*residual=*/true);
+  const auto run = [&](cpu::Core core, const at::Tensor& into) {
+    return std::get<0>(forward(core, c.s, input, weight, c.p, residual, c.args,
+                               /*training=*/false, eps, relu, into));
+  };
+  // The core is measured (auto mode, a configuration's first call) on runs that
+  // leave the residual as it is; once it is settled, the core writes into it.
+  at::Tensor out;
+  if (const std::optional<cpu::CoreChoice> settled = cpu::settled_choice(key)) {
+    cpu::trace_call(key, *settled);
+    out = run(settled->core, residual);
+  } else {
+    out = cpu::with_core(key, [&](cpu::Core core) { return run(core, at::Tensor()); });
+  }
+  at::Tensor dst = residual;
+  dst.copy_(out);  // (nothing to copy where the core wrote into it)
 }
 
 namespace {
@@ -374,6 +459,7 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
 TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
   m.impl("conv_bn_relu", &conv_bn_relu_cpu);
   m.impl("conv_bn_relu_backward", &conv_bn_relu_backward_cpu);
+  m.impl("conv_bn_relu_into_residual", &conv_bn_relu_into_residual_cpu);
 }
 
 }  // namespace cnnops

@@ -154,6 +154,13 @@ const CoreChoice& record_choice(const CoreKey& key, double im2col_ms, double one
   return state().choices.emplace(key.values, std::make_pair(key.text(), choice)).first->second.second;
 }
 
+std::optional<CoreChoice> settled_choice(const CoreKey& key) {
+  CoreChoice fixed;
+  if (fixed_choice(key, fixed)) return fixed;
+  if (const CoreChoice* known = lookup_choice(key)) return *known;
+  return std::nullopt;
+}
+
 void trace_call(const CoreKey& key, const CoreChoice& choice) {
   if (!state().tracing.load()) return;
   std::lock_guard<std::mutex> lock(state().mutex);
@@ -278,9 +285,10 @@ DerivedTensors& packed_weight_cache() {
 
 namespace {
 
-// mkldnn::_convolution_pointwise (conv + bias + unary post-op) and its .binary
-// overload (conv + bias + binary post-op with `other`, then a unary one):
-// registered by ATen's oneDNN build, with no C++ header of their own.
+// mkldnn::_convolution_pointwise (conv + bias + unary post-op), its .binary
+// overload (conv + bias + binary post-op with `other`, then a unary one) and
+// the in-place _convolution_pointwise_.binary (the result written into
+// `other`): registered by ATen's oneDNN build, with no C++ header of their own.
 using PointwiseFn = at::Tensor(const at::Tensor&, const at::Tensor&,
                                const std::optional<at::Tensor>&, at::IntArrayRef,
                                at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view,
@@ -293,6 +301,12 @@ using PointwiseBinaryFn = at::Tensor(const at::Tensor&, const at::Tensor&, const
                                      std::optional<c10::string_view>,
                                      c10::List<std::optional<at::Scalar>>,
                                      std::optional<c10::string_view>);
+using InplaceBinaryFn = at::Tensor&(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const std::optional<at::Tensor>&, at::IntArrayRef,
+                                    at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view,
+                                    std::optional<at::Scalar>, std::optional<c10::string_view>,
+                                    c10::List<std::optional<at::Scalar>>,
+                                    std::optional<c10::string_view>);
 
 // conv(x, w) + b, then the unary post-op `attr` ("none" or "relu"), float32.
 at::Tensor op_unary(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
@@ -324,6 +338,32 @@ at::Tensor packed_weight(const at::Tensor& w, const at::Tensor& x, const ConvArg
   return w.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// The float32 operands of a oneDNN call in layout fmt: x contiguous in it, the
+// weight packed once for channels_last inputs (packed_weight_cache) and plain
+// for NCHW ones.
+struct OneDNNOperands {
+  at::Tensor x, w;
+  std::optional<at::Tensor> b;
+
+  OneDNNOperands(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& bias,
+                 const ConvArgs& a, at::MemoryFormat fmt)
+      : x(x_.contiguous(fmt)),
+        b(bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt) {
+    w = fmt == at::MemoryFormat::ChannelsLast ? packed_weight(w_, x, a) : w_.contiguous();
+  }
+};
+
+// dst = relu?(y + r), elementwise over NCHW-contiguous float32 tensors (dst
+// may be y or r).
+void sum_relu(const at::Tensor& y, const at::Tensor& r, at::Tensor& dst, bool relu) {
+  const float* yp = y.const_data_ptr<float>();
+  const float* rp = r.const_data_ptr<float>();
+  float* dp = dst.mutable_data_ptr<float>();
+  at::parallel_for(0, y.numel(), 16384, [&](int64_t begin, int64_t end) {
+    bn_forward_plane(yp + begin, rp + begin, dp + begin, end - begin, 1.0f, 0.0f, relu);
+  });
+}
+
 }  // namespace
 
 at::Tensor onednn_conv_relu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
@@ -337,37 +377,46 @@ at::Tensor onednn_conv_relu(const at::Tensor& x, const at::Tensor& w, const at::
     if (relu) y.relu_();
     return y.to(x.scalar_type()).contiguous(fmt);
   }
-  const std::optional<at::Tensor> b =
-      bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-  const at::Tensor xf = x.contiguous(fmt);
-  const at::Tensor wf = fmt == at::MemoryFormat::ChannelsLast
-                            ? packed_weight(w, xf, a)
-                            : w.contiguous();
-  const c10::List<std::optional<at::Scalar>> no_scalars;
+  const OneDNNOperands o(x, w, bias, a, fmt);
   if (residual.defined() && fmt == at::MemoryFormat::Contiguous) {
     // oneDNN fuses the residual add only in channels_last (for NCHW ATen runs
     // the convolution, then add_ and relu_: two passes); here the primitive
     // adds the bias and one cnnops pass adds the residual and applies ReLU.
-    at::Tensor y = op_unary(xf, wf, b, a, "none").contiguous();
-    const at::Tensor r = residual.contiguous();
-    float* yp = y.mutable_data_ptr<float>();
-    const float* rp = r.const_data_ptr<float>();
-    at::parallel_for(0, y.numel(), 16384, [&](int64_t begin, int64_t end) {
-      bn_forward_plane(yp + begin, rp + begin, yp + begin, end - begin, 1.0f, 0.0f, relu);
-    });
+    at::Tensor y = op_unary(o.x, o.w, o.b, a, "none").contiguous();
+    sum_relu(y, residual.contiguous(), y, relu);
     return y;
   }
   if (residual.defined()) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
                                .typed<PointwiseBinaryFn>();
-    return op.call(xf, residual.contiguous(fmt), wf, b, a.padding, a.stride, a.dilation,
+    return op.call(o.x, residual.contiguous(fmt), o.w, o.b, a.padding, a.stride, a.dilation,
                    a.groups, "add", std::nullopt,
-                   relu ? std::optional<c10::string_view>("relu") : std::nullopt, no_scalars,
-                   std::nullopt)
+                   relu ? std::optional<c10::string_view>("relu") : std::nullopt,
+                   c10::List<std::optional<at::Scalar>>(), std::nullopt)
         .contiguous(fmt);
   }
-  return op_unary(xf, wf, b, a, relu ? "relu" : "none").contiguous(fmt);
+  return op_unary(o.x, o.w, o.b, a, relu ? "relu" : "none").contiguous(fmt);
+}
+
+void onednn_conv_relu_into(at::Tensor& residual, const at::Tensor& x, const at::Tensor& w,
+                           const at::Tensor& bias, bool relu, const ConvArgs& a,
+                           at::MemoryFormat fmt) {
+  TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && residual.scalar_type() == at::kFloat &&
+                        residual.is_contiguous(fmt));
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const OneDNNOperands o(x, w, bias, a, fmt);
+  if (fmt == at::MemoryFormat::Contiguous) {
+    sum_relu(op_unary(o.x, o.w, o.b, a, "none").contiguous(), residual, residual, relu);
+    return;
+  }
+  // `other` (the residual) accumulates conv + bias, then the unary post-op
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mkldnn::_convolution_pointwise_", "binary")
+                             .typed<InplaceBinaryFn>();
+  op.call(residual, o.x, o.w, o.b, a.padding, a.stride, a.dilation, a.groups, "add",
+          std::nullopt, relu ? std::optional<c10::string_view>("relu") : std::nullopt,
+          c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
 }  // namespace cpu

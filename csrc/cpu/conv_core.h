@@ -87,6 +87,9 @@ bool fixed_choice(const CoreKey& key, CoreChoice& out);
 // onednn_error, that oneDNN failed and im2col is the choice.
 const CoreChoice& record_choice(const CoreKey& key, double im2col_ms, double onednn_ms,
                                 const std::string& onednn_error = "");
+// The choice for `key` when it is settled (forced, the only core for its dtype,
+// or recorded), nullopt when auto mode has yet to measure it.
+std::optional<CoreChoice> settled_choice(const CoreKey& key);
 // Notes that a call ran `choice` (kept while a trace is on: cnnops.explain).
 void trace_call(const CoreKey& key, const CoreChoice& choice);
 
@@ -109,14 +112,9 @@ std::vector<ChoiceRecord> take_trace();
 // core then runs the call once more for the result.
 template <typename Run>
 auto with_core(const CoreKey& key, const Run& run) -> decltype(run(Core::Im2col)) {
-  CoreChoice fixed;
-  if (fixed_choice(key, fixed)) {
-    trace_call(key, fixed);
-    return run(fixed.core);
-  }
-  if (const CoreChoice* known = lookup_choice(key)) {
-    trace_call(key, *known);
-    return run(known->core);
+  if (const std::optional<CoreChoice> settled = settled_choice(key)) {
+    trace_call(key, *settled);
+    return run(settled->core);
   }
   using Clock = std::chrono::steady_clock;
   double best[2] = {1e300, 1e300};
@@ -229,6 +227,15 @@ DerivedTensors& packed_weight_cache();
 at::Tensor onednn_conv_relu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
                             const at::Tensor& residual, bool relu, const ConvArgs& a,
                             at::MemoryFormat fmt);
+
+// The same with the result written into residual (float32, contiguous in fmt)
+// instead of a new tensor: in channels_last one oneDNN primitive accumulating
+// into it (mkldnn::_convolution_pointwise_.binary, as torch.compile's CPU
+// freezing reuses a residual that nothing reads afterwards), in NCHW the
+// convolution and one pass that writes the sum and ReLU over the residual.
+void onednn_conv_relu_into(at::Tensor& residual, const at::Tensor& x, const at::Tensor& w,
+                           const at::Tensor& bias, bool relu, const ConvArgs& a,
+                           at::MemoryFormat fmt);
 
 }  // namespace cpu
 }  // namespace cnnops

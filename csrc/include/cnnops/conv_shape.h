@@ -70,17 +70,23 @@ inline ConvShape conv_shape(const at::Tensor& input, const at::Tensor& weight,
   return s;
 }
 
-// An optional residual added to the conv output: checked to have its shape,
-// made contiguous in `fmt`; undefined when absent.
+// A residual added to the conv output: input's dtype and device, the output's shape.
+inline void check_conv_residual(const at::Tensor& residual, const at::Tensor& input,
+                                const ConvShape& s) {
+  check_same(residual, input, "residual", "input");
+  const int64_t shape[] = {s.N, s.OC, s.OH, s.OW};
+  TORCH_CHECK_VALUE(residual.sizes() == at::IntArrayRef(shape),
+                    "expected residual of the conv output's shape ", at::IntArrayRef(shape),
+                    ", got ", residual.sizes());
+}
+
+// An optional residual added to the conv output: checked, made contiguous in
+// `fmt`; undefined when absent.
 inline at::Tensor conv_residual(const c10::optional<at::Tensor>& residual,
                                 const at::Tensor& input, const ConvShape& s,
                                 at::MemoryFormat fmt = at::MemoryFormat::Contiguous) {
   if (!residual.has_value() || !residual->defined()) return at::Tensor();
-  check_same(*residual, input, "residual", "input");
-  const int64_t shape[] = {s.N, s.OC, s.OH, s.OW};
-  TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(shape),
-                    "expected residual of the conv output's shape ", at::IntArrayRef(shape),
-                    ", got ", residual->sizes());
+  check_conv_residual(*residual, input, s);
   return residual->contiguous(fmt);
 }
 
