@@ -1676,6 +1676,77 @@ def test_to_channels_last_only_where_onednn_runs():
     assert restore_layout((y, 1), x, y)[0].is_contiguous()
 
 
+@pytest.mark.parametrize("norm", ["batch_norm", "frozen"])
+def test_eval_residual_adds_write_over_a_residual_nothing_reads(norm):
+    """Each bottleneck's residual add, whose residual nothing reads afterwards, writes its
+    result over that residual in inference outside autograd (cnnops::conv_bn_relu_into_residual:
+    no new output), on each core (auto: from the call after the one that measures it); with
+    autograd recording it runs the out-of-place op. Same outputs as eager throughout."""
+    torch.manual_seed(23)
+    model = resnet(plain.TvBottleneck, [2, 1, 1, 1],
+                   norm_layer=FrozenBatchNorm2d if norm == "frozen" else None).eval()
+    _randomize_stats(model)
+    fused = cnnops.fuse(model)
+    assert _eval_source(fused).count("reuse_residual = True") == 5
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    for core in ("im2col", "onednn", "auto"):
+        with cnnops.use_cpu_conv(core):
+            for call in range(2):
+                recorder = OpRecorder()
+                with torch.no_grad(), recorder:
+                    out = fused(x)
+                assert recorder.calls["cnnops::conv_bn_relu_into_residual"] == 5
+                assert_close(out, want)
+    recorder = OpRecorder()
+    with recorder:
+        out = fused(x)
+    assert "cnnops::conv_bn_relu_into_residual" not in recorder.calls
+    assert_close(out, want)
+
+
+class _ResidualsReadAgain(nn.Module):
+    """Residual blocks whose residual is the caller's tensor, is returned, or has a view taken
+    of it: only the one whose residual nothing else holds may write over it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1),
+                                                 nn.BatchNorm2d(4), nn.ReLU())
+                                   for _ in range(4))
+        self.outer = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1),
+                                                 nn.BatchNorm2d(4)) for _ in range(4))
+
+    def block(self, i, t):
+        return self.outer[i](self.inner[i](t))
+
+    def forward(self, x):
+        a = F.relu(self.block(0, x) + x)   # x: the caller's
+        b = F.relu(self.block(1, a) + a)   # a: read before the add only: written over
+        c = F.relu(self.block(2, b) + b)   # b: returned
+        v = c.flatten(1)                   # a view of c
+        d = F.relu(self.block(3, c) + c)
+        return d, b, v
+
+
+def test_residuals_read_again_are_not_written_over():
+    torch.manual_seed(29)
+    model = _ResidualsReadAgain().eval()
+    _randomize_stats(model)
+    fused = cnnops.fuse(model)
+    # (one forward for both modes: a view keeps the eval graph as the training one)
+    assert fused.__dict__["forward"].source.count("reuse_residual = True") == 1
+    x = torch.randn(2, 4, 6, 6)
+    before = x.clone()
+    with torch.no_grad():
+        want = model(x)
+        for _ in range(2):
+            for a, e in zip(fused(x), want):
+                assert_close(a, e)
+    assert torch.equal(x, before)
+
+
 # ---------------------------------------------------------------------------
 # GPU entries only (marked `cuda`, see tests/conftest.py): a ResNet-ish model, one training step
 # and inference, fused against torch.nn on CUDA

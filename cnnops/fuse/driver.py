@@ -11,6 +11,7 @@ from .codegen import _FusedForward, _forward_source, _make_forward
 from .layout import _channels_last_inputs
 from .patterns import _bn_act_suffix, _bn_kind, _conv_reason, _is_leaf_type
 from .records import FusionRecord
+from .reuse import _reuse_dead_residuals
 from .rewrite import _Rewriter
 from .runtime import conv2d_on_cpu
 from .trace import _TraceFailure, _short, _trace
@@ -49,6 +50,7 @@ def _fuse_one(module, prefix, records, install, memory):
         rewriter = _Rewriter(graph, module, prefix, memory)
         recs, changed = rewriter.run()
         changed = _lone_convs_to_cnnops(graph, module) or changed
+        _reuse_dead_residuals(graph)
         if not mode and changed and not prefix:  # the model's own eval forward
             _channels_last_inputs(graph, module)
         code = graph.python_code(root_module="self")

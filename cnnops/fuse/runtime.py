@@ -54,10 +54,26 @@ def _fits(residual, x, shape):
             and residual.device == x.device and residual.shape == shape)
 
 
-def conv_bn_relu_residual(conv, bn, x, residual=None, relu=True, how=0, memory="fast"):
+def _into_residual(conv, bn, x, residual, relu):
+    """relu(bn(conv(x)) + residual) written into residual in one op, BN as in inference ->
+    residual; None where functional._conv_bn_relu_into_residual cannot."""
+    x, padding = _conv_input_and_padding(conv, x)
+    return CF._conv_bn_relu_into_residual(x, conv.weight, conv.bias, bn.weight, bn.bias,
+                                          bn.running_mean, bn.running_var, conv.stride, padding,
+                                          conv.dilation, conv.groups, bn.eps, relu, residual)
+
+
+def conv_bn_relu_residual(conv, bn, x, residual=None, relu=True, how=0, memory="fast",
+                          reuse_residual=False):
     """relu(bn(conv(x)) + residual) as one cnnops::conv_bn_relu when x is 4-D and shapes and
-    dtypes match (the original modules otherwise: a SyncBatchNorm takes any input)."""
+    dtypes match (the original modules otherwise: a SyncBatchNorm takes any input).
+    reuse_residual: nothing reads the residual afterwards (the residual-reuse pass,
+    reuse.py), so in eval mode outside autograd the result may take its memory."""
     if x.dim() == 4 and (residual is None or _fits(residual, x, _conv_out_shape(conv, x))):
+        if reuse_residual and not bn.training:
+            out = _into_residual(conv, bn, x, residual, relu)
+            if out is not None:
+                return out
         return apply_conv_bn_relu(conv, bn, x, residual, relu, memory)
     out = bn(conv(x))
     if residual is not None:
@@ -76,9 +92,14 @@ def bn_relu_residual(bn, x, residual=None, relu=True, how=0):
     return torch.relu(out) if relu else out
 
 
-def conv_frozen_bn_relu(conv, bn, x, residual=None, relu=True, how=0):
-    """conv -> FrozenBatchNorm (inference-mode BN from its buffers) (-> + residual) (-> ReLU)."""
+def conv_frozen_bn_relu(conv, bn, x, residual=None, relu=True, how=0, reuse_residual=False):
+    """conv -> FrozenBatchNorm (inference-mode BN from its buffers) (-> + residual) (-> ReLU).
+    reuse_residual: as for conv_bn_relu_residual (in either mode)."""
     if x.dim() == 4 and (residual is None or _fits(residual, x, _conv_out_shape(conv, x))):
+        if reuse_residual:
+            out = _into_residual(conv, bn, x, residual, relu)
+            if out is not None:
+                return out
         xp, padding = _conv_input_and_padding(conv, x)
         return CF.conv_bn_relu(xp, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
                                bn.running_var, conv.stride, padding, conv.dilation, conv.groups,
