@@ -33,3 +33,27 @@ def test_fusion_ceiling_is_eager_block_over_eager_conv():
     assert layers == 2
     assert math.isclose(ceiling, math.sqrt(1.25 * 1.5))
     assert report.fusion_ceiling(rows[4:]) is None
+
+
+def _model_row(impl, median, paired_eager, **extra):
+    info = dict(op="model", mode="eval", device="cpu", impl=impl, model="resnet50", batch=8,
+                shape="3x128x128", paired_eager_median=paired_eager, **extra)
+    return report.Row("model eval | resnet50", impl, median, info)
+
+
+def test_model_target_against_compile_needs_both_ratios():
+    """Against torch.compile a model target states the ratio through each row's paired eager
+    rounds and the ratio of the two medians, and is met only when both are."""
+    def target(fuse_ms, fuse_eager_ms):
+        rows = report.link([_model_row(report.COMPILE, 100.0, 150.0, freezing=True),
+                            _model_row(report.FUSE, fuse_ms, fuse_eager_ms)])
+        by_group = {rows[0].group: {r.impl: r for r in rows}}
+        [(what, measured, goal, status)] = report._model_targets(
+            rows, by_group, "resnet50", "eval", report.COMPILE, 1.0)
+        return measured, status
+
+    # eager ran faster beside cnnops.fuse: 1.05x through eager, but 0.95x by the medians
+    measured, status = target(105.0, 165.375)
+    assert measured.startswith("1.05x through eager, 0.95x by medians")
+    assert status == "NOT met"
+    assert target(98.0, 150.0) == ("1.02x through eager, 1.02x by medians", "met")

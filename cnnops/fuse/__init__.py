@@ -31,6 +31,10 @@ F.relu, torch.relu, x.relu(), ``x + y``, torch.add, ``out += identity``):
 - a convolution left alone (nothing after it to fuse with) runs cnnops conv2d where the call
   resolves to the cpu backend (its measured core choice), torch's conv elsewhere
 
+On the CPU the eval forward runs in channels_last where the graph allows (layout.py), and a
+conv -> BN -> + residual site whose residual nothing reads afterwards writes its result over
+the residual in inference (reuse.py, cnnops conv_bn_relu_into_residual).
+
 nn.SyncBatchNorm and cnnops.nn.SyncBatchNorm fuse as BN does, their statistics synchronised
 over their process group in training (cnnops.distributed); alone too, since torch's own runs on
 GPUs only.
@@ -82,7 +86,9 @@ def fuse(model, inplace=False, memory="fast"):
     On the CPU the eval forward runs a 4-D float32/bfloat16 input in channels_last, the
     layout oneDNN runs natively, and gives 4-D outputs back in the default layout, when every
     op of the traced graph is one whose result does not depend on the layout (else the graph
-    runs in the layout it is given).
+    runs in the layout it is given). In eval mode outside autograd, a conv-BN-add site whose
+    residual nothing reads afterwards (a ResNet block's identity) writes its result over that
+    residual instead of a new tensor, as torch.compile's freezing does (cnnops/fuse/reuse.py).
     Sites that could not be fused are left as they were;
     ``cnnops.fusion_report(fused)`` lists every candidate site and why.
     Never raises on a model that runs (the parts it cannot trace keep their
