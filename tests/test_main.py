@@ -1,5 +1,6 @@
 """python -m cnnops train (the main job): what it sets up before it times the two runs."""
 import platform
+import re
 import subprocess
 import sys
 
@@ -35,8 +36,12 @@ def test_main_job_runs_cnnops_in_channels_last_and_says_so():
     assert "speed: cnnops runs at " in default
     nchw = _train("--model", "lenet", "--layout", "nchw")
     assert "layout: cnnops runs the network in NCHW; torch.nn as written (NCHW)" in nchw
-    # the same batches from the same weights: in NCHW both runs compute the same sums
-    assert "parity: largest difference in epoch loss between the two runs: 0.00e+00" in nchw
+    # the same batches from the same weights: in NCHW both runs' epoch losses agree to
+    # float32 rounding (exactly where the auto core picks oneDNN for every convolution whose
+    # sums differ; which it picks is measured, so the bound is rounding's, not zero)
+    parity = re.search(r"parity: largest difference in epoch loss between the two runs: (\S+)",
+                       nchw)
+    assert parity and float(parity.group(1)) < 1e-6, nchw
 
 
 @pytest.mark.parametrize("name", ["residual_net", "inception_net"])

@@ -12,6 +12,8 @@ A residual qualifies when the graph shows that writing over it cannot be seen:
     none of them returns it, keeps it, or reads it afterwards), and the reusing op takes it
     once.
 """
+from torch import fx
+
 from .. import nn as cnn
 from . import runtime as rt
 
@@ -38,8 +40,9 @@ def _fresh(node):
 
 
 def _reusable(node, order):
-    residual = node.args[_REUSERS[node.target]] if len(node.args) > _REUSERS[node.target] else None
-    if residual is None or not hasattr(residual, "users") or not _fresh(residual):
+    i = _REUSERS[node.target]
+    residual = node.args[i] if i < len(node.args) else None
+    if not isinstance(residual, fx.Node) or not _fresh(residual):
         return False
     uses = list(node.args) + list(node.kwargs.values())
     if sum(a is residual for a in uses) != 1:

@@ -211,10 +211,6 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
   return {out.to(input.scalar_type()).contiguous(fmt), conv_out, mean, invstd};
 }
 
-}  // namespace
-
-namespace {
-
 // A conv_bn_relu call's arguments, checked: the shape, the per-channel
 // arguments, the layout and the convolution geometry.
 struct Call {
