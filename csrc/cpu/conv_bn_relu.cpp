@@ -302,7 +302,8 @@ void conv_bn_relu_into_residual_cpu(const at::Tensor& residual, const at::Tensor
   // The core is measured (auto mode, a configuration's first call) on runs that
   // leave the residual as it is; once it is settled, the core writes into it.
   at::Tensor out;
-  if (const std::optional<cpu::CoreChoice> settled = cpu::settled_choice(key)) {
+  cpu::CoreChoice fixed;
+  if (const cpu::CoreChoice* settled = cpu::settled_choice(key, fixed)) {
     cpu::trace_call(key, *settled);
     out = run(settled->core, residual);
   } else {

@@ -104,6 +104,10 @@ std::string CoreKey::text() const {
   return t.str();
 }
 
+namespace {
+
+// The choice for `key` when it needs no measurement (forced, or one core).
+// Raises when the forced core cannot run its dtype.
 bool fixed_choice(const CoreKey& key, CoreChoice& out) {
   const at::ScalarType dtype = key.dtype;
   const CoreMode mode = core_mode();
@@ -133,11 +137,15 @@ bool fixed_choice(const CoreKey& key, CoreChoice& out) {
   return true;
 }
 
+// The recorded choice for `key`, or null the first time it is seen in auto
+// mode (or when the mode forces a core: forced choices are made per call).
 const CoreChoice* lookup_choice(const CoreKey& key) {
   std::lock_guard<std::mutex> lock(state().mutex);
   const auto it = state().choices.find(key.values);
   return it == state().choices.end() ? nullptr : &it->second.second;
 }
+
+}  // namespace
 
 const CoreChoice& record_choice(const CoreKey& key, double im2col_ms, double onednn_ms,
                                 const std::string& onednn_error) {
@@ -154,11 +162,8 @@ const CoreChoice& record_choice(const CoreKey& key, double im2col_ms, double one
   return state().choices.emplace(key.values, std::make_pair(key.text(), choice)).first->second.second;
 }
 
-std::optional<CoreChoice> settled_choice(const CoreKey& key) {
-  CoreChoice fixed;
-  if (fixed_choice(key, fixed)) return fixed;
-  if (const CoreChoice* known = lookup_choice(key)) return *known;
-  return std::nullopt;
+const CoreChoice* settled_choice(const CoreKey& key, CoreChoice& fixed) {
+  return fixed_choice(key, fixed) ? &fixed : lookup_choice(key);
 }
 
 void trace_call(const CoreKey& key, const CoreChoice& choice) {

@@ -77,19 +77,16 @@ struct CoreChoice {
   std::string reason;  // "forced", "only core for bfloat16", "measured: ..."
 };
 
-// The recorded choice for `key`, or null the first time it is seen in auto
-// mode (or when the mode forces a core: forced choices are made per call).
-const CoreChoice* lookup_choice(const CoreKey& key);
-// The choice for `key` when it needs no measurement (forced, or one core).
-// Raises when the forced core cannot run its dtype.
-bool fixed_choice(const CoreKey& key, CoreChoice& out);
 // Records a measured choice (the first one recorded for a key wins); with
 // onednn_error, that oneDNN failed and im2col is the choice.
 const CoreChoice& record_choice(const CoreKey& key, double im2col_ms, double onednn_ms,
                                 const std::string& onednn_error = "");
-// The choice for `key` when it is settled (forced, the only core for its dtype,
-// or recorded), nullopt when auto mode has yet to measure it.
-std::optional<CoreChoice> settled_choice(const CoreKey& key);
+// The choice for `key` when it needs no measurement: `fixed` filled in when
+// the mode forces a core or only one core runs the dtype (raises when the
+// forced core cannot run it), else the choice recorded for `key`; null the
+// first time auto mode sees it. (A pointer, not a copy: this runs on every
+// convolution call.)
+const CoreChoice* settled_choice(const CoreKey& key, CoreChoice& fixed);
 // Notes that a call ran `choice` (kept while a trace is on: cnnops.explain).
 void trace_call(const CoreKey& key, const CoreChoice& choice);
 
@@ -112,7 +109,8 @@ std::vector<ChoiceRecord> take_trace();
 // core then runs the call once more for the result.
 template <typename Run>
 auto with_core(const CoreKey& key, const Run& run) -> decltype(run(Core::Im2col)) {
-  if (const std::optional<CoreChoice> settled = settled_choice(key)) {
+  CoreChoice fixed;
+  if (const CoreChoice* settled = settled_choice(key, fixed)) {
     trace_call(key, *settled);
     return run(settled->core);
   }
