@@ -12,22 +12,31 @@ A residual qualifies when the graph shows that writing over it cannot be seen:
     none of them returns it, keeps it, or reads it afterwards), and the reusing op takes it
     once.
 """
+import inspect
+
 from torch import fx
 
 from .. import nn as cnn
 from . import runtime as rt
 
-# The helpers that return a new tensor, never one of their arguments, and the index of
+
+def _position(fn, name):
+    """The position of parameter ``name`` in fn's signature, None where it has none."""
+    names = list(inspect.signature(fn).parameters)
+    return names.index(name) if name in names else None
+
+
+# The helpers that return a new tensor, never one of their arguments, with the position of
 # their ``how`` argument where they take one: how=2 (``r += t`` in the original) can return
 # the residual itself, so those calls do not count.
-_FRESH = {cnn.apply_conv_bn_relu: None, cnn.apply_bn_relu: None, cnn.apply_conv_relu: None,
-          rt.conv_bn_relu_residual: 5, rt.conv_frozen_bn_relu: 5, rt.bn_relu_residual: 4,
-          rt.frozen_bn_relu: 4, rt.conv_relu: 3, rt.add_relu: 2, rt.conv2d_on_cpu: None,
-          rt.max_pool2d_module: None, rt.avg_pool2d_module: None,
-          rt.adaptive_avg_pool2d_module: None}
+_FRESH = {fn: _position(fn, "how") for fn in (
+    cnn.apply_conv_bn_relu, cnn.apply_bn_relu, cnn.apply_conv_relu, rt.conv_bn_relu_residual,
+    rt.conv_frozen_bn_relu, rt.bn_relu_residual, rt.frozen_bn_relu, rt.conv_relu, rt.add_relu,
+    rt.conv2d_on_cpu, rt.max_pool2d_module, rt.avg_pool2d_module, rt.adaptive_avg_pool2d_module)}
 
-# The helpers that can reuse their residual (the residual's argument index).
-_REUSERS = {rt.conv_bn_relu_residual: 3, rt.conv_frozen_bn_relu: 3}
+# The helpers that can reuse their residual, with the residual's position.
+_REUSERS = {fn: _position(fn, "residual")
+            for fn in (rt.conv_bn_relu_residual, rt.conv_frozen_bn_relu)}
 
 
 def _fresh(node):

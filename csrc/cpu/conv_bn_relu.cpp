@@ -129,21 +129,23 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
   const bool onednn = core == cpu::Core::OneDNN;
   const at::MemoryFormat fmt = conv_memory_format(input, weight);
   const auto stat_opts = input.options().dtype(compute_dtype(input));
-  at::Tensor mean = at::empty({OC}, stat_opts), invstd = at::empty({OC}, stat_opts);
 
   if (!training && onednn) {
     // BN folded into the weight and bias; conv + bias (+ residual) + ReLU in one primitive.
     const std::vector<at::Tensor> folded = folded_bn(input, weight, p, OC, eps);
-    at::Tensor out = into;
     if (into.defined() && into.scalar_type() == at::kFloat && into.is_contiguous(fmt)) {
+      // (conv_bn_relu_into_residual returns no statistics: none are copied)
+      at::Tensor out = into;
       cpu::onednn_conv_relu_into(out, input, folded[0], folded[1], relu, args, fmt);
-    } else {
-      out = cpu::onednn_conv_relu(input, folded[0], folded[1], residual_in, relu, args, fmt);
+      return {out, at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    mean.copy_(p.running_mean);
-    invstd.copy_(folded[2]);
-    return {out, at::empty({0}, input.options()), mean, invstd};
+    const at::Tensor out =
+        cpu::onednn_conv_relu(input, folded[0], folded[1], residual_in, relu, args, fmt);
+    return {out, at::empty({0}, input.options()), p.running_mean.to(stat_opts, false, true),
+            folded[2].clone()};
   }
+
+  at::Tensor mean = at::empty({OC}, stat_opts), invstd = at::empty({OC}, stat_opts);
 
   // oneDNN reads the input in any layout; im2col wants it NCHW.
   const at::MemoryFormat work = working_format(core, fmt);
