@@ -29,7 +29,7 @@ from . import _ext
 from . import triton_kernels
 
 NAMES = ("auto", "cpu", "cuda", "triton", "reference")
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # the cpu backend's
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -39,7 +39,18 @@ def _check_name(name):
     return name
 
 
-_current = _check_name(os.environ.get("CNNOPS_BACKEND", "auto") or "auto")
+def _set(name):
+    """Makes ``name`` the setting; -> the previous one."""
+    global _current, _cpu_takes_cpu_tensors
+    previous, _current = _current, _check_name(name)
+    # Read by the inference fast paths (cnnops.nn._inference_op) in place of a call to
+    # implementation(): whether the setting sends CPU tensors of a cpu dtype to the cpu backend.
+    _cpu_takes_cpu_tensors = _current in ("auto", "cpu") and _ext.LOADED
+    return previous
+
+
+_current = None
+_set(os.environ.get("CNNOPS_BACKEND", "auto") or "auto")
 
 
 def get_backend():
@@ -49,20 +60,17 @@ def get_backend():
 
 def set_backend(name):
     """Sets the backend for every following call (``auto``, ``cpu``, ``cuda``, ``triton``, ``reference``)."""
-    global _current
-    _current = _check_name(name)
+    _set(name)
 
 
 @contextlib.contextmanager
 def use_backend(name):
     """Context manager: run the calls inside the block on backend ``name``."""
-    global _current
-    previous = _current
-    _current = _check_name(name)
+    previous = _set(name)
     try:
         yield
     finally:
-        _current = previous
+        _set(previous)
 
 
 # ---------------------------------------------------------------------------
@@ -129,9 +137,20 @@ _cpu_conv = "auto"
 set_cpu_conv(os.environ.get("CNNOPS_CPU_CONV", "auto") or "auto")
 
 
+def device_type(tensor):
+    """tensor.device.type ("cpu", "cuda", ...). torch builds that string anew on every read,
+    through a C++ string stream (about 5 us a read on a 2-core machine, more than a small op's
+    own checks): the hot paths read the tensor's is_cpu and is_cuda flags instead."""
+    if tensor.is_cpu:
+        return "cpu"
+    if tensor.is_cuda:
+        return "cuda"
+    return tensor.device.type
+
+
 def _unavailable(name, tensor):
     """Why backend ``name`` cannot run a call on ``tensor`` (None when it can)."""
-    device, dtype = tensor.device.type, tensor.dtype
+    device, dtype = device_type(tensor), tensor.dtype
     if name == "reference":
         return None
     if name == "cpu":
@@ -139,7 +158,7 @@ def _unavailable(name, tensor):
             return _ext.ERROR
         if device != "cpu":
             return "it runs on CPU tensors, got a tensor on %s" % tensor.device
-        if dtype not in _CPU_DTYPES:
+        if dtype not in CPU_DTYPES:
             return "it supports float32, float64 and bfloat16, got %s" % dtype
         return None
     if name == "cuda":
@@ -178,7 +197,7 @@ def resolve(tensor):
         if why is not None:
             raise RuntimeError("cnnops backend %r cannot run this call: %s" % (_current, why))
         return _current
-    for name in ("cuda", "triton") if tensor.device.type == "cuda" else ("cpu",):
+    for name in ("cuda", "triton") if tensor.is_cuda else ("cpu",):
         if _unavailable(name, tensor) is None:
             return name
     return "reference"
@@ -193,7 +212,7 @@ def implementation(tensor):
         return _implementation(resolve(tensor), tensor)
     # auto: what a (device, dtype) resolves to is fixed for the process (which extensions
     # loaded, whether Triton runs), so it is looked up once; this runs on every op call.
-    key = (tensor.device.type, tensor.dtype)
+    key = (device_type(tensor), tensor.dtype)
     impl = _auto_implementations.get(key)
     if impl is None:
         impl = _auto_implementations[key] = _implementation(resolve(tensor), tensor)

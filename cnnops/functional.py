@@ -31,7 +31,7 @@ def _autocast(input, *tensors):
     other arguments (BatchNorm's parameters and statistics stay as they are, as for
     aten's batch_norm), nothing changes. Returns (input, *tensors).
     """
-    device = input.device.type if isinstance(input, torch.Tensor) else None
+    device = backends.device_type(input) if isinstance(input, torch.Tensor) else None
     if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
         return (input,) + tensors
     dtype = torch.get_autocast_dtype(device)
@@ -139,7 +139,7 @@ def _fast_impl(input, *others):
     except RuntimeError:  # a backend set that cannot run input: the full path's checks first
         return None
     if getattr(impl, "namespace", None) != "cnnops" or torch.is_autocast_enabled(
-            input.device.type):
+            backends.device_type(input)):
         return None
     return impl
 
@@ -516,39 +516,6 @@ def conv_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_
         _update_running_stats(impl, running_mean, running_var, mean, invstd, count, momentum,
                               eps)
     return out
-
-
-def _conv_bn_relu_into_residual(input, weight, bias, bn_weight, bn_bias, running_mean,
-                                running_var, stride, padding, dilation, groups, eps, relu,
-                                residual):
-    """Inference conv_bn_relu (BN from running_mean and running_var) with its result written
-    into ``residual`` [N, OC, OH, OW] -> residual; None, with nothing written, where the call
-    is not one the cpu backend runs so: autograd recording, a tensor not on the CPU, another
-    backend, torch.autocast or torch.compile's tracing, geometry as a string, a residual
-    sharing memory with input, or any argument the op refuses (the caller then runs
-    conv_bn_relu, whose checks name it).
-
-    For cnnops.fuse's residual adds whose residual nothing reads afterwards: the result
-    takes the residual's memory instead of a new allocation, as torch.compile's CPU freezing
-    reuses it.
-    """
-    if torch.is_grad_enabled() or type(eps) is not float or type(relu) is not bool:
-        return None
-    impl = _fast_impl(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                      residual)
-    if (impl is None or input.device.type != "cpu" or running_mean is None
-            or running_var is None or not isinstance(residual, torch.Tensor)):
-        return None
-    geometry = _plain_conv_geometry(stride, padding, dilation, groups)
-    if geometry is None:
-        return None
-    try:
-        torch.ops.cnnops.conv_bn_relu_into_residual(residual, input, weight, bias, bn_weight,
-                                                    bn_bias, running_mean, running_var,
-                                                    *geometry, groups, eps, relu)
-    except _OP_ERRORS:
-        return None
-    return residual
 
 
 # ---------------------------------------------------------------------------

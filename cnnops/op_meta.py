@@ -112,6 +112,12 @@ if _ext.LOADED:
         stats = _like(input, (OC,), dtype=_stat_dtype(input))
         return _like(input, shape, fmt), conv_output, stats, torch.empty_like(stats)
 
+    @torch.library.register_fake("cnnops::conv_bn_relu_inference")
+    def _(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
+          stride, padding, dilation, groups, eps, relu):
+        return _like(input, _conv_out(input, weight, stride, padding, dilation),
+                     _conv_fmt(input, weight))
+
     @torch.library.register_fake("cnnops::conv_bn_relu_into_residual")
     def _(residual, input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
           stride, padding, dilation, groups, eps, relu):

@@ -489,21 +489,40 @@ struct Kernel<Fn, c10::TypedOperatorHandle<Result(Params...)>> {
   }
 };
 
-// conv_bn_relu_into_residual has no gradient (cnnops.fuse calls it outside
-// autograd): where autograd would record it, an error; else the kernel, and
-// the residual's version counted as every in-place op counts it.
+// conv_bn_relu_inference and conv_bn_relu_into_residual have no gradient
+// (cnnops calls them outside autograd): where autograd would record one, an
+// error naming the op to use instead.
+template <typename... Args>
+void check_inference_only(const char* name, const Args&... args) {
+  const bool g = at::GradMode::is_enabled();
+  TORCH_CHECK(!(wants_autograd(args, g) || ...), "cnnops::", name,
+              " is inference only: it has no gradient; call it under torch.no_grad(), or use "
+              "cnnops::conv_bn_relu");
+}
+
+Tensor conv_bn_relu_inference_autograd(const Tensor& input, const Tensor& weight,
+                                       const OptTensor& conv_bias, const OptTensor& bn_weight,
+                                       const OptTensor& bn_bias, const Tensor& running_mean,
+                                       const Tensor& running_var, const OptTensor& residual,
+                                       Ints stride, Ints padding, Ints dilation, int64_t groups,
+                                       double eps, bool relu) {
+  check_inference_only("conv_bn_relu_inference", input, weight, conv_bias, bn_weight, bn_bias,
+                       residual);
+  return below_autograd(conv_bn_relu_inference_op(), input, weight, conv_bias, bn_weight,
+                        bn_bias, running_mean, running_var, residual, stride, padding, dilation,
+                        groups, eps, relu);
+}
+
+// conv_bn_relu_into_residual: the residual's version is counted as every
+// in-place op counts it.
 void conv_bn_relu_into_residual_autograd(const Tensor& residual, const Tensor& input,
                                          const Tensor& weight, const OptTensor& conv_bias,
                                          const OptTensor& bn_weight, const OptTensor& bn_bias,
                                          const Tensor& running_mean, const Tensor& running_var,
                                          Ints stride, Ints padding, Ints dilation, int64_t groups,
                                          double eps, bool relu) {
-  const bool g = at::GradMode::is_enabled();
-  TORCH_CHECK(!(wants_autograd(residual, g) || wants_autograd(input, g) ||
-                wants_autograd(weight, g) || wants_autograd(conv_bias, g) ||
-                wants_autograd(bn_weight, g) || wants_autograd(bn_bias, g)),
-              "cnnops::conv_bn_relu_into_residual is inference only: it has no gradient; call "
-              "it under torch.no_grad(), or use cnnops::conv_bn_relu");
+  check_inference_only("conv_bn_relu_into_residual", residual, input, weight, conv_bias,
+                       bn_weight, bn_bias);
   below_autograd(conv_bn_relu_into_residual_op(), residual, input, weight, conv_bias, bn_weight,
                  bn_bias, running_mean, running_var, stride, padding, dilation, groups, eps,
                  relu);
@@ -522,6 +541,7 @@ TORCH_LIBRARY_IMPL(cnnops, Autograd, m) {
   m.impl("avg_pool2d", &Kernel<AvgPool2dBackward>::call);
   m.impl("adaptive_avg_pool2d", &Kernel<AdaptiveAvgPool2dBackward>::call);
   m.impl("add_relu", &Kernel<AddReluBackward>::call);
+  m.impl("conv_bn_relu_inference", &conv_bn_relu_inference_autograd);
   m.impl("conv_bn_relu_into_residual", &conv_bn_relu_into_residual_autograd);
 }
 

@@ -60,6 +60,10 @@ CNNOPS_OP(conv_bn_relu_backward_op, "conv_bn_relu_backward",
               const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
               const Tensor&, const OptTensor&, const Tensor&, const Tensor&, Ints, Ints, Ints,
               int64_t, bool, bool, Mask<6>))
+CNNOPS_OP(conv_bn_relu_inference_op, "conv_bn_relu_inference",
+          Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                 const OptTensor&, const Tensor&, const Tensor&, const OptTensor&, Ints, Ints,
+                 Ints, int64_t, double, bool))
 CNNOPS_OP(conv_bn_relu_into_residual_op, "conv_bn_relu_into_residual",
           void(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                const OptTensor&, const Tensor&, const Tensor&, Ints, Ints, Ints, int64_t, double,

@@ -40,6 +40,7 @@ tests/`` replaces the GPU entries by `gpu-grid-on-cpu`, the cpu backend on CPU t
 running the GPU grids under the GPU comparison rules (float32/float64 only; tests of
 CUDA-only behaviour skip), to check the GPU tests themselves without a GPU.
 """
+import collections
 import contextlib
 import itertools
 import math
@@ -49,6 +50,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors. It must be
 # chosen before triton is first imported.
@@ -603,3 +605,20 @@ def twin_resnet(dtype, layout, device=GPU_DEVICE):
     fused = cnnops.fuse(plain)
     assert fused is not plain
     return plain, fused
+
+
+class OpRecorder(TorchDispatchMode):
+    """Counts the ops a block dispatches, by schema name ("cnnops::conv_bn_relu", ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def take(self):
+        """The counts so far, and a fresh count from here."""
+        calls, self.calls = self.calls, collections.Counter()
+        return calls

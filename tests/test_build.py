@@ -312,8 +312,9 @@ def test_cuda_source_compiles(nvcc_results, source):
 
 def test_every_cuda_op_is_registered_in_the_sources():
     """Each op of the library has a CUDA kernel: csrc/cuda registers every schema of
-    csrc/cnnops.cpp but the CPU-only conv_bn_relu_into_residual (cnnops.fuse's CPU inference
-    calls it, on the cpu backend only); csrc/autocast.cpp (built with or without CUDA)
+    csrc/cnnops.cpp but the CPU-only inference ops conv_bn_relu_inference and
+    conv_bn_relu_into_residual (cnnops.nn._inference_op calls them, on the cpu backend only);
+    csrc/autocast.cpp (built with or without CUDA)
     registers the convolutions' autocast kernels, for CUDA and for the CPU (checked on the
     text, so it runs without nvcc or a GPU)."""
     schemas = set(re.findall(r'm\.def\("(\w+)\(', open(os.path.join(ROOT, "csrc",
@@ -325,9 +326,10 @@ def test_every_cuda_op_is_registered_in_the_sources():
                                 re.S):
             names = set(re.findall(r'm\.impl\("(\w+)"', block[1]))
             registered.setdefault(block[0], set()).update(names)
-    assert len(schemas) == 21
+    assert len(schemas) == 22
     convolutions = {"conv2d", "conv2d_relu", "conv_bn_relu"}
-    assert registered == {"CUDA": schemas - {"conv_bn_relu_into_residual"},
+    assert registered == {"CUDA": schemas - {"conv_bn_relu_inference",
+                                             "conv_bn_relu_into_residual"},
                           "AutocastCUDA": convolutions,
                           "AutocastCPU": convolutions}
 

@@ -2,6 +2,7 @@
 the CPU entries on the CPU grids, the GPU entries (`cuda`, `triton-cuda`) on the GPU grids,
 float16/bfloat16 included (conftest.py). The last section holds the GPU behaviour of every op:
 the cuda backend's inference paths, empty batches, determinism, streams and autocast."""
+import contextlib
 import copy
 
 import pytest
@@ -14,7 +15,7 @@ from conftest import (CPU_BACKENDS, DRY_RUN, DTYPES, GPU_BN_CASES, GPU_CONV_CONF
                       HALF, TILE_CONFIGS, LAYOUTS, assert_close, axis, bn_case_id, check, const,
                       conv_cores, conv_id, expected_memory_format, gpu_bn_tensors,
                       gpu_conv_tensors, grad_names, grads, grid, make_input, needs_cuda, on_gpu,
-                      make, per_device, ref_dtype, run_pair, to_ref)
+                      make, per_device, ref_dtype, run_pair, to_ref, OpRecorder)
 
 # (in_channels, out_channels, kernel, stride, padding, dilation, groups, H, W)
 CONFIGS = [
@@ -329,6 +330,108 @@ def test_conv_bn_relu_into_residual_refuses_what_it_cannot_do():
     with torch.no_grad():
         op(out, x, w, cb, bw, bb, rm, rv, *geometry, 1e-5, True)
     assert out._version == r.clone()._version + 1
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension")
+@pytest.mark.parametrize("core,dtype", [(core, dtype) for core in ("im2col", "onednn", "auto")
+                                         for dtype in (torch.float32, torch.float64,
+                                                       torch.bfloat16)
+                                         if (core, dtype) not in (("im2col", torch.bfloat16),
+                                                                  ("onednn", torch.float64))],
+                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("relu,conv_bias,residual", [(True, False, True), (False, True, False)],
+                         ids=["relu-residual", "conv_bias-no_relu"])
+def test_conv_bn_relu_inference_is_the_op_s_output(core, dtype, layout, relu, conv_bias,
+                                                    residual):
+    """cnnops::conv_bn_relu_inference returns inference conv_bn_relu's output, the same
+    values in the same layout, on each core (auto: the configuration's first call, which
+    measures the cores, and the calls after it)."""
+    (x, w, cb, bw, bb, rm, rv), r, geometry = _into_residual_case(dtype, layout, relu,
+                                                                  conv_bias)
+    r = r if residual else None
+    with cnnops.use_cpu_conv(core), torch.no_grad():
+        for call in range(3):
+            out = torch.ops.cnnops.conv_bn_relu_inference(x, w, cb, bw, bb, rm, rv, r,
+                                                          *geometry, 1e-5, relu)
+            want = torch.ops.cnnops.conv_bn_relu(x, w, cb, bw, bb, rm, rv, r, *geometry,
+                                                 False, 1e-5, relu)[0]
+            assert out.dtype == want.dtype and out.stride() == want.stride(), call
+            assert torch.equal(out, want), call
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension")
+def test_conv_bn_relu_inference_refuses_autograd_and_bad_arguments():
+    """Where autograd would record it, an error that names the op to use; a residual of
+    another shape or a BN vector of another length, the errors conv_bn_relu raises."""
+    (x, w, cb, bw, bb, rm, rv), r, geometry = _into_residual_case(torch.float32, "contiguous",
+                                                                  True, False)
+    op = torch.ops.cnnops.conv_bn_relu_inference
+    with pytest.raises(ValueError, match="shape"):
+        op(x, w, cb, bw, bb, rm, rv, r[:, :4], *geometry, 1e-5, True)
+    with pytest.raises((ValueError, RuntimeError), match="running_mean"):
+        op(x, w, cb, bw, bb, rm[:5], rv, r, *geometry, 1e-5, True)
+    w.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="conv_bn_relu_inference is inference only"):
+        op(x, w, cb, bw, bb, rm, rv, r, *geometry, 1e-5, True)
+    with torch.no_grad():
+        op(x, w, cb, bw, bb, rm, rv, r, *geometry, 1e-5, True)
+
+
+def _cnnops_calls(module, *args, context=contextlib.nullcontext):
+    """module(*args) inside context -> (output, the cnnops ops it dispatched and how often)."""
+    recorder = OpRecorder()
+    with context(), recorder:
+        out = module(*args)
+    return out, {k[len("cnnops::"):]: n for k, n in recorder.calls.items()
+                 if k.startswith("cnnops::")}
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_inference_outside_autograd_takes_the_inference_op(layout):
+    """apply_conv_bn_relu (FusedConvBNReLU, cnnops.models, cnnops.fuse) in eval mode under
+    torch.no_grad or torch.inference_mode runs the one inference op (no statistics made),
+    with or without a residual. Each call that needs more takes the general path: autograd
+    recording, torch.autocast, another backend, a reflect-padded convolution, a BN without
+    running statistics, a residual the op refuses (the general path's error). Same outputs
+    as torch.nn throughout."""
+    torch.manual_seed(9)
+    x = make_input((2, 3, 9, 9), layout)
+    r = make_input((2, 8, 5, 5), layout)
+    for padding_mode in ("zeros", "reflect"):
+        fused = cnnops.FusedConvBNReLU(3, 8, 3, stride=2, padding=1, bias=True).eval()
+        fused.conv.padding_mode = padding_mode
+        fused.bn.running_mean.uniform_(-0.5, 0.5)
+        fused.bn.running_var.uniform_(0.5, 2.0)
+        with torch.no_grad():
+            want = torch.relu(fused.bn(fused.conv(x)))
+            want_r = torch.relu(fused.bn(fused.conv(x)) + r)
+        op = "conv_bn_relu_inference" if padding_mode == "zeros" else "conv_bn_relu"
+        for context in (torch.no_grad, torch.inference_mode):
+            out, calls = _cnnops_calls(fused, x, context=context)
+            assert calls == {op: 1}
+            assert_close(out, want)
+            assert out.is_contiguous(memory_format=expected_memory_format(x))
+            out, calls = _cnnops_calls(fused, x, r, context=context)
+            assert calls == {op: 1}
+            assert_close(out, want_r)
+    out, calls = _cnnops_calls(fused, x)  # autograd records it: the op with a backward
+    assert calls == {"conv_bn_relu": 1} and out.requires_grad
+    assert_close(out, want)
+    fused.conv.padding_mode = "zeros"
+    with torch.no_grad():
+        out, calls = _cnnops_calls(fused, x, context=lambda: torch.autocast("cpu", torch.bfloat16))
+        assert calls == {"conv_bn_relu": 1} and out.dtype == torch.bfloat16
+        out, calls = _cnnops_calls(fused, x, context=lambda: cnnops.use_backend("reference"))
+        assert calls == {}
+        with pytest.raises(ValueError, match="residual"):
+            fused(x, r[:, :, :4])
+        fused.bn.track_running_stats = False  # eval with batch statistics, as torch.nn
+        fused.bn.running_mean = fused.bn.running_var = None
+        out, calls = _cnnops_calls(fused, x)
+        assert calls == {"conv_bn_relu": 1}
+        assert_close(out, torch.relu(fused.bn(fused.conv(x))))
 
 
 def test_fused_module_state_dict_round_trip():

@@ -26,12 +26,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cnnops
 import cnnops.models as M
 from cnnops.fuse import FusionRecord, restore_layout, to_channels_last
-from conftest import assert_close, make_input
+from conftest import OpRecorder, assert_close, make_input
 from cnnops.models import plain
 
 
@@ -1161,16 +1160,6 @@ def _check_float32_steps():
 # ---------------------------------------------------------------------------
 # The fused ops run
 
-class OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[func._schema.name] += 1
-        return func(*args, **(kwargs or {}))
-
-
 _OP_OF_PATTERN = {"bn": "batch_norm",     # a BatchNormAct2d without activation, alone
                   "conv-bn": "conv_bn_relu", "conv-bn-relu": "conv_bn_relu",
                   "conv-bn-add": "conv_bn_relu", "conv-bn-add-relu": "conv_bn_relu",
@@ -1680,8 +1669,9 @@ def test_to_channels_last_only_where_onednn_runs():
 def test_eval_residual_adds_write_over_a_residual_nothing_reads(norm):
     """Each bottleneck's residual add, whose residual nothing reads afterwards, writes its
     result over that residual in inference outside autograd (cnnops::conv_bn_relu_into_residual:
-    no new output), on each core (auto: from the call after the one that measures it); with
-    autograd recording it runs the out-of-place op. Same outputs as eager throughout."""
+    no new output), on each core (auto: from the call after the one that measures it), and the
+    other conv-BN sites run cnnops::conv_bn_relu_inference; with autograd recording they all
+    run the op with a backward. Same outputs as eager throughout."""
     torch.manual_seed(23)
     model = resnet(plain.TvBottleneck, [2, 1, 1, 1],
                    norm_layer=FrozenBatchNorm2d if norm == "frozen" else None).eval()
@@ -1699,11 +1689,16 @@ def test_eval_residual_adds_write_over_a_residual_nothing_reads(norm):
                 with no_autograd(), recorder:
                     out = fused(x)
                 assert recorder.calls["cnnops::conv_bn_relu_into_residual"] == 5, call
+                # (the other sites: the inference op, without statistics)
+                assert recorder.calls["cnnops::conv_bn_relu_inference"] == 15, call
+                assert "cnnops::conv_bn_relu" not in recorder.calls, call
                 assert_close(out, want)
     recorder = OpRecorder()
     with recorder:
         out = fused(x)
-    assert "cnnops::conv_bn_relu_into_residual" not in recorder.calls
+    assert recorder.calls["cnnops::conv_bn_relu"] == 20
+    assert not {"cnnops::conv_bn_relu_into_residual",
+                "cnnops::conv_bn_relu_inference"} & set(recorder.calls)
     assert_close(out, want)
 
 

@@ -89,10 +89,15 @@ def _backward_samples():
 
 
 def _inference_samples():
-    """The inference-only op, which writes into its residual (no tensor requires grad)."""
+    """The inference-only ops (no tensor requires grad): the one that returns the output
+    alone, with and without a residual, and the one that writes into its residual."""
     out = []
     for layout in (None, "channels_last"):
         x = _t(2, 4, 6, 5, layout=layout)
+        for residual in (None, _t(2, 6, 3, 3, layout=layout)):
+            out.append(("conv_bn_relu_inference",
+                        (x, _t(6, 2, 3, 3), _t(6), _t(6), _t(6), _t(6), _t(6, positive=True),
+                         residual, [2, 1], [1, 1], [1, 2], 2, 1e-5, residual is None)))
         out.append(("conv_bn_relu_into_residual",
                     (_t(2, 6, 3, 3, layout=layout), x, _t(6, 2, 3, 3), _t(6), _t(6), _t(6),
                      _t(6), _t(6, positive=True), [2, 1], [1, 1], [1, 2], 2, 1e-5, True)))
@@ -111,7 +116,7 @@ def test_opcheck(sample):
 
 
 CONV_OPS = ("conv2d", "conv2d_relu", "conv_bn_relu", "conv2d_backward", "conv_bn_relu_backward",
-            "conv_bn_relu_into_residual")
+            "conv_bn_relu_inference", "conv_bn_relu_into_residual")
 
 
 def _cast(args, dtype):

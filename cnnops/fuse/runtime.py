@@ -10,7 +10,8 @@ from torch import nn
 from .. import backends
 from .. import functional as CF
 from .._shapes import conv_output_size
-from ..nn import _conv_input_and_padding, apply_bn_relu, apply_conv_bn_relu, apply_conv_relu
+from ..nn import (_conv_input_and_padding, _inference_op, apply_bn_relu, apply_conv_bn_relu,
+                  apply_conv_relu)
 from ._fx import tree_map
 
 __all__ = ["conv_bn_relu_residual", "bn_relu_residual", "conv_frozen_bn_relu", "frozen_bn_relu",
@@ -54,26 +55,17 @@ def _fits(residual, x, shape):
             and residual.device == x.device and residual.shape == shape)
 
 
-def _into_residual(conv, bn, x, residual, relu):
-    """relu(bn(conv(x)) + residual) written into residual in one op, BN as in inference ->
-    residual; None where functional._conv_bn_relu_into_residual cannot."""
-    x, padding = _conv_input_and_padding(conv, x)
-    return CF._conv_bn_relu_into_residual(x, conv.weight, conv.bias, bn.weight, bn.bias,
-                                          bn.running_mean, bn.running_var, conv.stride, padding,
-                                          conv.dilation, conv.groups, bn.eps, relu, residual)
-
-
 def conv_bn_relu_residual(conv, bn, x, residual=None, relu=True, how=0, memory="fast",
                           reuse_residual=False):
     """relu(bn(conv(x)) + residual) as one cnnops::conv_bn_relu when x is 4-D and shapes and
     dtypes match (the original modules otherwise: a SyncBatchNorm takes any input).
     reuse_residual: nothing reads the residual afterwards (the residual-reuse pass,
     reuse.py), so in eval mode outside autograd the result may take its memory."""
+    if not bn.training:
+        out = _inference_op(conv, bn, x, residual, relu, reuse_residual)
+        if out is not None:
+            return out
     if x.dim() == 4 and (residual is None or _fits(residual, x, _conv_out_shape(conv, x))):
-        if reuse_residual and not bn.training:
-            out = _into_residual(conv, bn, x, residual, relu)
-            if out is not None:
-                return out
         return apply_conv_bn_relu(conv, bn, x, residual, relu, memory)
     out = bn(conv(x))
     if residual is not None:
@@ -95,11 +87,10 @@ def bn_relu_residual(bn, x, residual=None, relu=True, how=0):
 def conv_frozen_bn_relu(conv, bn, x, residual=None, relu=True, how=0, reuse_residual=False):
     """conv -> FrozenBatchNorm (inference-mode BN from its buffers) (-> + residual) (-> ReLU).
     reuse_residual: as for conv_bn_relu_residual (in either mode)."""
+    out = _inference_op(conv, bn, x, residual, relu, reuse_residual)
+    if out is not None:
+        return out
     if x.dim() == 4 and (residual is None or _fits(residual, x, _conv_out_shape(conv, x))):
-        if reuse_residual:
-            out = _into_residual(conv, bn, x, residual, relu)
-            if out is not None:
-                return out
         xp, padding = _conv_input_and_padding(conv, x)
         return CF.conv_bn_relu(xp, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
                                bn.running_var, conv.stride, padding, conv.dilation, conv.groups,
@@ -232,7 +223,7 @@ def to_channels_last(x):
     """x in channels_last where the CPU oneDNN core runs it natively (a 4-D float32 or
     bfloat16 CPU tensor on the cpu backend, oneDNN on, the core not forced to im2col);
     x itself otherwise."""
-    if (isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu"
+    if (isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_cpu
             and x.dtype in (torch.float32, torch.bfloat16)
             and not x.is_contiguous(memory_format=torch.channels_last)
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled

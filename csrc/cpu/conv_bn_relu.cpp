@@ -118,12 +118,14 @@ std::vector<at::Tensor> folded_bn(const at::Tensor& input, const at::Tensor& wei
 
 using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// stats: whether the caller takes the statistics (in inference they are
+// undefined without it: conv_bn_relu_inference, conv_bn_relu_into_residual).
 // into (inference only; undefined otherwise): the residual, which the output
 // may overwrite (conv_bn_relu_into_residual). Where the core writes its output
 // in place, the output returned is `into` itself.
 Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
                 const at::Tensor& weight, const BNArgs& p, const at::Tensor& residual_in,
-                const ConvArgs& args, bool training, double eps, bool relu,
+                const ConvArgs& args, bool training, double eps, bool relu, bool stats = true,
                 const at::Tensor& into = at::Tensor()) {
   const int64_t L = s.L(), OC = s.OC;
   const bool onednn = core == cpu::Core::OneDNN;
@@ -134,18 +136,20 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
     // BN folded into the weight and bias; conv + bias (+ residual) + ReLU in one primitive.
     const std::vector<at::Tensor> folded = folded_bn(input, weight, p, OC, eps);
     if (into.defined() && into.scalar_type() == at::kFloat && into.is_contiguous(fmt)) {
-      // (conv_bn_relu_into_residual returns no statistics: none are copied)
       at::Tensor out = into;
       cpu::onednn_conv_relu_into(out, input, folded[0], folded[1], relu, args, fmt);
       return {out, at::Tensor(), at::Tensor(), at::Tensor()};
     }
     const at::Tensor out =
         cpu::onednn_conv_relu(input, folded[0], folded[1], residual_in, relu, args, fmt);
+    if (!stats) return {out, at::Tensor(), at::Tensor(), at::Tensor()};
     return {out, at::empty({0}, input.options()), p.running_mean.to(stat_opts, false, true),
             folded[2].clone()};
   }
 
-  at::Tensor mean = at::empty({OC}, stat_opts), invstd = at::empty({OC}, stat_opts);
+  const bool make_stats = training || stats;
+  at::Tensor mean = make_stats ? at::empty({OC}, stat_opts) : at::Tensor(),
+             invstd = make_stats ? at::empty({OC}, stat_opts) : at::Tensor();
 
   // oneDNN reads the input in any layout; im2col wants it NCHW.
   const at::MemoryFormat work = working_format(core, fmt);
@@ -175,8 +179,10 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
                                 sh[c], relu);
         }
       });
-      mean.copy_(p.running_mean);
-      std::copy(is.begin(), is.end(), invstd.mutable_data_ptr<T>());
+      if (stats) {
+        mean.copy_(p.running_mean);
+        std::copy(is.begin(), is.end(), invstd.mutable_data_ptr<T>());
+      }
       return;
     }
     // Each channel's moments: one pass over oneDNN's output, or (im2col) from
@@ -281,6 +287,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_cpu(
                         });
 }
 
+at::Tensor conv_bn_relu_inference_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                      const c10::optional<at::Tensor>& conv_bias_opt,
+                                      const c10::optional<at::Tensor>& bn_weight_opt,
+                                      const c10::optional<at::Tensor>& bn_bias_opt,
+                                      const at::Tensor& running_mean,
+                                      const at::Tensor& running_var,
+                                      const c10::optional<at::Tensor>& residual_opt,
+                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                      at::IntArrayRef dilation, int64_t groups, double eps,
+                                      bool relu) {
+  const Call c = check_call(input, weight, conv_bias_opt, bn_weight_opt, bn_bias_opt,
+                            running_mean, running_var, stride, padding, dilation, groups,
+                            /*training=*/false, eps);
+  const at::Tensor residual = conv_residual(residual_opt, input, c.s, c.fmt);
+  return std::get<0>(cpu::with_core(
+      forward_key(c, input, /*training=*/false, relu, residual.defined()), [&](cpu::Core core) {
+        return forward(core, c.s, input, weight, c.p, residual, c.args, /*training=*/false, eps,
+                       relu, /*stats=*/false);
+      }));
+}
+
 void conv_bn_relu_into_residual_cpu(const at::Tensor& residual, const at::Tensor& input,
                                     const at::Tensor& weight,
                                     const c10::optional<at::Tensor>& conv_bias_opt,
@@ -299,7 +326,7 @@ void conv_bn_relu_into_residual_cpu(const at::Tensor& residual, const at::Tensor
   const cpu::CoreKey key = forward_key(c, input, /*training=*/false, relu, /*residual=*/true);
   const auto run = [&](cpu::Core core, const at::Tensor& into) {
     return std::get<0>(forward(core, c.s, input, weight, c.p, residual, c.args,
-                               /*training=*/false, eps, relu, into));
+                               /*training=*/false, eps, relu, /*stats=*/false, into));
   };
   // The core is measured (auto mode, a configuration's first call) on runs that
   // leave the residual as it is; once it is settled, the core writes into it.
@@ -311,8 +338,10 @@ void conv_bn_relu_into_residual_cpu(const at::Tensor& residual, const at::Tensor
   } else {
     out = cpu::with_core(key, [&](cpu::Core core) { return run(core, at::Tensor()); });
   }
-  at::Tensor dst = residual;
-  dst.copy_(out);  // (nothing to copy where the core wrote into it)
+  if (!out.is_same(residual)) {  // (the core wrote into it: nothing to copy)
+    at::Tensor dst = residual;
+    dst.copy_(out);
+  }
 }
 
 namespace {
@@ -458,6 +487,7 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
 TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
   m.impl("conv_bn_relu", &conv_bn_relu_cpu);
   m.impl("conv_bn_relu_backward", &conv_bn_relu_backward_cpu);
+  m.impl("conv_bn_relu_inference", &conv_bn_relu_inference_cpu);
   m.impl("conv_bn_relu_into_residual", &conv_bn_relu_into_residual_cpu);
 }
 
