@@ -272,14 +272,18 @@ def _into_residual_case(dtype, layout, relu, conv_bias):
     return (x, w, cb, bw, bb, rm, rv), r, geometry
 
 
-@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension")
-@pytest.mark.parametrize("core,dtype", [(core, dtype) for core in ("im2col", "onednn", "auto")
-                                         for dtype in (torch.float32, torch.float64,
-                                                       torch.bfloat16)
-                                         if (core, dtype) not in (("im2col", torch.bfloat16),
-                                                                  ("onednn", torch.float64))],
-                         ids=lambda v: str(v).replace("torch.", ""))
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def _inference_cases(test):
+    """The inference-only ops' cases: each core with each dtype it runs, each layout."""
+    cases = [(core, dtype) for core in ("im2col", "onednn", "auto")
+             for dtype in (torch.float32, torch.float64, torch.bfloat16)
+             if (core, dtype) not in (("im2col", torch.bfloat16), ("onednn", torch.float64))]
+    test = pytest.mark.parametrize("layout", ["contiguous", "channels_last"])(test)
+    test = pytest.mark.parametrize("core,dtype", cases,
+                                   ids=lambda v: str(v).replace("torch.", ""))(test)
+    return pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension")(test)
+
+
+@_inference_cases
 @pytest.mark.parametrize("relu,conv_bias", [(True, False), (False, True)],
                          ids=["relu", "conv_bias-no_relu"])
 def test_conv_bn_relu_into_residual_matches_the_op(core, dtype, layout, relu, conv_bias):
@@ -332,14 +336,7 @@ def test_conv_bn_relu_into_residual_refuses_what_it_cannot_do():
     assert out._version == r.clone()._version + 1
 
 
-@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension")
-@pytest.mark.parametrize("core,dtype", [(core, dtype) for core in ("im2col", "onednn", "auto")
-                                         for dtype in (torch.float32, torch.float64,
-                                                       torch.bfloat16)
-                                         if (core, dtype) not in (("im2col", torch.bfloat16),
-                                                                  ("onednn", torch.float64))],
-                         ids=lambda v: str(v).replace("torch.", ""))
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@_inference_cases
 @pytest.mark.parametrize("relu,conv_bias,residual", [(True, False, True), (False, True, False)],
                          ids=["relu-residual", "conv_bias-no_relu"])
 def test_conv_bn_relu_inference_is_the_op_s_output(core, dtype, layout, relu, conv_bias,
