@@ -182,9 +182,9 @@ TORCH_LIBRARY(cnnops, m) {
         "-> (Tensor, Tensor, Tensor, Tensor)");
   // Inference (BN from its running statistics) -> output alone: conv_bn_relu
   // with training=false, none of the statistics made. CPU only, no autograd:
-  // cnnops.fuse and cnnops.nn.apply_conv_bn_relu run it for an inference call
-  // outside autograd, where nothing reads the statistics (they cost a third of
-  // a small layer's call).
+  // cnnops.nn._inference_op runs it for an inference call outside autograd
+  // (FusedConvBNReLU, apply_conv_bn_relu, cnnops.fuse), where nothing reads the
+  // statistics.
   m.def("conv_bn_relu_inference(Tensor input, Tensor weight, Tensor? conv_bias, "
         "Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, Tensor running_var, "
         "Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, int groups, "
