@@ -76,7 +76,7 @@ def use_backend(name):
 # ---------------------------------------------------------------------------
 # The CPU backend's convolution core (csrc/cpu/conv_core.h)
 
-CPU_CONV_MODES = ("auto", "im2col", "onednn")
+CPU_CONV_MODES = ("auto", "im2col", "onednn", "winograd")
 
 
 def _check_cpu_conv(mode):
@@ -87,20 +87,24 @@ def _check_cpu_conv(mode):
 
 
 def get_cpu_conv():
-    """The CPU convolution core setting: ``auto``, ``im2col`` or ``onednn``.
+    """The CPU convolution core setting: ``auto``, ``im2col``, ``onednn`` or ``winograd``.
 
     ``im2col`` is cnnops' im2col + BLAS GEMM with the fusions in its GEMM epilogue
     (float32/float64); ``onednn`` is ATen's oneDNN convolution with cnnops' fusions
-    around it (float32/bfloat16); ``auto`` (the default) measures both the first
-    time a call's configuration (op, shapes, dtype, flags, threads) is seen and
-    keeps the faster for the rest of the process; a dtype only one core runs takes
+    around it (float32/bfloat16); ``winograd`` is Winograd F(2x2, 3x3) for the 3x3,
+    stride-1, ungrouped, undilated convolutions of conv_bn_relu in inference
+    (float32/float64; forced, it leaves every other call to im2col, or to oneDNN for
+    bfloat16). ``auto`` (the default) measures each core that can run a call the
+    first time its configuration (op, shapes, dtype, flags, threads) is seen and
+    keeps the fastest for the rest of the process; a call only one core runs takes
     that one. ``cpu_conv_choices()`` and ``cnnops.explain`` show what was chosen.
     """
     return _cpu_conv
 
 
 def set_cpu_conv(mode):
-    """Sets the CPU convolution core (``auto``, ``im2col``, ``onednn``) for every following call.
+    """Sets the CPU convolution core (``auto``, ``im2col``, ``onednn``, ``winograd``) for every
+    following call.
 
     A forced core raises for a dtype it does not run (im2col: bfloat16; onednn:
     float64). The environment variable ``CNNOPS_CPU_CONV`` sets it at import.
@@ -126,7 +130,7 @@ def use_cpu_conv(mode):
 def cpu_conv_choices():
     """Every choice ``auto`` has measured in this process, as a list of dicts with keys
     ``call`` (op, dtype, input shape, kernel, stride, padding, ... -> out channels, flags,
-    threads), ``core`` and ``reason`` (the two measured times)."""
+    threads), ``core`` and ``reason`` (each measured core's time)."""
     if not _ext.LOADED:
         return []
     from . import _C

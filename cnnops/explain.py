@@ -19,8 +19,8 @@ def explain(model, *inputs, train=False):
     the model's mode; BatchNorm running statistics do move, as in any training step).
     -> list of dicts, one per convolution call in call order: ``call`` (op, dtype, input
     shape, kernel, stride, padding, ... -> out channels, flags, threads), ``core``
-    (``im2col`` or ``onednn``) and ``reason`` (forced, the only core for the dtype, or the
-    two measured times). Calls on other backends (CUDA, Triton, reference) do not appear:
+    (``im2col``, ``onednn`` or ``winograd``) and ``reason`` (forced, the only core for the
+    call, or each measured core's time). Calls on other backends (CUDA, Triton, reference) do not appear:
     their convolution has no choice to explain.
     """
     if not _ext.LOADED:

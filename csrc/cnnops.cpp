@@ -47,12 +47,13 @@ PyObject* records_to_list(const std::vector<cnnops::cpu::ChoiceRecord>& records)
   return list;
 }
 
-// _cpu_conv_mode() -> "auto" | "im2col" | "onednn"
+// _cpu_conv_mode() -> "auto" | "im2col" | "onednn" | "winograd"
 PyObject* cpu_conv_mode(PyObject*, PyObject*) {
   const CoreMode mode = cnnops::cpu::core_mode();
-  return PyUnicode_FromString(mode == CoreMode::Auto     ? "auto"
-                              : mode == CoreMode::Im2col ? "im2col"
-                                                         : "onednn");
+  return PyUnicode_FromString(mode == CoreMode::Auto       ? "auto"
+                              : mode == CoreMode::Im2col   ? "im2col"
+                              : mode == CoreMode::OneDNN   ? "onednn"
+                                                           : "winograd");
 }
 
 // _set_cpu_conv_mode(mode: str); the caller (cnnops.backends) validates it.
@@ -65,8 +66,11 @@ PyObject* set_cpu_conv_mode(PyObject*, PyObject* arg) {
     cnnops::cpu::set_core_mode(CoreMode::Im2col);
   } else if (std::strcmp(mode, "onednn") == 0) {
     cnnops::cpu::set_core_mode(CoreMode::OneDNN);
+  } else if (std::strcmp(mode, "winograd") == 0) {
+    cnnops::cpu::set_core_mode(CoreMode::Winograd);
   } else {
-    PyErr_Format(PyExc_ValueError, "expected 'auto', 'im2col' or 'onednn', got %R", arg);
+    PyErr_Format(PyExc_ValueError, "expected 'auto', 'im2col', 'onednn' or 'winograd', got %R",
+                 arg);
     return nullptr;
   }
   Py_RETURN_NONE;

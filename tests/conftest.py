@@ -20,11 +20,12 @@ grid it runs and how its results are compared) per backend:
   case. Tests of the C++ CUDA kernels themselves (torch.ops.cnnops on CUDA tensors: cuDNN
   paths, AutocastCUDA, ...) take `cuda_ops` instead of `backend`.
 
-The cpu backend runs its convolutions on one of two cores (cnnops.set_cpu_conv): in the
+The cpu backend runs its convolutions on one of three cores (cnnops.set_cpu_conv): in the
 `backend` fixture `cpu` is the cpu backend with the im2col core forced, and the tests that
 run a convolution (marked with `@conv_cores`, or `per_device(..., conv=True)`) also run
-`cpu-onednn`, the cpu backend with the oneDNN core forced. `auto`'s choice between them is
-tested in test_cpu_conv_core.py.
+`cpu-onednn`, the cpu backend with the oneDNN core forced, and `cpu-winograd`, with the
+Winograd core forced (it runs the 3x3 stride-1 inference convolutions, im2col the rest).
+`auto`'s choice between them is tested in test_cpu_conv_core.py.
 
 Comparisons. CPU entries: `assert_close` against torch in the same dtype (`tolerances`).
 GPU entries (`Backend.check`, `Backend.run_pair`): float64 and float32 against torch in the
@@ -71,10 +72,11 @@ if backends._unavailable("triton", torch.empty(0)) is None:
 
 # The CPU convolution core each cpu entry of the `backend` fixture forces. `cpu` keeps its name
 # (im2col, float32/float64: the core the pooling / BN / add_relu tests never notice); the
-# `cpu-onednn` entry is added only to the tests of the convolution ops, through `conv_cores`.
-CPU_CORES = {"cpu": "im2col", "cpu-onednn": "onednn"}
+# `cpu-onednn` and `cpu-winograd` entries are added only to the tests of the convolution ops,
+# through `conv_cores`.
+CPU_CORES = {"cpu": "im2col", "cpu-onednn": "onednn", "cpu-winograd": "winograd"}
 CONV_BACKENDS = [entry for b in CPU_BACKENDS
-                 for entry in ((b, "cpu-onednn") if b == "cpu" else (b,))]
+                 for entry in ((b, "cpu-onednn", "cpu-winograd") if b == "cpu" else (b,))]
 # Decorator for a test that takes the `backend` fixture and runs convolutions: it runs on
 # CONV_BACKENDS (each cpu core) instead of CPU_BACKENDS. A case of such a test that runs no
 # convolution (a pooling case in a mixed list) can carry `no_conv` to run on `cpu` only.
@@ -187,11 +189,12 @@ def pytest_collection_modifyitems(config, items):
     # The oneDNN core has no float64 convolution (a forced core raises TypeError for a dtype it
     # lacks; test_cpu_conv_core.py checks that), so the cpu-onednn cases of a float64 grid
     # cannot run: they are deselected, not skipped. Nor do cases without a convolution run
-    # there: one cpu entry covers them.
+    # on either forced-core entry: one cpu entry covers them.
     _drop(config, items, {
         id(item) for item in items if getattr(item, "callspec", None)
-        and item.callspec.params.get("backend") == "cpu-onednn"
-        and (item.callspec.params.get("dtype") == torch.float64
+        and item.callspec.params.get("backend") in ("cpu-onednn", "cpu-winograd")
+        and ((item.callspec.params.get("dtype") == torch.float64
+              and item.callspec.params["backend"] == "cpu-onednn")
              or item.get_closest_marker("no_conv") is not None)})
     if os.environ.get("CNNOPS_TEST_TRITON_ALL") == "1":
         return

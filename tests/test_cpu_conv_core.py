@@ -36,7 +36,9 @@ from conftest import assert_close, expected_memory_format, make_input
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="needs the compiled ops")
 
 BF16 = torch.bfloat16
-MEASURED = re.compile(r"^measured: im2col ([0-9.e+-]+) ms, onednn ([0-9.e+-]+) ms$")
+# auto's reason: each candidate core's best time (winograd's only where it runs the call)
+MEASURED = re.compile(r"^measured: im2col ([0-9.e+-]+) ms, onednn ([0-9.e+-]+) ms"
+                      r"(?:, winograd ([0-9.e+-]+) ms)?$")
 FORCED = "forced (set_cpu_conv / CNNOPS_CPU_CONV)"
 
 
@@ -73,7 +75,7 @@ def test_default_follows_the_environment():
 def test_set_get_use_round_trip():
     start = cnnops.get_cpu_conv()
     try:
-        for mode in ("im2col", "onednn", "auto"):
+        for mode in ("im2col", "onednn", "winograd", "auto"):
             cnnops.set_cpu_conv(mode)
             assert cnnops.get_cpu_conv() == mode
         with cnnops.use_cpu_conv("onednn"):
@@ -93,7 +95,8 @@ def test_set_get_use_round_trip():
 def test_unknown_mode_raises(bad):
     before = cnnops.get_cpu_conv()
     with pytest.raises(ValueError, match=r"unknown CPU convolution core %s; expected one of "
-                                         r"auto, im2col, onednn" % re.escape(repr(bad))):
+                                         r"auto, im2col, onednn, winograd$"
+                                         % re.escape(repr(bad))):
         cnnops.set_cpu_conv(bad)
     with pytest.raises(ValueError, match="unknown CPU convolution core"):
         with cnnops.use_cpu_conv(bad):
@@ -155,7 +158,7 @@ def test_bad_environment_variable_fails_at_import(tmp_path):
     r = _subprocess("import cnnops\nprint('imported')", tmp_path, CNNOPS_CPU_CONV="fast")
     assert r.returncode != 0 and "imported" not in r.stdout
     assert ("ValueError: unknown CPU convolution core 'fast'; expected one of auto, im2col, "
-            "onednn") in r.stderr, r.stderr[-3000:]
+            "onednn, winograd") in r.stderr, r.stderr[-3000:]
 
 
 def _conv_calls(dtype):
@@ -209,16 +212,17 @@ def _new_choices(before):
     return [c for c in cnnops.cpu_conv_choices() if c["call"] not in before]
 
 
-def _check_measured(record):
+def _check_measured(record, winograd=False):
+    """The record's reason lists each candidate's time (winograd's too where `winograd`) and
+    its core is the fastest (times printed to 3 digits: a tie shows as equal)."""
     m = MEASURED.match(record["reason"])
     assert m, record
-    im2col_ms, onednn_ms = float(m.group(1)), float(m.group(2))
-    assert im2col_ms > 0 and onednn_ms > 0
-    # the faster core is kept (times printed to 3 digits: a tie shows as equal)
-    if record["core"] == "onednn":
-        assert onednn_ms <= im2col_ms, record
-    else:
-        assert record["core"] == "im2col" and im2col_ms <= onednn_ms, record
+    times = {"im2col": float(m.group(1)), "onednn": float(m.group(2))}
+    if m.group(3) is not None:
+        times["winograd"] = float(m.group(3))
+    assert ("winograd" in times) == winograd, record
+    assert all(ms > 0 for ms in times.values()), record
+    assert times[record["core"]] == min(times.values()), record
 
 
 # Shapes no other test uses, so that the first call here is the configuration's first (a width

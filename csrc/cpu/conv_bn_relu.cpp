@@ -105,12 +105,15 @@ std::vector<at::Tensor> folded_bn(const at::Tensor& input, const at::Tensor& wei
     AT_DISPATCH_FLOATING_TYPES(compute_dtype(input), "conv_bn_relu_cpu", [&] {
       std::vector<double> scale(OC), shift(OC), is(OC);
       inference_affine<scalar_t>(p, OC, eps, scale, shift, is);
+      // (copies out of the vectors, which die here: .to(kDouble) of a float64
+      // view would return the view itself)
       const auto dopts = at::TensorOptions().dtype(at::kDouble);
-      const at::Tensor sc =
-          at::from_blob(scale.data(), {OC, 1, 1, 1}, dopts).to(compute_dtype(input));
+      const auto copy = [&](std::vector<double>& v, at::IntArrayRef size, at::ScalarType t) {
+        return at::from_blob(v.data(), size, dopts).to(t, /*non_blocking=*/false, /*copy=*/true);
+      };
+      const at::Tensor sc = copy(scale, {OC, 1, 1, 1}, compute_dtype(input));
       f = {(weight.to(compute_dtype(input)) * sc).to(input.scalar_type()).contiguous(),
-           at::from_blob(shift.data(), {OC}, dopts).to(input.scalar_type()),
-           at::from_blob(is.data(), {OC}, dopts).to(compute_dtype(input))};
+           copy(shift, {OC}, input.scalar_type()), copy(is, {OC}, compute_dtype(input))};
     });
     return f;
   });
@@ -132,16 +135,22 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
   const at::MemoryFormat fmt = conv_memory_format(input, weight);
   const auto stat_opts = input.options().dtype(compute_dtype(input));
 
-  if (!training && onednn) {
-    // BN folded into the weight and bias; conv + bias (+ residual) + ReLU in one primitive.
+  if (!training && core != cpu::Core::Im2col) {
+    // BN folded into the weight and bias; conv + bias (+ residual) + ReLU in one
+    // oneDNN primitive, or in the Winograd core's GEMMs and output transform.
     const std::vector<at::Tensor> folded = folded_bn(input, weight, p, OC, eps);
-    if (into.defined() && into.scalar_type() == at::kFloat && into.is_contiguous(fmt)) {
-      at::Tensor out = into;
+    at::Tensor out;
+    if (core == cpu::Core::Winograd) {
+      out = cpu::winograd_conv_relu(s, input, folded[0], folded[1], residual_in, relu, into);
+      if (out.is_same(into)) return {out, at::Tensor(), at::Tensor(), at::Tensor()};
+      out = out.contiguous(fmt);
+    } else if (into.defined() && into.scalar_type() == at::kFloat && into.is_contiguous(fmt)) {
+      out = into;
       cpu::onednn_conv_relu_into(out, input, folded[0], folded[1], relu, args, fmt);
       return {out, at::Tensor(), at::Tensor(), at::Tensor()};
+    } else {
+      out = cpu::onednn_conv_relu(input, folded[0], folded[1], residual_in, relu, args, fmt);
     }
-    const at::Tensor out =
-        cpu::onednn_conv_relu(input, folded[0], folded[1], residual_in, relu, args, fmt);
     if (!stats) return {out, at::Tensor(), at::Tensor(), at::Tensor()};
     return {out, at::empty({0}, input.options()), p.running_mean.to(stat_opts, false, true),
             folded[2].clone()};
@@ -257,11 +266,13 @@ Call check_call(const at::Tensor& input, const at::Tensor& weight,
           {stride, padding, dilation, groups}};
 }
 
+// (Inference calls may run on the Winograd core: nothing backpropagates through them.)
 cpu::CoreKey forward_key(const Call& c, const at::Tensor& input, bool training, bool relu,
                          bool residual) {
   return cpu::CoreKey("conv_bn_relu", c.s, input, c.fmt,
                       {{"train", training}, {"relu", relu}, {"residual", residual},
-                       {"conv_bias", c.p.conv_bias.defined()}});
+                       {"conv_bias", c.p.conv_bias.defined()}},
+                      /*winograd=*/!training);
 }
 
 }  // namespace

@@ -25,10 +25,11 @@ CoreMode mode_from_env() {
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return CoreMode::Auto;
   if (std::strcmp(env, "im2col") == 0) return CoreMode::Im2col;
   if (std::strcmp(env, "onednn") == 0) return CoreMode::OneDNN;
+  if (std::strcmp(env, "winograd") == 0) return CoreMode::Winograd;
   // cnnops/backends.py validates the variable at import with a clear error;
   // this is reached only when the library is loaded some other way.
-  std::fprintf(stderr, "cnnops: ignoring CNNOPS_CPU_CONV=%s (expected auto, im2col or onednn)\n",
-               env);
+  std::fprintf(stderr, "cnnops: ignoring CNNOPS_CPU_CONV=%s (expected auto, im2col, onednn or "
+               "winograd)\n", env);
   return CoreMode::Auto;
 }
 
@@ -63,9 +64,18 @@ CoreMode core_mode() { return state().mode.load(); }
 
 void set_core_mode(CoreMode mode) { state().mode.store(mode); }
 
-const char* core_name(Core core) { return core == Core::Im2col ? "im2col" : "onednn"; }
+const char* core_name(Core core) {
+  switch (core) {
+    case Core::Im2col: return "im2col";
+    case Core::OneDNN: return "onednn";
+    case Core::Winograd: return "winograd";
+  }
+  return "?";
+}
 
 bool im2col_supports(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
+
+bool winograd_supports(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
 
 bool onednn_supports(at::ScalarType t) {
   return (t == at::kFloat || t == at::kBFloat16) && at::hasMKLDNN() &&
@@ -73,12 +83,13 @@ bool onednn_supports(at::ScalarType t) {
 }
 
 CoreKey::CoreKey(const char* op_, const ConvShape& s, const at::Tensor& input,
-                 at::MemoryFormat fmt, CoreFlags flags_)
+                 at::MemoryFormat fmt, CoreFlags flags_, bool winograd_)
     : op(op_),
       shape(s),
       dtype(input.scalar_type()),
       channels_last(fmt == at::MemoryFormat::ChannelsLast),
-      flags(flags_.begin(), flags_.end()) {
+      flags(flags_.begin(), flags_.end()),
+      winograd(winograd_ && winograd_runs(s) && winograd_supports(dtype)) {
   values = {s.N, s.C, s.H, s.W, s.OC, s.KH, s.KW, s.sh, s.sw, s.ph, s.pw, s.dh, s.dw,
             s.groups, static_cast<int64_t>(dtype), channels_last, at::get_num_threads(),
             static_cast<int64_t>(std::hash<std::string_view>()(op))};
@@ -129,7 +140,18 @@ bool fixed_choice(const CoreKey& key, CoreChoice& out) {
   TORCH_CHECK_TYPE(im2col || onednn, "the cnnops CPU convolutions support float32, float64 and "
                    "bfloat16 (bfloat16 with torch.backends.mkldnn enabled), got ",
                    dtype_name(dtype));
-  if (im2col && onednn) return false;
+  if (mode == CoreMode::Winograd) {
+    if (key.winograd) {
+      out = {Core::Winograd, "forced (set_cpu_conv / CNNOPS_CPU_CONV)"};
+    } else {
+      out = {im2col ? Core::Im2col : Core::OneDNN,
+             std::string("forced winograd, which does not run this call (it runs 3x3 stride-1 "
+                         "ungrouped undilated float32/float64 inference): ") +
+                 (im2col ? "im2col" : "onednn")};
+    }
+    return true;
+  }
+  if (candidate_cores(key).size() > 1) return false;
   out = {im2col ? Core::Im2col : Core::OneDNN,
          std::string("the only core for ") + dtype_name(dtype) +
              (im2col ? "" : " (oneDNN)")};
@@ -147,17 +169,31 @@ const CoreChoice* lookup_choice(const CoreKey& key) {
 
 }  // namespace
 
-const CoreChoice& record_choice(const CoreKey& key, double im2col_ms, double onednn_ms,
-                                const std::string& onednn_error) {
+std::vector<Core> candidate_cores(const CoreKey& key) {
+  std::vector<Core> out;
+  if (im2col_supports(key.dtype)) out.push_back(Core::Im2col);
+  if (onednn_supports(key.dtype)) out.push_back(Core::OneDNN);
+  if (key.winograd) out.push_back(Core::Winograd);
+  return out;
+}
+
+const CoreChoice& record_choice(const CoreKey& key, const std::vector<Core>& candidates,
+                                const double (&ms)[kCores], const std::string& onednn_error) {
   std::ostringstream why;
   why.precision(3);
-  if (onednn_error.empty()) {
-    why << "measured: im2col " << im2col_ms << " ms, onednn " << onednn_ms << " ms";
-  } else {
-    why << "onednn failed (" << onednn_error << ")";
+  why << "measured: ";
+  Core best = candidates.front();
+  for (const Core core : candidates) {
+    const int c = static_cast<int>(core);
+    if (core != candidates.front()) why << ", ";
+    if (core == Core::OneDNN && !onednn_error.empty()) {
+      why << "onednn failed (" << onednn_error << ")";
+      continue;
+    }
+    why << core_name(core) << " " << ms[c] << " ms";
+    if (ms[c] < ms[static_cast<int>(best)]) best = core;
   }
-  CoreChoice choice{onednn_error.empty() && onednn_ms < im2col_ms ? Core::OneDNN : Core::Im2col,
-                    why.str()};
+  CoreChoice choice{best, why.str()};
   std::lock_guard<std::mutex> lock(state().mutex);
   return state().choices.emplace(key.values, std::make_pair(key.text(), choice)).first->second.second;
 }

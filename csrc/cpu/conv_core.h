@@ -1,4 +1,4 @@
-// The CPU convolution core, chosen per call between two:
+// The CPU convolution core, chosen per call among three:
 //
 //  * im2col: cnnops' own im2col + BLAS GEMM (conv_kernels.h). Its fused
 //    epilogues consume each output tile while it is in cache (BN statistics,
@@ -12,14 +12,23 @@
 //    freezing emits); training puts cnnops' BN statistics, apply and backward
 //    passes between oneDNN's forward and backward. float32 and bfloat16 (the
 //    only core for bfloat16).
+//  * winograd: Winograd F(2x2, 3x3) (winograd.h): 3x3, stride-1, undilated,
+//    ungrouped convolutions with 2.25x fewer multiplications, as 16 BLAS GEMMs
+//    between an input and an output transform; the output transform applies
+//    the bias (BN folded in, as for oneDNN), residual and ReLU. It runs the
+//    calls that have no backward through it: conv_bn_relu in inference.
+//    float32 and float64, NCHW (channels_last inputs are converted).
 //
 // Which one runs is set by cnnops.set_cpu_conv / CNNOPS_CPU_CONV:
 //   im2col | onednn   that core for every call (an error for a dtype it lacks);
-//   auto (default)    the faster one for this call, measured the first time a
-//                     configuration is seen (op, shapes, dtype, flags, threads)
-//                     by running the call with each core and keeping the
-//                     faster; later calls reuse that choice, so it is fixed
-//                     within a process. A dtype only one core runs takes it.
+//   winograd          that core for the calls it runs; the others run on
+//                     im2col (on oneDNN for bfloat16), and the choice says so;
+//   auto (default)    the fastest core for this call, measured the first time
+//                     a configuration is seen (op, shapes, dtype, flags,
+//                     threads) by running the call with each core that can
+//                     run it and keeping the fastest; later calls reuse that
+//                     choice, so it is fixed within a process. A call only one
+//                     core runs takes it.
 // Every choice is recorded (cnnops.cpu_conv_choices(), cnnops.explain()).
 #pragma once
 
@@ -41,8 +50,9 @@
 namespace cnnops {
 namespace cpu {
 
-enum class Core { Im2col, OneDNN };
-enum class CoreMode { Auto, Im2col, OneDNN };
+enum class Core { Im2col, OneDNN, Winograd };
+enum class CoreMode { Auto, Im2col, OneDNN, Winograd };
+constexpr int kCores = 3;
 
 CoreMode core_mode();
 void set_core_mode(CoreMode mode);
@@ -51,11 +61,16 @@ const char* core_name(Core core);
 // Whether a core runs this dtype (oneDNN also needs torch.backends.mkldnn on).
 bool im2col_supports(at::ScalarType t);
 bool onednn_supports(at::ScalarType t);
+bool winograd_supports(at::ScalarType t);
+// Whether the Winograd core computes this convolution: 3x3, stride 1, no
+// dilation, no groups (any padding).
+bool winograd_runs(const ConvShape& s);
 
 // One configuration of a conv op: which op, its shapes and flags, the input's
 // dtype, the call's layout (conv_memory_format: oneDNN runs channels_last
 // natively, im2col converts it), and the thread count (a core that wins on 2
-// threads may lose on 16).
+// threads may lose on 16). winograd: whether the op has a Winograd path for
+// this call (winograd_runs, and the op runs it: no backward through it).
 using CoreFlags = std::initializer_list<std::pair<const char*, bool>>;
 struct CoreKey {
   std::vector<int64_t> values;
@@ -64,9 +79,10 @@ struct CoreKey {
   at::ScalarType dtype;
   bool channels_last;
   std::vector<std::pair<const char*, bool>> flags;
+  bool winograd;
 
   CoreKey(const char* op, const ConvShape& s, const at::Tensor& input, at::MemoryFormat fmt,
-          CoreFlags flags);
+          CoreFlags flags, bool winograd = false);
   // Human-readable, for the record (made only when one is kept: a call's
   // overhead budget is a few microseconds).
   std::string text() const;
@@ -77,10 +93,14 @@ struct CoreChoice {
   std::string reason;  // "forced", "only core for bfloat16", "measured: ..."
 };
 
-// Records a measured choice (the first one recorded for a key wins); with
-// onednn_error, that oneDNN failed and im2col is the choice.
-const CoreChoice& record_choice(const CoreKey& key, double im2col_ms, double onednn_ms,
-                                const std::string& onednn_error = "");
+// The cores auto mode measures for `key`, in order (at least two: with one,
+// settled_choice has fixed it).
+std::vector<Core> candidate_cores(const CoreKey& key);
+// Records a measured choice (the first one recorded for a key wins): each
+// candidate's best time in ms, indexed by Core; with onednn_error, that oneDNN
+// failed (and is not chosen).
+const CoreChoice& record_choice(const CoreKey& key, const std::vector<Core>& candidates,
+                                const double (&ms)[kCores], const std::string& onednn_error = "");
 // The choice for `key` when it needs no measurement: `fixed` filled in when
 // the mode forces a core or only one core runs the dtype (raises when the
 // forced core cannot run it), else the choice recorded for `key`; null the
@@ -115,16 +135,17 @@ auto with_core(const CoreKey& key, const Run& run) -> decltype(run(Core::Im2col)
     return run(settled->core);
   }
   using Clock = std::chrono::steady_clock;
-  double best[2] = {1e300, 1e300};
+  double best[kCores] = {1e300, 1e300, 1e300};
   std::string onednn_error;
-  for (const int c : {0, 1}) {
-    const Core core = c == 0 ? Core::Im2col : Core::OneDNN;
+  const std::vector<Core> candidates = candidate_cores(key);
+  for (const Core core : candidates) {
+    const int c = static_cast<int>(core);
     double total = 0.0;
     for (int i = 0; i <= 20 && (i <= 3 || total < 10.0); ++i) {
       const auto start = Clock::now();
       if (core == Core::OneDNN) {
         // A configuration oneDNN (or ATen around it) refuses is recorded as
-        // such and runs on im2col, which takes every valid call.
+        // such and runs on another core (im2col takes every valid call).
         try {
           run(core);
         } catch (const c10::Error& e) {
@@ -141,7 +162,7 @@ auto with_core(const CoreKey& key, const Run& run) -> decltype(run(Core::Im2col)
       }
     }
   }
-  const CoreChoice& chosen = record_choice(key, best[0], best[1], onednn_error);
+  const CoreChoice& chosen = record_choice(key, candidates, best, onednn_error);
   trace_call(key, chosen);
   return run(chosen.core);
 }
@@ -234,6 +255,16 @@ at::Tensor onednn_conv_relu(const at::Tensor& x, const at::Tensor& w, const at::
 void onednn_conv_relu_into(at::Tensor& residual, const at::Tensor& x, const at::Tensor& w,
                            const at::Tensor& bias, bool relu, const ConvArgs& a,
                            at::MemoryFormat fmt);
+
+// ---- the Winograd core (winograd.cpp) ---------------------------------------
+
+// relu?(conv(x, w) + bias + residual?) for a call winograd_runs, NCHW
+// (float32, float64). The transformed weight is kept while w lives unchanged.
+// into: undefined, or the residual, which the output then overwrites when it
+// is NCHW-contiguous (the result is `into` itself).
+at::Tensor winograd_conv_relu(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
+                              const at::Tensor& bias, const at::Tensor& residual, bool relu,
+                              const at::Tensor& into = at::Tensor());
 
 }  // namespace cpu
 }  // namespace cnnops

@@ -1,0 +1,151 @@
+// The Winograd core: relu?(conv(x, w) + bias + residual?) for 3x3, stride-1,
+// undilated, ungrouped convolutions, with the F(2x2, 3x3) kernels of
+// winograd.h around 16 BLAS GEMMs.
+#include "conv_core.h"
+#include "conv_kernels.h"
+#include "winograd.h"
+
+#include <ATen/Parallel.h>
+
+namespace cnnops {
+namespace cpu {
+namespace {
+
+// U [16, K, C] for w [K, C, 3, 3].
+at::Tensor transformed_weight(const at::Tensor& w) {
+  const at::Tensor wc = w.contiguous();
+  const int64_t K = w.size(0), C = w.size(1);
+  at::Tensor u = at::empty({16, K, C}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "winograd_weight", [&] {
+    const scalar_t* src = wc.const_data_ptr<scalar_t>();
+    scalar_t* dst = u.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, K, 8, [&](int64_t kb, int64_t ke) {
+      winograd_weight(src, K, C, kb, ke, dst);
+    });
+  });
+  return u;
+}
+
+// The transformed weight, kept while w lives unchanged (as oneDNN's packed
+// weights are: packed_weight_cache), else made for this call.
+at::Tensor winograd_weight_of(const at::Tensor& w) {
+  static DerivedTensors cache(/*settled_only=*/true);
+  const std::vector<at::Tensor> u =
+      cache.get({w}, 0.0, [&] { return std::vector<at::Tensor>{transformed_weight(w)}; });
+  return u.empty() ? transformed_weight(w) : u[0];
+}
+
+// n values of scratch for the calling thread, kept between calls: V and M
+// take megabytes, and a block that size freshly allocated on every call is
+// fresh pages, each faulted in on first touch (that measured as 2-3 ms of a
+// 10 ms layer). The largest chunk seen stays allocated.
+template <typename T>
+T* workspace(int64_t n) {
+  thread_local std::unique_ptr<char[]> buf;
+  thread_local size_t size = 0;
+  const size_t bytes = static_cast<size_t>(n) * sizeof(T);
+  if (bytes > size) {
+    buf.reset();
+    buf.reset(new char[bytes]);
+    size = bytes;
+  }
+  return reinterpret_cast<T*>(buf.get());
+}
+
+// One chunk: the tile rows [r0, r0 + R) of the batch (a tile row: 2 output
+// rows of one image). Input transforms into v over (channel, tile row), the
+// 16 GEMMs into m, then the output transforms over (output
+// channel, tile row); each phase split across threads (the GEMMs one a thread
+// at a time, each single-threaded). v is [C][16][R*TW] and m [K][16][R*TW]:
+// GEMM e reads rows of v 16*R*TW apart, and a transform's 16 entries of one
+// channel are one contiguous block.
+template <typename T>
+void run_chunk(const ConvShape& s, const T* x, const T* u, const T* bias, const T* residual,
+               T* y, bool relu, int64_t r0, int64_t R, T* v, T* m) {
+  const int64_t C = s.C, K = s.OC, TH = winograd_tiles(s.OH), TW = winograd_tiles(s.OW);
+  const int64_t Pc = R * TW;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::parallel_for(0, C * R, 1, [&](int64_t b, int64_t e) {
+    const auto buf = scratch<T>(10 * (TW + 1) + 2);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t c = i / R, r = r0 + i % R, n = r / TH, th = r % TH;
+      winograd_input_row(x + (n * C + c) * s.H * s.W, s.H, s.W, s.ph, s.pw, th, TW,
+                         v + c * 16 * Pc + (r - r0) * TW, Pc, buf.get());
+    }
+  });
+  at::parallel_for(0, 16, 1, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      at::Tensor mj = matrix(m + j * Pc, K, Pc, 16 * Pc, opts);
+      at::mm_out(mj, matrix(const_cast<T*>(u) + j * K * C, K, C, C, opts),
+                 matrix(v + j * Pc, C, Pc, 16 * Pc, opts));
+    }
+  });
+  at::parallel_for(0, K * R, 1, [&](int64_t b, int64_t e) {
+    const auto buf = scratch<T>(4 * TW);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t k = i / R, r = r0 + i % R, n = r / TH, th = r % TH;
+      const int64_t plane = (n * K + k) * s.OH * s.OW;
+      winograd_output_row(m + k * 16 * Pc + (r - r0) * TW, Pc, th, TW, s.OH, s.OW,
+                          bias ? bias[k] : T(0), residual ? residual + plane : nullptr,
+                          y + plane, relu, buf.get());
+    }
+  });
+}
+
+// The batch is cut into chunks of whole tile rows whose V and M together take
+// about kChunkBytes, or U's size if that is more (every chunk's GEMMs read all
+// of U, [16][K][C]: 16 MB at 512 channels; so U is read no more often than V
+// and M are written). Measured on this project's 2-core machine at batch 8
+// (64-channel 56x56 layers to 512-channel 7x7 ones), chunks of 16 MB ran
+// faster than 4 or 8 MB (the GEMMs run wider), and faster than the whole batch
+// at once for the 56x56 layer (whose V and M take 51 MB). Chunks stop growing
+// at kMaxChunkBytes (U of more than 1024 x 1024 channels). The workspace keeps
+// the largest chunk seen.
+constexpr int64_t kChunkBytes = 16 << 20, kMaxChunkBytes = 64 << 20;
+
+template <typename T>
+void forward(const ConvShape& s, const T* x, const at::Tensor& u, const T* bias,
+             const T* residual, T* y, bool relu) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // the GEMMs are not autograd ops
+  const int64_t C = s.C, K = s.OC, TW = winograd_tiles(s.OW);
+  const int64_t rows = s.N * winograd_tiles(s.OH);  // tile rows of the whole batch
+  const int64_t row_values = 16 * (C + K) * TW, sz = static_cast<int64_t>(sizeof(T));
+  const int64_t rc = std::clamp<int64_t>(
+      std::clamp<int64_t>(16 * K * C * sz, kChunkBytes, kMaxChunkBytes) / (row_values * sz), 1,
+      rows);
+  T* const v = workspace<T>(row_values * rc);
+  for (int64_t r0 = 0; r0 < rows; r0 += rc) {
+    run_chunk(s, x, u.const_data_ptr<T>(), bias, residual, y, relu, r0,
+              std::min(rc, rows - r0), v, v + 16 * C * rc * TW);
+  }
+}
+
+}  // namespace
+
+bool winograd_runs(const ConvShape& s) {
+  return s.KH == 3 && s.KW == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 &&
+         s.groups == 1;
+}
+
+at::Tensor winograd_conv_relu(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
+                              const at::Tensor& bias, const at::Tensor& residual, bool relu,
+                              const at::Tensor& into) {
+  TORCH_INTERNAL_ASSERT(winograd_runs(s) && winograd_supports(x.scalar_type()));
+  const at::Tensor xc = x.contiguous(), u = winograd_weight_of(w);
+  const at::Tensor rc = residual.defined() ? residual.contiguous() : residual;
+  // (into, when given, is the residual: each output element is written after
+  // the residual element it adds is read)
+  at::Tensor out = into.defined() && into.is_contiguous() && into.scalar_type() == x.scalar_type()
+                       ? into
+                       : at::empty({s.N, s.OC, s.OH, s.OW}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv_relu", [&] {
+    forward<scalar_t>(s, xc.const_data_ptr<scalar_t>(), u,
+                      bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                      rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
+                      out.mutable_data_ptr<scalar_t>(), relu);
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace cnnops

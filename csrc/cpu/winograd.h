@@ -1,0 +1,160 @@
+// Winograd F(2x2, 3x3): a 3x3, stride-1 convolution with 2.25x fewer
+// multiplications than the direct one (Lavin & Gray, "Fast Algorithms for
+// Convolutional Neural Networks", 2015).
+//
+// The output is cut into 2x2 tiles; tile (th, tw) of an output plane reads the
+// 4x4 input patch d whose top-left corner is input (2*th - ph, 2*tw - pw)
+// (zeros past the edges). With
+//
+//   B^T = | 1  0 -1  0 |     G = | 1    0    0   |     A^T = | 1  1  1  0 |
+//         | 0  1  1  0 |         | 1/2  1/2  1/2 |           | 0  1 -1 -1 |
+//         | 0 -1  1  0 |         | 1/2 -1/2  1/2 |
+//         | 0  1  0 -1 |         | 0    0    1   |
+//
+// each input patch becomes V = B^T d B and each 3x3 filter g becomes
+// U = G g G^T (4x4 each); then for each of the 16 entries e of a 4x4 tile,
+// M[e] = U[e] (K x C) @ V[e] (C x tiles): 16 GEMMs that do the convolution's
+// channel sums; and each output tile is A^T M A (2x2). B and A hold only 0 and
+// +-1, so the transforms are additions; G's halves are exact in binary. In
+// float32 the result is as close to the exact one as the direct convolution's
+// (tests/test_winograd.py checks the index math in Python against torch, and
+// the kernels against torch's convolution).
+//
+// Layouts: a tile's 16 entries e = 4*i + j (row i, column j of the 4x4 tile);
+// V [C][16][P] and M [K][16][P] over tile columns p = (n*TH + th)*TW + tw
+// (GEMM e reads V[:, e, :] as a matrix of row stride 16*P); the transformed
+// weight U [16][K][C]. The row kernels below run on one tile row
+// (th) of one channel plane, vectorised across the row's TW tiles: the 4 input
+// rows are split into even and odd columns, so every step is a contiguous run.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "bn_kernels.h"
+#include "vectorised.h"
+
+namespace cnnops {
+namespace cpu {
+
+// Tiles of an output of OH x OW: ceil(OH/2) x ceil(OW/2).
+inline int64_t winograd_tiles(int64_t out) { return (out + 1) / 2; }
+
+// U = G g G^T for filters k in [kb, ke): w [K, C, 3, 3] contiguous -> u [16][K][C].
+template <typename T>
+void winograd_weight(const T* w, int64_t K, int64_t C, int64_t kb, int64_t ke, T* u) {
+  const T h = T(0.5);
+  for (int64_t k = kb; k < ke; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* g = w + (k * C + c) * 9;
+      T gg[4][3];  // G g: rows of g combined
+      for (int64_t j = 0; j < 3; ++j) {
+        gg[0][j] = g[j];
+        gg[1][j] = h * (g[j] + g[3 + j] + g[6 + j]);
+        gg[2][j] = h * (g[j] - g[3 + j] + g[6 + j]);
+        gg[3][j] = g[6 + j];
+      }
+      for (int64_t i = 0; i < 4; ++i) {  // (G g) G^T: columns combined
+        const T* r = gg[i];
+        T* dst = u + (4 * i) * K * C + k * C + c;
+        dst[0] = r[0];
+        dst[K * C] = h * (r[0] + r[1] + r[2]);
+        dst[2 * K * C] = h * (r[0] - r[1] + r[2]);
+        dst[3 * K * C] = r[2];
+      }
+    }
+  }
+}
+
+// V for tile row th of one input plane x [H, W]: entry e of tile tw goes to
+// v[e * ldv + tw]. buf: scratch of 10 * (TW + 1) + 2 values.
+template <typename T>
+CNNOPS_VECTORISED void winograd_input_row(const T* x, int64_t H, int64_t W, int64_t ph,
+                                          int64_t pw, int64_t th, int64_t TW, T* v,
+                                          int64_t ldv, T* buf) {
+  const int64_t n = TW + 1;       // even (and odd) columns of a padded row: 2*TW + 2 values
+  T* row = buf;                   // one padded input row, 2 * n values
+  T* ev = buf + 2 * n;            // ev[i], od[i]: the even and odd columns of row i
+  T* od = ev + 4 * n;
+  for (int64_t i = 0; i < 4; ++i) {
+    const int64_t ih = 2 * th - ph + i;
+    T* e = ev + i * n;
+    T* o = od + i * n;
+    if (ih < 0 || ih >= H) {
+      std::fill(e, e + n, T(0));
+      std::fill(o, o + n, T(0));
+      continue;
+    }
+    // padded column q holds input column q - pw
+    const int64_t lo = std::min<int64_t>(pw, 2 * n), hi = std::min<int64_t>(pw + W, 2 * n);
+    std::fill(row, row + lo, T(0));
+    if (hi > lo) std::memcpy(row + lo, x + ih * W + (lo - pw), (hi - lo) * sizeof(T));
+    std::fill(row + std::max(lo, hi), row + 2 * n, T(0));
+    for (int64_t q = 0; q < n; ++q) {
+      e[q] = row[2 * q];
+      o[q] = row[2 * q + 1];
+    }
+  }
+  // B^T d: the 4 rows combined, on the even and on the odd columns; in place,
+  // row by row (t0 = d0 - d2, t1 = d1 + d2, t2 = d2 - d1, t3 = d1 - d3).
+  for (T* a : {ev, od}) {
+    T *d0 = a, *d1 = a + n, *d2 = a + 2 * n, *d3 = a + 3 * n;
+    for (int64_t q = 0; q < n; ++q) {
+      const T r0 = d0[q], r1 = d1[q], r2 = d2[q], r3 = d3[q];
+      d0[q] = r0 - r2;
+      d1[q] = r1 + r2;
+      d2[q] = r2 - r1;
+      d3[q] = r1 - r3;
+    }
+  }
+  // (B^T d) B: tile tw's columns 2tw .. 2tw+3 are e[tw], o[tw], e[tw+1], o[tw+1].
+  for (int64_t i = 0; i < 4; ++i) {
+    const T* e = ev + i * n;
+    const T* o = od + i * n;
+    T* v0 = v + (4 * i) * ldv;
+    T* v1 = v0 + ldv;
+    T* v2 = v1 + ldv;
+    T* v3 = v2 + ldv;
+    for (int64_t t = 0; t < TW; ++t) {
+      v0[t] = e[t] - e[t + 1];
+      v1[t] = o[t] + e[t + 1];
+      v2[t] = e[t + 1] - o[t];
+      v3[t] = o[t] - o[t + 1];
+    }
+  }
+}
+
+// Output tile row th of one output plane y [OH, OW] from M (entry e of tile tw
+// at m[e * ldm + tw]): y = relu?(A^T M A + bias + residual?), residual (may be
+// null) a plane like y; it may be y itself (each element is read before it is
+// written). buf: scratch of 4 * TW values.
+template <typename T>
+CNNOPS_VECTORISED void winograd_output_row(const T* m, int64_t ldm, int64_t th, int64_t TW,
+                                           int64_t OH, int64_t OW, T bias,
+                                           const T* residual, T* y, bool relu, T* buf) {
+  T* r0 = buf;            // output rows 2th and 2th+1, 2*TW columns each
+  T* r1 = buf + 2 * TW;
+  for (int64_t t = 0; t < TW; ++t) {
+    T s0[4], s1[4];  // A^T M: the tile's 4 rows combined, per column j
+    for (int64_t j = 0; j < 4; ++j) {
+      const T m0 = m[j * ldm + t], m1 = m[(4 + j) * ldm + t], m2 = m[(8 + j) * ldm + t],
+              m3 = m[(12 + j) * ldm + t];
+      s0[j] = m0 + m1 + m2;
+      s1[j] = m1 - m2 - m3;
+    }
+    r0[2 * t] = s0[0] + s0[1] + s0[2];
+    r0[2 * t + 1] = s0[1] - s0[2] - s0[3];
+    r1[2 * t] = s1[0] + s1[1] + s1[2];
+    r1[2 * t + 1] = s1[1] - s1[2] - s1[3];
+  }
+  for (int64_t a = 0; a < 2 && 2 * th + a < OH; ++a) {
+    const int64_t off = (2 * th + a) * OW;
+    bn_forward_run(a == 0 ? r0 : r1, residual ? residual + off : nullptr, y + off, OW, T(1),
+                   bias, relu);
+  }
+}
+
+}  // namespace cpu
+}  // namespace cnnops

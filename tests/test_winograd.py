@@ -1,0 +1,184 @@
+"""The Winograd F(2x2, 3x3) CPU convolution core (csrc/cpu/winograd.h, winograd.cpp).
+
+Its index math and transforms are checked in Python against torch's convolution first, then
+the C++ core on the op paths it runs (conv_bn_relu in inference: the op, the output-only
+inference op and the write-into-residual op), the calls it leaves to the other cores, and
+auto's measurement of it. The `conv_cores` tests of every convolution op run it too, as the
+`cpu-winograd` entry (conftest.py).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnops
+import cnnops.functional as CF
+from cnnops import _ext
+from conftest import assert_close
+
+pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="needs the compiled ops")
+FORCED = "forced (set_cpu_conv / CNNOPS_CPU_CONV)"
+
+# The F(2x2, 3x3) matrices of winograd.h.
+BT = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+G = [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]]
+AT = [[1, 1, 1, 0], [0, 1, -1, -1]]
+
+
+def winograd_conv(x, w, ph, pw):
+    """The core's algorithm in torch: 2x2 output tiles, tile (th, tw) reading the 4x4 input
+    patch at (2*th - ph, 2*tw - pw), V = B^T d B, U = G g G^T, M[e] = U[e] @ V[e] over
+    channels for each of the 16 entries e, output tile A^T M A, cropped to the output."""
+    bt, g, at = (torch.tensor(m, dtype=x.dtype) for m in (BT, G, AT))
+    N, C, H, W = x.shape
+    K = w.shape[0]
+    OH, OW = H + 2 * ph - 2, W + 2 * pw - 2
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    xp = F.pad(x, (pw, 2 * TW + 2 - W - pw, ph, 2 * TH + 2 - H - ph))
+    d = xp.unfold(2, 4, 2).unfold(3, 4, 2)                   # N C TH TW 4 4
+    v = (bt @ d @ bt.T).permute(4, 5, 1, 0, 2, 3).reshape(16, C, -1)
+    u = (g @ w @ g.T).permute(2, 3, 0, 1).reshape(16, K, C)
+    m = (u @ v).reshape(4, 4, K, N, TH, TW).permute(3, 2, 4, 5, 0, 1)
+    y = at @ m @ at.T                                        # N K TH TW 2 2
+    return y.permute(0, 1, 2, 4, 3, 5).reshape(N, K, 2 * TH, 2 * TW)[:, :, :OH, :OW]
+
+
+@pytest.mark.parametrize("shape, padding", [
+    ((2, 3, 5, 7), (1, 1)), ((1, 4, 1, 1), (1, 1)), ((2, 2, 6, 9), (0, 0)),
+    ((1, 3, 7, 4), (2, 0)), ((1, 5, 3, 3), (0, 2))])
+def test_the_algorithm_is_torch_s_convolution(shape, padding):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(6, shape[1], 3, 3, dtype=torch.float64)
+    assert_close(winograd_conv(x, w, *padding), F.conv2d(x, w, padding=padding),
+                 rtol=1e-12, atol=1e-12)
+
+
+def test_float32_error_is_no_larger_than_the_direct_convolution_s():
+    """F(2x2, 3x3) in float32 lands as close to the exact result as torch's float32
+    convolution (measured: a third of its error here)."""
+    torch.manual_seed(1)
+    x, w = torch.randn(2, 64, 14, 14), torch.randn(64, 64, 3, 3) / 24
+    exact = F.conv2d(x.double(), w.double(), padding=1)
+    with cnnops.use_backend("cpu"), cnnops.use_cpu_conv("winograd"), torch.no_grad():
+        ours = CF.conv_bn_relu(x, w, None, None, None, torch.zeros(64), torch.ones(64),
+                               padding=1, training=False, eps=0.0, relu=False)
+    direct = F.conv2d(x, w, padding=1)
+    assert (ours.double() - exact).abs().max() <= 2 * (direct.double() - exact).abs().max()
+
+
+def _bn(k, dtype):
+    torch.manual_seed(2)
+    return (torch.rand(k, dtype=dtype) + 0.5, torch.randn(k, dtype=dtype),
+            torch.randn(k, dtype=dtype), torch.rand(k, dtype=dtype) + 0.5)
+
+
+def _expected(x, w, cb, bn, residual, padding, relu):
+    bw, bb, rm, rv = bn
+    y = F.batch_norm(F.conv2d(x, w, cb, padding=padding), rm, rv, bw, bb, False, 0.0, 1e-5)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+# (N, C, K, H, W, padding): odd and even sizes, 1x1 and 2x2 images, padding 0 and 2; each in
+# both dtypes and layouts.
+SHAPES = [(2, 3, 5, 5, 7, 1), (1, 8, 4, 1, 1, 1), (3, 4, 6, 2, 2, 1), (2, 6, 8, 6, 9, 0),
+          (1, 5, 3, 7, 6, 2)]
+CASES = [(shape, dtype, layout) for shape in SHAPES
+         for dtype in (torch.float32, torch.float64)
+         for layout in ("contiguous", "channels_last")]
+# A batch whose V and M pass the chunk size (16 MB): three chunks, the last one short.
+CASES.append(((5, 64, 64, 62, 64, 1), torch.float32, "contiguous"))
+
+
+@pytest.mark.parametrize("shape, dtype, layout", CASES,
+                         ids=["x".join(map(str, s)) + "-%s-%s" % (str(d)[6:], l)
+                              for s, d, l in CASES])
+def test_inference_op_matches_torch(shape, dtype, layout):
+    N, C, K, H, W, p = shape
+    torch.manual_seed(3)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(N, C, H, W, dtype=dtype).to(memory_format=fmt)
+    w = (torch.randn(K, C, 3, 3, dtype=dtype) / (3 * C ** 0.5)).to(memory_format=fmt)
+    cb, bn = torch.randn(K, dtype=dtype), _bn(K, dtype)
+    residual = torch.randn(N, K, H + 2 * p - 2, W + 2 * p - 2, dtype=dtype)
+    with cnnops.use_cpu_conv("winograd"), torch.no_grad():
+        for conv_bias, r, relu in [(cb, residual, True), (None, None, False), (cb, None, True)]:
+            out = torch.ops.cnnops.conv_bn_relu_inference(
+                x, w, conv_bias, *bn, r, [1, 1], [p, p], [1, 1], 1, 1e-5, relu)
+            expected = _expected(x, w, conv_bias, bn, r, p, relu)
+            assert_close(out, expected)
+            assert out.is_contiguous(memory_format=fmt)
+            # the general op's output is the same
+            general = torch.ops.cnnops.conv_bn_relu(x, w, conv_bias, *bn, r, [1, 1], [p, p],
+                                                    [1, 1], 1, False, 1e-5, relu)[0]
+            assert torch.equal(general, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_into_residual_writes_the_residual(dtype):
+    torch.manual_seed(4)
+    x, w = torch.randn(2, 6, 9, 8, dtype=dtype), torch.randn(5, 6, 3, 3, dtype=dtype)
+    bn = _bn(5, dtype)
+    residual = torch.randn(2, 5, 9, 8, dtype=dtype)
+    expected = _expected(x, w, None, bn, residual, 1, True)
+    ptr = residual.data_ptr()
+    with cnnops.use_cpu_conv("winograd"), torch.no_grad():
+        torch.ops.cnnops.conv_bn_relu_into_residual(residual, x, w, None, *bn, [1, 1], [1, 1],
+                                                    [1, 1], 1, 1e-5, True)
+    assert residual.data_ptr() == ptr
+    assert_close(residual, expected)
+
+
+def test_an_updated_weight_is_transformed_again():
+    """The transformed weight is kept per weight while it is unchanged: an in-place update (a
+    training step between evaluations) is seen once it settles."""
+    torch.manual_seed(5)
+    conv = cnnops.FusedConvBNReLU(4, 6, 3, padding=1).eval()
+    x = torch.randn(2, 4, 8, 8)
+    with cnnops.use_backend("cpu"), cnnops.use_cpu_conv("winograd"), torch.no_grad():
+        for _ in range(3):
+            conv.conv.weight.mul_(1.5)
+            expected = F.relu(conv.bn(F.conv2d(x, conv.conv.weight, conv.conv.bias, padding=1)))
+            assert_close(conv(x), expected)
+            assert_close(conv(x), expected)
+
+
+def test_forced_winograd_runs_what_it_can_and_says_where_it_cannot():
+    torch.manual_seed(6)
+    x = torch.randn(2, 4, 8, 8)
+    others = "forced winograd, which does not run this call"
+    with cnnops.use_backend("cpu"), cnnops.use_cpu_conv("winograd"):
+        fused = cnnops.FusedConvBNReLU(4, 6, 3, padding=1)
+        assert [(r["call"].split()[0], r["core"], r["reason"])
+                for r in cnnops.explain(fused, x)] == [("conv_bn_relu", "winograd", FORCED)]
+        # training, and convolutions it has no kernel for, run on im2col and say why
+        for model, train in [(fused, True), (cnnops.FusedConvBNReLU(4, 6, 1), False),
+                             (cnnops.FusedConvBNReLU(4, 6, 3, stride=2, padding=1), False),
+                             (cnnops.FusedConvBNReLU(4, 6, 3, padding=2, dilation=2), False),
+                             (cnnops.FusedConvBNReLU(4, 6, 3, padding=1, groups=2), False),
+                             (cnnops.nn.Conv2d(4, 6, 3, padding=1), False)]:
+            rows = cnnops.explain(model, x.clone().requires_grad_(train), train=train)
+            assert rows and all(r["core"] == "im2col" and r["reason"].startswith(others)
+                                for r in rows), rows
+        # bfloat16 runs on oneDNN, the only core for it
+        rows = cnnops.explain(cnnops.FusedConvBNReLU(4, 6, 3, padding=1).to(torch.bfloat16),
+                              x.to(torch.bfloat16))
+        assert [(r["core"], r["reason"].startswith(others)) for r in rows] == [("onednn", True)]
+
+
+def test_auto_measures_winograd_where_it_runs():
+    """auto times winograd with the other cores for an inference 3x3 stride-1 call (float32:
+    three cores; float64: im2col and winograd), and not for training calls."""
+    torch.manual_seed(7)
+    with cnnops.use_backend("cpu"), cnnops.use_cpu_conv("auto"):
+        fused = cnnops.FusedConvBNReLU(5, 7, 3, padding=1)
+        x = torch.randn(1, 5, 13, 17)
+        (row,) = cnnops.explain(fused, x)
+        assert row["reason"].startswith("measured: im2col ") and ", onednn " in row["reason"] \
+            and ", winograd " in row["reason"], row
+        (row,) = cnnops.explain(fused.double(), x.double())
+        assert row["reason"].startswith("measured: im2col ") and ", winograd " in row["reason"] \
+            and "onednn" not in row["reason"], row
+        rows = cnnops.explain(fused.float(), x.requires_grad_(), train=True)
+        assert rows and all("winograd" not in r["reason"] for r in rows), rows
