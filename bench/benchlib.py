@@ -13,17 +13,19 @@ group has ``extra_info["impl"]`` naming its implementation:
     cnnops <backend>            the cnnops op / module / model on that backend (the cpu
                                 backend with its convolution core on "auto")
     cnnops cpu (<core>)         the cpu backend with its convolution core forced to im2col
-                                or onednn (CPU convolution groups only)
+                                or onednn (CPU convolution groups), or winograd
+                                (conv_bn_relu inference groups: the calls it runs)
     cnnops.fuse                 cnnops.fuse(plain model) (only when cnnops.fuse exists)
     cnnops <backend> + torch.compile   the cnnops model under torch.compile (--full)
 
-The cpu backend runs each convolution on one of two cores: cnnops' im2col + GEMM with fused
-epilogues, or ATen's oneDNN convolution with cnnops' fusions around it. On "auto" (the
-default, the "cnnops cpu" rows) it times both the first time a configuration is seen and
-keeps the faster; that happens in the correctness check before the warm-up (time_it fails a
-benchmark whose timed rounds would include one), and the choices made go to
-extra_info["cpu_conv_auto"]. The "cnnops cpu (im2col)" / "(onednn)" rows time each core
-on its own, so a group shows whether auto picked the faster one.
+The cpu backend runs each convolution on one of three cores: cnnops' im2col + GEMM with fused
+epilogues, ATen's oneDNN convolution with cnnops' fusions around it, or (3x3 stride-1
+convolutions in inference) cnnops' Winograd F(2x2, 3x3). On "auto" (the default, the
+"cnnops cpu" rows) it times each core that runs a configuration the first time it is seen
+and keeps the fastest; that happens in the correctness check before the warm-up (time_it
+fails a benchmark whose timed rounds would include one), and the choices made go to
+extra_info["cpu_conv_auto"]. The "cnnops cpu (im2col)" / "(onednn)" / "(winograd)" rows
+time each core on its own, so a group shows whether auto picked the fastest one.
 
 torch.compile's freezing (torch._inductor.config.freezing = True while the row compiles:
 weights and BatchNorm statistics become constants, so BatchNorm folds into the convolution
@@ -83,9 +85,11 @@ def cnnops_compile_impl(backend):
 
 
 # the cpu backend's convolution cores (cnnops.set_cpu_conv), each timed as its own row in the
-# convolution groups besides the "cnnops cpu" row (core "auto")
-CPU_CONV_CORES = ("im2col", "onednn")
+# convolution groups besides the "cnnops cpu" row (core "auto"); winograd runs conv_bn_relu
+# in inference only (elsewhere forcing it runs im2col), so it has rows in those groups only
+CPU_CONV_CORES = ("im2col", "onednn", "winograd")
 CONV_OPS = ("conv2d", "conv_bn_relu")
+WINOGRAD_OPS = ("conv_bn_relu eval",)
 
 
 def cpu_core_impl(core):
@@ -698,7 +702,8 @@ class Settings:
         for b in self.backends_for(device):
             impls.append(cnnops_impl(b))
             if b == "cpu" and op.split()[0] in CONV_OPS:
-                impls += [cpu_core_impl(core) for core in CPU_CONV_CORES]
+                impls += [cpu_core_impl(core) for core in CPU_CONV_CORES
+                          if core != "winograd" or op in WINOGRAD_OPS]
         return impls
 
     def model_impls(self, device, mode):

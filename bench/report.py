@@ -38,9 +38,10 @@ COMPILE = "torch.compile"
 FUSE = "cnnops.fuse"
 FUSE_LEAN = "cnnops.fuse (lean)"
 CPU = "cnnops cpu"  # the cpu backend, convolution core on auto
-CPU_CORES = ["cnnops cpu (im2col)", "cnnops cpu (onednn)"]  # benchlib.cpu_core_impl
+CPU_CORES = ["cnnops cpu (im2col)", "cnnops cpu (onednn)",  # benchlib.cpu_core_impl
+             "cnnops cpu (winograd)"]
 IMPL_ORDER = ["torch eager", "torch.compile", "cnnops cpu", "cnnops cpu (im2col)",
-              "cnnops cpu (onednn)", "cnnops cuda", "cnnops triton", "cnnops reference",
+              "cnnops cpu (onednn)", "cnnops cpu (winograd)", "cnnops cuda", "cnnops triton", "cnnops reference",
               "cnnops.fuse", "cnnops.fuse (lean)", "torch eager + checkpoint",
               "cnnops cpu + torch.compile", "cnnops cuda + torch.compile",
               "cnnops triton + torch.compile"]
@@ -676,9 +677,11 @@ def markdown(data, rows, chart_name=None, stat="median", others=()):
                "are: a model's eager time depends on what ran before it (glibc maps an "
                "activation-sized block afresh or reuses one)."
                if any(r.info.get("freezing") for r in rows) else "")
-            + (" `cnnops cpu` runs the cpu backend with its convolution core on auto (both cores "
-               "timed on a configuration's first call, in the correctness check, the faster "
-               "kept); `cnnops cpu (im2col)` / `(onednn)` force one core."
+            + (" `cnnops cpu` runs the cpu backend with its convolution core on auto (each core "
+               "that runs the call timed on a configuration's first call, in the correctness "
+               "check, the fastest kept); `cnnops cpu (im2col)` / `(onednn)` / `(winograd)` "
+               "force one core (winograd runs the 3x3 stride-1 layers; forced, the others run "
+               "on im2col)."
                if any(r.impl in CPU_CORES for r in rows) else ""), ""]
     if chart_name:
         out += ["![speed-up vs torch eager](%s)" % chart_name, ""]

@@ -88,7 +88,8 @@ CASES = [(shape, dtype, layout) for shape in SHAPES
          for dtype in (torch.float32, torch.float64)
          for layout in ("contiguous", "channels_last")]
 # A batch whose V and M pass the chunk size (16 MB): three chunks, the last one short.
-CASES.append(((5, 64, 64, 62, 64, 1), torch.float32, "contiguous"))
+CASES += [((5, 64, 64, 62, 64, 1), torch.float32, layout)
+          for layout in ("contiguous", "channels_last")]
 
 
 @pytest.mark.parametrize("shape, dtype, layout", CASES,
@@ -116,11 +117,14 @@ def test_inference_op_matches_torch(shape, dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_into_residual_writes_the_residual(dtype):
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_into_residual_writes_the_residual(dtype, fmt):
     torch.manual_seed(4)
-    x, w = torch.randn(2, 6, 9, 8, dtype=dtype), torch.randn(5, 6, 3, 3, dtype=dtype)
+    x = torch.randn(2, 6, 9, 8, dtype=dtype).to(memory_format=fmt)
+    w = torch.randn(5, 6, 3, 3, dtype=dtype)
     bn = _bn(5, dtype)
-    residual = torch.randn(2, 5, 9, 8, dtype=dtype)
+    residual = torch.randn(2, 5, 9, 8, dtype=dtype).to(memory_format=fmt)
     expected = _expected(x, w, None, bn, residual, 1, True)
     ptr = residual.data_ptr()
     with cnnops.use_cpu_conv("winograd"), torch.no_grad():

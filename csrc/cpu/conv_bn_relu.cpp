@@ -141,9 +141,8 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
     const std::vector<at::Tensor> folded = folded_bn(input, weight, p, OC, eps);
     at::Tensor out;
     if (core == cpu::Core::Winograd) {
-      out = cpu::winograd_conv_relu(s, input, folded[0], folded[1], residual_in, relu, into);
+      out = cpu::winograd_conv_relu(s, input, folded[0], folded[1], residual_in, relu, fmt, into);
       if (out.is_same(into)) return {out, at::Tensor(), at::Tensor(), at::Tensor()};
-      out = out.contiguous(fmt);
     } else if (into.defined() && into.scalar_type() == at::kFloat && into.is_contiguous(fmt)) {
       out = into;
       cpu::onednn_conv_relu_into(out, input, folded[0], folded[1], relu, args, fmt);

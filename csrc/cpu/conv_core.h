@@ -17,7 +17,7 @@
 //    between an input and an output transform; the output transform applies
 //    the bias (BN folded in, as for oneDNN), residual and ReLU. It runs the
 //    calls that have no backward through it: conv_bn_relu in inference.
-//    float32 and float64, NCHW (channels_last inputs are converted).
+//    float32 and float64, NCHW and channels_last.
 //
 // Which one runs is set by cnnops.set_cpu_conv / CNNOPS_CPU_CONV:
 //   im2col | onednn   that core for every call (an error for a dtype it lacks);
@@ -258,13 +258,13 @@ void onednn_conv_relu_into(at::Tensor& residual, const at::Tensor& x, const at::
 
 // ---- the Winograd core (winograd.cpp) ---------------------------------------
 
-// relu?(conv(x, w) + bias + residual?) for a call winograd_runs, NCHW
-// (float32, float64). The transformed weight is kept while w lives unchanged.
-// into: undefined, or the residual, which the output then overwrites when it
-// is NCHW-contiguous (the result is `into` itself).
+// relu?(conv(x, w) + bias + residual?) for a call winograd_runs, in layout fmt
+// (NCHW or channels_last; float32, float64). The transformed weight is kept
+// while w lives unchanged. into: undefined, or the residual, which the output
+// then overwrites when it is contiguous in fmt (the result is `into` itself).
 at::Tensor winograd_conv_relu(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
                               const at::Tensor& bias, const at::Tensor& residual, bool relu,
-                              const at::Tensor& into = at::Tensor());
+                              at::MemoryFormat fmt, const at::Tensor& into = at::Tensor());
 
 }  // namespace cpu
 }  // namespace cnnops

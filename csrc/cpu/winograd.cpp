@@ -92,6 +92,41 @@ void run_chunk(const ConvShape& s, const T* x, const T* u, const T* bias, const 
   });
 }
 
+// The same for channels_last x, y and residual: v [16][R*TW][C] and m
+// [16][R*TW][K], each transform phase split over tile rows. bias, ones and
+// zeros: K, K and C values.
+template <typename T>
+void run_chunk_nhwc(const ConvShape& s, const T* x, const T* u, const T* bias, const T* ones,
+                    const T* zeros, const T* residual, T* y, bool relu, int64_t r0, int64_t R,
+                    T* v, T* m) {
+  const int64_t C = s.C, K = s.OC, TH = winograd_tiles(s.OH), TW = winograd_tiles(s.OW);
+  const int64_t Pc = R * TW;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t r = r0 + i;
+      winograd_input_row_nhwc(x + (r / TH) * s.H * s.W * C, s.H, s.W, C, s.ph, s.pw, r % TH,
+                              TW, v + i * TW * C, Pc * C, zeros);
+    }
+  });
+  at::parallel_for(0, 16, 1, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      at::Tensor mj = matrix(m + j * Pc * K, Pc, K, K, opts);
+      at::mm_out(mj, matrix(v + j * Pc * C, Pc, C, C, opts),
+                 matrix(const_cast<T*>(u) + j * K * C, K, C, C, opts).t());
+    }
+  });
+  at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
+    const auto buf = scratch<T>(4 * K);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t r = r0 + i, image = (r / TH) * s.OH * s.OW * K;
+      winograd_output_row_nhwc(m + i * TW * K, Pc * K, r % TH, TW, s.OH, s.OW, K, ones, bias,
+                               residual ? residual + image : nullptr, y + image, relu,
+                               buf.get());
+    }
+  });
+}
+
 // The batch is cut into chunks of whole tile rows whose V and M together take
 // about kChunkBytes, or U's size if that is more (every chunk's GEMMs read all
 // of U, [16][K][C]: 16 MB at 512 channels; so U is read no more often than V
@@ -105,7 +140,7 @@ constexpr int64_t kChunkBytes = 16 << 20, kMaxChunkBytes = 64 << 20;
 
 template <typename T>
 void forward(const ConvShape& s, const T* x, const at::Tensor& u, const T* bias,
-             const T* residual, T* y, bool relu) {
+             const T* residual, T* y, bool relu, bool nhwc) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // the GEMMs are not autograd ops
   const int64_t C = s.C, K = s.OC, TW = winograd_tiles(s.OW);
   const int64_t rows = s.N * winograd_tiles(s.OH);  // tile rows of the whole batch
@@ -114,9 +149,19 @@ void forward(const ConvShape& s, const T* x, const at::Tensor& u, const T* bias,
       std::clamp<int64_t>(16 * K * C * sz, kChunkBytes, kMaxChunkBytes) / (row_values * sz), 1,
       rows);
   T* const v = workspace<T>(row_values * rc);
+  T* const m = v + 16 * C * rc * TW;
+  if (nhwc) {
+    // (the NHWC output loop reads the bias, and a scale of 1, per channel)
+    std::vector<T> ones(K, T(1)), zeros(std::max(C, K), T(0));
+    for (int64_t r0 = 0; r0 < rows; r0 += rc) {
+      run_chunk_nhwc(s, x, u.const_data_ptr<T>(), bias ? bias : zeros.data(), ones.data(),
+                     zeros.data(), residual, y, relu, r0, std::min(rc, rows - r0), v, m);
+    }
+    return;
+  }
   for (int64_t r0 = 0; r0 < rows; r0 += rc) {
     run_chunk(s, x, u.const_data_ptr<T>(), bias, residual, y, relu, r0,
-              std::min(rc, rows - r0), v, v + 16 * C * rc * TW);
+              std::min(rc, rows - r0), v, m);
   }
 }
 
@@ -129,20 +174,22 @@ bool winograd_runs(const ConvShape& s) {
 
 at::Tensor winograd_conv_relu(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
                               const at::Tensor& bias, const at::Tensor& residual, bool relu,
-                              const at::Tensor& into) {
+                              at::MemoryFormat fmt, const at::Tensor& into) {
   TORCH_INTERNAL_ASSERT(winograd_runs(s) && winograd_supports(x.scalar_type()));
-  const at::Tensor xc = x.contiguous(), u = winograd_weight_of(w);
-  const at::Tensor rc = residual.defined() ? residual.contiguous() : residual;
+  const at::Tensor xc = x.contiguous(fmt), u = winograd_weight_of(w);
+  const at::Tensor rc = residual.defined() ? residual.contiguous(fmt) : residual;
   // (into, when given, is the residual: each output element is written after
   // the residual element it adds is read)
-  at::Tensor out = into.defined() && into.is_contiguous() && into.scalar_type() == x.scalar_type()
-                       ? into
-                       : at::empty({s.N, s.OC, s.OH, s.OW}, x.options());
+  at::Tensor out =
+      into.defined() && into.is_contiguous(fmt) && into.scalar_type() == x.scalar_type()
+          ? into
+          : at::empty({s.N, s.OC, s.OH, s.OW}, x.options().memory_format(fmt));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv_relu", [&] {
     forward<scalar_t>(s, xc.const_data_ptr<scalar_t>(), u,
                       bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
                       rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
-                      out.mutable_data_ptr<scalar_t>(), relu);
+                      out.mutable_data_ptr<scalar_t>(), relu,
+                      fmt == at::MemoryFormat::ChannelsLast);
   });
   return out;
 }

@@ -20,6 +20,11 @@
 // (tests/test_winograd.py checks the index math in Python against torch, and
 // the kernels against torch's convolution).
 //
+// The loops over tiles or channels are marked `#pragma GCC ivdep`: they read
+// and write through many pointers into distinct buffers, and GCC's runtime
+// alias checks between so many leave them scalar otherwise (channels_last
+// input transform, 64 channels at 32x32: 2x faster with it).
+//
 // Layouts: a tile's 16 entries e = 4*i + j (row i, column j of the 4x4 tile);
 // V [C][16][P] and M [K][16][P] over tile columns p = (n*TH + th)*TW + tw
 // (GEMM e reads V[:, e, :] as a matrix of row stride 16*P); the transformed
@@ -92,6 +97,7 @@ CNNOPS_VECTORISED void winograd_input_row(const T* x, int64_t H, int64_t W, int6
     std::fill(row, row + lo, T(0));
     if (hi > lo) std::memcpy(row + lo, x + ih * W + (lo - pw), (hi - lo) * sizeof(T));
     std::fill(row + std::max(lo, hi), row + 2 * n, T(0));
+#pragma GCC ivdep
     for (int64_t q = 0; q < n; ++q) {
       e[q] = row[2 * q];
       o[q] = row[2 * q + 1];
@@ -101,6 +107,7 @@ CNNOPS_VECTORISED void winograd_input_row(const T* x, int64_t H, int64_t W, int6
   // row by row (t0 = d0 - d2, t1 = d1 + d2, t2 = d2 - d1, t3 = d1 - d3).
   for (T* a : {ev, od}) {
     T *d0 = a, *d1 = a + n, *d2 = a + 2 * n, *d3 = a + 3 * n;
+#pragma GCC ivdep
     for (int64_t q = 0; q < n; ++q) {
       const T r0 = d0[q], r1 = d1[q], r2 = d2[q], r3 = d3[q];
       d0[q] = r0 - r2;
@@ -117,6 +124,7 @@ CNNOPS_VECTORISED void winograd_input_row(const T* x, int64_t H, int64_t W, int6
     T* v1 = v0 + ldv;
     T* v2 = v1 + ldv;
     T* v3 = v2 + ldv;
+#pragma GCC ivdep
     for (int64_t t = 0; t < TW; ++t) {
       v0[t] = e[t] - e[t + 1];
       v1[t] = o[t] + e[t + 1];
@@ -136,6 +144,7 @@ CNNOPS_VECTORISED void winograd_output_row(const T* m, int64_t ldm, int64_t th, 
                                            const T* residual, T* y, bool relu, T* buf) {
   T* r0 = buf;            // output rows 2th and 2th+1, 2*TW columns each
   T* r1 = buf + 2 * TW;
+#pragma GCC ivdep
   for (int64_t t = 0; t < TW; ++t) {
     T s0[4], s1[4];  // A^T M: the tile's 4 rows combined, per column j
     for (int64_t j = 0; j < 4; ++j) {
@@ -153,6 +162,87 @@ CNNOPS_VECTORISED void winograd_output_row(const T* m, int64_t ldm, int64_t th, 
     const int64_t off = (2 * th + a) * OW;
     bn_forward_run(a == 0 ? r0 : r1, residual ? residual + off : nullptr, y + off, OW, T(1),
                    bias, relu);
+  }
+}
+
+// ---- channels_last ------------------------------------------------------------
+//
+// In NHWC a tile's 16 entries are 16 runs of C channels, so these kernels are
+// vectorised across channels: V [16][P][C] and M [16][P][K] (GEMM e is
+// V[e] @ U[e]^T, every matrix row-major), one tile row of one image a call.
+
+// V for tile row th of image x [H, W, C]: entry e of tile tw goes to
+// v[e * ldv + tw * C + c]. zeros: C zeros, read for patch cells past the edges.
+template <typename T>
+CNNOPS_VECTORISED void winograd_input_row_nhwc(const T* x, int64_t H, int64_t W, int64_t C,
+                                               int64_t ph, int64_t pw, int64_t th, int64_t TW,
+                                               T* v, int64_t ldv, const T* zeros) {
+  for (int64_t t = 0; t < TW; ++t) {
+    const T* d[4][4];
+    for (int64_t i = 0; i < 4; ++i) {
+      const int64_t ih = 2 * th - ph + i;
+      for (int64_t j = 0; j < 4; ++j) {
+        const int64_t iw = 2 * t - pw + j;
+        d[i][j] = ih >= 0 && ih < H && iw >= 0 && iw < W ? x + (ih * W + iw) * C : zeros;
+      }
+    }
+    T* out = v + t * C;
+    // (16 loads and 16 stores through pointers: without this, GCC's runtime
+    // alias checks between them are too many, and the loop stays scalar)
+#pragma GCC ivdep
+    for (int64_t c = 0; c < C; ++c) {
+      T b[4][4];  // B^T d: rows combined, per column j
+      for (int64_t j = 0; j < 4; ++j) {
+        const T d0 = d[0][j][c], d1 = d[1][j][c], d2 = d[2][j][c], d3 = d[3][j][c];
+        b[0][j] = d0 - d2;
+        b[1][j] = d1 + d2;
+        b[2][j] = d2 - d1;
+        b[3][j] = d1 - d3;
+      }
+      for (int64_t i = 0; i < 4; ++i) {  // (B^T d) B: columns combined
+        out[(4 * i) * ldv + c] = b[i][0] - b[i][2];
+        out[(4 * i + 1) * ldv + c] = b[i][1] + b[i][2];
+        out[(4 * i + 2) * ldv + c] = b[i][2] - b[i][1];
+        out[(4 * i + 3) * ldv + c] = b[i][1] - b[i][3];
+      }
+    }
+  }
+}
+
+// Output tile row th of image y [OH, OW, K] from M (entry e of tile tw at
+// m[e * ldm + tw * K + k]): y = relu?(A^T M A + bias + residual?), residual
+// (may be null, may be y) an image like y; bias and ones: K values each (the
+// bias, and the scale 1 of the shared BN forward loop). buf: 4 * K values.
+template <typename T>
+CNNOPS_VECTORISED void winograd_output_row_nhwc(const T* m, int64_t ldm, int64_t th,
+                                                int64_t TW, int64_t OH, int64_t OW, int64_t K,
+                                                const T* ones, const T* bias,
+                                                const T* residual, T* y, bool relu, T* buf) {
+  for (int64_t t = 0; t < TW; ++t) {
+    const T* mt = m + t * K;
+#pragma GCC ivdep
+    for (int64_t k = 0; k < K; ++k) {
+      T s0[4], s1[4];  // A^T M: the tile's rows combined, per column j
+      for (int64_t j = 0; j < 4; ++j) {
+        const T m0 = mt[j * ldm + k], m1 = mt[(4 + j) * ldm + k], m2 = mt[(8 + j) * ldm + k],
+                m3 = mt[(12 + j) * ldm + k];
+        s0[j] = m0 + m1 + m2;
+        s1[j] = m1 - m2 - m3;
+      }
+      buf[k] = s0[0] + s0[1] + s0[2];
+      buf[K + k] = s0[1] - s0[2] - s0[3];
+      buf[2 * K + k] = s1[0] + s1[1] + s1[2];
+      buf[3 * K + k] = s1[1] - s1[2] - s1[3];
+    }
+    for (int64_t a = 0; a < 2; ++a) {
+      for (int64_t b = 0; b < 2; ++b) {
+        const int64_t oh = 2 * th + a, ow = 2 * t + b;
+        if (oh >= OH || ow >= OW) continue;
+        const int64_t off = (oh * OW + ow) * K;
+        bn_forward_run(buf + (2 * a + b) * K, residual ? residual + off : nullptr, y + off, K,
+                       ones, bias, relu);
+      }
+    }
   }
 }
 
