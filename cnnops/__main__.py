@@ -176,9 +176,12 @@ def cmd_train(args):
     choices = cnnops.cpu_conv_choices()
     if choices:
         cores = [c["core"] for c in choices]
-        print("cpu convolution core (%s): im2col for %d, onednn for %d of the %d configurations "
-              "measured (cnnops.explain(model, x) lists them)"
-              % (cnnops.get_cpu_conv(), cores.count("im2col"), cores.count("onednn"), len(cores)))
+        print("cpu convolution core (%s): %s of the %d configurations measured "
+              "(cnnops.explain(model, x) lists them)"
+              % (cnnops.get_cpu_conv(),
+                 ", ".join("%s for %d" % (core, cores.count(core))
+                           for core in ("im2col", "onednn", "winograd") if core in cores),
+                 len(cores)))
     if args.plot:
         _plot(history, args.plot, args.model)
         print("plot: %s" % args.plot)
