@@ -139,14 +139,13 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
     // BN folded into the weight and bias; conv + bias (+ residual) + ReLU in one
     // oneDNN primitive, or in the Winograd core's GEMMs and output transform.
     const std::vector<at::Tensor> folded = folded_bn(input, weight, p, OC, eps);
+    // (`into` comes only with stats off)
     at::Tensor out;
     if (core == cpu::Core::Winograd) {
       out = cpu::winograd_conv_relu(s, input, folded[0], folded[1], residual_in, relu, fmt, into);
-      if (out.is_same(into)) return {out, at::Tensor(), at::Tensor(), at::Tensor()};
     } else if (into.defined() && into.scalar_type() == at::kFloat && into.is_contiguous(fmt)) {
       out = into;
       cpu::onednn_conv_relu_into(out, input, folded[0], folded[1], relu, args, fmt);
-      return {out, at::Tensor(), at::Tensor(), at::Tensor()};
     } else {
       out = cpu::onednn_conv_relu(input, folded[0], folded[1], residual_in, relu, args, fmt);
     }
