@@ -857,10 +857,16 @@ def running(impl, device=None, train=None, info=None):
                 info["cpu_conv_auto"] = made
 
 
-def paired(impl, eager_call):
-    """The baseline time_it alternates with ``impl``'s rounds: torch eager's call, for every
-    implementation but eager itself (see time_it)."""
-    return None if impl == EAGER else eager_call
+def paired(impl, eager_call, compile_call=None):
+    """The baselines time_it alternates with ``impl``'s rounds, {name: call}: "eager", torch
+    eager's call, for every implementation but eager itself, and "compile", torch.compile's,
+    where given (see time_it). None when there are none."""
+    calls = {}
+    if impl != EAGER:
+        calls["eager"] = eager_call
+    if compile_call is not None:
+        calls["compile"] = compile_call
+    return calls or None
 
 
 def compiled(fn):
@@ -961,11 +967,12 @@ class _SyncTimer:
 def time_it(benchmark, settings, fn, device, model=False, baseline=None):
     """benchmark.pedantic over ``fn``: untimed warm-up calls, then the timed rounds.
 
-    CPU: one call per round. With ``baseline`` (torch eager's version of the same work), each
-    round first times one baseline call, so the two alternate round by round and a slow
-    spell of the machine hits both alike; the baseline's median and minimum go to
-    extra_info (paired_eager_median / paired_eager_min, seconds), and report.py takes the
-    speed-up from them rather than from the group's separately timed eager row.
+    CPU: one call per round. With ``baseline`` ({name: call}, from paired: torch eager's
+    version of the same work, and torch.compile's where given), each round first times one
+    call of each baseline (two swap places every round), so they alternate with ``fn`` round
+    by round and a slow spell of the machine hits all alike; each baseline's median and minimum go to extra_info
+    (paired_<name>_median / paired_<name>_min, seconds), and report.py takes the speed-up
+    from them rather than from the group's separately timed rows.
     CPU rounds must not run a convolution configuration the cpu backend's auto core has not
     seen (its first call times both cores): the caller's correctness check or the warm-up
     runs it first, and a timed round that did fails the benchmark.
@@ -1001,18 +1008,26 @@ def time_it(benchmark, settings, fn, device, model=False, baseline=None):
         if baseline is None:
             result = benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
         else:
-            baseline()  # warm
-            paired = []
+            for call in baseline.values():
+                call()  # warm
+            times = {name: [] for name in baseline}
+            calls = list(baseline.items())
 
-            def time_baseline():  # pytest-benchmark runs setup untimed before each round
-                start = time.perf_counter()
-                baseline()
-                paired.append(time.perf_counter() - start)
+            def time_baselines():  # pytest-benchmark runs setup untimed before each round
+                # two baselines swap places every round: each of the three calls then follows
+                # each of the others equally often (what ran just before a model's call, and
+                # what it left freed, moves the call's time)
+                calls.reverse()
+                for name, call in calls:
+                    start = time.perf_counter()
+                    call()
+                    times[name].append(time.perf_counter() - start)
 
-            result = benchmark.pedantic(fn, setup=time_baseline, rounds=rounds,
+            result = benchmark.pedantic(fn, setup=time_baselines, rounds=rounds,
                                         warmup_rounds=0, iterations=1)
-            benchmark.extra_info["paired_eager_median"] = statistics.median(paired)
-            benchmark.extra_info["paired_eager_min"] = min(paired)
+            for name, seconds in times.items():
+                benchmark.extra_info["paired_%s_median" % name] = statistics.median(seconds)
+                benchmark.extra_info["paired_%s_min" % name] = min(seconds)
         # the cpu backend's auto core times both cores in a configuration's first call: that
         # belongs in the check or the warm-up, never in a timed round
         assert len(cnnops.cpu_conv_choices()) == choices, (

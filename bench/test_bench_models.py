@@ -175,6 +175,22 @@ def _instrumented_probe(model, x, y, device, amp):
         return _probe(model, x, y, amp), {"memory_error": "%s: %s" % (type(e).__name__, e)}
 
 
+def _paired_compile(benchmark, bench, case, impl, device, variant, x, expected, tol):
+    """For cnnops.fuse's CPU inference row in a run with torch.compile rows: the call of a
+    torch.compile (freezing) of the twin, compiled and checked here, that time_it alternates
+    with the row's rounds (paired_compile_median in extra_info). report.py judges fuse
+    against torch.compile by it: two rows' medians timed a minute apart differ by more than
+    the two implementations do (ResNet-50: 149 against 134 ms in one run, 127 against 130 in
+    the next). Else None."""
+    if impl != FUSE or str(device) != "cpu" or COMPILE not in bench.model_impls(device, "eval"):
+        return None
+    with running(COMPILE, device, False, benchmark.extra_info):
+        rival = _build(case.name, COMPILE, device, False, variant)
+        assert_close(rival(x), expected, "paired " + COMPILE, tol=tol)
+    benchmark.extra_info["paired_compile_freezing"] = benchmark.extra_info.pop("freezing")
+    return lambda: rival(x)
+
+
 @cases("eval")
 def test_model_eval(benchmark, bench, device, case, impl):
     v = _describe(benchmark, bench, case, "eval", impl, device)
@@ -191,8 +207,9 @@ def test_model_eval(benchmark, bench, device, case, impl):
         expected = _REFERENCE[key]
         assert_close(out, expected, impl, tol=tol)
         twin = None if impl == EAGER else _twin(case.name, device, v).eval()
+        rival = _paired_compile(benchmark, bench, case, impl, device, v, x, expected, tol)
         result = time_it(benchmark, bench, lambda: model(x), device, model=True,
-                         baseline=paired(impl, lambda: twin(x)))
+                         baseline=paired(impl, lambda: twin(x), rival))
     assert_close(result, expected, impl + " (timed)", tol=tol)
     finish(benchmark, bench, device, flops=_flops(case.name, case.batch, case.size, False))
 
