@@ -857,15 +857,13 @@ def running(impl, device=None, train=None, info=None):
                 info["cpu_conv_auto"] = made
 
 
-def paired(impl, eager_call, compile_call=None):
+def paired(impl, eager_call, **rivals):
     """The baselines time_it alternates with ``impl``'s rounds, {name: call}: "eager", torch
-    eager's call, for every implementation but eager itself, and "compile", torch.compile's,
-    where given (see time_it). None when there are none."""
-    calls = {}
-    if impl != EAGER:
-        calls["eager"] = eager_call
-    if compile_call is not None:
-        calls["compile"] = compile_call
+    eager's call, for every implementation but eager itself, and each rival given (a name
+    such as "compile": another implementation's call, for a target that compares the two
+    side by side; see time_it). None when there are none."""
+    calls = {} if impl == EAGER else {"eager": eager_call}
+    calls.update((name, call) for name, call in rivals.items() if call is not None)
     return calls or None
 
 
@@ -968,7 +966,7 @@ def time_it(benchmark, settings, fn, device, model=False, baseline=None):
     """benchmark.pedantic over ``fn``: untimed warm-up calls, then the timed rounds.
 
     CPU: one call per round. With ``baseline`` ({name: call}, from paired: torch eager's
-    version of the same work, and torch.compile's where given), each round first times one
+    version of the same work, and a rival implementation's where given), each round first times one
     call of each baseline (two swap places every round), so they alternate with ``fn`` round
     by round and a slow spell of the machine hits all alike; each baseline's median and minimum go to extra_info
     (paired_<name>_median / paired_<name>_min, seconds), and report.py takes the speed-up

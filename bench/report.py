@@ -22,7 +22,8 @@ On the CPU the eager time is that of eager rounds alternated with the implementa
 (benchlib.time_it's baseline), so a slow spell of a shared machine hits both alike; CUDA
 rows use the group's separately timed eager row. cnnops.fuse's CPU inference rows are also
 timed in alternation with torch.compile (freezing), and the model target against it is judged
-on that side-by-side ratio; without it (older JSONs) a model target against torch.compile
+on that side-by-side ratio (so is the lean memory rows' time target, against cnnops.fuse's
+calls alternated with them); without it (older JSONs) a model target against torch.compile
 takes the ratio through each row's paired eager rounds and the ratio of the two medians, and
 is met only when both are (_by_medians says why).
 GFLOP/s count convolution (and Linear) FLOPs only; sgemm fraction = GFLOP/s / this
@@ -47,6 +48,9 @@ IMPL_ORDER = ["torch eager", "torch.compile", "cnnops cpu", "cnnops cpu (im2col)
               "cnnops.fuse", "cnnops.fuse (lean)", "torch eager + checkpoint",
               "cnnops cpu + torch.compile", "cnnops cuda + torch.compile",
               "cnnops triton + torch.compile"]
+# the extra_info name (paired_<name>_median) of an implementation timed in alternation
+# with a row's rounds (benchlib.paired)
+_PAIRED_NAME = {EAGER: "eager", COMPILE: "compile", FUSE: "fuse"}
 DEFAULT_VARIANT = ("float32", "nchw", False)
 # The CPU targets are judged on float32 NCHW rows, or, in a run with none (the
 # --bench-channels-last one), on float32 channels_last rows against eager in channels_last.
@@ -101,11 +105,8 @@ class Row:
         self.stats = stats or {}
         # torch eager timed in alternation with this row's rounds (benchlib.time_it), in the
         # same statistic; None for eager rows, CUDA rows and older JSONs.
-        self.paired_eager = info.get("paired_eager_" + stat)
-        # torch.compile (freezing) timed in alternation with this row's rounds: cnnops.fuse's
-        # CPU inference rows in runs with torch.compile rows (None elsewhere)
-        self.paired_compile = (info.get("paired_compile_" + stat)
-                               if info.get("paired_compile_freezing") else None)
+        self.stat = stat
+        self.paired_eager = self.paired(EAGER)
         self.speedup = None  # filled by link()
 
     @classmethod
@@ -117,6 +118,16 @@ class Row:
         info = bench.get("extra_info", {})
         return cls(bench["group"], info.get("impl", bench["name"]), bench["stats"][stat],
                    info, bench["stats"], stat)
+
+    def paired(self, impl):
+        """``impl``'s time (in the report's statistic) from its calls alternated with this
+        row's rounds (benchlib.paired): torch eager's beside every CPU row but eager's,
+        torch.compile's (freezing) beside cnnops.fuse's CPU inference rows, cnnops.fuse's
+        beside the lean memory rows. None where there were none."""
+        if impl == COMPILE and not self.info.get("paired_compile_freezing"):
+            return None
+        name = _PAIRED_NAME.get(impl)
+        return self.info.get("paired_%s_%s" % (name, self.stat)) if name else None
 
     op = property(lambda self: self.info.get("op"))
     mode = property(lambda self: self.info.get("mode"))
@@ -331,8 +342,8 @@ def _model_targets(rows, by_group, model, mode, baseline, goal, variant=DEFAULT_
         if ratio is None:
             out.append((label, "not measured%s" % note, goal_text, "–"))
             continue
-        if baseline == COMPILE and r.paired_compile and r.median:
-            side = r.paired_compile / r.median
+        if baseline == COMPILE and r.paired(COMPILE) and r.median:
+            side = r.paired(COMPILE) / r.median
             direct = _by_medians(r, base)
             out.append((label, "%.2fx side by side (through eager %.2fx, by medians %s)%s" % (
                 side, ratio, _fmt(direct, ".2f") + ("x" if direct else ""), note),
@@ -376,6 +387,7 @@ def _memory_targets(rows, model, variant=DEFAULT_VARIANT):
     out = []
     for impl, base, kind, goal in MEMORY_TARGETS:
         a, b = sel.get(impl), sel.get(base)
+        how = ""
         label = _in_variant("%s training step: %s, %s vs %s" % (
             model, "activation bytes saved for backward" if kind == "bytes" else "time",
             impl, base), variant)
@@ -383,13 +395,15 @@ def _memory_targets(rows, model, variant=DEFAULT_VARIANT):
             ratio = (a.info["saved_bytes"] / b.info["saved_bytes"]
                      if a and b and a.info.get("saved_bytes") and b.info.get("saved_bytes")
                      else None)
+        elif a and a.paired(base):  # a's rounds alternated with base's
+            ratio, how = a.median / a.paired(base), " side by side"
         else:  # from the speed-ups over the eager rounds alternated with each row
             ratio = b.speedup / a.speedup if a and b and a.speedup and b.speedup else None
         if ratio is None:
             out.append((label, "not measured in this run", "<= %.2fx" % goal, "–"))
             continue
         out.append((label + " (b%s %s)" % (a.info.get("batch"), a.info.get("shape")),
-                    "%.2fx" % ratio, "<= %.2fx" % goal, "met" if ratio <= goal else "NOT met"))
+                    "%.2fx%s" % (ratio, how), "<= %.2fx" % goal, "met" if ratio <= goal else "NOT met"))
     return out
 
 

@@ -209,7 +209,7 @@ def test_model_eval(benchmark, bench, device, case, impl):
         twin = None if impl == EAGER else _twin(case.name, device, v).eval()
         rival = _paired_compile(benchmark, bench, case, impl, device, v, x, expected, tol)
         result = time_it(benchmark, bench, lambda: model(x), device, model=True,
-                         baseline=paired(impl, lambda: twin(x), rival))
+                         baseline=paired(impl, lambda: twin(x), compile=rival))
     assert_close(result, expected, impl + " (timed)", tol=tol)
     finish(benchmark, bench, device, flops=_flops(case.name, case.batch, case.size, False))
 
@@ -225,6 +225,21 @@ def test_model_memory(benchmark, bench, device, case, impl):
     128x128) in eager, cnnops.fuse, cnnops.fuse(memory="lean") and eager with
     torch.utils.checkpoint per block: bytes saved for backward, peak, time."""
     _train_step(benchmark, bench, device, case, impl, "memory")
+
+
+def _sgd_step(model, x, y, amp):
+    """() -> the loss: a training step of ``model`` on (x, y), ``amp()`` the context of
+    forward and loss, then SGD at lr=0 (momentum 0.9: all its arithmetic, weights kept)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+    return step
 
 
 def _train_step(benchmark, bench, device, case, impl, mode):
@@ -265,35 +280,23 @@ def _train_step(benchmark, bench, device, case, impl, mode):
                              tol=bench.tol(kind, device, model=True))
             else:
                 raise AssertionError("%s has no parameter %s" % (impl, name))
-        opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with amp():
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-
+        step = _sgd_step(model, x, y, amp)
         # Each row's rounds alternate with eager's: in the memory group (its time targets are
         # ratios between rows) and on the CPU, whose speed drifts within a minute (timed
         # alone, the training-step ratios moved by up to 0.3x from one run to the next).
         baseline = None
         if mode == "memory" or device == "cpu":
-            twin = _twin(case.name, device, v).train()
-            twin_opt = torch.optim.SGD(twin.parameters(), lr=0.0, momentum=0.9)
-
-            def eager_step():
-                twin_opt.zero_grad(set_to_none=True)
-                with amp():
-                    F.cross_entropy(twin(x), y).backward()
-                twin_opt.step()
-
-            baseline = paired(impl, eager_step)
+            # the lean row's rounds alternate with cnnops.fuse's as well: its time target is
+            # against that row (paired_fuse_median in extra_info)
+            fuse_step = None
+            if mode == "memory" and impl == FUSE_LEAN:
+                fuse_step = _sgd_step(_build(case.name, FUSE, device, True, v), x, y, amp)
+            baseline = paired(impl, _sgd_step(_twin(case.name, device, v).train(), x, y, amp),
+                              fuse=fuse_step)
         result = time_it(benchmark, bench, step, device, model=True, baseline=baseline)
         assert_close(result, expected_loss, impl + " loss (timed)", tol=loss_tol)
         if memory is None:
-            opt.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             _, memory = _instrumented_probe(model, x, y, device, amp)
     benchmark.extra_info.update(memory)
     finish(benchmark, bench, device, flops=_flops(case.name, case.batch, case.size, True))

@@ -77,3 +77,18 @@ def test_model_target_against_compile_is_side_by_side_when_paired():
     assert target(99.75)[1] == "NOT met"
     # a paired compile not compiled with freezing is not the target's baseline
     assert target(110.25, freezing=False)[0].startswith("1.02x through eager, 0.95x by medians")
+
+
+def test_lean_time_target_is_side_by_side_when_paired():
+    """The lean row's rounds alternated with cnnops.fuse's: its time target is the ratio of
+    the two, not of the two rows' speed-ups over their own paired eager rounds."""
+    def row(impl, median, paired_eager, **extra):
+        info = dict(op="model", mode="memory", device="cpu", impl=impl, model="resnet18",
+                    batch=8, shape="3x128x128", paired_eager_median=paired_eager, **extra)
+        return report.Row("model memory | resnet18", impl, median, info)
+
+    rows = report.link([row(report.FUSE, 100.0, 120.0),
+                        row(report.FUSE_LEAN, 120.0, 110.0, paired_fuse_median=104.0)])
+    time_target = [t for t in report._memory_targets(rows, "resnet18") if "time" in t[0]]
+    # through eager: (120 / 100) / (110 / 120) = 1.31x; side by side 120 / 104 = 1.15x
+    assert [t[1:] for t in time_target] == [("1.15x side by side", "<= 1.25x", "met")]
