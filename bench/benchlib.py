@@ -966,11 +966,12 @@ def time_it(benchmark, settings, fn, device, model=False, baseline=None):
     """benchmark.pedantic over ``fn``: untimed warm-up calls, then the timed rounds.
 
     CPU: one call per round. With ``baseline`` ({name: call}, from paired: torch eager's
-    version of the same work, and a rival implementation's where given), each round first times one
-    call of each baseline (two swap places every round), so they alternate with ``fn`` round
-    by round and a slow spell of the machine hits all alike; each baseline's median and minimum go to extra_info
-    (paired_<name>_median / paired_<name>_min, seconds), and report.py takes the speed-up
-    from them rather than from the group's separately timed rows.
+    version of the same work, and a rival implementation's where given), each round first
+    times one call of each baseline (two swap places every round), so they alternate with
+    ``fn`` round by round and a slow spell of the machine hits all alike; each baseline's
+    median and minimum go to extra_info (paired_<name>_median / paired_<name>_min, seconds),
+    and report.py takes the speed-up from them rather than from the group's separately
+    timed rows.
     CPU rounds must not run a convolution configuration the cpu backend's auto core has not
     seen (its first call times both cores): the caller's correctness check or the warm-up
     runs it first, and a timed round that did fails the benchmark.

@@ -403,7 +403,8 @@ def _memory_targets(rows, model, variant=DEFAULT_VARIANT):
             out.append((label, "not measured in this run", "<= %.2fx" % goal, "–"))
             continue
         out.append((label + " (b%s %s)" % (a.info.get("batch"), a.info.get("shape")),
-                    "%.2fx%s" % (ratio, how), "<= %.2fx" % goal, "met" if ratio <= goal else "NOT met"))
+                    "%.2fx%s" % (ratio, how), "<= %.2fx" % goal,
+                    "met" if ratio <= goal else "NOT met"))
     return out
 
 
