@@ -7,6 +7,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <type_traits>
+
 namespace cnnops {
 namespace cpu {
 namespace {
@@ -26,13 +28,36 @@ at::Tensor transformed_weight(const at::Tensor& w) {
   return u;
 }
 
-// The transformed weight, kept while w lives unchanged (as oneDNN's packed
-// weights are: packed_weight_cache), else made for this call.
-at::Tensor winograd_weight_of(const at::Tensor& w) {
-  static DerivedTensors cache(/*settled_only=*/true);
-  const std::vector<at::Tensor> u =
-      cache.get({w}, 0.0, [&] { return std::vector<at::Tensor>{transformed_weight(w)}; });
-  return u.empty() ? transformed_weight(w) : u[0];
+// Whether a call's GEMMs run on winograd_gemm_rows (float32, channels_last)
+// rather than at::mm, with U^T in panels.
+bool gemm_kernel_runs(at::ScalarType t, bool nhwc) {
+#ifdef CNNOPS_WINOGRAD_GEMM_KERNEL
+  return nhwc && t == at::kFloat;
+#else
+  return false;
+#endif
+}
+
+// U^T in winograd_gemm_rows' panels, [16][ceil(K/16)][C][16], from u [16][K][C]
+// (the columns past K zero).
+at::Tensor panels_of(const at::Tensor& u) {
+  const int64_t K = u.size(1), C = u.size(2), Kp = (K + 15) / 16 * 16;
+  return at::constant_pad_nd(u, {0, 0, 0, Kp - K})
+      .view({16, Kp / 16, 16, C})
+      .transpose(2, 3)
+      .contiguous();
+}
+
+// The transformed weight (in panels, or U), kept while w lives unchanged (as
+// oneDNN's packed weights are: packed_weight_cache), else made for this call.
+at::Tensor winograd_weight_of(const at::Tensor& w, bool panels) {
+  static DerivedTensors plain(/*settled_only=*/true), paneled(/*settled_only=*/true);
+  const auto make = [&] {
+    const at::Tensor u = transformed_weight(w);
+    return std::vector<at::Tensor>{panels ? panels_of(u) : u};
+  };
+  const std::vector<at::Tensor> u = (panels ? paneled : plain).get({w}, 0.0, make);
+  return u.empty() ? make()[0] : u[0];
 }
 
 // n values of scratch for the calling thread, kept between calls: V and M
@@ -92,6 +117,34 @@ void run_chunk(const ConvShape& s, const T* x, const T* u, const T* bias, const 
   });
 }
 
+// M[e] = V[e] @ U[e]^T for the 16 entries e: v [16][P][C] and m [16][P][K]
+// row-major; u in panels where gemm_kernel_runs, else U [16][K][C]. The kernel's
+// tasks are (entry, block of kGemmRows rows), split across threads.
+template <typename T>
+void gemm_nhwc(T* v, const T* u, T* m, int64_t P, int64_t C, int64_t K) {
+#ifdef CNNOPS_WINOGRAD_GEMM_KERNEL
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t blocks = (P + kGemmRows - 1) / kGemmRows, Kp = (K + 15) / 16 * 16;
+    at::parallel_for(0, 16 * blocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t j = i / blocks, p0 = (i % blocks) * kGemmRows;
+        winograd_gemm_rows(v + (j * P + p0) * C, std::min(kGemmRows, P - p0), C,
+                           u + j * Kp * C, K, m + (j * P + p0) * K);
+      }
+    });
+    return;
+  }
+#endif
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::parallel_for(0, 16, 1, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      at::Tensor mj = matrix(m + j * P * K, P, K, K, opts);
+      at::mm_out(mj, matrix(v + j * P * C, P, C, C, opts),
+                 matrix(const_cast<T*>(u) + j * K * C, K, C, C, opts).t());
+    }
+  });
+}
+
 // The same for channels_last x, y and residual: v [16][R*TW][C] and m
 // [16][R*TW][K], each transform phase split over tile rows. bias, ones and
 // zeros: K, K and C values.
@@ -101,7 +154,6 @@ void run_chunk_nhwc(const ConvShape& s, const T* x, const T* u, const T* bias, c
                     T* v, T* m) {
   const int64_t C = s.C, K = s.OC, TH = winograd_tiles(s.OH), TW = winograd_tiles(s.OW);
   const int64_t Pc = R * TW;
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t r = r0 + i;
@@ -109,13 +161,7 @@ void run_chunk_nhwc(const ConvShape& s, const T* x, const T* u, const T* bias, c
                               TW, v + i * TW * C, Pc * C, zeros);
     }
   });
-  at::parallel_for(0, 16, 1, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
-      at::Tensor mj = matrix(m + j * Pc * K, Pc, K, K, opts);
-      at::mm_out(mj, matrix(v + j * Pc * C, Pc, C, C, opts),
-                 matrix(const_cast<T*>(u) + j * K * C, K, C, C, opts).t());
-    }
-  });
+  gemm_nhwc(v, u, m, Pc, C, K);
   at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
     const auto buf = scratch<T>(4 * K);
     for (int64_t i = b; i < e; ++i) {
@@ -176,7 +222,9 @@ at::Tensor winograd_conv_relu(const ConvShape& s, const at::Tensor& x, const at:
                               const at::Tensor& bias, const at::Tensor& residual, bool relu,
                               at::MemoryFormat fmt, const at::Tensor& into) {
   TORCH_INTERNAL_ASSERT(winograd_runs(s) && winograd_supports(x.scalar_type()));
-  const at::Tensor xc = x.contiguous(fmt), u = winograd_weight_of(w);
+  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor xc = x.contiguous(fmt),
+                   u = winograd_weight_of(w, gemm_kernel_runs(x.scalar_type(), nhwc));
   const at::Tensor rc = residual.defined() ? residual.contiguous(fmt) : residual;
   // (into, when given, is the residual: each output element is written after
   // the residual element it adds is read)
@@ -188,8 +236,7 @@ at::Tensor winograd_conv_relu(const ConvShape& s, const at::Tensor& x, const at:
     forward<scalar_t>(s, xc.const_data_ptr<scalar_t>(), u,
                       bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
                       rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
-                      out.mutable_data_ptr<scalar_t>(), relu,
-                      fmt == at::MemoryFormat::ChannelsLast);
+                      out.mutable_data_ptr<scalar_t>(), relu, nhwc);
   });
   return out;
 }
