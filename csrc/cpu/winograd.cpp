@@ -184,6 +184,18 @@ void run_chunk_nhwc(const ConvShape& s, const T* x, const T* u, const T* bias, c
 // the largest chunk seen.
 constexpr int64_t kChunkBytes = 16 << 20, kMaxChunkBytes = 64 << 20;
 
+// Where the GEMMs run on the kernel (channels_last float32) and U is small
+// (its panels at most kTaskBytes: up to 128 channels), the chunks are tasks
+// instead: each thread takes whole groups of tile rows, V and M about
+// kTaskBytes, through all three phases alone (the inner parallel_for calls run
+// inline), so V and M stay in this core's caches between the phases and no
+// thread waits for the others. Measured against the chunks above, alternated
+// at batch 8: 0.67x-0.80x the time at 64 channels 32x32, 0.70x-0.87x at 128
+// channels 16x16. With more channels every task would read all of U (the
+// chunks split U's 16 entries between threads), and tasks measured slower
+// (1.07x at 512 channels 4x4).
+constexpr int64_t kTaskBytes = 2 << 20;
+
 template <typename T>
 void forward(const ConvShape& s, const T* x, const at::Tensor& u, const T* bias,
              const T* residual, T* y, bool relu, bool nhwc) {
@@ -194,17 +206,34 @@ void forward(const ConvShape& s, const T* x, const at::Tensor& u, const T* bias,
   const int64_t rc = std::clamp<int64_t>(
       std::clamp<int64_t>(16 * K * C * sz, kChunkBytes, kMaxChunkBytes) / (row_values * sz), 1,
       rows);
-  T* const v = workspace<T>(row_values * rc);
-  T* const m = v + 16 * C * rc * TW;
   if (nhwc) {
     // (the NHWC output loop reads the bias, and a scale of 1, per channel)
     std::vector<T> ones(K, T(1)), zeros(std::max(C, K), T(0));
+    const int64_t task_rows = std::clamp<int64_t>(kTaskBytes / (row_values * sz), 1, rows);
+    if (gemm_kernel_runs(c10::CppTypeToScalarType<T>::value, true) &&
+        16 * K * C * sz <= kTaskBytes && rows >= task_rows * at::get_num_threads()) {
+      const int64_t tasks = (rows + task_rows - 1) / task_rows;
+      at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+        T* const v = workspace<T>(row_values * task_rows);
+        T* const m = v + 16 * C * task_rows * TW;
+        for (int64_t r0 = b * task_rows; r0 < std::min(rows, e * task_rows); r0 += task_rows) {
+          run_chunk_nhwc(s, x, u.const_data_ptr<T>(), bias ? bias : zeros.data(), ones.data(),
+                         zeros.data(), residual, y, relu, r0, std::min(task_rows, rows - r0), v,
+                         m);
+        }
+      });
+      return;
+    }
+    T* const v = workspace<T>(row_values * rc);
+    T* const m = v + 16 * C * rc * TW;
     for (int64_t r0 = 0; r0 < rows; r0 += rc) {
       run_chunk_nhwc(s, x, u.const_data_ptr<T>(), bias ? bias : zeros.data(), ones.data(),
                      zeros.data(), residual, y, relu, r0, std::min(rc, rows - r0), v, m);
     }
     return;
   }
+  T* const v = workspace<T>(row_values * rc);
+  T* const m = v + 16 * C * rc * TW;
   for (int64_t r0 = 0; r0 < rows; r0 += rc) {
     run_chunk(s, x, u.const_data_ptr<T>(), bias, residual, y, relu, r0,
               std::min(rc, rows - r0), v, m);
