@@ -13,11 +13,12 @@
 //    passes between oneDNN's forward and backward. float32 and bfloat16 (the
 //    only core for bfloat16).
 //  * winograd: Winograd F(2x2, 3x3) (winograd.h): 3x3, stride-1, undilated,
-//    ungrouped convolutions with 2.25x fewer multiplications, as 16 BLAS GEMMs
-//    between an input and an output transform; the output transform applies
-//    the bias (BN folded in, as for oneDNN), residual and ReLU. It runs the
-//    calls that have no backward through it: conv_bn_relu in inference.
-//    float32 and float64, NCHW and channels_last.
+//    ungrouped convolutions with 2.25x fewer multiplications, as 16 GEMMs
+//    (winograd.h's register-blocked kernel for channels_last float32, BLAS
+//    otherwise) between an input and an output transform; the output
+//    transform applies the bias (BN folded in, as for oneDNN), residual and
+//    ReLU. It runs the calls that have no backward through it: conv_bn_relu in
+//    inference. float32 and float64, NCHW and channels_last.
 //
 // Which one runs is set by cnnops.set_cpu_conv / CNNOPS_CPU_CONV:
 //   im2col | onednn   that core for every call (an error for a dtype it lacks);

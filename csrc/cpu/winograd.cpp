@@ -119,17 +119,20 @@ void run_chunk(const ConvShape& s, const T* x, const T* u, const T* bias, const 
 
 // M[e] = V[e] @ U[e]^T for the 16 entries e: v [16][P][C] and m [16][P][K]
 // row-major; u in panels where gemm_kernel_runs, else U [16][K][C]. The kernel's
-// tasks are (entry, block of kGemmRows rows), split across threads.
+// tasks are (entry, block of rows), split across threads: blocks of at most
+// kGemmRows rows, as even as 6-row steps allow.
 template <typename T>
 void gemm_nhwc(T* v, const T* u, T* m, int64_t P, int64_t C, int64_t K) {
 #ifdef CNNOPS_WINOGRAD_GEMM_KERNEL
   if constexpr (std::is_same_v<T, float>) {
     const int64_t blocks = (P + kGemmRows - 1) / kGemmRows, Kp = (K + 15) / 16 * 16;
+    const int64_t rows = (P / blocks + kKernelRows - 1) / kKernelRows * kKernelRows;
     at::parallel_for(0, 16 * blocks, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        const int64_t j = i / blocks, p0 = (i % blocks) * kGemmRows;
-        winograd_gemm_rows(v + (j * P + p0) * C, std::min(kGemmRows, P - p0), C,
-                           u + j * Kp * C, K, m + (j * P + p0) * K);
+        const int64_t j = i / blocks, p0 = (i % blocks) * rows;
+        if (p0 >= P) continue;
+        winograd_gemm_rows(v + (j * P + p0) * C, std::min(rows, P - p0), C, u + j * Kp * C, K,
+                           m + (j * P + p0) * K);
       }
     });
     return;
@@ -185,9 +188,9 @@ void run_chunk_nhwc(const ConvShape& s, const T* x, const T* u, const T* bias, c
 constexpr int64_t kChunkBytes = 16 << 20, kMaxChunkBytes = 64 << 20;
 
 // Where the GEMMs run on the kernel (channels_last float32) and U is small
-// (its panels at most kTaskBytes: up to 128 channels), the chunks are tasks
-// instead: each thread takes whole groups of tile rows, V and M about
-// kTaskBytes, through all three phases alone (the inner parallel_for calls run
+// (its panels at most kTaskBytes; 128 x 128 channels take 1 MB), the chunks
+// are tasks instead: each thread takes whole groups of tile rows, V and M at
+// most about kTaskBytes, through all three phases alone (the inner parallel_for calls run
 // inline), so V and M stay in this core's caches between the phases and no
 // thread waits for the others. Measured against the chunks above, alternated
 // at batch 8: 0.67x-0.80x the time at 64 channels 32x32, 0.70x-0.87x at 128
@@ -209,10 +212,13 @@ void forward(const ConvShape& s, const T* x, const at::Tensor& u, const T* bias,
   if (nhwc) {
     // (the NHWC output loop reads the bias, and a scale of 1, per channel)
     std::vector<T> ones(K, T(1)), zeros(std::max(C, K), T(0));
-    const int64_t task_rows = std::clamp<int64_t>(kTaskBytes / (row_values * sz), 1, rows);
+    // (as many tasks as fit kTaskBytes, rounded up to a multiple of the threads)
+    const int64_t threads = at::get_num_threads();
+    const int64_t tasks =
+        ((rows * row_values * sz + kTaskBytes - 1) / kTaskBytes + threads - 1) / threads * threads;
+    const int64_t task_rows = (rows + tasks - 1) / tasks;
     if (gemm_kernel_runs(c10::CppTypeToScalarType<T>::value, true) &&
-        16 * K * C * sz <= kTaskBytes && rows >= task_rows * at::get_num_threads()) {
-      const int64_t tasks = (rows + task_rows - 1) / task_rows;
+        16 * K * C * sz <= kTaskBytes && rows >= tasks) {
       at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
         T* const v = workspace<T>(row_values * task_rows);
         T* const m = v + 16 * C * task_rows * TW;
