@@ -94,6 +94,9 @@ CASES = [(shape, dtype, layout) for shape in SHAPES
 # tile rows, the last of 3.
 CASES += [((5, 64, 64, 62, 64, 1), torch.float32, layout)
           for layout in ("contiguous", "channels_last")]
+# In channels_last float32, a transformed weight past a task's size (192 x 192 channels: 2.4
+# MB): chunks, with the GEMM kernel.
+CASES += [((1, 192, 192, 4, 4, 1), torch.float32, "channels_last")]
 
 
 @pytest.mark.parametrize("shape, dtype, layout", CASES,

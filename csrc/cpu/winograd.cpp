@@ -1,6 +1,7 @@
 // The Winograd core: relu?(conv(x, w) + bias + residual?) for 3x3, stride-1,
 // undilated, ungrouped convolutions, with the F(2x2, 3x3) kernels of
-// winograd.h around 16 BLAS GEMMs.
+// winograd.h around 16 GEMMs (winograd.h's kernel in channels_last float32,
+// at::mm otherwise).
 #include "conv_core.h"
 #include "conv_kernels.h"
 #include "winograd.h"
@@ -190,9 +191,9 @@ constexpr int64_t kChunkBytes = 16 << 20, kMaxChunkBytes = 64 << 20;
 // Where the GEMMs run on the kernel (channels_last float32) and U is small
 // (its panels at most kTaskBytes; 128 x 128 channels take 1 MB), the chunks
 // are tasks instead: each thread takes whole groups of tile rows, V and M at
-// most about kTaskBytes, through all three phases alone (the inner parallel_for calls run
-// inline), so V and M stay in this core's caches between the phases and no
-// thread waits for the others. Measured against the chunks above, alternated
+// most about kTaskBytes, through all three phases alone (the inner
+// parallel_for calls run inline), so V and M stay in this core's caches
+// between the phases and no thread waits for the others. Measured against the chunks above, alternated
 // at batch 8: 0.67x-0.80x the time at 64 channels 32x32, 0.70x-0.87x at 128
 // channels 16x16. With more channels every task would read all of U (the
 // chunks split U's 16 entries between threads), and tasks measured slower
