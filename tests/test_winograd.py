@@ -95,8 +95,10 @@ CASES = [(shape, dtype, layout) for shape in SHAPES
 CASES += [((5, 64, 64, 62, 64, 1), torch.float32, layout)
           for layout in ("contiguous", "channels_last")]
 # In channels_last float32, a transformed weight past a task's size (192 x 192 channels: 2.4
-# MB): chunks, with the GEMM kernel.
-CASES += [((1, 192, 192, 4, 4, 1), torch.float32, "channels_last")]
+# MB): chunks, with the GEMM kernel; the second with 97 tiles an entry, which the kernel's
+# row blocks split in two (49 and 48 rows, in 6-row steps 54 and 43).
+CASES += [((1, 192, 192, 4, 4, 1), torch.float32, "channels_last"),
+          ((1, 192, 192, 2, 194, 1), torch.float32, "channels_last")]
 
 
 @pytest.mark.parametrize("shape, dtype, layout", CASES,

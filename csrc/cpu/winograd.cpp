@@ -127,7 +127,8 @@ void gemm_nhwc(T* v, const T* u, T* m, int64_t P, int64_t C, int64_t K) {
 #ifdef CNNOPS_WINOGRAD_GEMM_KERNEL
   if constexpr (std::is_same_v<T, float>) {
     const int64_t blocks = (P + kGemmRows - 1) / kGemmRows, Kp = (K + 15) / 16 * 16;
-    const int64_t rows = (P / blocks + kKernelRows - 1) / kKernelRows * kKernelRows;
+    const int64_t per_block = (P + blocks - 1) / blocks;
+    const int64_t rows = (per_block + kKernelRows - 1) / kKernelRows * kKernelRows;
     at::parallel_for(0, 16 * blocks, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t j = i / blocks, p0 = (i % blocks) * rows;
