@@ -251,12 +251,13 @@ CNNOPS_VECTORISED void winograd_output_row_nhwc(const T* m, int64_t ldm, int64_t
 //
 // M[e] = V[e] (P x C) @ U[e]^T (C x K), every matrix row-major, by a register-
 // blocked kernel rather than a BLAS call per entry: BLAS packs both operands on
-// every call, and at these sizes (K and C of 64 to 512; P of 32 to 2048 tile
-// rows in a chunk) that packing is a large part of the work. Here U^T is packed
-// once with the transformed weight, in panels of 16 columns (winograd_panels),
-// and V is read where the input transform wrote it. Measured on this project's
-// 2-core AVX2 machine at ResNet-50's four Winograd shapes: 1.2x-1.6x the speed
-// of one at::mm per entry.
+// every call, and at these sizes (K and C of 64 to 512; P of 32 to 2048 tiles
+// in a chunk) that packing is a large part of the work. Here U^T is packed once
+// with the transformed weight, in panels of 16 columns (panels_of in
+// winograd.cpp), and V is read where the input transform wrote it. Measured on
+// this project's 2-core AVX2 machine at ResNet-50's four Winograd shapes (the
+// 16 GEMMs of a chunk, 2 threads): 1.3x the speed of one at::mm per entry,
+// 0.9x-1.7x over four passes.
 //
 // The kernel keeps a 6 x 16 block of M in twelve 8-float registers (the
 // classic 6x16 AVX2 shape: 12 accumulators, 2 panel loads and 6 broadcasts per
@@ -305,7 +306,7 @@ __attribute__((always_inline)) inline void winograd_gemm_block(const float* a, i
 }
 
 // Rows [0, rows) of M[e] = V[e] @ U[e]^T: v [rows][C], m [rows][K] (row-major,
-// row strides C and K), panels [ceil(K/16)][C][16] (winograd_panels).
+// row strides C and K), panels [ceil(K/16)][C][16] (panels_of in winograd.cpp).
 // Panel by panel, each over all the rows: one panel (C x 16) stays in L1 while
 // the rows' V (at most 96 x C, kGemmRows) stays in L2.
 CNNOPS_VECTORISED inline void winograd_gemm_rows(const float* v, int64_t rows, int64_t C,
