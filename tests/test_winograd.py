@@ -83,7 +83,7 @@ def _expected(x, w, cb, bn, residual, padding, relu):
 # (N, C, K, H, W, padding): odd and even sizes, 1x1 and 2x2 images, padding 0 and 2; each in
 # both dtypes and layouts. (2, 19, 37, 9, 9, 1): the channels_last float32 GEMM kernel's
 # whole and partial 6x16 blocks: 37 output channels (two 16-column panels and 5 columns) and
-# 50 tiles an entry (eight 6-row blocks and 2 rows).
+# 50 tiles an entry (on 2 threads, two tasks of 25: four 6-row blocks and a row).
 SHAPES = [(2, 3, 5, 5, 7, 1), (1, 8, 4, 1, 1, 1), (3, 4, 6, 2, 2, 1), (2, 6, 8, 6, 9, 0),
           (1, 5, 3, 7, 6, 2), (2, 19, 37, 9, 9, 1)]
 CASES = [(shape, dtype, layout) for shape in SHAPES

@@ -246,7 +246,6 @@ CNNOPS_VECTORISED void winograd_output_row_nhwc(const T* m, int64_t ldm, int64_t
   }
 }
 
-
 // ---- the channels_last GEMMs (float32) ----------------------------------------
 //
 // M[e] = V[e] (P x C) @ U[e]^T (C x K), every matrix row-major, by a register-
@@ -331,8 +330,8 @@ CNNOPS_VECTORISED inline void winograd_gemm_rows(const float* v, int64_t rows, i
   }
 }
 
-// Rows of V that one task of the GEMM phase takes (with C up to 512 channels,
-// 192 KB: within L2 while the panels pass over them).
+// Rows of V that one task of the GEMM phase takes at most (with C up to 512
+// channels, 192 KB: within L2 while the panels pass over them).
 constexpr int64_t kGemmRows = 96;
 #endif
 
