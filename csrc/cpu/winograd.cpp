@@ -42,9 +42,10 @@ bool gemm_kernel_runs(at::ScalarType t, bool nhwc) {
 // U^T in winograd_gemm_rows' panels, [16][ceil(K/16)][C][16], from u [16][K][C]
 // (the columns past K zero).
 at::Tensor panels_of(const at::Tensor& u) {
-  const int64_t K = u.size(1), C = u.size(2), Kp = (K + 15) / 16 * 16;
+  const int64_t K = u.size(1), C = u.size(2);
+  const int64_t Kp = (K + kPanelCols - 1) / kPanelCols * kPanelCols;
   return at::constant_pad_nd(u, {0, 0, 0, Kp - K})
-      .view({16, Kp / 16, 16, C})
+      .view({16, Kp / kPanelCols, kPanelCols, C})
       .transpose(2, 3)
       .contiguous();
 }
@@ -126,13 +127,14 @@ template <typename T>
 void gemm_nhwc(T* v, const T* u, T* m, int64_t P, int64_t C, int64_t K) {
 #ifdef CNNOPS_WINOGRAD_GEMM_KERNEL
   if constexpr (std::is_same_v<T, float>) {
-    const int64_t blocks = (P + kGemmRows - 1) / kGemmRows, Kp = (K + 15) / 16 * 16;
+    const int64_t blocks = (P + kGemmRows - 1) / kGemmRows;
+    const int64_t Kp = (K + kPanelCols - 1) / kPanelCols * kPanelCols;
     const int64_t per_block = (P + blocks - 1) / blocks;
+    // (at most kGemmRows, so every block starts inside P)
     const int64_t rows = (per_block + kKernelRows - 1) / kKernelRows * kKernelRows;
     at::parallel_for(0, 16 * blocks, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t j = i / blocks, p0 = (i % blocks) * rows;
-        if (p0 >= P) continue;
         winograd_gemm_rows(v + (j * P + p0) * C, std::min(rows, P - p0), C, u + j * Kp * C, K,
                            m + (j * P + p0) * K);
       }

@@ -264,11 +264,17 @@ CNNOPS_VECTORISED void winograd_output_row_nhwc(const T* m, int64_t ldm, int64_t
 // GCC's vector extensions, so each clone of CNNOPS_VECTORISED compiles it for
 // its own level (two 4-wide halves at the baseline).
 
-#if defined(__GNUC__)
-#define CNNOPS_WINOGRAD_GEMM_KERNEL 1
-
 // Columns of a U^T panel, and rows of V that one kernel call takes.
 constexpr int64_t kPanelCols = 16, kKernelRows = 6;
+
+// Rows of V that one task of the GEMM phase takes at most (with C up to 512
+// channels, 192 KB: within L2 while the panels pass over them); whole kernel
+// calls, so blocks of rows rounded up to 6 stay within it.
+constexpr int64_t kGemmRows = 96;
+static_assert(kGemmRows % kKernelRows == 0, "GEMM row blocks are whole kernel calls");
+
+#if defined(__GNUC__)
+#define CNNOPS_WINOGRAD_GEMM_KERNEL 1
 
 // m[r * ldm + j] = sum_c a[r * lda + c] * panel[c * 16 + j] for r < R, j < n
 // (n <= 16: a last panel's zero columns are not stored).
@@ -329,10 +335,6 @@ CNNOPS_VECTORISED inline void winograd_gemm_rows(const float* v, int64_t rows, i
     }
   }
 }
-
-// Rows of V that one task of the GEMM phase takes at most (with C up to 512
-// channels, 192 KB: within L2 while the panels pass over them).
-constexpr int64_t kGemmRows = 96;
 #endif
 
 }  // namespace cpu
