@@ -133,8 +133,9 @@ def test_fuse_lean_matches_fuse(backend, layout):
     for name in grads_f:
         assert_close(grads_l[name], grads_f[name])
     assert list(state_l) == list(state_f) == list(model.state_dict())
-    for name in state_f:
-        assert_close(state_l[name].double(), state_f[name].double())
+    for name in state_f:  # (float states at their dtype's tolerance: see cnnops.lean)
+        dtype = state_f[name].dtype if state_f[name].is_floating_point() else torch.float64
+        assert_close(state_l[name].double(), state_f[name].double(), dtype=dtype)
     lean_sites = {r.name for r in report_l if "memory='lean'" in r.reason}
     assert lean_sites == {"bn1", "bn2"}  # the conv-BN sites; bn3 is a BN-ReLU
     assert {(r.name, r.status) for r in report_l} == {(r.name, r.status) for r in report_f}

@@ -1,9 +1,10 @@
 """The Winograd F(2x2, 3x3) CPU convolution core (csrc/cpu/winograd.h, winograd.cpp).
 
-Its index math and transforms are checked in Python against torch's convolution first, then
-the C++ core on the op paths it runs (conv_bn_relu in inference: the op, the output-only
-inference op and the write-into-residual op), the calls it leaves to the other cores, and
-auto's measurement of it. The `conv_cores` tests of every convolution op run it too, as the
+Its index math and transforms are checked in Python against torch's convolution first (and
+the input gradient as a convolution), then the C++ core on the op paths it runs (conv_bn_relu
+in inference: the op, the output-only inference op and the write-into-residual op; in
+training: the convolution of the forward and the input gradient of the backward), the calls
+it leaves to the other cores, and auto's measurement of it. The `conv_cores` tests of every convolution op run it too, as the
 `cpu-winograd` entry (conftest.py).
 """
 import pytest
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 import cnnops
 import cnnops.functional as CF
 from cnnops import _ext
-from conftest import assert_close
+from conftest import assert_close, tolerances
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="needs the compiled ops")
 FORCED = "forced (set_cpu_conv / CNNOPS_CPU_CONV)"
@@ -50,6 +51,22 @@ def test_the_algorithm_is_torch_s_convolution(shape, padding):
     x = torch.randn(shape, dtype=torch.float64)
     w = torch.randn(6, shape[1], 3, 3, dtype=torch.float64)
     assert_close(winograd_conv(x, w, *padding), F.conv2d(x, w, padding=padding),
+                 rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding", [(1, 1), (0, 0), (2, 0), (0, 2)])
+def test_the_input_gradient_is_a_convolution(padding):
+    """What winograd_conv_input_grad computes: the input gradient of a stride-1 3x3
+    convolution with padding p is the convolution of the output gradient, padded by 2 - p,
+    with the filters rotated by 180 degrees and their in and out channels swapped; so the
+    core runs it as a forward (here: the algorithm above)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    g = torch.randn_like(F.conv2d(x, w, padding=padding))
+    expected = torch.nn.grad.conv2d_input(x.shape, w, g, padding=padding)
+    rotated = w.transpose(0, 1).flip(2, 3)
+    assert_close(winograd_conv(g, rotated, 2 - padding[0], 2 - padding[1]), expected,
                  rtol=1e-12, atol=1e-12)
 
 
@@ -125,6 +142,48 @@ def test_inference_op_matches_torch(shape, dtype, layout):
             assert torch.equal(general, out)
 
 
+# (training's batch statistics need more than one value per channel)
+TRAIN_CASES = [c for c in CASES if c[0][0] * (c[0][3] + 2 * c[0][5] - 2) * (c[0][4] + 2 * c[0][5] - 2) > 1]
+
+
+@pytest.mark.parametrize("shape, dtype, layout", TRAIN_CASES,
+                         ids=["x".join(map(str, s)) + "-%s-%s" % (str(d)[6:], l)
+                              for s, d, l in TRAIN_CASES])
+def test_training_matches_torch(shape, dtype, layout):
+    """Training: the forward's convolution and the backward's input gradient on the core (the
+    latter a convolution of K into C channels padded by 2 - p: the shapes above run it with
+    the channel counts swapped), the weight gradient on oneDNN (im2col for float64). With a
+    ReLU where the output is small: a large one has elements within float32 rounding of 0,
+    whose ReLU mask two convolutions summing in another order may set differently."""
+    N, C, K, H, W, p = shape
+    relu = N * K * H * W <= 50_000
+    torch.manual_seed(8)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(N, C, H, W, dtype=dtype).to(memory_format=fmt).requires_grad_()
+    w = (torch.randn(K, C, 3, 3, dtype=dtype) / (3 * C ** 0.5)).requires_grad_()
+    cb, bw, bb = (torch.randn(K, dtype=dtype).requires_grad_() for _ in range(3))
+    residual = torch.randn(N, K, H + 2 * p - 2, W + 2 * p - 2, dtype=dtype).requires_grad_()
+    leaves = [x, w, cb, bw, bb, residual]
+    stats = [torch.zeros(K, dtype=dtype), torch.ones(K, dtype=dtype)]
+    expected = F.batch_norm(F.conv2d(x, w, cb, padding=p), *[t.clone() for t in stats], bw, bb,
+                            True, 0.1, 1e-5) + residual
+    expected = F.relu(expected) if relu else expected
+    g = torch.randn_like(expected)
+    with cnnops.use_backend("cpu"), cnnops.use_cpu_conv("winograd"):
+        out = CF.conv_bn_relu(x, w, cb, bw, bb, *stats, padding=p, training=True, relu=relu,
+                              residual=residual)
+        assert_close(out, expected)
+        ours = torch.autograd.grad(out, leaves, g)
+        theirs = torch.autograd.grad(expected, leaves, g)
+        for a, b in zip(ours[:1] + ours[5:], theirs[:1] + theirs[5:]):  # input, residual
+            assert_close(a, b)
+        # The weight and bias gradients sum N * OH * OW terms (2e4 at the largest shape),
+        # whose rounding grows as the root of their count; the conv bias's is 0 up to it.
+        atol = tolerances(dtype)["atol"] * expected[:, 0].numel() ** 0.5
+        for a, b in zip(ours[1:5], theirs[1:5]):
+            assert_close(a, b, atol=atol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
                          ids=["contiguous", "channels_last"])
@@ -165,8 +224,18 @@ def test_forced_winograd_runs_what_it_can_and_says_where_it_cannot():
         fused = cnnops.FusedConvBNReLU(4, 6, 3, padding=1)
         assert [(r["call"].split()[0], r["core"], r["reason"])
                 for r in cnnops.explain(fused, x)] == [("conv_bn_relu", "winograd", FORCED)]
-        # training, and convolutions it has no kernel for, run on im2col and say why
-        for model, train in [(fused, True), (cnnops.FusedConvBNReLU(4, 6, 1), False),
+        # training: the forward, and the backward where it takes the input gradient
+        assert [(r["call"].split()[0], r["core"], r["reason"])
+                for r in cnnops.explain(fused, x.clone().requires_grad_(), train=True)] == [
+            ("conv_bn_relu", "winograd", FORCED), ("conv_bn_relu_backward", "winograd", FORCED)]
+        for model, grad_input in [(fused, False),  # (a first layer: no input gradient)
+                                  (cnnops.FusedConvBNReLU(4, 6, 3, padding=3), True)]:
+            rows = cnnops.explain(model, x.clone().requires_grad_(grad_input), train=True)
+            assert [(r["call"].split()[0], r["core"]) for r in rows] == [
+                ("conv_bn_relu", "winograd"), ("conv_bn_relu_backward", "im2col")], rows
+            assert rows[1]["reason"].startswith(others), rows
+        # convolutions it has no kernel for run on im2col and say why
+        for model, train in [(cnnops.FusedConvBNReLU(4, 6, 1), False),
                              (cnnops.FusedConvBNReLU(4, 6, 3, stride=2, padding=1), False),
                              (cnnops.FusedConvBNReLU(4, 6, 3, padding=2, dilation=2), False),
                              (cnnops.FusedConvBNReLU(4, 6, 3, padding=1, groups=2), False),
@@ -181,8 +250,9 @@ def test_forced_winograd_runs_what_it_can_and_says_where_it_cannot():
 
 
 def test_auto_measures_winograd_where_it_runs():
-    """auto times winograd with the other cores for an inference 3x3 stride-1 call (float32:
-    three cores; float64: im2col and winograd), and not for training calls."""
+    """auto times winograd with the other cores for a 3x3 stride-1 call (float32: three
+    cores; float64: im2col and winograd): inference, and in training the forward and the
+    backward that takes the input gradient."""
     torch.manual_seed(7)
     with cnnops.use_backend("cpu"), cnnops.use_cpu_conv("auto"):
         fused = cnnops.FusedConvBNReLU(5, 7, 3, padding=1)
@@ -193,5 +263,8 @@ def test_auto_measures_winograd_where_it_runs():
         (row,) = cnnops.explain(fused.double(), x.double())
         assert row["reason"].startswith("measured: im2col ") and ", winograd " in row["reason"] \
             and "onednn" not in row["reason"], row
-        rows = cnnops.explain(fused.float(), x.requires_grad_(), train=True)
-        assert rows and all("winograd" not in r["reason"] for r in rows), rows
+        rows = cnnops.explain(fused.float(), x.clone().requires_grad_(), train=True)
+        assert [r["call"].split()[0] for r in rows] == ["conv_bn_relu", "conv_bn_relu_backward"]
+        assert all(", winograd " in r["reason"] for r in rows), rows
+        rows = cnnops.explain(fused.float(), x, train=True)  # no input gradient
+        assert ", winograd " in rows[0]["reason"] and "winograd" not in rows[1]["reason"], rows

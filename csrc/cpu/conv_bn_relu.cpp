@@ -43,9 +43,9 @@ at::Tensor in_compute_dtype(const at::Tensor& t, const at::Tensor& input,
   return t.defined() ? t.to(compute_dtype(input)).contiguous(fmt) : t;
 }
 
-// The layout a core computes in: oneDNN the call's, im2col NCHW.
+// The layout a core computes in: oneDNN and Winograd the call's, im2col NCHW.
 at::MemoryFormat working_format(cpu::Core core, at::MemoryFormat fmt) {
-  return core == cpu::Core::OneDNN ? fmt : at::MemoryFormat::Contiguous;
+  return core == cpu::Core::Im2col ? at::MemoryFormat::Contiguous : fmt;
 }
 
 // The per-channel arguments, contiguous in the compute dtype (undefined when
@@ -131,7 +131,7 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
                 const ConvArgs& args, bool training, double eps, bool relu, bool stats = true,
                 const at::Tensor& into = at::Tensor()) {
   const int64_t L = s.L(), OC = s.OC;
-  const bool onednn = core == cpu::Core::OneDNN;
+  const bool im2col = core == cpu::Core::Im2col;
   const at::MemoryFormat fmt = conv_memory_format(input, weight);
   const auto stat_opts = input.options().dtype(compute_dtype(input));
 
@@ -158,10 +158,10 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
   at::Tensor mean = make_stats ? at::empty({OC}, stat_opts) : at::Tensor(),
              invstd = make_stats ? at::empty({OC}, stat_opts) : at::Tensor();
 
-  // oneDNN reads the input in any layout; im2col wants it NCHW.
+  // oneDNN and Winograd read the input in any layout; im2col wants it NCHW.
   const at::MemoryFormat work = working_format(core, fmt);
-  const at::Tensor x = onednn ? input : input.contiguous();
-  const at::Tensor w = onednn ? weight : weight.contiguous();
+  const at::Tensor x = im2col ? input.contiguous() : input;
+  const at::Tensor w = im2col ? weight.contiguous() : weight;
   const at::Tensor residual = in_compute_dtype(residual_in, input, work);
   // (the im2col epilogue reads each residual element before it writes that
   // output element: in inference it writes over a residual it may reuse)
@@ -192,13 +192,17 @@ Forward forward(cpu::Core core, const ConvShape& s, const at::Tensor& input,
       }
       return;
     }
-    // Each channel's moments: one pass over oneDNN's output, or (im2col) from
-    // each (image, channel) pair's moments taken in the GEMM epilogue, tile by
-    // tile in position order while each tile is hot, merged in image order.
+    // Each channel's moments: one pass over oneDNN's or Winograd's output, or
+    // (im2col) from each (image, channel) pair's moments taken in the GEMM
+    // epilogue, tile by tile in position order while each tile is hot, merged
+    // in image order.
     std::vector<cpu::Moments> m(OC);
     at::Tensor cf;  // conv_out in T
-    if (onednn) {
-      conv_out = aten_conv(x, w, p.conv_bias_in, args, fmt);
+    if (!im2col) {
+      conv_out = core == cpu::Core::Winograd
+                     ? cpu::winograd_conv_relu(s, x, w, p.conv_bias_in, at::Tensor(),
+                                               /*relu=*/false, fmt)
+                     : aten_conv(x, w, p.conv_bias_in, args, fmt);
       cf = in_compute_dtype(conv_out, input, fmt);
       m = cpu::channel_moments(cf.const_data_ptr<T>(), cpu::Activation(cf, fmt));
     } else {
@@ -264,13 +268,12 @@ Call check_call(const at::Tensor& input, const at::Tensor& weight,
           {stride, padding, dilation, groups}};
 }
 
-// (Inference calls may run on the Winograd core: nothing backpropagates through them.)
 cpu::CoreKey forward_key(const Call& c, const at::Tensor& input, bool training, bool relu,
                          bool residual) {
   return cpu::CoreKey("conv_bn_relu", c.s, input, c.fmt,
                       {{"train", training}, {"relu", relu}, {"residual", residual},
                        {"conv_bias", c.p.conv_bias.defined()}},
-                      /*winograd=*/!training);
+                      /*winograd=*/true);
 }
 
 }  // namespace
@@ -368,15 +371,15 @@ Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
                   const ConvArgs& args) {
   const at::Tensor& input = a.input;
   const int64_t L = s.L(), OC = s.OC;
-  const bool onednn = core == cpu::Core::OneDNN;
+  const bool im2col = core == cpu::Core::Im2col;
   const bool need_gi = a.mask[0], need_gw = a.mask[1], need_gcb = a.mask[2],
              need_gbw = a.mask[3] && a.p.weight.defined(), need_gbb = a.mask[4],
              need_gr = a.mask[5];
   const auto copts = input.options().dtype(compute_dtype(input));
   const at::MemoryFormat fmt = conv_memory_format(input, a.weight);
   const at::MemoryFormat work = working_format(core, fmt);
-  const at::Tensor x = onednn ? input : input.contiguous();
-  const at::Tensor w = onednn ? a.weight : a.weight.contiguous();
+  const at::Tensor x = im2col ? input.contiguous() : input;
+  const at::Tensor w = im2col ? a.weight.contiguous() : a.weight;
   const at::Tensor g = in_compute_dtype(a.grad_output, input, work);
   const at::Tensor o = a.relu ? in_compute_dtype(a.output, input, work) : at::Tensor();
   // The normalised activations' source: saved in training; recomputed in
@@ -384,13 +387,13 @@ Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
   at::Tensor co;
   if (a.training) {
     co = in_compute_dtype(a.conv_output, input, work);
-  } else if (need_gbw && onednn) {
+  } else if (need_gbw && !im2col) {
     co = in_compute_dtype(aten_conv(x, w, a.p.conv_bias_in, args, fmt), input, work);
   } else if (need_gbw) {
     co = at::empty({s.N, OC, s.OH, s.OW}, input.options());
   }
   at::Tensor gi, gw, gcb;
-  if (!onednn) {
+  if (im2col) {
     gi = need_gi ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::Tensor();
     gw = need_gw ? at::empty_like(w, at::MemoryFormat::Contiguous) : at::Tensor();
     gcb = need_gcb ? at::empty({OC}, input.options()) : at::Tensor();
@@ -401,7 +404,7 @@ Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
 
   AT_DISPATCH_FLOATING_TYPES(compute_dtype(input), "conv_bn_relu_backward_cpu", [&] {
     using T = scalar_t;
-    if (!a.training && need_gbw && !onednn) {
+    if (!a.training && need_gbw && im2col) {
       const T* cbp = a.p.conv_bias.defined() ? a.p.conv_bias.const_data_ptr<T>() : nullptr;
       T* cop = co.mutable_data_ptr<T>();
       cpu::conv_forward<T>(s, x, w, [&](int64_t n, int64_t la, int64_t lb, const T* y,
@@ -432,7 +435,7 @@ Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
     if (need_gr) cpu::relu_grad_all(gp, op, gr.mutable_data_ptr<T>(), g.numel());
     if (!(need_gi || need_gw || need_gcb)) return;
     const T* xn = a.training ? cp : nullptr;  // BN's input, read by the training gradient
-    if (!onednn) {
+    if (im2col) {
       // The conv-output gradient of image n at positions [la, lb), channel c at
       // dst[c*ld + j], computed tile by tile inside the conv backward.
       auto grad_of = [&](int64_t n, int64_t la, int64_t lb, T* dst, int64_t ld) {
@@ -448,8 +451,17 @@ Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
     }
     at::Tensor gconv = at::empty_like(g);
     cpu::channel_grad_apply(gp, op, xn, gconv.mutable_data_ptr<T>(), act, coef, mean_d);
-    std::tie(gi, gw, gcb) = aten_conv_backward(gconv.to(input.scalar_type()), x, w, args, fmt,
-                                               {need_gi, need_gw, need_gcb});
+    // On the Winograd core (chosen only where the input gradient is asked for)
+    // Winograd takes the input gradient, and oneDNN the weight and bias ones.
+    if (core == cpu::Core::Winograd) {
+      gi = cpu::winograd_conv_input_grad(s, gconv, w, fmt);
+      if (!(need_gw || need_gcb)) return;
+    }
+    at::Tensor onednn_gi;
+    std::tie(onednn_gi, gw, gcb) =
+        aten_conv_backward(gconv.to(input.scalar_type()), x, w, args, fmt,
+                           {need_gi && !gi.defined(), need_gw, need_gcb});
+    if (!gi.defined()) gi = onednn_gi;
   });
   return {gi.defined() ? gi.contiguous(fmt) : not_requested(input),
           gw.defined() ? gw.contiguous(weight_grad_memory_format(a.weight)) : not_requested(input),
@@ -487,7 +499,8 @@ conv_bn_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& outpu
                           {"conv_bias", p.conv_bias.defined()},
                           {"grad_input", output_mask[0]}, {"grad_weight", output_mask[1]},
                           {"grad_conv_bias", output_mask[2]}, {"grad_bn_weight", output_mask[3]},
-                          {"grad_bn_bias", output_mask[4]}, {"grad_residual", output_mask[5]}});
+                          {"grad_bn_bias", output_mask[4]}, {"grad_residual", output_mask[5]}},
+                         /*winograd=*/output_mask[0] && cpu::winograd_runs_input_grad(s));
   return cpu::with_core(key, [&](cpu::Core core) {
     return backward(core, s, a, args);
   });

@@ -17,8 +17,11 @@
 //    (winograd.h's register-blocked kernel for channels_last float32, BLAS
 //    otherwise) between an input and an output transform; the output
 //    transform applies the bias (BN folded in, as for oneDNN), residual and
-//    ReLU. It runs the calls that have no backward through it: conv_bn_relu in
-//    inference. float32 and float64, NCHW and channels_last.
+//    ReLU. It runs conv_bn_relu: in inference the whole block; in training the
+//    convolution, with cnnops' BN passes around it (as on oneDNN), and in the
+//    backward the input gradient (itself a stride-1 3x3 convolution), while
+//    oneDNN computes the weight gradient. float32 and float64, NCHW and
+//    channels_last.
 //
 // Which one runs is set by cnnops.set_cpu_conv / CNNOPS_CPU_CONV:
 //   im2col | onednn   that core for every call (an error for a dtype it lacks);
@@ -71,7 +74,8 @@ bool winograd_runs(const ConvShape& s);
 // dtype, the call's layout (conv_memory_format: oneDNN runs channels_last
 // natively, im2col converts it), and the thread count (a core that wins on 2
 // threads may lose on 16). winograd: whether the op has a Winograd path for
-// this call (winograd_runs, and the op runs it: no backward through it).
+// this call (winograd_runs, and the op runs it: conv_bn_relu, and its
+// backward where it takes the input gradient).
 using CoreFlags = std::initializer_list<std::pair<const char*, bool>>;
 struct CoreKey {
   std::vector<int64_t> values;
@@ -266,6 +270,19 @@ void onednn_conv_relu_into(at::Tensor& residual, const at::Tensor& x, const at::
 at::Tensor winograd_conv_relu(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
                               const at::Tensor& bias, const at::Tensor& residual, bool relu,
                               at::MemoryFormat fmt, const at::Tensor& into = at::Tensor());
+
+// Whether winograd_conv_input_grad computes this convolution's input gradient:
+// winograd_runs, and padding at most 2 (the gradient's convolution is padded
+// by 2 - padding).
+bool winograd_runs_input_grad(const ConvShape& s);
+
+// The input gradient [N, C, H, W] of conv(x, w) for a call
+// winograd_runs_input_grad, from the output gradient grad [N, K, OH, OW] in
+// layout fmt: for a stride-1 convolution it is itself a convolution, of grad
+// padded by 2 - padding with w's filters rotated by 180 degrees and their in
+// and out channels swapped (transformed once and kept, like the forward's).
+at::Tensor winograd_conv_input_grad(const ConvShape& s, const at::Tensor& grad,
+                                    const at::Tensor& w, at::MemoryFormat fmt);
 
 }  // namespace cpu
 }  // namespace cnnops

@@ -52,13 +52,20 @@ at::Tensor panels_of(const at::Tensor& u) {
 
 // The transformed weight (in panels, or U), kept while w lives unchanged (as
 // oneDNN's packed weights are: packed_weight_cache), else made for this call.
-at::Tensor winograd_weight_of(const at::Tensor& w, bool panels) {
-  static DerivedTensors plain(/*settled_only=*/true), paneled(/*settled_only=*/true);
+// input_grad: that of the filters the input gradient convolves with instead
+// (winograd_conv_input_grad): w [K, C, 3, 3] as [C, K, 3, 3], each filter
+// rotated by 180 degrees.
+at::Tensor winograd_weight_of(const at::Tensor& w, bool panels, bool input_grad) {
+  static DerivedTensors plain(/*settled_only=*/true), paneled(/*settled_only=*/true),
+      plain_grad(/*settled_only=*/true), paneled_grad(/*settled_only=*/true);
+  DerivedTensors& cache =
+      input_grad ? (panels ? paneled_grad : plain_grad) : (panels ? paneled : plain);
   const auto make = [&] {
-    const at::Tensor u = transformed_weight(w);
+    const at::Tensor u =
+        transformed_weight(input_grad ? w.transpose(0, 1).flip({2, 3}) : w);
     return std::vector<at::Tensor>{panels ? panels_of(u) : u};
   };
-  const std::vector<at::Tensor> u = (panels ? paneled : plain).get({w}, 0.0, make);
+  const std::vector<at::Tensor> u = cache.get({w}, 0.0, make);
   return u.empty() ? make()[0] : u[0];
 }
 
@@ -250,20 +257,12 @@ void forward(const ConvShape& s, const T* x, const at::Tensor& u, const T* bias,
   }
 }
 
-}  // namespace
-
-bool winograd_runs(const ConvShape& s) {
-  return s.KH == 3 && s.KW == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 &&
-         s.groups == 1;
-}
-
-at::Tensor winograd_conv_relu(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
-                              const at::Tensor& bias, const at::Tensor& residual, bool relu,
-                              at::MemoryFormat fmt, const at::Tensor& into) {
-  TORCH_INTERNAL_ASSERT(winograd_runs(s) && winograd_supports(x.scalar_type()));
+// relu?(conv(x, w) + bias + residual?) with u = winograd_weight_of(w, ...).
+at::Tensor run(const ConvShape& s, const at::Tensor& x, const at::Tensor& u,
+               const at::Tensor& bias, const at::Tensor& residual, bool relu,
+               at::MemoryFormat fmt, const at::Tensor& into) {
   const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor xc = x.contiguous(fmt),
-                   u = winograd_weight_of(w, gemm_kernel_runs(x.scalar_type(), nhwc));
+  const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor rc = residual.defined() ? residual.contiguous(fmt) : residual;
   // (into, when given, is the residual: each output element is written after
   // the residual element it adds is read)
@@ -278,6 +277,46 @@ at::Tensor winograd_conv_relu(const ConvShape& s, const at::Tensor& x, const at:
                       out.mutable_data_ptr<scalar_t>(), relu, nhwc);
   });
   return out;
+}
+
+}  // namespace
+
+bool winograd_runs(const ConvShape& s) {
+  return s.KH == 3 && s.KW == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 &&
+         s.groups == 1;
+}
+
+at::Tensor winograd_conv_relu(const ConvShape& s, const at::Tensor& x, const at::Tensor& w,
+                              const at::Tensor& bias, const at::Tensor& residual, bool relu,
+                              at::MemoryFormat fmt, const at::Tensor& into) {
+  TORCH_INTERNAL_ASSERT(winograd_runs(s) && winograd_supports(x.scalar_type()));
+  const bool kernel = gemm_kernel_runs(x.scalar_type(), fmt == at::MemoryFormat::ChannelsLast);
+  return run(s, x, winograd_weight_of(w, kernel, /*input_grad=*/false), bias, residual, relu,
+             fmt, into);
+}
+
+bool winograd_runs_input_grad(const ConvShape& s) {
+  return winograd_runs(s) && s.ph <= 2 && s.pw <= 2;
+}
+
+at::Tensor winograd_conv_input_grad(const ConvShape& s, const at::Tensor& grad,
+                                    const at::Tensor& w, at::MemoryFormat fmt) {
+  TORCH_INTERNAL_ASSERT(winograd_runs_input_grad(s) && winograd_supports(grad.scalar_type()));
+  // The transposed convolution as a convolution: the gradient [N, K, OH, OW]
+  // padded by 2 - p convolved with the rotated, transposed filters gives
+  // [N, C, OH + 2 (2 - p) - 2, ...] = [N, C, H, W].
+  ConvShape t = s;
+  t.C = s.OC;
+  t.H = s.OH;
+  t.W = s.OW;
+  t.OC = s.C;
+  t.OH = s.H;
+  t.OW = s.W;
+  t.ph = 2 - s.ph;
+  t.pw = 2 - s.pw;
+  const bool kernel = gemm_kernel_runs(grad.scalar_type(), fmt == at::MemoryFormat::ChannelsLast);
+  return run(t, grad, winograd_weight_of(w, kernel, /*input_grad=*/true), at::Tensor(),
+             at::Tensor(), /*relu=*/false, fmt, at::Tensor());
 }
 
 }  // namespace cpu
