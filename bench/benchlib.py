@@ -86,10 +86,10 @@ def cnnops_compile_impl(backend):
 
 # the cpu backend's convolution cores (cnnops.set_cpu_conv), each timed as its own row in the
 # convolution groups besides the "cnnops cpu" row (core "auto"); winograd runs conv_bn_relu
-# in inference only (elsewhere forcing it runs im2col), so it has rows in those groups only
+# only (elsewhere forcing it runs im2col), so it has rows in those groups only
 CPU_CONV_CORES = ("im2col", "onednn", "winograd")
 CONV_OPS = ("conv2d", "conv_bn_relu")
-WINOGRAD_OPS = ("conv_bn_relu eval",)
+WINOGRAD_OPS = ("conv_bn_relu eval", "conv_bn_relu train", "conv_bn_relu train-fwd")
 
 
 def cpu_core_impl(core):
