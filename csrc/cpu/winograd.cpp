@@ -14,16 +14,18 @@ namespace cnnops {
 namespace cpu {
 namespace {
 
-// U [16, K, C] for w [K, C, 3, 3].
-at::Tensor transformed_weight(const at::Tensor& w) {
+// U [16, K, C] for w [K, C, 3, 3]; rotated: [16, C, K] for w's filters rotated
+// by 180 degrees with their in and out channels swapped.
+at::Tensor transformed_weight(const at::Tensor& w, bool rotated) {
   const at::Tensor wc = w.contiguous();
-  const int64_t K = w.size(0), C = w.size(1);
-  at::Tensor u = at::empty({16, K, C}, w.options());
+  const int64_t K = w.size(0), C = w.size(1), R = rotated ? C : K, S = rotated ? K : C;
+  at::Tensor u = at::empty({16, R, S}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "winograd_weight", [&] {
     const scalar_t* src = wc.const_data_ptr<scalar_t>();
     scalar_t* dst = u.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, K, 8, [&](int64_t kb, int64_t ke) {
-      winograd_weight(src, K, C, kb, ke, dst);
+    at::parallel_for(0, R, 8, [&](int64_t rb, int64_t re) {
+      const auto buf = scratch<scalar_t>(9 * S);
+      winograd_weight(src, K, C, rotated, rb, re, dst, buf.get());
     });
   });
   return u;
@@ -61,8 +63,7 @@ at::Tensor winograd_weight_of(const at::Tensor& w, bool panels, bool input_grad)
   DerivedTensors& cache =
       input_grad ? (panels ? paneled_grad : plain_grad) : (panels ? paneled : plain);
   const auto make = [&] {
-    const at::Tensor u =
-        transformed_weight(input_grad ? w.transpose(0, 1).flip({2, 3}) : w);
+    const at::Tensor u = transformed_weight(w, /*rotated=*/input_grad);
     return std::vector<at::Tensor>{panels ? panels_of(u) : u};
   };
   const std::vector<at::Tensor> u = cache.get({w}, 0.0, make);

@@ -47,27 +47,39 @@ namespace cpu {
 // Tiles of an output of OH x OW: ceil(OH/2) x ceil(OW/2).
 inline int64_t winograd_tiles(int64_t out) { return (out + 1) / 2; }
 
-// U = G g G^T for filters k in [kb, ke): w [K, C, 3, 3] contiguous -> u [16][K][C].
+// U = G g G^T: u [16][R][S] for R filters g(r, s) of S channels each, the
+// rows r in [rb, re). From w [K, C, 3, 3] contiguous: g(r, s) = w[r][s] (R =
+// K, S = C), or with rotated, w[s][r] rotated by 180 degrees (R = C, S = K:
+// the filters of the input gradient, winograd_conv_input_grad). Each row's S
+// filters are first copied tap by tap into buf (9 * S values), so that the
+// transform runs vectorised across them.
 template <typename T>
-void winograd_weight(const T* w, int64_t K, int64_t C, int64_t kb, int64_t ke, T* u) {
+CNNOPS_VECTORISED void winograd_weight(const T* w, int64_t K, int64_t C, bool rotated,
+                                       int64_t rb, int64_t re, T* u, T* buf) {
+  const int64_t R = rotated ? C : K, S = rotated ? K : C, plane = R * S;
   const T h = T(0.5);
-  for (int64_t k = kb; k < ke; ++k) {
-    for (int64_t c = 0; c < C; ++c) {
-      const T* g = w + (k * C + c) * 9;
+  for (int64_t r = rb; r < re; ++r) {
+    for (int64_t s = 0; s < S; ++s) {  // buf[t * S + s]: tap t (3 * row + column) of g(r, s)
+      const T* g = w + (rotated ? s * C + r : r * C + s) * 9;
+      for (int64_t t = 0; t < 9; ++t) buf[t * S + s] = g[rotated ? 8 - t : t];
+    }
+    T* dst = u + r * S;
+#pragma GCC ivdep
+    for (int64_t s = 0; s < S; ++s) {
       T gg[4][3];  // G g: rows of g combined
       for (int64_t j = 0; j < 3; ++j) {
-        gg[0][j] = g[j];
-        gg[1][j] = h * (g[j] + g[3 + j] + g[6 + j]);
-        gg[2][j] = h * (g[j] - g[3 + j] + g[6 + j]);
-        gg[3][j] = g[6 + j];
+        const T g0 = buf[j * S + s], g1 = buf[(3 + j) * S + s], g2 = buf[(6 + j) * S + s];
+        gg[0][j] = g0;
+        gg[1][j] = h * (g0 + g1 + g2);
+        gg[2][j] = h * (g0 - g1 + g2);
+        gg[3][j] = g2;
       }
       for (int64_t i = 0; i < 4; ++i) {  // (G g) G^T: columns combined
-        const T* r = gg[i];
-        T* dst = u + (4 * i) * K * C + k * C + c;
-        dst[0] = r[0];
-        dst[K * C] = h * (r[0] + r[1] + r[2]);
-        dst[2 * K * C] = h * (r[0] - r[1] + r[2]);
-        dst[3 * K * C] = r[2];
+        const T* q = gg[i];
+        dst[(4 * i) * plane + s] = q[0];
+        dst[(4 * i + 1) * plane + s] = h * (q[0] + q[1] + q[2]);
+        dst[(4 * i + 2) * plane + s] = h * (q[0] - q[1] + q[2]);
+        dst[(4 * i + 3) * plane + s] = q[2];
       }
     }
   }
