@@ -85,11 +85,10 @@ def cnnops_compile_impl(backend):
 
 
 # the cpu backend's convolution cores (cnnops.set_cpu_conv), each timed as its own row in the
-# convolution groups besides the "cnnops cpu" row (core "auto"); winograd runs conv_bn_relu
-# only (elsewhere forcing it runs im2col), so it has rows in those groups only
+# convolution groups besides the "cnnops cpu" row (core "auto"; winograd forced runs the 3x3
+# stride-1 layers, the others on im2col)
 CPU_CONV_CORES = ("im2col", "onednn", "winograd")
 CONV_OPS = ("conv2d", "conv_bn_relu")
-WINOGRAD_OPS = ("conv_bn_relu eval", "conv_bn_relu train", "conv_bn_relu train-fwd")
 
 
 def cpu_core_impl(core):
@@ -702,8 +701,7 @@ class Settings:
         for b in self.backends_for(device):
             impls.append(cnnops_impl(b))
             if b == "cpu" and op.split()[0] in CONV_OPS:
-                impls += [cpu_core_impl(core) for core in CPU_CONV_CORES
-                          if core != "winograd" or op in WINOGRAD_OPS]
+                impls += [cpu_core_impl(core) for core in CPU_CONV_CORES]
         return impls
 
     def model_impls(self, device, mode):

@@ -709,9 +709,8 @@ def markdown(data, rows, chart_name=None, stat="median", others=()):
             + (" `cnnops cpu` runs the cpu backend with its convolution core on auto (each core "
                "that runs the call timed on a configuration's first call, in the correctness "
                "check, the fastest kept); `cnnops cpu (im2col)` / `(onednn)` / `(winograd)` "
-               "force one core (winograd runs the 3x3 stride-1 layers: in training the forward's "
-               "convolution and the backward's input gradient; forced, the others run on "
-               "im2col)."
+               "force one core (winograd runs the 3x3 stride-1 layers, in training their forward "
+               "and input gradient; forced, the others run on im2col)."
                if any(r.impl in CPU_CORES for r in rows) else ""), ""]
     if chart_name:
         out += ["![speed-up vs torch eager](%s)" % chart_name, ""]

@@ -92,9 +92,9 @@ def get_cpu_conv():
     ``im2col`` is cnnops' im2col + BLAS GEMM with the fusions in its GEMM epilogue
     (float32/float64); ``onednn`` is ATen's oneDNN convolution with cnnops' fusions
     around it (float32/bfloat16); ``winograd`` is Winograd F(2x2, 3x3) for the 3x3,
-    stride-1, ungrouped, undilated convolutions of conv_bn_relu: in inference, and in
-    training the forward's convolution and the backward's input gradient (float32/float64;
-    forced, it leaves every other call to im2col, or to oneDNN for bfloat16). ``auto`` (the default) measures each core that can run a call the
+    stride-1, ungrouped, undilated convolutions: their forward, and in the backward their
+    input gradient (float32/float64; forced, it leaves every other call to im2col, or to
+    oneDNN for bfloat16). ``auto`` (the default) measures each core that can run a call the
     first time its configuration (op, shapes, dtype, flags, threads) is seen and
     keeps the fastest for the rest of the process; a call only one core runs takes
     that one. ``cpu_conv_choices()`` and ``cnnops.explain`` show what was chosen.

@@ -4,7 +4,8 @@ Its index math and transforms are checked in Python against torch's convolution 
 the input gradient as a convolution), then the C++ core on the op paths it runs (conv_bn_relu
 in inference: the op, the output-only inference op and the write-into-residual op; in
 training: the convolution of the forward and the input gradient of the backward), the calls
-it leaves to the other cores, and auto's measurement of it. The `conv_cores` tests of every convolution op run it too, as the
+it leaves to the other cores, and auto's measurement of it. The `conv_cores` tests of every
+convolution op (conv2d, conv2d_relu, conv_bn_relu: forward and backward) run it too, as the
 `cpu-winograd` entry (conftest.py).
 """
 import pytest
@@ -224,10 +225,15 @@ def test_forced_winograd_runs_what_it_can_and_says_where_it_cannot():
         fused = cnnops.FusedConvBNReLU(4, 6, 3, padding=1)
         assert [(r["call"].split()[0], r["core"], r["reason"])
                 for r in cnnops.explain(fused, x)] == [("conv_bn_relu", "winograd", FORCED)]
-        # training: the forward, and the backward where it takes the input gradient
+        # training: the forward, and the backward where it takes the input gradient; the
+        # plain convolution's too
         assert [(r["call"].split()[0], r["core"], r["reason"])
                 for r in cnnops.explain(fused, x.clone().requires_grad_(), train=True)] == [
             ("conv_bn_relu", "winograd", FORCED), ("conv_bn_relu_backward", "winograd", FORCED)]
+        conv = cnnops.nn.Conv2d(4, 6, 3, padding=1)
+        assert [(r["call"].split()[0], r["core"], r["reason"])
+                for r in cnnops.explain(conv, x.clone().requires_grad_(), train=True)] == [
+            ("conv2d", "winograd", FORCED), ("conv2d_backward", "winograd", FORCED)]
         for model, grad_input in [(fused, False),  # (a first layer: no input gradient)
                                   (cnnops.FusedConvBNReLU(4, 6, 3, padding=3), True)]:
             rows = cnnops.explain(model, x.clone().requires_grad_(grad_input), train=True)
@@ -238,8 +244,7 @@ def test_forced_winograd_runs_what_it_can_and_says_where_it_cannot():
         for model, train in [(cnnops.FusedConvBNReLU(4, 6, 1), False),
                              (cnnops.FusedConvBNReLU(4, 6, 3, stride=2, padding=1), False),
                              (cnnops.FusedConvBNReLU(4, 6, 3, padding=2, dilation=2), False),
-                             (cnnops.FusedConvBNReLU(4, 6, 3, padding=1, groups=2), False),
-                             (cnnops.nn.Conv2d(4, 6, 3, padding=1), False)]:
+                             (cnnops.FusedConvBNReLU(4, 6, 3, padding=1, groups=2), False)]:
             rows = cnnops.explain(model, x.clone().requires_grad_(train), train=train)
             assert rows and all(r["core"] == "im2col" and r["reason"].startswith(others)
                                 for r in rows), rows

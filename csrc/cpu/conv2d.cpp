@@ -1,6 +1,8 @@
 // conv2d and conv2d_relu on the CPU, on the core conv_core.h chooses: im2col +
 // GEMM forward and col2im + GEMM backward (bias, residual and ReLU in the GEMM
-// epilogue), or oneDNN (bias, residual and ReLU as post-ops of one primitive).
+// epilogue), oneDNN (bias, residual and ReLU as post-ops of one primitive), or
+// for 3x3 stride-1 calls Winograd (bias, residual and ReLU in its output
+// transform; in the backward the input gradient, oneDNN the others).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -90,8 +92,12 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   check_cpu_conv(input, "input");
   const ConvArgs args{stride, padding, dilation, groups};
   const at::MemoryFormat fmt = conv_memory_format(input, weight);
-  const cpu::CoreKey key("conv2d", s, input, fmt, {{"bias", bias.defined()}});
+  const cpu::CoreKey key("conv2d", s, input, fmt, {{"bias", bias.defined()}},
+                         /*winograd=*/true);
   return cpu::with_core(key, [&](cpu::Core core) {
+    if (core == cpu::Core::Winograd) {
+      return cpu::winograd_conv_relu(s, input, weight, bias, at::Tensor(), /*relu=*/false, fmt);
+    }
     if (core == cpu::Core::OneDNN) {
       // channels_last float32: the primitive with a packed weight (conv_core.h)
       if (fmt == at::MemoryFormat::ChannelsLast && input.scalar_type() == at::kFloat) {
@@ -115,8 +121,12 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor residual = conv_residual(residual_opt, input, s, fmt);
   const ConvArgs args{stride, padding, dilation, groups};
   const cpu::CoreKey key("conv2d_relu", s, input, fmt,
-                         {{"bias", bias.defined()}, {"residual", residual.defined()}});
+                         {{"bias", bias.defined()}, {"residual", residual.defined()}},
+                         /*winograd=*/true);
   return cpu::with_core(key, [&](cpu::Core core) {
+    if (core == cpu::Core::Winograd) {
+      return cpu::winograd_conv_relu(s, input, weight, bias, residual, /*relu=*/true, fmt);
+    }
     if (core == cpu::Core::OneDNN) {
       return cpu::onednn_conv_relu(input, weight, bias, residual, /*relu=*/true, args, fmt);
     }
@@ -141,10 +151,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   const at::MemoryFormat fmt = conv_memory_format(input, weight);
   const cpu::CoreKey key("conv2d_backward", s, input, fmt,
                          {{"grad_input", output_mask[0]}, {"grad_weight", output_mask[1]},
-                          {"grad_bias", output_mask[2]}});
+                          {"grad_bias", output_mask[2]}},
+                         /*winograd=*/output_mask[0] && cpu::winograd_runs_input_grad(s));
   return cpu::with_core(key, [&](cpu::Core core) {
-    if (core == cpu::Core::OneDNN) {
-      auto [gi, gw, gb] = aten_conv_backward(grad_output, input, weight, args, fmt, output_mask);
+    if (core != cpu::Core::Im2col) {
+      auto [gi, gw, gb] =
+          core == cpu::Core::Winograd
+              ? cpu::winograd_conv_backward(s, grad_output, input, weight, args, fmt, output_mask)
+              : aten_conv_backward(grad_output, input, weight, args, fmt, output_mask);
       return std::make_tuple(gi.defined() ? gi : not_requested(input),
                              gw.defined() ? gw : not_requested(input),
                              gb.defined() ? gb : not_requested(input));

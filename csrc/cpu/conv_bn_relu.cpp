@@ -451,17 +451,11 @@ Backward backward(cpu::Core core, const ConvShape& s, const BackwardArgs& a,
     }
     at::Tensor gconv = at::empty_like(g);
     cpu::channel_grad_apply(gp, op, xn, gconv.mutable_data_ptr<T>(), act, coef, mean_d);
-    // On the Winograd core (chosen only where the input gradient is asked for)
-    // Winograd takes the input gradient, and oneDNN the weight and bias ones.
-    if (core == cpu::Core::Winograd) {
-      gi = cpu::winograd_conv_input_grad(s, gconv, w, fmt);
-      if (!(need_gw || need_gcb)) return;
-    }
-    at::Tensor onednn_gi;
-    std::tie(onednn_gi, gw, gcb) =
-        aten_conv_backward(gconv.to(input.scalar_type()), x, w, args, fmt,
-                           {need_gi && !gi.defined(), need_gw, need_gcb});
-    if (!gi.defined()) gi = onednn_gi;
+    const std::array<bool, 3> mask{need_gi, need_gw, need_gcb};
+    std::tie(gi, gw, gcb) =
+        core == cpu::Core::Winograd
+            ? cpu::winograd_conv_backward(s, gconv, x, w, args, fmt, mask)
+            : aten_conv_backward(gconv.to(input.scalar_type()), x, w, args, fmt, mask);
   });
   return {gi.defined() ? gi.contiguous(fmt) : not_requested(input),
           gw.defined() ? gw.contiguous(weight_grad_memory_format(a.weight)) : not_requested(input),

@@ -17,11 +17,11 @@
 //    (winograd.h's register-blocked kernel for channels_last float32, BLAS
 //    otherwise) between an input and an output transform; the output
 //    transform applies the bias (BN folded in, as for oneDNN), residual and
-//    ReLU. It runs conv_bn_relu: in inference the whole block; in training the
-//    convolution, with cnnops' BN passes around it (as on oneDNN), and in the
-//    backward the input gradient (itself a stride-1 3x3 convolution), while
-//    oneDNN computes the weight gradient. float32 and float64, NCHW and
-//    channels_last.
+//    ReLU. It runs the forward of every conv op (conv_bn_relu in inference the
+//    whole block; in training the convolution, with cnnops' BN passes around
+//    it as on oneDNN) and in the backward the input gradient (itself a
+//    stride-1 3x3 convolution), while oneDNN computes the weight gradient.
+//    float32 and float64, NCHW and channels_last.
 //
 // Which one runs is set by cnnops.set_cpu_conv / CNNOPS_CPU_CONV:
 //   im2col | onednn   that core for every call (an error for a dtype it lacks);
@@ -74,8 +74,8 @@ bool winograd_runs(const ConvShape& s);
 // dtype, the call's layout (conv_memory_format: oneDNN runs channels_last
 // natively, im2col converts it), and the thread count (a core that wins on 2
 // threads may lose on 16). winograd: whether the op has a Winograd path for
-// this call (winograd_runs, and the op runs it: conv_bn_relu, and its
-// backward where it takes the input gradient).
+// this call (winograd_runs, and the op runs it: a forward, or a backward that
+// takes the input gradient).
 using CoreFlags = std::initializer_list<std::pair<const char*, bool>>;
 struct CoreKey {
   std::vector<int64_t> values;
@@ -283,6 +283,14 @@ bool winograd_runs_input_grad(const ConvShape& s);
 // and out channels swapped (transformed once and kept, like the forward's).
 at::Tensor winograd_conv_input_grad(const ConvShape& s, const at::Tensor& grad,
                                     const at::Tensor& w, at::MemoryFormat fmt);
+
+// A convolution's backward on the Winograd core, which the ops choose only
+// where the input gradient is asked for: (input gradient from
+// winograd_conv_input_grad, weight and bias gradients from ATen's, that is
+// oneDNN's, convolution backward), each undefined where the mask leaves it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> winograd_conv_backward(
+    const ConvShape& s, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w,
+    const ConvArgs& a, at::MemoryFormat fmt, std::array<bool, 3> mask);
 
 }  // namespace cpu
 }  // namespace cnnops

@@ -320,5 +320,13 @@ at::Tensor winograd_conv_input_grad(const ConvShape& s, const at::Tensor& grad,
              at::Tensor(), /*relu=*/false, fmt, at::Tensor());
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> winograd_conv_backward(
+    const ConvShape& s, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w,
+    const ConvArgs& a, at::MemoryFormat fmt, std::array<bool, 3> mask) {
+  TORCH_INTERNAL_ASSERT(mask[0]);
+  auto [unused, gw, gb] = aten_conv_backward(grad, x, w, a, fmt, {false, mask[1], mask[2]});
+  return {winograd_conv_input_grad(s, grad, w, fmt), gw, gb};
+}
+
 }  // namespace cpu
 }  // namespace cnnops
