@@ -85,6 +85,9 @@ struct CoreKey {
   bool channels_last;
   std::vector<std::pair<const char*, bool>> flags;
   bool winograd;
+  // Whether the call is part of a training step, whose weights change every
+  // step: a backward, or a forward with the "train" flag.
+  bool training;
 
   CoreKey(const char* op, const ConvShape& s, const at::Tensor& input, at::MemoryFormat fmt,
           CoreFlags flags, bool winograd = false);
@@ -123,6 +126,29 @@ std::vector<ChoiceRecord> recorded_choices();
 void set_trace(bool on);
 std::vector<ChoiceRecord> take_trace();
 
+// While set on this thread, the Winograd core makes its transformed weight
+// instead of reusing a kept one (winograd_weight_of).
+bool& winograd_weight_uncached();
+
+// Auto's measurement of a training call on the Winograd core makes the
+// transformed weight on every run, as every training step will (its weight
+// has changed since the last): measured with the weight transformed once,
+// Winograd took training calls with few tiles, which that transform, 16 x K x
+// C values, costs more than the GEMMs it saves (ResNet-50's 512-channel 2x2
+// layers at batch 2).
+class UncachedWinogradWeights {
+ public:
+  explicit UncachedWinogradWeights(bool on) : on_(on) {
+    if (on_) winograd_weight_uncached() = true;
+  }
+  ~UncachedWinogradWeights() {
+    if (on_) winograd_weight_uncached() = false;
+  }
+
+ private:
+  const bool on_;
+};
+
 // run(core) with the core for this call (see the top of this file). When the
 // choice is measured, each core in turn runs once as a warm-up (allocations,
 // oneDNN's JIT and weight reorder), then at least 3 more times and until it
@@ -158,6 +184,7 @@ auto with_core(const CoreKey& key, const Run& run) -> decltype(run(Core::Im2col)
           break;
         }
       } else {
+        const UncachedWinogradWeights uncached(core == Core::Winograd && key.training);
         run(core);
       }
       const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
