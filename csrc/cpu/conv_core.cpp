@@ -90,17 +90,20 @@ CoreKey::CoreKey(const char* op_, const ConvShape& s, const at::Tensor& input,
       dtype(input.scalar_type()),
       channels_last(fmt == at::MemoryFormat::ChannelsLast),
       flags(flags_.begin(), flags_.end()),
-      winograd(winograd_ && winograd_runs(s) && winograd_supports(dtype)),
-      training(std::strstr(op_, "backward") != nullptr ||
-               std::any_of(flags_.begin(), flags_.end(), [](const auto& f) {
-                 return f.second && std::strcmp(f.first, "train") == 0;
-               })) {
+      winograd(winograd_ && winograd_runs(s) && winograd_supports(dtype)) {
   values = {s.N, s.C, s.H, s.W, s.OC, s.KH, s.KW, s.sh, s.sw, s.ph, s.pw, s.dh, s.dw,
             s.groups, static_cast<int64_t>(dtype), channels_last, at::get_num_threads(),
             static_cast<int64_t>(std::hash<std::string_view>()(op))};
   int64_t bits = 0;
   for (const auto& flag : flags) bits = bits * 2 + flag.second;
   values.push_back(bits);
+}
+
+bool CoreKey::training() const {
+  return std::strstr(op, "backward") != nullptr ||
+         std::any_of(flags.begin(), flags.end(), [](const auto& f) {
+           return f.second && std::strcmp(f.first, "train") == 0;
+         });
 }
 
 std::string CoreKey::text() const {

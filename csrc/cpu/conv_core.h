@@ -85,15 +85,16 @@ struct CoreKey {
   bool channels_last;
   std::vector<std::pair<const char*, bool>> flags;
   bool winograd;
-  // Whether the call is part of a training step, whose weights change every
-  // step: a backward, or a forward with the "train" flag.
-  bool training;
 
   CoreKey(const char* op, const ConvShape& s, const at::Tensor& input, at::MemoryFormat fmt,
           CoreFlags flags, bool winograd = false);
   // Human-readable, for the record (made only when one is kept: a call's
   // overhead budget is a few microseconds).
   std::string text() const;
+  // Whether the call is part of a training step, whose weights change every
+  // step: a backward, or a forward with the "train" flag (asked only when a
+  // choice is measured, not on every call).
+  bool training() const;
 };
 
 struct CoreChoice {
@@ -184,7 +185,7 @@ auto with_core(const CoreKey& key, const Run& run) -> decltype(run(Core::Im2col)
           break;
         }
       } else {
-        const UncachedWinogradWeights uncached(core == Core::Winograd && key.training);
+        const UncachedWinogradWeights uncached(core == Core::Winograd && key.training());
         run(core);
       }
       const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();

@@ -297,8 +297,8 @@ at::Tensor winograd_conv_relu(const ConvShape& s, const at::Tensor& x, const at:
                               const at::Tensor& bias, const at::Tensor& residual, bool relu,
                               at::MemoryFormat fmt, const at::Tensor& into) {
   TORCH_INTERNAL_ASSERT(winograd_runs(s) && winograd_supports(x.scalar_type()));
-  const bool kernel = gemm_kernel_runs(x.scalar_type(), fmt == at::MemoryFormat::ChannelsLast);
-  return run(s, x, winograd_weight_of(w, kernel, /*input_grad=*/false), bias, residual, relu,
+  const bool panels = gemm_kernel_runs(x.scalar_type(), fmt == at::MemoryFormat::ChannelsLast);
+  return run(s, x, winograd_weight_of(w, panels, /*input_grad=*/false), bias, residual, relu,
              fmt, into);
 }
 
@@ -321,8 +321,8 @@ at::Tensor winograd_conv_input_grad(const ConvShape& s, const at::Tensor& grad,
   t.OW = s.W;
   t.ph = 2 - s.ph;
   t.pw = 2 - s.pw;
-  const bool kernel = gemm_kernel_runs(grad.scalar_type(), fmt == at::MemoryFormat::ChannelsLast);
-  return run(t, grad, winograd_weight_of(w, kernel, /*input_grad=*/true), at::Tensor(),
+  const bool panels = gemm_kernel_runs(grad.scalar_type(), fmt == at::MemoryFormat::ChannelsLast);
+  return run(t, grad, winograd_weight_of(w, panels, /*input_grad=*/true), at::Tensor(),
              at::Tensor(), /*relu=*/false, fmt, at::Tensor());
 }
 
