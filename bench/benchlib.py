@@ -86,7 +86,7 @@ def cnnops_compile_impl(backend):
 
 # the cpu backend's convolution cores (cnnops.set_cpu_conv), each timed as its own row in the
 # convolution groups besides the "cnnops cpu" row (core "auto"; winograd forced runs the 3x3
-# stride-1 layers, the others on im2col)
+# stride-1 and stride-2 layers, the others on im2col)
 CPU_CONV_CORES = ("im2col", "onednn", "winograd")
 CONV_OPS = ("conv2d", "conv_bn_relu")
 

@@ -709,8 +709,8 @@ def markdown(data, rows, chart_name=None, stat="median", others=()):
             + (" `cnnops cpu` runs the cpu backend with its convolution core on auto (each core "
                "that runs the call timed on a configuration's first call, in the correctness "
                "check, the fastest kept); `cnnops cpu (im2col)` / `(onednn)` / `(winograd)` "
-               "force one core (winograd runs the 3x3 stride-1 layers, in training their forward "
-               "and input gradient; forced, the others run on im2col)."
+               "force one core (winograd runs the 3x3 stride-1 and stride-2 layers: their forward, "
+               "and in training at stride 1 the input gradient; forced, the rest runs on im2col)."
                if any(r.impl in CPU_CORES for r in rows) else ""), ""]
     if chart_name:
         out += ["![speed-up vs torch eager](%s)" % chart_name, ""]

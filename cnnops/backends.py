@@ -91,10 +91,10 @@ def get_cpu_conv():
 
     ``im2col`` is cnnops' im2col + BLAS GEMM with the fusions in its GEMM epilogue
     (float32/float64); ``onednn`` is ATen's oneDNN convolution with cnnops' fusions
-    around it (float32/bfloat16); ``winograd`` is Winograd F(2x2, 3x3) for the 3x3,
-    stride-1, ungrouped, undilated convolutions: their forward, and in the backward their
-    input gradient (float32/float64; forced, it leaves every other call to im2col, or to
-    oneDNN for bfloat16). ``auto`` (the default) measures each core that can run a call the
+    around it (float32/bfloat16); ``winograd`` is Winograd convolution (F(2x2, 3x3) and its
+    stride-2 counterpart) for the 3x3 ungrouped, undilated convolutions at stride 1 or 2: their
+    forward, and at stride 1 in the backward their input gradient (float32/float64; forced, it
+    leaves every other call to im2col, or to oneDNN for bfloat16). ``auto`` (the default) measures each core that can run a call the
     first time its configuration (op, shapes, dtype, flags, threads) is seen and
     keeps the fastest for the rest of the process; a call only one core runs takes
     that one. ``cpu_conv_choices()`` and ``cnnops.explain`` show what was chosen.

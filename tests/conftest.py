@@ -24,7 +24,7 @@ The cpu backend runs its convolutions on one of three cores (cnnops.set_cpu_conv
 `backend` fixture `cpu` is the cpu backend with the im2col core forced, and the tests that
 run a convolution (marked with `@conv_cores`, or `per_device(..., conv=True)`) also run
 `cpu-onednn`, the cpu backend with the oneDNN core forced, and `cpu-winograd`, with the
-Winograd core forced (it runs the 3x3 stride-1 inference convolutions, im2col the rest).
+Winograd core forced (it runs the 3x3 stride-1 and stride-2 convolutions, im2col the rest).
 `auto`'s choice between them is tested in test_cpu_conv_core.py.
 
 Comparisons. CPU entries: `assert_close` against torch in the same dtype (`tolerances`).

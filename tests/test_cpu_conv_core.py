@@ -335,9 +335,9 @@ def test_auto_keys_on_flags_and_threads():
     (BF16, "onednn", "the only core for bfloat16 (oneDNN)")], ids=["float64", "bfloat16"])
 def test_auto_takes_the_only_core_for_a_dtype(dtype, core, reason):
     torch.manual_seed(11)
-    # (stride 2: the Winograd core would run float64 3x3 stride-1 convolutions too)
-    model = nn.Sequential(cnnops.FusedConvBNReLU(3, 4, 3, stride=2, padding=1),
-                          cnnops.nn.Conv2d(4, 4, 3, stride=2, padding=1)).to(dtype)
+    # (stride 3: the Winograd core would run float64 3x3 convolutions at stride 1 or 2 too)
+    model = nn.Sequential(cnnops.FusedConvBNReLU(3, 4, 3, stride=3, padding=1),
+                          cnnops.nn.Conv2d(4, 4, 3, stride=3, padding=1)).to(dtype)
     x = torch.randn(2, 3, 9, 10, dtype=dtype, requires_grad=True)
     with cnnops.use_backend("cpu"), cnnops.use_cpu_conv("auto"):
         before = {c["call"] for c in cnnops.cpu_conv_choices()}

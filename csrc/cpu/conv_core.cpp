@@ -153,8 +153,9 @@ bool fixed_choice(const CoreKey& key, CoreChoice& out) {
       out = {Core::Winograd, "forced (set_cpu_conv / CNNOPS_CPU_CONV)"};
     } else {
       out = {im2col ? Core::Im2col : Core::OneDNN,
-             std::string("forced winograd, which does not run this call (it runs 3x3 stride-1 "
-                         "ungrouped undilated float32/float64 convolutions): ") +
+             std::string("forced winograd, which does not run this call (it runs 3x3 ungrouped "
+                         "undilated float32/float64 convolutions at stride 1 or 2, and input "
+                         "gradients at stride 1): ") +
                  (im2col ? "im2col" : "onednn")};
     }
     return true;

@@ -12,16 +12,19 @@
 //    freezing emits); training puts cnnops' BN statistics, apply and backward
 //    passes between oneDNN's forward and backward. float32 and bfloat16 (the
 //    only core for bfloat16).
-//  * winograd: Winograd F(2x2, 3x3) (winograd.h): 3x3, stride-1, undilated,
-//    ungrouped convolutions with 2.25x fewer multiplications, as 16 GEMMs
-//    (winograd.h's register-blocked kernel for channels_last float32, BLAS
-//    otherwise) between an input and an output transform; the output
-//    transform applies the bias (BN folded in, as for oneDNN), residual and
-//    ReLU. It runs the forward of every conv op (conv_bn_relu in inference the
-//    whole block; in training the convolution, with cnnops' BN passes around
-//    it as on oneDNN) and in the backward the input gradient (itself a
-//    stride-1 3x3 convolution), while oneDNN computes the weight gradient.
-//    float32 and float64, NCHW and channels_last.
+//  * winograd: Winograd convolutions (winograd.h) of 3x3, undilated, ungrouped
+//    convolutions: F(2x2, 3x3) at stride 1 (2.25x fewer multiplications) and
+//    its stride-2 counterpart (1.44x fewer), as a GEMM per tile entry
+//    (winograd.h's register-blocked kernel in channels_last float32, BLAS
+//    otherwise; float32 NCHW calls are computed in channels_last, except small
+//    stride-1 ones: working_layout in winograd.cpp) between an input and an
+//    output transform; the output transform applies the bias (BN folded in, as
+//    for oneDNN), residual and ReLU. It runs the forward of every conv op
+//    (conv_bn_relu in inference the whole block; in training the convolution,
+//    with cnnops' BN passes around it as on oneDNN) and, at stride 1, in the
+//    backward the input gradient (itself a stride-1 3x3 convolution), while
+//    oneDNN computes the weight gradient. float32 and float64, NCHW and
+//    channels_last.
 //
 // Which one runs is set by cnnops.set_cpu_conv / CNNOPS_CPU_CONV:
 //   im2col | onednn   that core for every call (an error for a dtype it lacks);
@@ -66,8 +69,8 @@ const char* core_name(Core core);
 bool im2col_supports(at::ScalarType t);
 bool onednn_supports(at::ScalarType t);
 bool winograd_supports(at::ScalarType t);
-// Whether the Winograd core computes this convolution: 3x3, stride 1, no
-// dilation, no groups (any padding).
+// Whether the Winograd core computes this convolution: 3x3, stride 1 or 2 (the
+// same both ways), no dilation, no groups (any padding).
 bool winograd_runs(const ConvShape& s);
 
 // One configuration of a conv op: which op, its shapes and flags, the input's
@@ -300,8 +303,8 @@ at::Tensor winograd_conv_relu(const ConvShape& s, const at::Tensor& x, const at:
                               at::MemoryFormat fmt, const at::Tensor& into = at::Tensor());
 
 // Whether winograd_conv_input_grad computes this convolution's input gradient:
-// winograd_runs, and padding at most 2 (the gradient's convolution is padded
-// by 2 - padding).
+// winograd_runs at stride 1, and padding at most 2 (the gradient's convolution
+// is padded by 2 - padding).
 bool winograd_runs_input_grad(const ConvShape& s);
 
 // The input gradient [N, C, H, W] of conv(x, w) for a call

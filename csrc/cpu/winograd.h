@@ -1,36 +1,52 @@
-// Winograd F(2x2, 3x3): a 3x3, stride-1 convolution with 2.25x fewer
-// multiplications than the direct one (Lavin & Gray, "Fast Algorithms for
-// Convolutional Neural Networks", 2015).
+// Winograd convolutions: a 3x3 convolution at stride 1 with 2.25x fewer
+// multiplications than the direct one (F(2x2, 3x3): Lavin & Gray, "Fast
+// Algorithms for Convolutional Neural Networks", 2015), and at stride 2 with
+// 1.44x fewer.
 //
-// The output is cut into 2x2 tiles; tile (th, tw) of an output plane reads the
-// 4x4 input patch d whose top-left corner is input (2*th - ph, 2*tw - pw)
-// (zeros past the edges). With
+// Both cut the output into 2x2 tiles and nest a 1D algorithm that computes 2
+// outputs from the n inputs they read with n products (F(2, 3) at stride S):
+//
+//  stride 1, n = 4: the textbook F(2, 3),
 //
 //   B^T = | 1  0 -1  0 |     G = | 1    0    0   |     A^T = | 1  1  1  0 |
 //         | 0  1  1  0 |         | 1/2  1/2  1/2 |           | 0  1 -1 -1 |
 //         | 0 -1  1  0 |         | 1/2 -1/2  1/2 |
 //         | 0  1  0 -1 |         | 0    0    1   |
 //
-// each input patch becomes V = B^T d B and each 3x3 filter g becomes
-// U = G g G^T (4x4 each); then for each of the 16 entries e of a 4x4 tile,
-// M[e] = U[e] (K x C) @ V[e] (C x tiles): 16 GEMMs that do the convolution's
-// channel sums; and each output tile is A^T M A (2x2). B and A hold only 0 and
-// +-1, so the transforms are additions; G's halves are exact in binary. In
-// float32 the result is as close to the exact one as the direct convolution's
-// (tests/test_winograd.py checks the index math in Python against torch, and
-// the kernels against torch's convolution).
+//  stride 2, n = 5: outputs y0 = d0 g0 + d1 g1 + d2 g2, y1 = d2 g0 + d3 g1 +
+//  d4 g2 as F(2, 2) on the even inputs d0, d2, d4 with taps g0, g2 (three
+//  products) plus the odd inputs d1, d3 times g1 (two),
+//
+//   B^T = | 1  0 -1  0  0 |     G = | 1  0  0 |     A^T = | 1  1  0  1  0 |
+//         | 0  0  1  0  0 |         | 1  0  1 |           | 0  1  1  0  1 |
+//         | 0  0 -1  0  1 |         | 0  0  1 |
+//         | 0  1  0  0  0 |         | 0  1  0 |
+//         | 0  0  0  1  0 |         | 0  1  0 |
+//
+// Output tile (th, tw) of a plane reads the n x n input patch d whose top-left
+// corner is input (2S*th - ph, 2S*tw - pw) (zeros past the edges); it becomes
+// V = B^T d B and each 3x3 filter g becomes U = G g G^T (n x n each); then for
+// each of the E = n*n entries e of a tile, M[e] = U[e] (K x C) @ V[e] (C x
+// tiles): E GEMMs that do the convolution's channel sums (16 products a tile
+// where the direct convolution takes 36 at stride 1, 25 at stride 2); and each
+// output tile is A^T M A (2x2). B and A hold only 0 and +-1, so the transforms
+// are additions; G's halves are exact in binary. In float32 the result is as
+// close to the exact one as the direct convolution's (tests/test_winograd.py
+// checks the index math in Python against torch, and the kernels against
+// torch's convolution).
 //
 // The loops over tiles or channels are marked `#pragma GCC ivdep`: they read
 // and write through many pointers into distinct buffers, and GCC's runtime
 // alias checks between so many leave them scalar otherwise (channels_last
 // input transform, 64 channels at 32x32: 2x faster with it).
 //
-// Layouts: a tile's 16 entries e = 4*i + j (row i, column j of the 4x4 tile);
-// V [C][16][P] and M [K][16][P] over tile columns p = (n*TH + th)*TW + tw
-// (GEMM e reads V[:, e, :] as a matrix of row stride 16*P); the transformed
-// weight U [16][K][C]. The row kernels below run on one tile row
-// (th) of one channel plane, vectorised across the row's TW tiles: the 4 input
-// rows are split into even and odd columns, so every step is a contiguous run.
+// Layouts: a tile's entries e = n*i + j (row i, column j of the n x n tile);
+// V [C][E][P] and M [K][E][P] over tile columns p = (n*TH + th)*TW + tw
+// (GEMM e reads V[:, e, :] as a matrix of row stride E*P); the transformed
+// weight U [E][K][C]. The row kernels below run on one tile row
+// (th) of one channel plane, vectorised across the row's TW tiles: the n input
+// rows are split into 2S column phases (tile tw's column j is phase j % 2S,
+// index tw + j / 2S), so every step is a contiguous run.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -47,17 +63,80 @@ namespace cpu {
 // Tiles of an output of OH x OW: ceil(OH/2) x ceil(OW/2).
 inline int64_t winograd_tiles(int64_t out) { return (out + 1) / 2; }
 
-// U = G g G^T: u [16][R][S] for R filters g(r, s) of S channels each, the
+// The 1D algorithm at stride S (the matrices above): n inputs and products;
+// input: v = B^T d; filter: u = G (g0, g1, g2); output: y = A^T m (2 values).
+template <int S>
+struct WinogradTile;
+
+template <>
+struct WinogradTile<1> {
+  static constexpr int n = 4;
+  template <typename T>
+  static inline void input(const T* d, T* v) {
+    v[0] = d[0] - d[2];
+    v[1] = d[1] + d[2];
+    v[2] = d[2] - d[1];
+    v[3] = d[1] - d[3];
+  }
+  template <typename T>
+  static inline void filter(T g0, T g1, T g2, T* u) {
+    const T h = T(0.5);
+    u[0] = g0;
+    u[1] = h * (g0 + g1 + g2);
+    u[2] = h * (g0 - g1 + g2);
+    u[3] = g2;
+  }
+  template <typename T>
+  static inline void output(const T* m, T* y) {
+    y[0] = m[0] + m[1] + m[2];
+    y[1] = m[1] - m[2] - m[3];
+  }
+};
+
+template <>
+struct WinogradTile<2> {
+  static constexpr int n = 5;
+  template <typename T>
+  static inline void input(const T* d, T* v) {
+    v[0] = d[0] - d[2];
+    v[1] = d[2];
+    v[2] = d[4] - d[2];
+    v[3] = d[1];
+    v[4] = d[3];
+  }
+  template <typename T>
+  static inline void filter(T g0, T g1, T g2, T* u) {
+    u[0] = g0;
+    u[1] = g0 + g2;
+    u[2] = g2;
+    u[3] = g1;
+    u[4] = g1;
+  }
+  template <typename T>
+  static inline void output(const T* m, T* y) {
+    y[0] = m[0] + m[1] + m[3];
+    y[1] = m[1] + m[2] + m[4];
+  }
+};
+
+// Entries of a tile at stride S.
+template <int S>
+constexpr int64_t winograd_entries() {
+  return WinogradTile<S>::n * WinogradTile<S>::n;
+}
+
+// U = G g G^T: u [E][R][S] for R filters g(r, s) of S channels each, the
 // rows r in [rb, re). From w [K, C, 3, 3] contiguous: g(r, s) = w[r][s] (R =
 // K, S = C), or with rotated, w[s][r] rotated by 180 degrees (R = C, S = K:
 // the filters of the input gradient, winograd_conv_input_grad). Each row's S
 // filters are first copied tap by tap into buf (9 * S values), so that the
 // transform runs vectorised across them.
-template <typename T>
+template <int Stride, typename T>
 CNNOPS_VECTORISED void winograd_weight(const T* w, int64_t K, int64_t C, bool rotated,
                                        int64_t rb, int64_t re, T* u, T* buf) {
+  using Tile = WinogradTile<Stride>;
+  constexpr int n = Tile::n;
   const int64_t R = rotated ? C : K, S = rotated ? K : C, plane = R * S;
-  const T h = T(0.5);
   for (int64_t r = rb; r < re; ++r) {
     for (int64_t s = 0; s < S; ++s) {  // buf[t * S + s]: tap t (3 * row + column) of g(r, s)
       const T* g = w + (rotated ? s * C + r : r * C + s) * 9;
@@ -66,82 +145,71 @@ CNNOPS_VECTORISED void winograd_weight(const T* w, int64_t K, int64_t C, bool ro
     T* dst = u + r * S;
 #pragma GCC ivdep
     for (int64_t s = 0; s < S; ++s) {
-      T gg[4][3];  // G g: rows of g combined
+      T gg[3][n];  // G g, transposed: gg[j] = G applied to column j of g
       for (int64_t j = 0; j < 3; ++j) {
-        const T g0 = buf[j * S + s], g1 = buf[(3 + j) * S + s], g2 = buf[(6 + j) * S + s];
-        gg[0][j] = g0;
-        gg[1][j] = h * (g0 + g1 + g2);
-        gg[2][j] = h * (g0 - g1 + g2);
-        gg[3][j] = g2;
+        Tile::filter(buf[j * S + s], buf[(3 + j) * S + s], buf[(6 + j) * S + s], gg[j]);
       }
-      for (int64_t i = 0; i < 4; ++i) {  // (G g) G^T: columns combined
-        const T* q = gg[i];
-        dst[(4 * i) * plane + s] = q[0];
-        dst[(4 * i + 1) * plane + s] = h * (q[0] + q[1] + q[2]);
-        dst[(4 * i + 2) * plane + s] = h * (q[0] - q[1] + q[2]);
-        dst[(4 * i + 3) * plane + s] = q[2];
+      for (int64_t i = 0; i < n; ++i) {  // (G g) G^T: row i of G g, its columns combined
+        T q[n];
+        Tile::filter(gg[0][i], gg[1][i], gg[2][i], q);
+        for (int64_t j = 0; j < n; ++j) dst[(n * i + j) * plane + s] = q[j];
       }
     }
   }
 }
 
+// Scratch values winograd_input_row takes at stride S.
+template <int S>
+constexpr int64_t winograd_input_row_scratch(int64_t TW) {
+  return (WinogradTile<S>::n + 1) * 2 * S * (TW + 1);
+}
+
 // V for tile row th of one input plane x [H, W]: entry e of tile tw goes to
-// v[e * ldv + tw]. buf: scratch of 10 * (TW + 1) + 2 values.
-template <typename T>
+// v[e * ldv + tw]. buf: winograd_input_row_scratch values.
+template <int S, typename T>
 CNNOPS_VECTORISED void winograd_input_row(const T* x, int64_t H, int64_t W, int64_t ph,
                                           int64_t pw, int64_t th, int64_t TW, T* v,
                                           int64_t ldv, T* buf) {
-  const int64_t n = TW + 1;       // even (and odd) columns of a padded row: 2*TW + 2 values
-  T* row = buf;                   // one padded input row, 2 * n values
-  T* ev = buf + 2 * n;            // ev[i], od[i]: the even and odd columns of row i
-  T* od = ev + 4 * n;
-  for (int64_t i = 0; i < 4; ++i) {
-    const int64_t ih = 2 * th - ph + i;
-    T* e = ev + i * n;
-    T* o = od + i * n;
+  using Tile = WinogradTile<S>;
+  constexpr int n = Tile::n, P = 2 * S;  // P column phases
+  const int64_t q = TW + 1;              // values a phase: a padded row has P * q columns
+  T* row = buf;                          // one padded input row
+  T* d = buf + P * q;                    // d[(i * P + p) * q + k]: row i's column P*k + p
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t ih = 2 * S * th - ph + i;
+    T* di = d + i * P * q;
     if (ih < 0 || ih >= H) {
-      std::fill(e, e + n, T(0));
-      std::fill(o, o + n, T(0));
+      std::fill(di, di + P * q, T(0));
       continue;
     }
-    // padded column q holds input column q - pw
-    const int64_t lo = std::min<int64_t>(pw, 2 * n), hi = std::min<int64_t>(pw + W, 2 * n);
+    // padded column c holds input column c - pw
+    const int64_t lo = std::min<int64_t>(pw, P * q), hi = std::min<int64_t>(pw + W, P * q);
     std::fill(row, row + lo, T(0));
     if (hi > lo) std::memcpy(row + lo, x + ih * W + (lo - pw), (hi - lo) * sizeof(T));
-    std::fill(row + std::max(lo, hi), row + 2 * n, T(0));
+    std::fill(row + std::max(lo, hi), row + P * q, T(0));
+    for (int64_t p = 0; p < P; ++p) {
 #pragma GCC ivdep
-    for (int64_t q = 0; q < n; ++q) {
-      e[q] = row[2 * q];
-      o[q] = row[2 * q + 1];
+      for (int64_t k = 0; k < q; ++k) di[p * q + k] = row[P * k + p];
     }
   }
-  // B^T d: the 4 rows combined, on the even and on the odd columns; in place,
-  // row by row (t0 = d0 - d2, t1 = d1 + d2, t2 = d2 - d1, t3 = d1 - d3).
-  for (T* a : {ev, od}) {
-    T *d0 = a, *d1 = a + n, *d2 = a + 2 * n, *d3 = a + 3 * n;
+  // B^T d: the n rows combined, in place, at every column of every phase.
 #pragma GCC ivdep
-    for (int64_t q = 0; q < n; ++q) {
-      const T r0 = d0[q], r1 = d1[q], r2 = d2[q], r3 = d3[q];
-      d0[q] = r0 - r2;
-      d1[q] = r1 + r2;
-      d2[q] = r2 - r1;
-      d3[q] = r1 - r3;
-    }
+  for (int64_t k = 0; k < P * q; ++k) {
+    T a[n], b[n];
+    for (int64_t i = 0; i < n; ++i) a[i] = d[i * P * q + k];
+    Tile::input(a, b);
+    for (int64_t i = 0; i < n; ++i) d[i * P * q + k] = b[i];
   }
-  // (B^T d) B: tile tw's columns 2tw .. 2tw+3 are e[tw], o[tw], e[tw+1], o[tw+1].
-  for (int64_t i = 0; i < 4; ++i) {
-    const T* e = ev + i * n;
-    const T* o = od + i * n;
-    T* v0 = v + (4 * i) * ldv;
-    T* v1 = v0 + ldv;
-    T* v2 = v1 + ldv;
-    T* v3 = v2 + ldv;
+  // (B^T d) B: each row's columns combined, tile by tile.
+  for (int64_t i = 0; i < n; ++i) {
+    const T* di = d + i * P * q;
+    T* vi = v + n * i * ldv;
 #pragma GCC ivdep
     for (int64_t t = 0; t < TW; ++t) {
-      v0[t] = e[t] - e[t + 1];
-      v1[t] = o[t] + e[t + 1];
-      v2[t] = e[t + 1] - o[t];
-      v3[t] = o[t] - o[t + 1];
+      T a[n], b[n];
+      for (int64_t j = 0; j < n; ++j) a[j] = di[(j % P) * q + t + j / P];
+      Tile::input(a, b);
+      for (int64_t j = 0; j < n; ++j) vi[j * ldv + t] = b[j];
     }
   }
 }
@@ -150,25 +218,31 @@ CNNOPS_VECTORISED void winograd_input_row(const T* x, int64_t H, int64_t W, int6
 // at m[e * ldm + tw]): y = relu?(A^T M A + bias + residual?), residual (may be
 // null) a plane like y; it may be y itself (each element is read before it is
 // written). buf: scratch of 4 * TW values.
-template <typename T>
+template <int S, typename T>
 CNNOPS_VECTORISED void winograd_output_row(const T* m, int64_t ldm, int64_t th, int64_t TW,
                                            int64_t OH, int64_t OW, T bias,
                                            const T* residual, T* y, bool relu, T* buf) {
-  T* r0 = buf;            // output rows 2th and 2th+1, 2*TW columns each
+  using Tile = WinogradTile<S>;
+  constexpr int n = Tile::n;
+  T* r0 = buf;  // output rows 2th and 2th+1, 2*TW columns each
   T* r1 = buf + 2 * TW;
 #pragma GCC ivdep
   for (int64_t t = 0; t < TW; ++t) {
-    T s0[4], s1[4];  // A^T M: the tile's 4 rows combined, per column j
-    for (int64_t j = 0; j < 4; ++j) {
-      const T m0 = m[j * ldm + t], m1 = m[(4 + j) * ldm + t], m2 = m[(8 + j) * ldm + t],
-              m3 = m[(12 + j) * ldm + t];
-      s0[j] = m0 + m1 + m2;
-      s1[j] = m1 - m2 - m3;
+    T s0[n], s1[n];  // A^T M: the tile's rows combined, per column j
+    for (int64_t j = 0; j < n; ++j) {
+      T a[n], b[2];
+      for (int64_t i = 0; i < n; ++i) a[i] = m[(n * i + j) * ldm + t];
+      Tile::output(a, b);
+      s0[j] = b[0];
+      s1[j] = b[1];
     }
-    r0[2 * t] = s0[0] + s0[1] + s0[2];
-    r0[2 * t + 1] = s0[1] - s0[2] - s0[3];
-    r1[2 * t] = s1[0] + s1[1] + s1[2];
-    r1[2 * t + 1] = s1[1] - s1[2] - s1[3];
+    T b[2];
+    Tile::output(s0, b);
+    r0[2 * t] = b[0];
+    r0[2 * t + 1] = b[1];
+    Tile::output(s1, b);
+    r1[2 * t] = b[0];
+    r1[2 * t + 1] = b[1];
   }
   for (int64_t a = 0; a < 2 && 2 * th + a < OH; ++a) {
     const int64_t off = (2 * th + a) * OW;
@@ -179,43 +253,43 @@ CNNOPS_VECTORISED void winograd_output_row(const T* m, int64_t ldm, int64_t th, 
 
 // ---- channels_last ------------------------------------------------------------
 //
-// In NHWC a tile's 16 entries are 16 runs of C channels, so these kernels are
-// vectorised across channels: V [16][P][C] and M [16][P][K] (GEMM e is
+// In NHWC a tile's entries are E runs of C channels, so these kernels are
+// vectorised across channels: V [E][P][C] and M [E][P][K] (GEMM e is
 // V[e] @ U[e]^T, every matrix row-major), one tile row of one image a call.
 
 // V for tile row th of image x [H, W, C]: entry e of tile tw goes to
 // v[e * ldv + tw * C + c]. zeros: C zeros, read for patch cells past the edges.
-template <typename T>
+template <int S, typename T>
 CNNOPS_VECTORISED void winograd_input_row_nhwc(const T* x, int64_t H, int64_t W, int64_t C,
                                                int64_t ph, int64_t pw, int64_t th, int64_t TW,
                                                T* v, int64_t ldv, const T* zeros) {
+  using Tile = WinogradTile<S>;
+  constexpr int n = Tile::n;
   for (int64_t t = 0; t < TW; ++t) {
-    const T* d[4][4];
-    for (int64_t i = 0; i < 4; ++i) {
-      const int64_t ih = 2 * th - ph + i;
-      for (int64_t j = 0; j < 4; ++j) {
-        const int64_t iw = 2 * t - pw + j;
+    const T* d[n][n];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t ih = 2 * S * th - ph + i;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t iw = 2 * S * t - pw + j;
         d[i][j] = ih >= 0 && ih < H && iw >= 0 && iw < W ? x + (ih * W + iw) * C : zeros;
       }
     }
     T* out = v + t * C;
-    // (16 loads and 16 stores through pointers: without this, GCC's runtime
+    // (n*n loads and stores through pointers: without this, GCC's runtime
     // alias checks between them are too many, and the loop stays scalar)
 #pragma GCC ivdep
     for (int64_t c = 0; c < C; ++c) {
-      T b[4][4];  // B^T d: rows combined, per column j
-      for (int64_t j = 0; j < 4; ++j) {
-        const T d0 = d[0][j][c], d1 = d[1][j][c], d2 = d[2][j][c], d3 = d[3][j][c];
-        b[0][j] = d0 - d2;
-        b[1][j] = d1 + d2;
-        b[2][j] = d2 - d1;
-        b[3][j] = d1 - d3;
+      T b[n][n];  // B^T d: rows combined, per column j (b[j][i]: row i of column j)
+      for (int64_t j = 0; j < n; ++j) {
+        T a[n];
+        for (int64_t i = 0; i < n; ++i) a[i] = d[i][j][c];
+        Tile::input(a, b[j]);
       }
-      for (int64_t i = 0; i < 4; ++i) {  // (B^T d) B: columns combined
-        out[(4 * i) * ldv + c] = b[i][0] - b[i][2];
-        out[(4 * i + 1) * ldv + c] = b[i][1] + b[i][2];
-        out[(4 * i + 2) * ldv + c] = b[i][2] - b[i][1];
-        out[(4 * i + 3) * ldv + c] = b[i][1] - b[i][3];
+      for (int64_t i = 0; i < n; ++i) {  // (B^T d) B: columns combined
+        T a[n], r[n];
+        for (int64_t j = 0; j < n; ++j) a[j] = b[j][i];
+        Tile::input(a, r);
+        for (int64_t j = 0; j < n; ++j) out[(n * i + j) * ldv + c] = r[j];
       }
     }
   }
@@ -225,26 +299,32 @@ CNNOPS_VECTORISED void winograd_input_row_nhwc(const T* x, int64_t H, int64_t W,
 // m[e * ldm + tw * K + k]): y = relu?(A^T M A + bias + residual?), residual
 // (may be null, may be y) an image like y; bias and ones: K values each (the
 // bias, and the scale 1 of the shared BN forward loop). buf: 4 * K values.
-template <typename T>
+template <int S, typename T>
 CNNOPS_VECTORISED void winograd_output_row_nhwc(const T* m, int64_t ldm, int64_t th,
                                                 int64_t TW, int64_t OH, int64_t OW, int64_t K,
                                                 const T* ones, const T* bias,
                                                 const T* residual, T* y, bool relu, T* buf) {
+  using Tile = WinogradTile<S>;
+  constexpr int n = Tile::n;
   for (int64_t t = 0; t < TW; ++t) {
     const T* mt = m + t * K;
 #pragma GCC ivdep
     for (int64_t k = 0; k < K; ++k) {
-      T s0[4], s1[4];  // A^T M: the tile's rows combined, per column j
-      for (int64_t j = 0; j < 4; ++j) {
-        const T m0 = mt[j * ldm + k], m1 = mt[(4 + j) * ldm + k], m2 = mt[(8 + j) * ldm + k],
-                m3 = mt[(12 + j) * ldm + k];
-        s0[j] = m0 + m1 + m2;
-        s1[j] = m1 - m2 - m3;
+      T s0[n], s1[n];  // A^T M: the tile's rows combined, per column j
+      for (int64_t j = 0; j < n; ++j) {
+        T a[n], b[2];
+        for (int64_t i = 0; i < n; ++i) a[i] = mt[(n * i + j) * ldm + k];
+        Tile::output(a, b);
+        s0[j] = b[0];
+        s1[j] = b[1];
       }
-      buf[k] = s0[0] + s0[1] + s0[2];
-      buf[K + k] = s0[1] - s0[2] - s0[3];
-      buf[2 * K + k] = s1[0] + s1[1] + s1[2];
-      buf[3 * K + k] = s1[1] - s1[2] - s1[3];
+      T b[2];
+      Tile::output(s0, b);
+      buf[k] = b[0];
+      buf[K + k] = b[1];
+      Tile::output(s1, b);
+      buf[2 * K + k] = b[0];
+      buf[3 * K + k] = b[1];
     }
     for (int64_t a = 0; a < 2; ++a) {
       for (int64_t b = 0; b < 2; ++b) {
