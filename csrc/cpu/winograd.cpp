@@ -16,21 +16,24 @@ namespace {
 
 // U [E, K, C] for w [K, C, 3, 3] at stride 1 or 2; rotated (stride 1): [16, C,
 // K] for w's filters rotated by 180 degrees with their in and out channels
-// swapped.
-at::Tensor transformed_weight(const at::Tensor& w, int64_t stride, bool rotated) {
+// swapped. With panels, U^T in the GEMM kernel's panels (winograd_gemm_rows):
+// [E][ceil(R/16)][S][16], the columns past R zero.
+at::Tensor transformed_weight(const at::Tensor& w, int64_t stride, bool rotated, bool panels) {
   const at::Tensor wc = w.contiguous();
   const int64_t K = w.size(0), C = w.size(1), R = rotated ? C : K, S = rotated ? K : C;
   const int64_t E = stride == 2 ? winograd_entries<2>() : winograd_entries<1>();
-  at::Tensor u = at::empty({E, R, S}, w.options());
+  at::Tensor u = at::empty({E, panels ? winograd_panel_rows(R) : R, S}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "winograd_weight", [&] {
     const scalar_t* src = wc.const_data_ptr<scalar_t>();
     scalar_t* dst = u.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, R, 8, [&](int64_t rb, int64_t re) {
-      const auto buf = scratch<scalar_t>(9 * S);
+    // (rows split in whole panels of 16)
+    at::parallel_for(0, (R + kPanelCols - 1) / kPanelCols, 1, [&](int64_t b, int64_t e) {
+      const int64_t rb = b * kPanelCols, re = std::min(R, e * kPanelCols);
+      const auto buf = scratch<scalar_t>(panels ? 0 : 9 * S);
       if (stride == 2) {
-        winograd_weight<2>(src, K, C, rotated, rb, re, dst, buf.get());
+        winograd_weight<2>(src, K, C, rotated, panels, rb, re, dst, buf.get());
       } else {
-        winograd_weight<1>(src, K, C, rotated, rb, re, dst, buf.get());
+        winograd_weight<1>(src, K, C, rotated, panels, rb, re, dst, buf.get());
       }
     });
   });
@@ -47,17 +50,6 @@ bool gemm_kernel_runs(at::ScalarType t, bool nhwc) {
 #endif
 }
 
-// U^T in winograd_gemm_rows' panels, [E][ceil(K/16)][C][16], from u [E][K][C]
-// (the columns past K zero).
-at::Tensor panels_of(const at::Tensor& u) {
-  const int64_t E = u.size(0), K = u.size(1), C = u.size(2);
-  const int64_t Kp = (K + kPanelCols - 1) / kPanelCols * kPanelCols;
-  return at::constant_pad_nd(u, {0, 0, 0, Kp - K})
-      .view({E, Kp / kPanelCols, kPanelCols, C})
-      .transpose(2, 3)
-      .contiguous();
-}
-
 // The transformed weight (in panels, or U), kept while w lives unchanged (as
 // oneDNN's packed weights are: packed_weight_cache), else made for this call.
 // input_grad: that of the filters the input gradient convolves with instead
@@ -70,8 +62,7 @@ at::Tensor winograd_weight_of(const at::Tensor& w, int64_t stride, bool panels,
   DerivedTensors& cache =
       input_grad ? (panels ? paneled_grad : plain_grad) : (panels ? paneled : plain);
   const auto make = [&] {
-    const at::Tensor u = transformed_weight(w, stride, /*rotated=*/input_grad);
-    return std::vector<at::Tensor>{panels ? panels_of(u) : u};
+    return std::vector<at::Tensor>{transformed_weight(w, stride, /*rotated=*/input_grad, panels)};
   };
   if (winograd_weight_uncached()) return make()[0];
   const std::vector<at::Tensor> u = cache.get({w}, 0.0, make, /*tag=*/{stride});
@@ -138,7 +129,7 @@ void gemm_nhwc(T* v, const T* u, T* m, int64_t E, int64_t P, int64_t C, int64_t 
 #ifdef CNNOPS_WINOGRAD_GEMM_KERNEL
   if constexpr (std::is_same_v<T, float>) {
     const int64_t blocks = (P + kGemmRows - 1) / kGemmRows;
-    const int64_t Kp = (K + kPanelCols - 1) / kPanelCols * kPanelCols;
+    const int64_t Kp = winograd_panel_rows(K);
     const int64_t per_block = (P + blocks - 1) / blocks;
     // (at most kGemmRows, so every block starts inside P)
     const int64_t rows = (per_block + kKernelRows - 1) / kKernelRows * kKernelRows;
@@ -267,9 +258,9 @@ void forward(const ConvShape& s, const T* x, const at::Tensor& u, const T* bias,
 // cost; except at stride 1 with at most 64 x 64 channels, where the copies
 // (large images, few channels) cost more. Measured alternated on this
 // project's 2-core machine at batch 8 (ResNet's 3x3 layers, NCHW float32, the
-// conversions counted), channels_last against NCHW: 1.15x-1.2x the speed at
-// stride 1 from 128 to 512 channels, 1.15x-1.25x at stride 2; 0.7x at 64
-// channels 56x56, stride 1. NCHW otherwise (float64).
+// conversions counted; two runs), channels_last against NCHW: 1.02x-1.22x the
+// speed at stride 1 from 128 to 512 channels, 1.07x-1.30x at stride 2; 0.72x
+// at 64 channels 56x56, stride 1. NCHW otherwise (float64).
 at::MemoryFormat working_layout(const ConvShape& s, at::ScalarType t, at::MemoryFormat fmt) {
   const bool copies_cost_more = s.sh == 1 && s.C * s.OC <= 64 * 64;
   return gemm_kernel_runs(t, /*nhwc=*/true) && !copies_cost_more ? at::MemoryFormat::ChannelsLast

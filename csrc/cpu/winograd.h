@@ -125,35 +125,71 @@ constexpr int64_t winograd_entries() {
   return WinogradTile<S>::n * WinogradTile<S>::n;
 }
 
-// U = G g G^T: u [E][R][S] for R filters g(r, s) of S channels each, the
-// rows r in [rb, re). From w [K, C, 3, 3] contiguous: g(r, s) = w[r][s] (R =
-// K, S = C), or with rotated, w[s][r] rotated by 180 degrees (R = C, S = K:
-// the filters of the input gradient, winograd_conv_input_grad). Each row's S
-// filters are first copied tap by tap into buf (9 * S values), so that the
-// transform runs vectorised across them.
+// Columns of a U^T panel of the channels_last GEMM kernel (winograd_gemm_rows
+// below), and rows of V that one kernel call takes.
+constexpr int64_t kPanelCols = 16, kKernelRows = 6;
+
+// Rows R rounded up to whole panels.
+inline int64_t winograd_panel_rows(int64_t R) {
+  return (R + kPanelCols - 1) / kPanelCols * kPanelCols;
+}
+
+// U = G g G^T for R filters g(r, s) of S channels each, the rows r in [rb,
+// re): u [E][R][S], or with panels U^T in the GEMM kernel's panels, [E][Rp /
+// 16][S][16] (Rp = winograd_panel_rows(R); rb a multiple of 16, and the rows
+// past R written as zeros). From w [K, C, 3, 3] contiguous: g(r, s) = w[r][s]
+// (R = K, S = C), or with rotated, w[s][r] rotated by 180 degrees (R = C, S =
+// K: the filters of the input gradient, winograd_conv_input_grad). The
+// transform runs vectorised across the filters that are contiguous in u: a
+// row's S channels (their taps first copied into buf, 9 * S values), or in
+// panels a panel's 16 rows (in panels a row's values are 16 apart, and stored
+// row by row the transform of a 512 x 512 weight measured several times as
+// long).
 template <int Stride, typename T>
 CNNOPS_VECTORISED void winograd_weight(const T* w, int64_t K, int64_t C, bool rotated,
-                                       int64_t rb, int64_t re, T* u, T* buf) {
+                                       bool panels, int64_t rb, int64_t re, T* u, T* buf) {
   using Tile = WinogradTile<Stride>;
   constexpr int n = Tile::n;
-  const int64_t R = rotated ? C : K, S = rotated ? K : C, plane = R * S;
-  for (int64_t r = rb; r < re; ++r) {
-    for (int64_t s = 0; s < S; ++s) {  // buf[t * S + s]: tap t (3 * row + column) of g(r, s)
-      const T* g = w + (rotated ? s * C + r : r * C + s) * 9;
-      for (int64_t t = 0; t < 9; ++t) buf[t * S + s] = g[rotated ? 8 - t : t];
-    }
-    T* dst = u + r * S;
+  const int64_t R = rotated ? C : K, S = rotated ? K : C;
+  // tap t (3 * row + column) of filter g(r, s)
+  const auto tap = [&](int64_t r, int64_t s, int64_t t) {
+    return w[(rotated ? s * C + r : r * C + s) * 9 + (rotated ? 8 - t : t)];
+  };
+  // u at dst[e * plane + l * step] from the taps of L filters at buf[t * L + l]
+  const auto transform = [&](const T* taps, int64_t L, T* dst, int64_t plane, int64_t step) {
 #pragma GCC ivdep
-    for (int64_t s = 0; s < S; ++s) {
+    for (int64_t l = 0; l < L; ++l) {
       T gg[3][n];  // G g, transposed: gg[j] = G applied to column j of g
       for (int64_t j = 0; j < 3; ++j) {
-        Tile::filter(buf[j * S + s], buf[(3 + j) * S + s], buf[(6 + j) * S + s], gg[j]);
+        Tile::filter(taps[j * L + l], taps[(3 + j) * L + l], taps[(6 + j) * L + l], gg[j]);
       }
       for (int64_t i = 0; i < n; ++i) {  // (G g) G^T: row i of G g, its columns combined
         T q[n];
         Tile::filter(gg[0][i], gg[1][i], gg[2][i], q);
-        for (int64_t j = 0; j < n; ++j) dst[(n * i + j) * plane + s] = q[j];
+        for (int64_t j = 0; j < n; ++j) dst[(n * i + j) * plane + l * step] = q[j];
       }
+    }
+  };
+  if (!panels) {
+    for (int64_t r = rb; r < re; ++r) {
+      for (int64_t s = 0; s < S; ++s) {
+        for (int64_t t = 0; t < 9; ++t) buf[t * S + s] = tap(r, s, t);
+      }
+      transform(buf, S, u + r * S, R * S, 1);
+    }
+    return;
+  }
+  const int64_t plane = winograd_panel_rows(R) * S;
+  for (int64_t r0 = rb; r0 < re; r0 += kPanelCols) {
+    const int64_t rows = std::min(kPanelCols, R - r0);
+    for (int64_t s = 0; s < S; ++s) {
+      T taps[9 * kPanelCols];
+      for (int64_t t = 0; t < 9; ++t) {
+        for (int64_t l = 0; l < kPanelCols; ++l) {
+          taps[t * kPanelCols + l] = l < rows ? tap(r0 + l, s, t) : T(0);
+        }
+      }
+      transform(taps, kPanelCols, u + r0 * S + s * kPanelCols, plane, 1);
     }
   }
 }
@@ -355,9 +391,6 @@ CNNOPS_VECTORISED void winograd_output_row_nhwc(const T* m, int64_t ldm, int64_t
 // channel, which leaves the two FMA units the bottleneck). It is written with
 // GCC's vector extensions, so each clone of CNNOPS_VECTORISED compiles it for
 // its own level (two 4-wide halves at the baseline).
-
-// Columns of a U^T panel, and rows of V that one kernel call takes.
-constexpr int64_t kPanelCols = 16, kKernelRows = 6;
 
 // Rows of V that one task of the GEMM phase takes at most (with C up to 512
 // channels, 192 KB: within L2 while the panels pass over them); whole kernel
