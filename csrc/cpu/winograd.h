@@ -250,6 +250,23 @@ CNNOPS_VECTORISED void winograd_input_row(const T* x, int64_t H, int64_t W, int6
   }
 }
 
+// y = A^T M A for one tile at stride S: entry e of M at m[e * ld].
+template <int S, typename T>
+inline void winograd_output_tile(const T* m, int64_t ld, T (&y)[2][2]) {
+  using Tile = WinogradTile<S>;
+  constexpr int n = Tile::n;
+  T s0[n], s1[n];  // A^T M: the tile's rows combined, per column j
+  for (int64_t j = 0; j < n; ++j) {
+    T a[n], b[2];
+    for (int64_t i = 0; i < n; ++i) a[i] = m[(n * i + j) * ld];
+    Tile::output(a, b);
+    s0[j] = b[0];
+    s1[j] = b[1];
+  }
+  Tile::output(s0, y[0]);
+  Tile::output(s1, y[1]);
+}
+
 // Output tile row th of one output plane y [OH, OW] from M (entry e of tile tw
 // at m[e * ldm + tw]): y = relu?(A^T M A + bias + residual?), residual (may be
 // null) a plane like y; it may be y itself (each element is read before it is
@@ -258,27 +275,16 @@ template <int S, typename T>
 CNNOPS_VECTORISED void winograd_output_row(const T* m, int64_t ldm, int64_t th, int64_t TW,
                                            int64_t OH, int64_t OW, T bias,
                                            const T* residual, T* y, bool relu, T* buf) {
-  using Tile = WinogradTile<S>;
-  constexpr int n = Tile::n;
   T* r0 = buf;  // output rows 2th and 2th+1, 2*TW columns each
   T* r1 = buf + 2 * TW;
 #pragma GCC ivdep
   for (int64_t t = 0; t < TW; ++t) {
-    T s0[n], s1[n];  // A^T M: the tile's rows combined, per column j
-    for (int64_t j = 0; j < n; ++j) {
-      T a[n], b[2];
-      for (int64_t i = 0; i < n; ++i) a[i] = m[(n * i + j) * ldm + t];
-      Tile::output(a, b);
-      s0[j] = b[0];
-      s1[j] = b[1];
-    }
-    T b[2];
-    Tile::output(s0, b);
-    r0[2 * t] = b[0];
-    r0[2 * t + 1] = b[1];
-    Tile::output(s1, b);
-    r1[2 * t] = b[0];
-    r1[2 * t + 1] = b[1];
+    T yt[2][2];
+    winograd_output_tile<S>(m + t, ldm, yt);
+    r0[2 * t] = yt[0][0];
+    r0[2 * t + 1] = yt[0][1];
+    r1[2 * t] = yt[1][0];
+    r1[2 * t + 1] = yt[1][1];
   }
   for (int64_t a = 0; a < 2 && 2 * th + a < OH; ++a) {
     const int64_t off = (2 * th + a) * OW;
@@ -340,27 +346,16 @@ CNNOPS_VECTORISED void winograd_output_row_nhwc(const T* m, int64_t ldm, int64_t
                                                 int64_t TW, int64_t OH, int64_t OW, int64_t K,
                                                 const T* ones, const T* bias,
                                                 const T* residual, T* y, bool relu, T* buf) {
-  using Tile = WinogradTile<S>;
-  constexpr int n = Tile::n;
   for (int64_t t = 0; t < TW; ++t) {
     const T* mt = m + t * K;
 #pragma GCC ivdep
     for (int64_t k = 0; k < K; ++k) {
-      T s0[n], s1[n];  // A^T M: the tile's rows combined, per column j
-      for (int64_t j = 0; j < n; ++j) {
-        T a[n], b[2];
-        for (int64_t i = 0; i < n; ++i) a[i] = mt[(n * i + j) * ldm + k];
-        Tile::output(a, b);
-        s0[j] = b[0];
-        s1[j] = b[1];
-      }
-      T b[2];
-      Tile::output(s0, b);
-      buf[k] = b[0];
-      buf[K + k] = b[1];
-      Tile::output(s1, b);
-      buf[2 * K + k] = b[0];
-      buf[3 * K + k] = b[1];
+      T yt[2][2];
+      winograd_output_tile<S>(mt + k, ldm, yt);
+      buf[k] = yt[0][0];
+      buf[K + k] = yt[0][1];
+      buf[2 * K + k] = yt[1][0];
+      buf[3 * K + k] = yt[1][1];
     }
     for (int64_t a = 0; a < 2; ++a) {
       for (int64_t b = 0; b < 2; ++b) {
