@@ -41,6 +41,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -155,13 +156,17 @@ class UncachedWinogradWeights {
 
 // run(core) with the core for this call (see the top of this file). When the
 // choice is measured, each core in turn runs once as a warm-up (allocations,
-// oneDNN's JIT and weight reorder), then at least 3 more times and until it
-// has run about 10 ms (at most 20 times: small calls are noisy); its fastest
-// run counts. Each core's runs are consecutive and keep no result alive, as
-// in a model's steady state: a live output of tens of MB from the other core,
-// or from the run before, made every run's output fresh pages (page faults
-// measured instead of the core; a 25 MB output ran at half speed). The chosen
-// core then runs the call once more for the result.
+// oneDNN's JIT and weight reorder), then in rounds, each core once a round in
+// turn, at least 3 rounds and until one core has run about 10 ms (at most 20
+// rounds: small calls are noisy); each core's fastest run counts. Rounds
+// rather than each core's runs back to back: a slow spell of this shared
+// machine (another process's burst) then slows a run of every core, not all
+// of one core's (one quick benchmark run had auto at 1.01x of eager on a layer
+// where the im2col core forced measured 1.32x). No run keeps its result alive, as in a
+// model's steady state: a live output of tens of MB from the run before made
+// every run's output fresh pages (page faults measured instead of the core; a
+// 25 MB output ran at half speed). The chosen core then runs the call once
+// more for the result.
 template <typename Run>
 auto with_core(const CoreKey& key, const Run& run) -> decltype(run(Core::Im2col)) {
   CoreChoice fixed;
@@ -170,13 +175,14 @@ auto with_core(const CoreKey& key, const Run& run) -> decltype(run(Core::Im2col)
     return run(settled->core);
   }
   using Clock = std::chrono::steady_clock;
-  double best[kCores] = {1e300, 1e300, 1e300};
+  double best[kCores] = {1e300, 1e300, 1e300}, total[kCores] = {0.0, 0.0, 0.0};
   std::string onednn_error;
   const std::vector<Core> candidates = candidate_cores(key);
-  for (const Core core : candidates) {
-    const int c = static_cast<int>(core);
-    double total = 0.0;
-    for (int i = 0; i <= 20 && (i <= 3 || total < 10.0); ++i) {
+  std::vector<Core> timed = candidates;  // (less oneDNN where it refuses the call)
+  for (int round = 0; round <= 20; ++round) {  // (round 0: the warm-up)
+    for (auto it = timed.begin(); it != timed.end();) {
+      const Core core = *it;
+      const int c = static_cast<int>(core);
       const auto start = Clock::now();
       if (core == Core::OneDNN) {
         // A configuration oneDNN (or ATen around it) refuses is recorded as
@@ -185,18 +191,21 @@ auto with_core(const CoreKey& key, const Run& run) -> decltype(run(Core::Im2col)
           run(core);
         } catch (const c10::Error& e) {
           onednn_error = e.what_without_backtrace();
-          break;
+          it = timed.erase(it);
+          continue;
         }
       } else {
         const UncachedWinogradWeights uncached(core == Core::Winograd && key.training());
         run(core);
       }
       const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-      if (i > 0) {
+      if (round > 0) {
         best[c] = std::min(best[c], ms);
-        total += ms;
+        total[c] += ms;
       }
+      ++it;
     }
+    if (round >= 3 && *std::max_element(total, total + kCores) >= 10.0) break;
   }
   const CoreChoice& chosen = record_choice(key, candidates, best, onednn_error);
   trace_call(key, chosen);
