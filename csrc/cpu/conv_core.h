@@ -162,11 +162,11 @@ class UncachedWinogradWeights {
 // rather than each core's runs back to back: a slow spell of this shared
 // machine (another process's burst) then slows a run of every core, not all
 // of one core's (one quick benchmark run had auto at 1.01x of eager on a layer
-// where the im2col core forced measured 1.32x). No run keeps its result alive, as in a
-// model's steady state: a live output of tens of MB from the run before made
-// every run's output fresh pages (page faults measured instead of the core; a
-// 25 MB output ran at half speed). The chosen core then runs the call once
-// more for the result.
+// where the im2col core forced measured 1.32x). No run keeps its result
+// alive, as in a model's steady state: a live output of tens of MB from the
+// run before made every run's output fresh pages (page faults measured
+// instead of the core; a 25 MB output ran at half speed). The chosen core then
+// runs the call once more for the result.
 template <typename Run>
 auto with_core(const CoreKey& key, const Run& run) -> decltype(run(Core::Im2col)) {
   CoreChoice fixed;

@@ -114,8 +114,8 @@ void run_chunk(const ConvShape& s, const T* x, const T* u, const T* bias, const 
       const int64_t k = i / R, r = r0 + i % R, n = r / TH, th = r % TH;
       const int64_t plane = (n * K + k) * s.OH * s.OW;
       winograd_output_row<S>(m + k * Pc + (r - r0) * TW, K * Pc, th, TW, s.OH, s.OW,
-                          bias ? bias[k] : T(0), residual ? residual + plane : nullptr,
-                          y + plane, relu, buf.get());
+                             bias ? bias[k] : T(0), residual ? residual + plane : nullptr,
+                             y + plane, relu, buf.get());
     }
   });
 }
@@ -165,8 +165,8 @@ void run_chunk_nhwc(const ConvShape& s, const T* x, const T* u, const T* bias, c
   at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t r = r0 + i;
-      winograd_input_row_nhwc<S>(x + (r / TH) * s.H * s.W * C, s.H, s.W, C, s.ph, s.pw, r % TH,
-                              TW, v + i * TW * C, Pc * C, zeros);
+      winograd_input_row_nhwc<S>(x + (r / TH) * s.H * s.W * C, s.H, s.W, C, s.ph, s.pw,
+                                 r % TH, TW, v + i * TW * C, Pc * C, zeros);
     }
   });
   gemm_nhwc(v, u, m, winograd_entries<S>(), Pc, C, K);
@@ -174,17 +174,17 @@ void run_chunk_nhwc(const ConvShape& s, const T* x, const T* u, const T* bias, c
     const auto buf = scratch<T>(4 * K);
     for (int64_t i = b; i < e; ++i) {
       const int64_t r = r0 + i, image = (r / TH) * s.OH * s.OW * K;
-      winograd_output_row_nhwc<S>(m + i * TW * K, Pc * K, r % TH, TW, s.OH, s.OW, K, ones, bias,
-                               residual ? residual + image : nullptr, y + image, relu,
-                               buf.get());
+      winograd_output_row_nhwc<S>(m + i * TW * K, Pc * K, r % TH, TW, s.OH, s.OW, K, ones,
+                                  bias, residual ? residual + image : nullptr, y + image, relu,
+                                  buf.get());
     }
   });
 }
 
 // The batch is cut into chunks of whole tile rows whose V and M together take
 // about kChunkBytes, or U's size if that is more (every chunk's GEMMs read all
-// of U, [E][K][C]: 16 MB at 512 channels and stride 1; so U is read no more often than V
-// and M are written). Measured on this project's 2-core machine at batch 8
+// of U, [E][K][C]: 16 MB at 512 channels and stride 1; so U is read no more
+// often than V and M are written). Measured on this project's 2-core machine at batch 8
 // (64-channel 56x56 layers to 512-channel 7x7 ones), chunks of 16 MB ran
 // faster than 4 or 8 MB (the GEMMs run wider), and faster than the whole batch
 // at once for the 56x56 layer (whose V and M take 51 MB). Chunks stop growing
@@ -197,9 +197,9 @@ constexpr int64_t kChunkBytes = 16 << 20, kMaxChunkBytes = 64 << 20;
 // are tasks instead: each thread takes whole groups of tile rows, V and M at
 // most about kTaskBytes, through all three phases alone (the inner
 // parallel_for calls run inline), so V and M stay in this core's caches
-// between the phases and no thread waits for the others. Measured against the chunks above, alternated
-// at batch 8: 0.67x-0.80x the time at 64 channels 32x32, 0.70x-0.87x at 128
-// channels 16x16. With more channels every task would read all of U (the
+// between the phases and no thread waits for the others. Measured against the
+// chunks above, alternated at batch 8: 0.67x-0.80x the time at 64 channels
+// 32x32, 0.70x-0.87x at 128 channels 16x16. With more channels every task would read all of U (the
 // chunks split U's entries between threads), and tasks measured slower
 // (1.07x at 512 channels 4x4).
 constexpr int64_t kTaskBytes = 2 << 20;
